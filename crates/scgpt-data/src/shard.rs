@@ -1,0 +1,288 @@
+//! Binned Parquet shards: one row per cell.
+//!
+//! Columns: `genes: list<int32>` (vocab ids of the nonzero genes), `expressions: list<float32>`
+//! (raw values), `bins: list<uint8>` (1..50), `n_counts: float32`, `cell_id: string`,
+//! `dataset: string`, then one dictionary-encoded string column per requested obs column.
+//! zstd-compressed; written through a temp file and renamed, with a SHA-256 of the bytes.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow_array::builder::StringDictionaryBuilder;
+use arrow_array::types::Int32Type;
+use arrow_array::{
+    Array, ArrayRef, Float32Array, Int32Array, ListArray, RecordBatch, StringArray, UInt8Array,
+};
+use arrow_buffer::OffsetBuffer;
+use arrow_schema::{DataType, Field, Schema};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use sha2::{Digest, Sha256};
+
+use crate::vocab::hex;
+
+pub const COL_GENES: &str = "genes";
+pub const COL_EXPRESSIONS: &str = "expressions";
+pub const COL_BINS: &str = "bins";
+pub const COL_N_COUNTS: &str = "n_counts";
+pub const COL_CELL_ID: &str = "cell_id";
+pub const COL_DATASET: &str = "dataset";
+
+/// Cells in columnar form, ready to become one record batch.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CellColumns {
+    /// Offsets into `genes`/`expressions`/`bins`, length `n_cells + 1`.
+    pub offsets: Vec<i32>,
+    pub genes: Vec<i32>,
+    pub expressions: Vec<f32>,
+    pub bins: Vec<u8>,
+    pub n_counts: Vec<f32>,
+    pub cell_ids: Vec<String>,
+    pub datasets: Vec<String>,
+    /// One vector per obs column, aligned with `obs_names`.
+    pub obs: Vec<Vec<String>>,
+}
+
+impl CellColumns {
+    pub fn new(n_obs_cols: usize) -> Self {
+        CellColumns { offsets: vec![0], obs: vec![Vec::new(); n_obs_cols], ..Default::default() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.offsets.len() - 1
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Gene ids, raw values and bins of cell `i`.
+    pub fn cell(&self, i: usize) -> (&[i32], &[f32], &[u8]) {
+        let (a, b) = (self.offsets[i] as usize, self.offsets[i + 1] as usize);
+        (&self.genes[a..b], &self.expressions[a..b], &self.bins[a..b])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn push(&mut self, genes: &[i32], expressions: &[f32], bins: &[u8], n_counts: f32, cell_id: &str, dataset: &str, obs: &[String]) {
+        self.genes.extend_from_slice(genes);
+        self.expressions.extend_from_slice(expressions);
+        self.bins.extend_from_slice(bins);
+        self.offsets.push(self.genes.len() as i32);
+        self.n_counts.push(n_counts);
+        self.cell_ids.push(cell_id.to_string());
+        self.datasets.push(dataset.to_string());
+        for (col, v) in self.obs.iter_mut().zip(obs) {
+            col.push(v.clone());
+        }
+    }
+
+    /// Append cells `range` of `other`.
+    pub fn extend_from(&mut self, other: &CellColumns, range: std::ops::Range<usize>) {
+        for i in range {
+            let (g, e, b) = other.cell(i);
+            let obs: Vec<String> = other.obs.iter().map(|c| c[i].clone()).collect();
+            self.push(g, e, b, other.n_counts[i], &other.cell_ids[i], &other.datasets[i], &obs);
+        }
+    }
+}
+
+pub fn schema(obs_names: &[String]) -> Arc<Schema> {
+    let list = |name: &str, dt: DataType| {
+        Field::new(name, DataType::List(Arc::new(Field::new("item", dt, false))), false)
+    };
+    let mut fields = vec![
+        list(COL_GENES, DataType::Int32),
+        list(COL_EXPRESSIONS, DataType::Float32),
+        list(COL_BINS, DataType::UInt8),
+        Field::new(COL_N_COUNTS, DataType::Float32, false),
+        Field::new(COL_CELL_ID, DataType::Utf8, false),
+        Field::new(COL_DATASET, DataType::Utf8, false),
+    ];
+    for name in obs_names {
+        fields.push(Field::new(
+            name,
+            DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
+            false,
+        ));
+    }
+    Arc::new(Schema::new(fields))
+}
+
+fn to_batch(schema: &Arc<Schema>, cells: &CellColumns) -> parquet::errors::Result<RecordBatch> {
+    let offsets = OffsetBuffer::new(cells.offsets.clone().into());
+    let list = |dt: DataType, values: ArrayRef| -> ArrayRef {
+        Arc::new(ListArray::new(Arc::new(Field::new("item", dt, false)), offsets.clone(), values, None))
+    };
+    let mut columns: Vec<ArrayRef> = vec![
+        list(DataType::Int32, Arc::new(Int32Array::from(cells.genes.clone()))),
+        list(DataType::Float32, Arc::new(Float32Array::from(cells.expressions.clone()))),
+        list(DataType::UInt8, Arc::new(UInt8Array::from(cells.bins.clone()))),
+        Arc::new(Float32Array::from(cells.n_counts.clone())),
+        Arc::new(StringArray::from_iter_values(&cells.cell_ids)),
+        Arc::new(StringArray::from_iter_values(&cells.datasets)),
+    ];
+    for col in &cells.obs {
+        let mut b = StringDictionaryBuilder::<Int32Type>::new();
+        for v in col {
+            b.append_value(v);
+        }
+        columns.push(Arc::new(b.finish()));
+    }
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+/// Counts bytes and hashes them on their way to the file.
+struct HashingWriter<W: Write> {
+    inner: W,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// What a finished shard file holds.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ShardInfo {
+    /// File name relative to the output directory.
+    pub file: String,
+    pub rows: usize,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Rows per Parquet row group: small enough for cheap random block access when training.
+pub const ROW_GROUP_CELLS: usize = 2048;
+
+/// Write `cells` as one shard at `path`, atomically.
+pub fn write_shard(path: &Path, obs_names: &[String], cells: &CellColumns) -> anyhow::Result<ShardInfo> {
+    let schema = schema(obs_names);
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+        .set_max_row_group_row_count(Some(ROW_GROUP_CELLS))
+        .set_created_by(format!("scgpt-rs {}", env!("CARGO_PKG_VERSION")))
+        .build();
+    let mut info = None;
+    crate::atomic::write_with(path, |f: &mut File| {
+        let hw = HashingWriter { inner: BufWriter::with_capacity(1 << 20, f), hasher: Sha256::new(), bytes: 0 };
+        let mut w = ArrowWriter::try_new(hw, schema.clone(), Some(props.clone())).map_err(io::Error::other)?;
+        for start in (0..cells.len()).step_by(ROW_GROUP_CELLS) {
+            let end = (start + ROW_GROUP_CELLS).min(cells.len());
+            let mut part = CellColumns::new(cells.obs.len());
+            part.extend_from(cells, start..end);
+            let batch = to_batch(&schema, &part).map_err(io::Error::other)?;
+            w.write(&batch).map_err(io::Error::other)?;
+        }
+        let mut hw = w.into_inner().map_err(io::Error::other)?;
+        hw.flush()?;
+        info = Some(ShardInfo {
+            file: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            rows: cells.len(),
+            bytes: hw.bytes,
+            sha256: hex(&hw.hasher.finalize()),
+        });
+        Ok(())
+    })
+    .map_err(|e| anyhow::anyhow!("writing shard {}: {e}", path.display()))?;
+    Ok(info.expect("set on success"))
+}
+
+/// Read a whole shard back (inspection, tests, small datasets).
+pub fn read_shard(path: &Path) -> anyhow::Result<(Vec<String>, CellColumns)> {
+    let file = File::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| anyhow::anyhow!("{}: not a readable Parquet shard: {e}", path.display()))?;
+    let schema = builder.schema().clone();
+    let obs_names: Vec<String> = schema.fields().iter().skip(6).map(|f| f.name().clone()).collect();
+    let reader = builder.with_batch_size(8192).build()?;
+    let mut out = CellColumns::new(obs_names.len());
+    for batch in reader {
+        let batch = batch?;
+        append_batch(&mut out, &batch, path)?;
+    }
+    Ok((obs_names, out))
+}
+
+fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str, path: &Path) -> anyhow::Result<&'a T> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| anyhow::anyhow!("{}: column `{name}` missing or of the wrong type; is this an scgpt-prep shard?", path.display()))
+}
+
+fn list_values<'a, T: 'static>(batch: &'a RecordBatch, name: &str, path: &Path) -> anyhow::Result<(&'a ListArray, &'a T)> {
+    let l: &ListArray = column(batch, name, path)?;
+    let v = l
+        .values()
+        .as_any()
+        .downcast_ref::<T>()
+        .ok_or_else(|| anyhow::anyhow!("{}: list column `{name}` has the wrong item type", path.display()))?;
+    Ok((l, v))
+}
+
+fn append_batch(out: &mut CellColumns, batch: &RecordBatch, path: &Path) -> anyhow::Result<()> {
+    let (gl, genes) = list_values::<Int32Array>(batch, COL_GENES, path)?;
+    let (_, expr) = list_values::<Float32Array>(batch, COL_EXPRESSIONS, path)?;
+    let (_, bins) = list_values::<UInt8Array>(batch, COL_BINS, path)?;
+    let n_counts: &Float32Array = column(batch, COL_N_COUNTS, path)?;
+    let cell_id: &StringArray = column(batch, COL_CELL_ID, path)?;
+    let dataset: &StringArray = column(batch, COL_DATASET, path)?;
+    let offs = gl.value_offsets();
+    let base = offs[0] as usize;
+    let end = offs[gl.len()] as usize;
+    let shift = out.genes.len() as i32 - base as i32;
+    out.genes.extend_from_slice(&genes.values()[base..end]);
+    out.expressions.extend_from_slice(&expr.values()[base..end]);
+    out.bins.extend_from_slice(&bins.values()[base..end]);
+    out.offsets.extend(offs[1..].iter().map(|&o| o + shift));
+    out.n_counts.extend_from_slice(n_counts.values());
+    out.cell_ids.extend(cell_id.iter().map(|s| s.unwrap_or_default().to_string()));
+    out.datasets.extend(dataset.iter().map(|s| s.unwrap_or_default().to_string()));
+    for (k, col) in out.obs.iter_mut().enumerate() {
+        let arr = batch.column(6 + k);
+        let strings = arrow_cast_dict(arr.as_ref()).ok_or_else(|| {
+            anyhow::anyhow!("{}: obs column {} is not a dictionary of strings", path.display(), batch.schema().field(6 + k).name())
+        })?;
+        col.extend(strings);
+    }
+    Ok(())
+}
+
+fn arrow_cast_dict(arr: &dyn Array) -> Option<Vec<String>> {
+    let dict = arr.as_any().downcast_ref::<arrow_array::DictionaryArray<Int32Type>>()?;
+    let values = dict.values().as_any().downcast_ref::<StringArray>()?;
+    Some(dict.keys().iter().map(|k| k.map(|k| values.value(k as usize).to_string()).unwrap_or_default()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.parquet");
+        let mut c = CellColumns::new(1);
+        c.push(&[3, 9], &[1.0, 4.0], &[1, 50], 5.0, "cell-a", "ds", &["T".into()]);
+        c.push(&[], &[], &[], 0.0, "cell-b", "ds", &["B".into()]);
+        c.push(&[7], &[2.0], &[17], 2.0, "cell-c", "ds", &["T".into()]);
+        let info = write_shard(&p, &["cell_type".into()], &c).unwrap();
+        assert_eq!(info.rows, 3);
+        assert_eq!(info.bytes, std::fs::metadata(&p).unwrap().len());
+        let (names, back) = read_shard(&p).unwrap();
+        assert_eq!(names, vec!["cell_type"]);
+        assert_eq!(back, c);
+    }
+}
