@@ -1,1 +1,56 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use scgpt_prep::cli::{Cli, Command};
+use scgpt_prep::{inspect, pipeline, simulate};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_threads(workers: usize) {
+    if workers > 0 {
+        // Fails only if a pool already exists, which cannot happen this early.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(workers).build_global();
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Some(Command::Inspect { dir, json }) => {
+            let i = inspect::inspect(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&i)?);
+            } else {
+                inspect::print(&dir, &i);
+            }
+            Ok(())
+        }
+        Some(Command::Simulate(args)) => simulate::run(&args),
+        None => {
+            let (cfg, _) = cli.run.resolve()?;
+            init_threads(cfg.run.workers);
+            let prep = pipeline::Prep::new(cfg)?;
+            let s = prep.run()?;
+            println!(
+                "{} cells written from {} input cells in {:.1}s ({:.0} cells/s); {} file(s) processed, {} already done{}",
+                s.cells_out,
+                s.cells_in,
+                s.seconds,
+                s.cells_in as f64 / s.seconds.max(1e-9),
+                s.files_done,
+                s.files_resumed_or_skipped,
+                if s.skipped.is_empty() { String::new() } else { format!(", {} skipped as bad", s.skipped.len()) }
+            );
+            Ok(())
+        }
+    }
+}

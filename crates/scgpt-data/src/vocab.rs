@@ -192,6 +192,11 @@ impl EnsemblTable {
         self.map.is_empty()
     }
 
+    /// (Ensembl id, symbol) pairs in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.map.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     pub fn symbol(&self, ensembl: &str) -> Option<&str> {
         let base = ensembl.split('.').next().unwrap_or(ensembl);
         self.map.get(base).map(String::as_str)

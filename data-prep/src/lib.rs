@@ -1,0 +1,8 @@
+//! scgpt-prep: CELLxGENE-style h5ad corpora to binned Parquet shards (see the README).
+
+pub mod cli;
+pub mod config;
+pub mod inspect;
+pub mod obs_filter;
+pub mod pipeline;
+pub mod simulate;

@@ -1,0 +1,643 @@
+//! The sharding pipeline: h5ad files in, binned Parquet shards plus a manifest out.
+//!
+//! Per file: match genes to the vocabulary, evaluate obs filters, count genes (the per-file gene
+//! filter; the same pass validates every value), then stream row blocks from a reader thread
+//! while rayon bins cells, cutting shards of `shard_cells` kept cells. Every cell draws its
+//! tie-breaking from its own RNG stream keyed by (seed, file, row), so the output does not depend
+//! on threads, block size, or where a resumed run picked up.
+//!
+//! Resumability: after each shard, `.progress/<stem>.json` records the shards written so far and
+//! the source row where the next shard starts. A rerun skips finished files, resumes unfinished
+//! ones at their last shard, and redoes a file from scratch if its source or the settings changed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::UNIX_EPOCH;
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use scgpt_data::atomic;
+use scgpt_data::binning::{Binner, TieBreak};
+use scgpt_data::h5ad::{H5adReader, MatrixChoice, RowBlock};
+use scgpt_data::seed::{hash_str, rng_for};
+use scgpt_data::shard::{self, CellColumns, ShardInfo};
+use scgpt_data::vocab::{hex, match_genes, EnsemblTable, GeneMatch, GeneVocab};
+
+use crate::config::PrepConfig;
+use crate::obs_filter::ObsFilter;
+
+pub const MANIFEST: &str = "manifest.json";
+pub const VOCAB_FILE: &str = "vocab.json";
+const PROGRESS_DIR: &str = ".progress";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceInfo {
+    pub path: String,
+    pub size: u64,
+    pub mtime_unix_ns: u128,
+}
+
+impl SourceInfo {
+    fn of(path: &Path) -> anyhow::Result<Self> {
+        let md = std::fs::metadata(path).with_context(|| format!("{}: file not found", path.display()))?;
+        let mtime = md.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
+        Ok(SourceInfo { path: path.display().to_string(), size: md.len(), mtime_unix_ns: mtime })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    #[serde(flatten)]
+    pub info: ShardInfo,
+    /// Source row after the last cell of this shard: where the next shard's scan starts.
+    pub row_end: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FileStats {
+    pub cells_in: usize,
+    pub cells_out: usize,
+    pub cells_dropped_obs_filter: usize,
+    pub cells_dropped_few_genes: usize,
+    pub genes_in: usize,
+    pub genes_in_vocab: usize,
+    pub genes_matched_via_ensembl: usize,
+    pub genes_kept: usize,
+}
+
+/// Per-file progress, the unit of resumption.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub dataset: String,
+    pub source: SourceInfo,
+    pub settings_hash: String,
+    pub shards: Vec<ShardRecord>,
+    pub complete: bool,
+    pub stats: FileStats,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SkippedFile {
+    pub path: String,
+    pub error: String,
+}
+
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    pub files_done: usize,
+    pub files_resumed_or_skipped: usize,
+    pub cells_out: usize,
+    pub cells_in: usize,
+    pub skipped: Vec<SkippedFile>,
+    pub seconds: f64,
+}
+
+/// Expand directories to their `*.h5ad` files (sorted) and check dataset names are unique.
+pub fn resolve_inputs(paths: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, String)>> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("{}: cannot list directory", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "h5ad"))
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                bail!("{}: directory has no .h5ad files", p.display());
+            }
+            files.extend(found);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut out = Vec::new();
+    for f in files {
+        let stem = f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Some(prev) = seen.insert(stem.clone(), f.clone()) {
+            bail!(
+                "{} and {} share the dataset name `{stem}` (the file stem names shards and the `dataset` column); rename one",
+                prev.display(),
+                f.display()
+            );
+        }
+        out.push((f, stem));
+    }
+    Ok(out)
+}
+
+pub struct Prep {
+    cfg: PrepConfig,
+    vocab: GeneVocab,
+    ensembl: EnsemblTable,
+    filters: Vec<ObsFilter>,
+    settings_hash: String,
+    out: PathBuf,
+}
+
+impl Prep {
+    pub fn new(cfg: PrepConfig) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        let ensembl = EnsemblTable::human();
+        let mut vocab = if cfg.vocab.path.is_empty() {
+            if cfg.vocab.build {
+                GeneVocab::from_tokens(Vec::<String>::new())
+            } else {
+                GeneVocab::human()
+            }
+        } else {
+            GeneVocab::from_file(Path::new(&cfg.vocab.path))?
+        };
+        if cfg.vocab.build {
+            let inputs = resolve_inputs(&cfg.input.paths)?;
+            let mut added = 0;
+            for (path, _) in &inputs {
+                let r = match H5adReader::open(path, matrix_choice(&cfg)) {
+                    Ok(r) => r,
+                    Err(e) if cfg.input.skip_bad_files => {
+                        eprintln!("warning: --build-vocab skips {}: {e}", path.display());
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let names = r.var_names(gene_col(&cfg))?;
+                let m = match_genes(&names, &vocab, Some(&ensembl));
+                let new: Vec<&str> =
+                    names.iter().zip(&m.ids).filter(|(_, id)| id.is_none()).map(|(n, _)| n.as_str()).collect();
+                added += vocab.extend(new);
+            }
+            vocab.ensure_specials();
+            eprintln!("vocabulary: {} tokens ({added} genes added from the inputs)", vocab.len());
+        }
+        let filters = cfg.filter.obs.iter().map(|f| ObsFilter::parse(f)).collect::<anyhow::Result<Vec<_>>>()?;
+        let settings_hash = settings_hash(&cfg, &vocab);
+        let out = cfg.output.dir.clone();
+        Ok(Prep { cfg, vocab, ensembl, filters, settings_hash, out })
+    }
+
+    pub fn vocab(&self) -> &GeneVocab {
+        &self.vocab
+    }
+
+    pub fn run(&self) -> anyhow::Result<RunSummary> {
+        let t0 = std::time::Instant::now();
+        let inputs = resolve_inputs(&self.cfg.input.paths)?;
+        std::fs::create_dir_all(self.out.join(PROGRESS_DIR))
+            .with_context(|| format!("{}: cannot create output directory", self.out.display()))?;
+        atomic::remove_stale_temps(&self.out)?;
+        atomic::remove_stale_temps(&self.out.join(PROGRESS_DIR))?;
+        let vocab_json = self.vocab.to_json();
+        let vocab_path = self.out.join(VOCAB_FILE);
+        if std::fs::read_to_string(&vocab_path).ok().as_deref() != Some(vocab_json.as_str()) {
+            atomic::write_bytes(&vocab_path, vocab_json.as_bytes())
+                .with_context(|| format!("{}: cannot write", vocab_path.display()))?;
+        }
+
+        // Sizes up front for the progress bar; a file that cannot be opened counts as 0 here
+        // and reports its error when processed.
+        let total: u64 = inputs
+            .iter()
+            .map(|(p, _)| H5adReader::open(p, matrix_choice(&self.cfg)).map(|r| r.n_obs() as u64).unwrap_or(0))
+            .sum();
+        let bar = progress_bar(total, self.cfg.run.progress);
+        let processed = AtomicU64::new(0);
+
+        let results: Vec<(PathBuf, anyhow::Result<(FileRecord, bool)>)> = inputs
+            .par_iter()
+            .map(|(path, stem)| (path.clone(), self.process_file(path, stem, &bar, &processed)))
+            .collect();
+        bar.finish_and_clear();
+
+        let mut summary = RunSummary::default();
+        let mut records = Vec::new();
+        for (path, res) in results {
+            match res {
+                Ok((rec, fresh)) => {
+                    if fresh {
+                        summary.files_done += 1;
+                    } else {
+                        summary.files_resumed_or_skipped += 1;
+                    }
+                    summary.cells_in += rec.stats.cells_in;
+                    summary.cells_out += rec.stats.cells_out;
+                    records.push(rec);
+                }
+                Err(e) if self.cfg.input.skip_bad_files => {
+                    eprintln!("warning: skipped {}: {e:#}", path.display());
+                    summary.skipped.push(SkippedFile { path: path.display().to_string(), error: format!("{e:#}") });
+                }
+                Err(e) => return Err(e.context(format!("{}: failed; fix it, or set input.skip_bad_files = true to skip bad files", path.display()))),
+            }
+        }
+        if records.iter().all(|r| r.stats.cells_out == 0) {
+            bail!(
+                "nothing left after filtering: {} input file(s) gave 0 cells; loosen filter.min_genes_per_cell, filter.obs or the gene filter",
+                records.len() + summary.skipped.len()
+            );
+        }
+        self.write_manifest(&records, &summary.skipped)?;
+        summary.seconds = t0.elapsed().as_secs_f64();
+        Ok(summary)
+    }
+
+    fn progress_path(&self, stem: &str) -> PathBuf {
+        self.out.join(PROGRESS_DIR).join(format!("{stem}.json"))
+    }
+
+    fn load_record(&self, stem: &str) -> Option<FileRecord> {
+        let text = std::fs::read_to_string(self.progress_path(stem)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn save_record(&self, rec: &FileRecord) -> anyhow::Result<()> {
+        let p = self.progress_path(&rec.dataset);
+        atomic::write_bytes(&p, serde_json::to_string_pretty(rec)?.as_bytes())
+            .with_context(|| format!("{}: cannot write progress", p.display()))
+    }
+
+    /// Returns the file's record and whether any work was done on it in this run.
+    fn process_file(&self, path: &Path, stem: &str, bar: &ProgressBar, processed: &AtomicU64) -> anyhow::Result<(FileRecord, bool)> {
+        let source = SourceInfo::of(path)?;
+        let previous = self.load_record(stem).filter(|r| r.source == source && r.settings_hash == self.settings_hash);
+        if let Some(rec) = &previous {
+            if rec.complete && rec.shards.iter().all(|s| self.out.join(&s.info.file).exists()) {
+                bar.inc(rec.stats.cells_in as u64);
+                return Ok((rec.clone(), false));
+            }
+        }
+
+        let mut reader = H5adReader::open(path, matrix_choice(&self.cfg))?;
+        let n_obs = reader.n_obs();
+        let names = reader.var_names(gene_col(&self.cfg))?;
+        let gm = match_genes(&names, &self.vocab, Some(&self.ensembl));
+        check_gene_match(path, &reader, &names, &gm, &self.cfg)?;
+
+        let mut keep_cell = vec![true; n_obs];
+        for f in &self.filters {
+            let col = reader.obs_column(&f.column)?;
+            for (k, v) in keep_cell.iter_mut().zip(&col) {
+                *k &= f.keeps(v);
+            }
+        }
+        let obs_values: Vec<Vec<String>> =
+            self.cfg.output.obs_cols.iter().map(|c| reader.obs_column(c)).collect::<Result<_, _>>()?;
+        let cell_ids = reader.obs_names()?;
+
+        let gene_ids = self.gene_filter(&mut reader, &gm)?;
+        let mut stats = FileStats {
+            cells_in: n_obs,
+            genes_in: names.len(),
+            genes_in_vocab: gm.matched(),
+            genes_matched_via_ensembl: gm.by_ensembl,
+            genes_kept: gene_ids.iter().filter(|g| g.is_some()).count(),
+            cells_dropped_obs_filter: keep_cell.iter().filter(|k| !**k).count(),
+            ..Default::default()
+        };
+
+        // Resume at the last finished shard of an interrupted run, else start clean.
+        let mut shards: Vec<ShardRecord> = match previous {
+            Some(rec) => rec.shards.into_iter().take_while(|s| self.out.join(&s.info.file).exists()).collect(),
+            None => {
+                self.remove_shards_of(stem)?;
+                Vec::new()
+            }
+        };
+        let start_row = shards.last().map(|s| s.row_end).unwrap_or(0);
+        let mut cells_before = shards.iter().map(|s| s.info.rows).sum::<usize>();
+        bar.inc(start_row as u64);
+        processed.fetch_add(start_row as u64, Ordering::Relaxed);
+
+        let file_key = hash_str(stem);
+        let n_bins = self.cfg.binning.n_bins;
+        let block_cells = self.cfg.run.block_cells;
+        let shard_cells = self.cfg.output.shard_cells;
+        let mut pending = CellColumns::new(obs_values.len());
+        let mut pending_last_row = start_row;
+
+        let mut rec = FileRecord {
+            dataset: stem.to_string(),
+            source: source.clone(),
+            settings_hash: self.settings_hash.clone(),
+            shards: shards.clone(),
+            complete: false,
+            stats: stats.clone(),
+        };
+
+        std::thread::scope(|scope| -> anyhow::Result<()> {
+            let (tx, rx) = crossbeam_channel::bounded::<anyhow::Result<RowBlock>>(2);
+            let reader_ref = &mut reader;
+            scope.spawn(move || {
+                let mut s = start_row;
+                while s < n_obs {
+                    let e = (s + block_cells).min(n_obs);
+                    let block = reader_ref.read_rows(s, e).map_err(anyhow::Error::from);
+                    let failed = block.is_err();
+                    if tx.send(block).is_err() || failed {
+                        return;
+                    }
+                    s = e;
+                }
+            });
+            for block in rx {
+                let block = block?;
+                let rows: Vec<usize> = (0..block.n_rows()).collect();
+                let cells: Vec<anyhow::Result<Option<BinnedCell>>> = rows
+                    .par_iter()
+                    .map_init(
+                        || (Binner::new(), Vec::new(), Vec::new(), Vec::new()),
+                        |(binner, genes, values, bins), &i| {
+                            let row = block.start + i;
+                            if !keep_cell[row] {
+                                return Ok(None);
+                            }
+                            let (cols, vals) = block.row(i);
+                            genes.clear();
+                            values.clear();
+                            for (&c, &v) in cols.iter().zip(vals) {
+                                if let Some(id) = gene_ids[c as usize] {
+                                    let v = clean_value(v, self.cfg.input.allow_non_integer)
+                                        .map_err(|why| value_error(path, &reader_path_hint(&cell_ids, row), &names[c as usize], v, why))?;
+                                    if v != 0.0 {
+                                        genes.push(id as i32);
+                                        values.push(v);
+                                    }
+                                }
+                            }
+                            if genes.is_empty() || genes.len() < self.cfg.filter.min_genes_per_cell {
+                                return Ok(Some(BinnedCell::dropped(row)));
+                            }
+                            if self.cfg.binning.deterministic {
+                                binner.bin_nonzero::<rand_chacha::ChaCha8Rng>(values, n_bins, TieBreak::Lowest, bins);
+                            } else {
+                                let mut rng = rng_for(self.cfg.binning.seed, file_key, row as u64);
+                                binner.bin_nonzero(values, n_bins, TieBreak::Random(&mut rng), bins);
+                            }
+                            Ok(Some(BinnedCell {
+                                row,
+                                genes: genes.clone(),
+                                n_counts: values.iter().map(|&v| v as f64).sum::<f64>() as f32,
+                                values: values.clone(),
+                                bins: bins.clone(),
+                            }))
+                        },
+                    )
+                    .collect();
+                for cell in cells {
+                    let Some(cell) = cell? else { continue };
+                    pending_last_row = cell.row + 1;
+                    if cell.genes.is_empty() {
+                        continue;
+                    }
+                    let obs: Vec<String> = obs_values.iter().map(|c| c[cell.row].clone()).collect();
+                    pending.push(&cell.genes, &cell.values, &cell.bins, cell.n_counts, &cell_ids[cell.row], stem, &obs);
+                    if pending.len() == shard_cells {
+                        let done = self.write_shard(stem, shards.len(), &pending, pending_last_row)?;
+                        cells_before += done.info.rows;
+                        shards.push(done);
+                        rec.shards = shards.clone();
+                        self.save_record(&rec)?;
+                        pending = CellColumns::new(obs_values.len());
+                    }
+                }
+                bar.inc(block.n_rows() as u64);
+                processed.fetch_add(block.n_rows() as u64, Ordering::Relaxed);
+            }
+            Ok(())
+        })?;
+        if !pending.is_empty() {
+            let done = self.write_shard(stem, shards.len(), &pending, n_obs)?;
+            cells_before += done.info.rows;
+            shards.push(done);
+        }
+        stats.cells_out = cells_before;
+        // Derived from totals, so the record is the same with or without a resume.
+        stats.cells_dropped_few_genes = n_obs - stats.cells_dropped_obs_filter - stats.cells_out;
+        rec.shards = shards;
+        rec.stats = stats;
+        rec.complete = true;
+        self.save_record(&rec)?;
+        if !bar.is_hidden() {
+            bar.println(format!("{stem}: {} of {} cells kept, {} shard(s)", rec.stats.cells_out, n_obs, rec.shards.len()));
+        }
+        Ok((rec, true))
+    }
+
+    /// Vocabulary id per input column after the per-file gene filter; also validates values.
+    fn gene_filter(&self, reader: &mut H5adReader, gm: &GeneMatch) -> anyhow::Result<Vec<Option<u32>>> {
+        let per_10k = self.cfg.filter.gene_min_counts_per_10k_cells;
+        if per_10k <= 0.0 {
+            return Ok(gm.ids.clone());
+        }
+        // The original filters on all cells of the partition, before any obs filter.
+        let threshold = per_10k / 10_000.0 * reader.n_obs() as f64;
+        let mut totals = vec![0f64; reader.n_vars()];
+        let n = reader.n_obs();
+        let block_cells = self.cfg.run.block_cells;
+        let mut s = 0;
+        while s < n {
+            let e = (s + block_cells).min(n);
+            let b = reader.read_rows(s, e)?;
+            for (&c, &v) in b.indices.iter().zip(&b.data) {
+                totals[c as usize] += v as f64;
+            }
+            s = e;
+        }
+        Ok(gm.ids.iter().zip(&totals).map(|(id, &t)| if t >= threshold && t > 0.0 { *id } else { None }).collect())
+    }
+
+    fn remove_shards_of(&self, stem: &str) -> anyhow::Result<()> {
+        let prefix = format!("{stem}.");
+        for entry in std::fs::read_dir(&self.out)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) && name.ends_with(".parquet") && is_shard_name(&name, stem) {
+                std::fs::remove_file(self.out.join(&name))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_shard(&self, stem: &str, index: usize, cells: &CellColumns, row_end: usize) -> anyhow::Result<ShardRecord> {
+        let path = self.out.join(shard_name(stem, index));
+        let info = shard::write_shard(&path, &self.cfg.output.obs_cols, cells)?;
+        Ok(ShardRecord { info, row_end })
+    }
+
+    fn write_manifest(&self, records: &[FileRecord], skipped: &[SkippedFile]) -> anyhow::Result<()> {
+        let shards: Vec<serde_json::Value> = records
+            .iter()
+            .flat_map(|r| {
+                r.shards.iter().map(move |s| {
+                    serde_json::json!({
+                        "file": s.info.file, "rows": s.info.rows, "bytes": s.info.bytes,
+                        "sha256": s.info.sha256, "dataset": r.dataset,
+                    })
+                })
+            })
+            .collect();
+        let sources: Vec<serde_json::Value> = records
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "dataset": r.dataset, "path": r.source.path, "size": r.source.size,
+                    "mtime_unix_ns": r.source.mtime_unix_ns.to_string(), "stats": r.stats,
+                    "shards": r.shards.iter().map(|s| &s.info.file).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let total: usize = records.iter().map(|r| r.stats.cells_out).sum();
+        let manifest = serde_json::json!({
+            "format": "scgpt-rs binned cell shards",
+            "format_version": FORMAT_VERSION,
+            "tool": format!("scgpt-prep {}", env!("CARGO_PKG_VERSION")),
+            "total_cells": total,
+            "n_bins": self.cfg.binning.n_bins,
+            "columns": ["genes", "expressions", "bins", "n_counts", "cell_id", "dataset"],
+            "obs_cols": self.cfg.output.obs_cols,
+            "vocab": { "file": VOCAB_FILE, "tokens": self.vocab.len(), "sha256": self.vocab.content_hash() },
+            "settings_hash": self.settings_hash,
+            "shards": shards,
+            "sources": sources,
+            "skipped_files": skipped,
+            "config": self.cfg,
+        });
+        let path = self.out.join(MANIFEST);
+        atomic::write_bytes(&path, serde_json::to_string_pretty(&manifest)?.as_bytes())
+            .with_context(|| format!("{}: cannot write manifest", path.display()))
+    }
+}
+
+struct BinnedCell {
+    row: usize,
+    genes: Vec<i32>,
+    values: Vec<f32>,
+    bins: Vec<u8>,
+    n_counts: f32,
+}
+
+impl BinnedCell {
+    fn dropped(row: usize) -> Self {
+        BinnedCell { row, genes: Vec::new(), values: Vec::new(), bins: Vec::new(), n_counts: 0.0 }
+    }
+}
+
+pub fn shard_name(stem: &str, index: usize) -> String {
+    format!("{stem}.{index:05}.parquet")
+}
+
+fn is_shard_name(name: &str, stem: &str) -> bool {
+    name.strip_prefix(stem)
+        .and_then(|r| r.strip_prefix('.'))
+        .and_then(|r| r.strip_suffix(".parquet"))
+        .is_some_and(|n| n.len() == 5 && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn matrix_choice(cfg: &PrepConfig) -> MatrixChoice {
+    if cfg.input.matrix == "x" {
+        MatrixChoice::X
+    } else {
+        MatrixChoice::RawThenX
+    }
+}
+
+fn gene_col(cfg: &PrepConfig) -> Option<&str> {
+    (!cfg.input.gene_col.is_empty()).then_some(cfg.input.gene_col.as_str())
+}
+
+/// Settings that change the shard bytes; anything else (threads, block size) does not.
+fn settings_hash(cfg: &PrepConfig, vocab: &GeneVocab) -> String {
+    let relevant = serde_json::json!({
+        "format_version": FORMAT_VERSION,
+        "vocab": vocab.content_hash(),
+        "gene_col": cfg.input.gene_col, "matrix": cfg.input.matrix,
+        "allow_non_integer": cfg.input.allow_non_integer,
+        "filter": cfg.filter, "binning": cfg.binning,
+        "shard_cells": cfg.output.shard_cells, "obs_cols": cfg.output.obs_cols,
+    });
+    hex(&Sha256::digest(relevant.to_string().as_bytes()))[..16].to_string()
+}
+
+/// Integer counts with float noise are rounded; anything else is refused unless allowed.
+fn clean_value(v: f32, allow_non_integer: bool) -> Result<f32, &'static str> {
+    if !v.is_finite() {
+        return Err("is not a finite number");
+    }
+    if v < 0.0 {
+        return Err("is negative; counts must be >= 0");
+    }
+    if allow_non_integer {
+        return Ok(v);
+    }
+    let r = v.round();
+    if (v - r).abs() <= 1e-3 * r.abs().max(1.0) {
+        Ok(r)
+    } else {
+        Err("is not an integer count; if the data is normalised (e.g. log1p), pass --allow-non-integer, or point the reader at raw counts")
+    }
+}
+
+fn reader_path_hint(cell_ids: &[String], row: usize) -> String {
+    format!("row {row} (cell `{}`)", cell_ids.get(row).map(String::as_str).unwrap_or("?"))
+}
+
+fn value_error(path: &Path, at: &str, gene: &str, v: f32, why: &str) -> anyhow::Error {
+    anyhow::anyhow!("{}: expression value {v} at {at}, gene `{gene}` {why}", path.display())
+}
+
+fn check_gene_match(path: &Path, reader: &H5adReader, names: &[String], gm: &GeneMatch, cfg: &PrepConfig) -> anyhow::Result<()> {
+    if gm.matched() > 0 {
+        return Ok(());
+    }
+    let sample: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
+    let source = if cfg.input.gene_col.is_empty() { "the var index".to_string() } else { format!("var column `{}`", cfg.input.gene_col) };
+    let hint = if gm.ensembl_like * 2 > names.len() {
+        "they look like Ensembl ids that are not in the shipped Ensembl table: use --gene-col feature_name (CELLxGENE) or a vocabulary of Ensembl ids"
+    } else {
+        "check --gene-col (CELLxGENE keeps symbols in `feature_name`), or build a vocabulary from the data with --build-vocab"
+    };
+    bail!(
+        "{}: none of the {} genes in {source} (matrix {}) is in the vocabulary (first names: {:?}); {hint}",
+        path.display(),
+        names.len(),
+        reader.matrix_path(),
+        sample
+    )
+}
+
+fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {human_pos}/{human_len} cells  {per_sec}  ETA {eta}")
+            .expect("valid template"),
+    );
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_cleaned_or_refused() {
+        assert_eq!(clean_value(3.0000002, false), Ok(3.0));
+        assert!(clean_value(2.5, false).is_err());
+        assert_eq!(clean_value(2.5, true), Ok(2.5));
+        assert!(clean_value(-1.0, true).is_err());
+        assert!(clean_value(f32::NAN, true).is_err());
+    }
+
+    #[test]
+    fn shard_names_round_trip() {
+        assert!(is_shard_name(&shard_name("a.b", 3), "a.b"));
+        assert!(!is_shard_name("a.b.00003.parquet", "a"));
+    }
+}
