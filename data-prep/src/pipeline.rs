@@ -554,6 +554,7 @@ fn gene_col(cfg: &PrepConfig) -> Option<&str> {
 fn settings_hash(cfg: &PrepConfig, vocab: &GeneVocab) -> String {
     let relevant = serde_json::json!({
         "format_version": FORMAT_VERSION,
+        "tool_version": env!("CARGO_PKG_VERSION"),
         "vocab": vocab.content_hash(),
         "gene_col": cfg.input.gene_col, "matrix": cfg.input.matrix,
         "allow_non_integer": cfg.input.allow_non_integer,

@@ -75,8 +75,9 @@ pub fn quantile_edges_into(sorted: &[f32], n_edges: usize, edges: &mut Vec<f64>)
     for i in 0..n_edges {
         // np.linspace: i * step, with the endpoint set exactly.
         let q = if i + 1 == n_edges { 1.0 } else { i as f64 * step };
-        // numpy's _compute_virtual_index with alpha = beta = 1, in numpy's operation order.
-        let virt = n as f64 * q + (1.0 + q * -1.0) - 1.0;
+        // numpy >= 2's virtual index for "linear" (numpy 1.x used n*q + (1-q) - 1, which can
+        // differ in the last bit; the reference fixtures come from numpy 2).
+        let virt = (n - 1) as f64 * q;
         let value = if virt >= (n - 1) as f64 {
             sorted[n - 1] as f64
         } else if virt < 0.0 {

@@ -391,13 +391,15 @@ impl ModelConfig {
                 );
             }
         }
+        // Plain batchnorm demands labels at forward time but never reads them, so it does
+        // not need a label count.
         let needs_batches = self.use_batch_labels
             || self.do_dab
-            || self.domain_spec_batchnorm != BatchNormStyle::None;
+            || self.domain_spec_batchnorm == BatchNormStyle::Dsbn;
         if needs_batches && self.num_batch_labels.unwrap_or(0) == 0 {
             return err(
                 "num_batch_labels",
-                "must be >= 1 when use_batch_labels, DSBN/batchnorm or DAB is on".into(),
+                "must be >= 1 when use_batch_labels, DSBN or DAB is on".into(),
             );
         }
         Ok(())

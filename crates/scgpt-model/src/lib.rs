@@ -1,3 +1,16 @@
-//! The scGPT model in burn (issue 3). This crate currently only pins the burn stack so the
-//! workspace builds it; the model lands with the model issue.
+//! scGPT's `TransformerModel` in burn 0.22: configuration from an original `args.json`, the
+//! model with PyTorch-compatible parameter names, and loading of the original `best_model.pt`.
+//!
+//! See `STATUS.md` in this crate for what is implemented and verified against the original.
+
+pub mod config;
+pub mod error;
+pub mod layers;
+pub mod load;
+pub mod model;
+
 pub use burn;
+pub use config::{BatchNormStyle, CellEmbStyle, InputEmbStyle, ModelConfig, MvcDecoderStyle};
+pub use error::{ModelError, Result};
+pub use load::{load_pretrained, normalize_key, LoadReport, SkippedKey};
+pub use model::{Embedded, ForwardFlags, ModelInput, ModelOutput, TransformerModel};

@@ -1,0 +1,550 @@
+//! The building blocks of the original `TransformerModel`, with field names equal to the
+//! PyTorch attribute names so a state_dict maps onto them by name.
+//!
+//! Two naming facts the loader relies on:
+//! - burn's `Linear` stores its weight as `[in, out]`; burn-store's `PyTorchToBurnAdapter`
+//!   transposes every tensor that sits directly in a `Linear`, and renames `weight`/`bias` to
+//!   `gamma`/`beta` inside a `LayerNorm`.
+//! - PyTorch `nn.Sequential`/`ModuleList` number their children including parameter-free ones
+//!   (ReLU, LeakyReLU). Here those containers are `Vec`s of the parameter-holding children only,
+//!   and the loader maps the PyTorch index onto the `Vec` index (see `load.rs`).
+#![allow(non_snake_case)] // `Wqkv`, `W`, `W_zero_logit` are the checkpoint's names.
+
+use burn::module::{Flag, Module, Param, RunningState};
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig,
+    Linear, LinearConfig,
+};
+use burn::tensor::activation::{leaky_relu, relu, sigmoid, softmax};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Device, Int, Tensor};
+
+/// PyTorch's `nn.LayerNorm` default, used everywhere in scGPT.
+pub const LAYER_NORM_EPS: f64 = 1e-5;
+/// The original's DSBN / BatchNorm epsilon (chosen there so fp16 does not underflow).
+pub const BATCH_NORM_EPS: f64 = 6.1e-5;
+/// `nn.LeakyReLU()` default slope, used by `ExprDecoder` and `AdversarialDiscriminator`.
+pub const LEAKY_SLOPE: f64 = 0.01;
+/// `ContinuousValueEncoder.max_value`.
+pub const VALUE_CLAMP_MAX: f64 = 512.0;
+
+pub(crate) fn layer_norm(d: usize, device: &Device) -> LayerNorm {
+    LayerNormConfig::new(d).with_epsilon(LAYER_NORM_EPS).init(device)
+}
+
+/// `nn.Linear` with PyTorch's default init (kaiming-uniform a=√5 for the weight, which is
+/// burn's default, and U(±1/√fan_in) for the bias, which burn's default also gives).
+pub(crate) fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
+    LinearConfig::new(d_in, d_out).with_bias(bias).init(device)
+}
+
+fn dropout(p: f64) -> Dropout {
+    DropoutConfig::new(p).init()
+}
+
+/// True when a burn `Dropout` would actually drop on this input: burn only drops on an
+/// autodiff device with the module's training flag on (`Module::valid` turns it off).
+pub(crate) fn dropout_active<const D: usize>(d: &Dropout, x: &Tensor<D>) -> bool {
+    d.prob > 0.0 && d.training.is_enabled() && x.device().is_autodiff()
+}
+
+/// `GeneEncoder`: `Embedding(ntoken, d, padding_idx)` followed by `enc_norm` (LayerNorm).
+#[derive(Module, Debug)]
+pub struct GeneEncoder {
+    pub embedding: Embedding,
+    pub enc_norm: LayerNorm,
+    /// `padding_idx` of the original embedding: that row receives no gradient.
+    pub padding_idx: Option<usize>,
+}
+
+impl GeneEncoder {
+    pub fn new(ntoken: usize, d: usize, padding_idx: Option<usize>, device: &Device) -> Self {
+        // The original's init_weights overwrites the whole table (pad row included) with
+        // U(-0.1, 0.1); padding_idx then only blocks the pad row's gradient.
+        let embedding = EmbeddingConfig::new(ntoken, d)
+            .with_initializer(Initializer::Uniform { min: -0.1, max: 0.1 })
+            .init(device);
+        Self {
+            embedding,
+            enc_norm: layer_norm(d, device),
+            padding_idx,
+        }
+    }
+
+    /// `[B, L]` token ids → `[B, L, d]` normalised gene embeddings.
+    pub fn forward(&self, src: Tensor<2, Int>) -> Tensor<3> {
+        let mut x = self.embedding.forward(src.clone());
+        if let (Some(pad), true) = (self.padding_idx, x.device().is_autodiff()) {
+            // padding_idx semantics: the looked-up pad rows carry no gradient back into the
+            // table. Detaching those positions leaves the forward value untouched.
+            let [b, l, d] = x.dims();
+            let is_pad = src.equal_elem(pad as i64).unsqueeze_dim::<3>(2).expand([b, l, d]);
+            x = x.clone().mask_where(is_pad, x.detach());
+        }
+        self.enc_norm.forward(x)
+    }
+}
+
+/// `ContinuousValueEncoder`: clamp(max=512) → linear1 (1→d) → ReLU → linear2 → norm → dropout.
+#[derive(Module, Debug)]
+pub struct ContinuousValueEncoder {
+    pub linear1: Linear,
+    pub linear2: Linear,
+    pub norm: LayerNorm,
+    pub dropout: Dropout,
+}
+
+impl ContinuousValueEncoder {
+    pub fn new(d: usize, p: f64, device: &Device) -> Self {
+        Self {
+            linear1: linear(1, d, true, device),
+            linear2: linear(d, d, true, device),
+            norm: layer_norm(d, device),
+            dropout: dropout(p),
+        }
+    }
+
+    pub fn forward(&self, values: Tensor<2>) -> Tensor<3> {
+        // No lower clamp: the pad (-2) and mask (-1) values go through as they are.
+        let x = values.unsqueeze_dim::<3>(2).clamp_max(VALUE_CLAMP_MAX);
+        let x = relu(self.linear1.forward(x));
+        let x = self.norm.forward(self.linear2.forward(x));
+        self.dropout.forward(x)
+    }
+}
+
+/// `CategoryValueEncoder` (and `BatchLabelEncoder`, which has the same layout):
+/// `embedding` + `enc_norm`.
+#[derive(Module, Debug)]
+pub struct EmbeddingNorm {
+    pub embedding: Embedding,
+    pub enc_norm: LayerNorm,
+}
+
+impl EmbeddingNorm {
+    pub fn new(n: usize, d: usize, device: &Device) -> Self {
+        Self {
+            embedding: EmbeddingConfig::new(n, d).init(device),
+            enc_norm: layer_norm(d, device),
+        }
+    }
+
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        self.enc_norm.forward(self.embedding.forward(ids))
+    }
+
+    pub fn num_embeddings(&self) -> usize {
+        self.embedding.weight.dims()[0]
+    }
+}
+
+/// The value encoder, by `input_emb_style` (`scaling` has none).
+#[derive(Module, Debug)]
+pub enum ValueEncoder {
+    Continuous(ContinuousValueEncoder),
+    Category(EmbeddingNorm),
+}
+
+/// `nn.BatchNorm1d` over `[B, C, L]`, with or without affine parameters. Written here rather
+/// than using burn's `BatchNorm` because the original's DSBN is `affine=False` (no
+/// weight/bias at all in the checkpoint) and because the running-variance update must use the
+/// unbiased batch variance as PyTorch does.
+#[derive(Module, Debug)]
+pub struct BatchNorm1d {
+    pub weight: Option<Param<Tensor<1>>>,
+    pub bias: Option<Param<Tensor<1>>>,
+    pub running_mean: RunningState<Tensor<1>>,
+    pub running_var: RunningState<Tensor<1>>,
+    pub training: Param<Flag>,
+    pub momentum: f64,
+    pub eps: f64,
+}
+
+impl BatchNorm1d {
+    pub fn new(c: usize, affine: bool, device: &Device) -> Self {
+        let (weight, bias) = if affine {
+            (
+                Some(Param::from_tensor(Tensor::ones([c], device))),
+                Some(Param::from_tensor(Tensor::zeros([c], device))),
+            )
+        } else {
+            (None, None)
+        };
+        Self {
+            weight,
+            bias,
+            running_mean: RunningState::new(Tensor::zeros([c], device)),
+            running_var: RunningState::new(Tensor::ones([c], device)),
+            training: Param::from_bool(true),
+            momentum: 0.1,
+            eps: BATCH_NORM_EPS,
+        }
+    }
+
+    /// `x`: `[B, C, L]`. Training mode (autodiff device and training flag on) normalises with
+    /// the batch statistics over B and L, padding positions included as in the original.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, c, l] = x.dims();
+        let device = x.device();
+        let (mean, var) = if device.is_autodiff() && self.training.is_enabled() {
+            let mean = x.clone().mean_dims(&[0, 2]); // [1, C, 1]
+            let centered = x.clone() - mean.clone();
+            let var = centered.square().mean_dims(&[0, 2]);
+            let n = (b * l) as f64;
+            let unbiased = var.clone().detach().mul_scalar(n / (n - 1.0).max(1.0));
+            let m = self.momentum;
+            let rm = self.running_mean.value_sync().to_device(&device);
+            let rv = self.running_var.value_sync().to_device(&device);
+            self.running_mean.update(
+                (rm.mul_scalar(1.0 - m) + mean.clone().detach().reshape([c]).mul_scalar(m)).detach(),
+            );
+            self.running_var
+                .update((rv.mul_scalar(1.0 - m) + unbiased.reshape([c]).mul_scalar(m)).detach());
+            (mean, var)
+        } else {
+            let mean = self.running_mean.value().to_device(&device).reshape([1, c, 1]);
+            let var = self.running_var.value().to_device(&device).reshape([1, c, 1]);
+            (mean, var)
+        };
+        let mut y = (x - mean) / var.add_scalar(self.eps).sqrt();
+        if let Some(w) = &self.weight {
+            y = y * w.val().reshape([1, c, 1]);
+        }
+        if let Some(bias) = &self.bias {
+            y = y + bias.val().reshape([1, c, 1]);
+        }
+        y
+    }
+}
+
+/// `DomainSpecificBatchNorm1d`: one affine-free `BatchNorm1d` per domain under `bns.k`.
+#[derive(Module, Debug)]
+pub struct DomainSpecificBatchNorm {
+    pub bns: Vec<BatchNorm1d>,
+}
+
+impl DomainSpecificBatchNorm {
+    pub fn new(c: usize, domains: usize, device: &Device) -> Self {
+        Self {
+            bns: (0..domains).map(|_| BatchNorm1d::new(c, false, device)).collect(),
+        }
+    }
+}
+
+/// The attention block of a layer: the flash-attn `FlashMHA` layout, `Wqkv` = Linear(d, 3d)
+/// whose output features are [Q | K | V], each split into heads of `d/nhead` contiguous
+/// features (identical to PyTorch's `in_proj_weight`), then `out_proj`.
+#[derive(Module, Debug)]
+pub struct SelfAttention {
+    pub Wqkv: Linear,
+    pub out_proj: Linear,
+    /// Dropout on the attention weights (`attention_dropout` = the model's dropout).
+    pub dropout: Dropout,
+    pub nhead: usize,
+}
+
+/// Score used for masked keys in the explicit path. Finite so that a row whose keys are all
+/// masked gives a uniform average instead of NaN; any real score is far above it.
+const MASKED_SCORE: f32 = -1.0e30;
+
+impl SelfAttention {
+    pub fn new(d: usize, nhead: usize, p: f64, device: &Device) -> Self {
+        Self {
+            Wqkv: linear(d, 3 * d, true, device),
+            out_proj: linear(d, d, true, device),
+            dropout: dropout(p),
+            nhead,
+        }
+    }
+
+    /// `[B, L, 3d]` packed projections → three `[B, H, L, d/H]` tensors.
+    pub fn split_heads(&self, qkv: Tensor<3>) -> [Tensor<4>; 3] {
+        let [b, l, d3] = qkv.dims();
+        let d = d3 / 3;
+        let h = self.nhead;
+        let mut parts = qkv
+            .chunk(3, 2)
+            .into_iter()
+            .map(|t| t.reshape([b, l, h, d / h]).swap_dims(1, 2));
+        [parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap()]
+    }
+
+    /// `[B, H, L, dh]` → `[B, L, H·dh]`.
+    pub fn merge_heads(x: Tensor<4>) -> Tensor<3> {
+        let [b, h, l, dh] = x.dims();
+        x.swap_dims(1, 2).reshape([b, l, h * dh])
+    }
+
+    /// Scaled dot-product attention with a boolean mask (`true` = may not attend), broadcast
+    /// to `[B, H, Lq, Lk]`, and dropout on the weights when training.
+    pub fn attend(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        mask: Option<Tensor<4, Bool>>,
+    ) -> Tensor<4> {
+        let [b, h, lq, dh] = q.dims();
+        let lk = k.dims()[2];
+        let mask = mask.map(|m| m.expand([b, h, lq, lk]));
+        if !dropout_active(&self.dropout, &q) {
+            // Inference: the fused kernel (no dropout support, no L×L autodiff graph).
+            return attention(q, k, v, mask, None, AttentionModuleOptions::default());
+        }
+        self.attend_explicit(q, k, v, mask, dh)
+    }
+
+    /// The unfused path: softmax(QKᵀ/√dh) with masking, then dropout on the weights, as
+    /// PyTorch's MHA and flash-attn do in training.
+    pub(crate) fn attend_explicit(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        mask: Option<Tensor<4, Bool>>,
+        dh: usize,
+    ) -> Tensor<4> {
+        let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (dh as f64).sqrt());
+        if let Some(m) = mask {
+            scores = scores.mask_fill(m, MASKED_SCORE);
+        }
+        let weights = self.dropout.forward(softmax(scores, 3));
+        weights.matmul(v)
+    }
+
+    /// Standard self-attention over one sequence. `key_padding_mask`: `[B, L]`, true = pad.
+    pub fn forward(&self, x: Tensor<3>, key_padding_mask: Option<Tensor<2, Bool>>) -> Tensor<3> {
+        let [q, k, v] = self.split_heads(self.Wqkv.forward(x));
+        let mask = key_padding_mask.map(|m| m.unsqueeze_dims::<4>(&[1, 2]));
+        self.out_proj.forward(Self::merge_heads(self.attend(q, k, v, mask)))
+    }
+}
+
+/// One post-norm encoder layer (`FlashTransformerEncoderLayer` / `nn.TransformerEncoderLayer`):
+/// `h = norm1(x + dropout1(attn(x)))`, `y = norm2(h + dropout2(linear2(dropout(relu(linear1(h))))))`.
+#[derive(Module, Debug)]
+pub struct EncoderLayer {
+    pub self_attn: SelfAttention,
+    pub linear1: Linear,
+    pub linear2: Linear,
+    pub norm1: LayerNorm,
+    pub norm2: LayerNorm,
+    pub dropout: Dropout,
+    pub dropout1: Dropout,
+    pub dropout2: Dropout,
+}
+
+impl EncoderLayer {
+    pub fn new(d: usize, nhead: usize, d_hid: usize, p: f64, device: &Device) -> Self {
+        Self {
+            self_attn: SelfAttention::new(d, nhead, p, device),
+            linear1: linear(d, d_hid, true, device),
+            linear2: linear(d_hid, d, true, device),
+            norm1: layer_norm(d, device),
+            norm2: layer_norm(d, device),
+            dropout: dropout(p),
+            dropout1: dropout(p),
+            dropout2: dropout(p),
+        }
+    }
+
+    /// Residual + norm around an already computed attention output (shared by the standard
+    /// and the generative forward, which differ only in how attention is computed).
+    pub fn post_attention(&self, x: Tensor<3>, attn: Tensor<3>) -> Tensor<3> {
+        let h = self.norm1.forward(x + self.dropout1.forward(attn));
+        let ff = self
+            .linear2
+            .forward(self.dropout.forward(relu(self.linear1.forward(h.clone()))));
+        self.norm2.forward(h + self.dropout2.forward(ff))
+    }
+
+    pub fn forward(&self, x: Tensor<3>, key_padding_mask: Option<Tensor<2, Bool>>) -> Tensor<3> {
+        let attn = self.self_attn.forward(x.clone(), key_padding_mask);
+        self.post_attention(x, attn)
+    }
+}
+
+/// `nn.TransformerEncoder(layer, nlayers, norm=None)`: the layers in sequence, no final norm.
+#[derive(Module, Debug)]
+pub struct TransformerEncoder {
+    pub layers: Vec<EncoderLayer>,
+}
+
+impl TransformerEncoder {
+    pub fn forward(&self, mut x: Tensor<3>, key_padding_mask: Option<Tensor<2, Bool>>) -> Tensor<3> {
+        for layer in &self.layers {
+            x = layer.forward(x, key_padding_mask.clone());
+        }
+        x
+    }
+}
+
+/// `ExprDecoder`: `fc` = [Linear(d_in,d), LeakyReLU, Linear(d,d), LeakyReLU, Linear(d,1)]
+/// (PyTorch indices 0, 2, 4 → `Vec` indices 0, 1, 2), plus the same stack as `zero_logit`
+/// when `explicit_zero_prob`.
+#[derive(Module, Debug)]
+pub struct ExprDecoder {
+    pub fc: Vec<Linear>,
+    pub zero_logit: Option<Vec<Linear>>,
+}
+
+fn leaky_mlp(layers: &[Linear], x: Tensor<3>) -> Tensor<3> {
+    let last = layers.len() - 1;
+    layers.iter().enumerate().fold(x, |x, (i, l)| {
+        let y = l.forward(x);
+        if i < last { leaky_relu(y, LEAKY_SLOPE) } else { y }
+    })
+}
+
+impl ExprDecoder {
+    pub fn new(d: usize, d_in: usize, explicit_zero_prob: bool, device: &Device) -> Self {
+        let stack = || {
+            vec![
+                linear(d_in, d, true, device),
+                linear(d, d, true, device),
+                linear(d, 1, true, device),
+            ]
+        };
+        Self {
+            fc: stack(),
+            zero_logit: explicit_zero_prob.then(stack),
+        }
+    }
+
+    /// `x`: `[B, L, d_in]` → (`pred` `[B, L]`, `zero_probs` `[B, L]` if explicit_zero_prob).
+    pub fn forward(&self, x: Tensor<3>) -> (Tensor<2>, Option<Tensor<2>>) {
+        let pred = leaky_mlp(&self.fc, x.clone()).squeeze_dim::<2>(2);
+        let zero = self
+            .zero_logit
+            .as_ref()
+            .map(|z| sigmoid(leaky_mlp(z, x).squeeze_dim::<2>(2)));
+        (pred, zero)
+    }
+}
+
+/// A parameter-holding entry of a `ClsDecoder` / `AdversarialDiscriminator` `_decoder`
+/// ModuleList: the list is [Linear, activation, LayerNorm] × (nlayers−1), and the activations
+/// have no parameters, so PyTorch indices 0, 2, 3, 5, … become `Vec` indices 0, 1, 2, 3, ….
+#[derive(Module, Debug)]
+pub enum HeadLayer {
+    Linear(Linear),
+    Norm(LayerNorm),
+}
+
+/// Activation after each hidden Linear of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadActivation {
+    Relu,
+    LeakyRelu,
+}
+
+fn head_layers(d: usize, nlayers: usize, device: &Device) -> Vec<HeadLayer> {
+    (0..nlayers.saturating_sub(1))
+        .flat_map(|_| [HeadLayer::Linear(linear(d, d, true, device)), HeadLayer::Norm(layer_norm(d, device))])
+        .collect()
+}
+
+fn head_forward(layers: &[HeadLayer], act: HeadActivation, mut x: Tensor<2>) -> Tensor<2> {
+    for layer in layers {
+        x = match layer {
+            HeadLayer::Linear(l) => match act {
+                HeadActivation::Relu => relu(l.forward(x)),
+                HeadActivation::LeakyRelu => leaky_relu(l.forward(x), LEAKY_SLOPE),
+            },
+            HeadLayer::Norm(n) => n.forward(x),
+        };
+    }
+    x
+}
+
+/// `ClsDecoder(d, n_cls, nlayers)`: `_decoder` ([Linear, ReLU, LayerNorm] × (nlayers−1)), then
+/// `out_layer`.
+#[derive(Module, Debug)]
+pub struct ClsDecoder {
+    pub _decoder: Vec<HeadLayer>,
+    pub out_layer: Linear,
+}
+
+impl ClsDecoder {
+    pub fn new(d: usize, n_cls: usize, nlayers: usize, device: &Device) -> Self {
+        Self {
+            _decoder: head_layers(d, nlayers, device),
+            out_layer: linear(d, n_cls, true, device),
+        }
+    }
+
+    /// `[B, d]` → `[B, n_cls]` logits.
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.out_layer
+            .forward(head_forward(&self._decoder, HeadActivation::Relu, x))
+    }
+}
+
+/// Gradient reversal (λ = 1): identity forward, negated gradient backward. `2·sg(x) − x` is
+/// exactly `x` in floating point (doubling is exact and the subtraction is exact by
+/// Sterbenz's lemma) and its derivative is −1, so no custom backward op is needed.
+pub fn grad_reverse<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    x.clone().detach().mul_scalar(2.0) - x
+}
+
+/// `AdversarialDiscriminator(d, n_cls=num_batch_labels, nlayers=3, LeakyReLU,
+/// reverse_grad=True)` (`grad_reverse_discriminator`).
+#[derive(Module, Debug)]
+pub struct AdversarialDiscriminator {
+    pub _decoder: Vec<HeadLayer>,
+    pub out_layer: Linear,
+    pub reverse_grad: bool,
+}
+
+impl AdversarialDiscriminator {
+    pub fn new(d: usize, n_cls: usize, nlayers: usize, reverse_grad: bool, device: &Device) -> Self {
+        Self {
+            _decoder: head_layers(d, nlayers, device),
+            out_layer: linear(d, n_cls, true, device),
+            reverse_grad,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let x = if self.reverse_grad { grad_reverse(x) } else { x };
+        self.out_layer
+            .forward(head_forward(&self._decoder, HeadActivation::LeakyRelu, x))
+    }
+}
+
+/// `MVCDecoder` in the "inner product" styles: `q = sigmoid(gene2query(gene_emb))`,
+/// `pred_l = <W(q_l), cell_emb>`; with explicit_zero_prob also
+/// `zero_prob_l = sigmoid(<W_zero_logit(q_l), cell_emb>)`.
+#[derive(Module, Debug)]
+pub struct MvcDecoder {
+    pub gene2query: Linear,
+    pub W: Linear,
+    pub W_zero_logit: Option<Linear>,
+    /// "inner product, detach": no gradient into the gene embeddings through this head.
+    pub detach_genes: bool,
+}
+
+impl MvcDecoder {
+    pub fn new(d: usize, d_in: usize, explicit_zero_prob: bool, detach: bool, device: &Device) -> Self {
+        Self {
+            gene2query: linear(d, d, true, device),
+            W: linear(d, d_in, false, device),
+            W_zero_logit: explicit_zero_prob.then(|| linear(d, d_in, true, device)),
+            detach_genes: detach,
+        }
+    }
+
+    /// `cell_emb`: `[B, d_in]`; `gene_embs`: `[B, L, d]` → (`pred` `[B, L]`, `zero_probs`).
+    pub fn forward(&self, cell_emb: Tensor<2>, gene_embs: Tensor<3>) -> (Tensor<2>, Option<Tensor<2>>) {
+        let gene_embs = if self.detach_genes { gene_embs.detach() } else { gene_embs };
+        let q = sigmoid(self.gene2query.forward(gene_embs));
+        let c = cell_emb.unsqueeze_dim::<3>(2); // [B, d_in, 1]
+        let pred = self.W.forward(q.clone()).matmul(c.clone()).squeeze_dim::<2>(2);
+        let zero = self
+            .W_zero_logit
+            .as_ref()
+            .map(|w| sigmoid(w.forward(q).matmul(c).squeeze_dim::<2>(2)));
+        (pred, zero)
+    }
+}

@@ -1,0 +1,288 @@
+#!/usr/bin/env python3
+"""Parity fixtures for crates/scgpt-model, produced by the original scGPT model code.
+
+Builds the original `scgpt.model.model.TransformerModel` (PyPI scgpt 0.2.4) at a tiny size with
+fixed seeds, randomises every parameter (so that no weight is left at a symmetric default),
+runs it in eval mode on a small padded batch and writes, per variant:
+
+  tests/data/model/<name>.pt         the state_dict, wrapped/renamed like a real checkpoint
+  tests/data/model/<name>.args.json  the model arguments, spelled the way args.json spells them
+  tests/data/model/<name>.json       inputs and the original's outputs
+
+Setup (no GPU needed; PyPI's torch wheel runs on CPU):
+  python3 -m venv /work/venv-torch
+  /work/venv-torch/bin/pip install torch numpy tqdm
+  /work/venv-torch/bin/pip install --no-deps scgpt==0.2.4
+  /work/venv-torch/bin/python tests/gen/model/gen_parity.py
+
+Only `scgpt/model/model.py` (+ dsbn.py, grad_reverse.py) is imported: the package's top-level
+`__init__` pulls optional dependencies (scanpy, torchtext, ...) that the model does not need, so
+the two parent packages are registered as empty namespace modules instead of being executed.
+
+Attention fast path: PyTorch's fused inference path (nested tensors) returns 0 at padded query
+positions, the slow path returns ordinary attention outputs there, and the official flash-attn
+path yet something else. The Rust model computes ordinary attention for every row, so the
+fixtures are computed with the fast path disabled; the tests still compare the per-token
+outputs at non-pad positions only, which agree across all three paths.
+"""
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import types
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[3]
+N_GENES = 97
+PAD_ID, CLS_ID, EOC_ID = 97, 98, 99
+NTOKEN = 100
+
+
+def import_original_model():
+    spec = importlib.util.find_spec("scgpt")
+    if spec is None:
+        sys.exit("scgpt is not installed: pip install --no-deps scgpt==0.2.4")
+    root = spec.submodule_search_locations[0]
+    for name, path in [("scgpt", root), ("scgpt.model", os.path.join(root, "model"))]:
+        mod = types.ModuleType(name)
+        mod.__path__ = [path]
+        sys.modules[name] = mod
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flash_attn is not installed"
+        return importlib.import_module("scgpt.model.model")
+
+
+class Vocab(dict):
+    """What TransformerModel reads from its `vocab` argument: vocab[pad_token]."""
+
+
+def randomise(model, gen):
+    """Perturb every parameter and BN buffer so the fixture exercises each of them."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and name.endswith("weight"):  # LayerNorm / BN gamma
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.rand(p.shape, generator=gen) - 0.1)
+            else:
+                # nn.TransformerEncoder deep-copies one layer, so all layers start identical;
+                # noise makes a swapped or repeated layer detectable.
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.3 * torch.randn(b.shape, generator=gen))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=gen))
+
+
+def make_batch(gen, lengths, L, value_fn, cls_value, pad_value):
+    """src/values/mask like the original collators: <cls> first, genes, then <pad>."""
+    B = len(lengths)
+    src = torch.full((B, L), PAD_ID, dtype=torch.long)
+    values = torch.full((B, L), float(pad_value))
+    for i, n in enumerate(lengths):
+        genes = torch.randperm(N_GENES, generator=gen)[: n - 1]
+        src[i, 0] = CLS_ID
+        src[i, 1:n] = genes
+        values[i, 0] = cls_value
+        values[i, 1:n] = value_fn(n - 1)
+    mask = src.eq(PAD_ID)
+    return src, values, mask
+
+
+def flat(t):
+    # str(np.float32) is the shortest text that round-trips the float32 value, which keeps
+    # the JSON about half the size of Python's float64 repr.
+    return [float(str(x)) for x in t.detach().reshape(-1).numpy().astype(np.float32)]
+
+
+def tensor_json(t):
+    return {"shape": list(t.shape), "data": flat(t) if t.dtype.is_floating_point else [int(x) for x in t.reshape(-1)]}
+
+
+def rename_keys(sd, attn_style, wrap):
+    """Give the PyTorch (non-flash) state_dict the naming of a real checkpoint."""
+    out = OrderedDict()
+    for k, v in sd.items():
+        if attn_style == "flash":  # scgpt <= 0.2.4 with flash-attn 1.x: what best_model.pt has
+            k = k.replace("self_attn.in_proj_", "self_attn.Wqkv.")
+        elif attn_style == "flash_compat":  # scgpt 0.2.5 flash_attn_compat wrapper
+            k = k.replace("self_attn.in_proj_", "self_attn._impl.Wqkv.")
+            k = k.replace("self_attn.out_proj.", "self_attn._impl.out_proj.")
+        elif attn_style != "torch":
+            raise ValueError(attn_style)
+        out[k] = v.detach().clone()
+    if wrap == "plain":
+        return out
+    if wrap == "ddp_in_model":  # {"model": {"module.<key>": ...}, "epoch": 3}
+        return {"model": OrderedDict(("module." + k, v) for k, v in out.items()), "epoch": 3}
+    if wrap == "state_dict":
+        return {"state_dict": out, "step": 1000}
+    raise ValueError(wrap)
+
+
+VARIANTS = {
+    # The whole-human checkpoint's shape (reference §1.9): continuous input, MVC, no batch
+    # labels; the file has an extra `flag_encoder.weight` and no `cls_decoder.*`.
+    "continuous": dict(
+        ctor=dict(n_cls=1, do_mvc=True, input_emb_style="continuous", cell_emb_style="cls",
+                  pad_value=-2, explicit_zero_prob=False),
+        args=dict(MVC=True, input_emb_style="continuous", pad_value=-2, mask_value=-1, n_bins=51),
+        attn="flash", wrap="plain", drop_cls=True, add_flag=True, zipfile=True,
+        lengths=[10, 7, 4], L=10, flags=dict(CLS=False, CCE=False, MVC=True, ECS=True),
+    ),
+    # Category input (pad = n_bins, mask = n_bins + 1), CLS head with 7 classes, explicit zero
+    # probabilities, avg-pool cell embedding; a DDP checkpoint nested under "model" with
+    # PyTorch's in_proj naming.
+    "category_cls": dict(
+        ctor=dict(n_cls=7, do_mvc=True, input_emb_style="category", n_input_bins=53,
+                  cell_emb_style="avg-pool", pad_value=51, explicit_zero_prob=True),
+        args=dict(MVC=True, n_cls=7, input_emb_style="category", n_input_bins=53, pad_value=51,
+                  mask_value=52, n_bins=51, cell_emb_style="avg-pool", explicit_zero_prob=True),
+        attn="torch", wrap="ddp_in_model", drop_cls=False, add_flag=False, zipfile=True,
+        lengths=[9, 9, 5], L=9, flags=dict(CLS=True, CCE=True, MVC=True, ECS=False),
+    ),
+    # Batch integration setup: batch labels concatenated into the decoders, DSBN (affine=False,
+    # domain = first label), DAB discriminator, explicit zero probs, w-pool cell embedding;
+    # scgpt 0.2.5's `_impl.` names under "state_dict".
+    "dsbn_batch": dict(
+        ctor=dict(n_cls=1, do_mvc=True, do_dab=True, use_batch_labels=True, num_batch_labels=3,
+                  domain_spec_batchnorm=True, input_emb_style="continuous",
+                  cell_emb_style="w-pool", pad_value=-2, explicit_zero_prob=True),
+        args=dict(MVC=True, DAB=True, use_batch_labels=True, num_batch_labels=3, DSBN=True,
+                  input_emb_style="continuous", cell_emb_style="w-pool", pad_value=-2,
+                  mask_value=-1, n_bins=51, explicit_zero_prob=True),
+        attn="flash_compat", wrap="state_dict", drop_cls=False, add_flag=False, zipfile=True,
+        lengths=[8, 6, 8], L=8, batch_labels=[2, 0, 1],
+        flags=dict(CLS=True, CCE=False, MVC=True, ECS=True),
+    ),
+    # Scaling input with the plain (affine) BatchNorm; legacy (non-zip) torch.save format.
+    "scaling_bn": dict(
+        ctor=dict(n_cls=3, do_mvc=False, use_batch_labels=False, num_batch_labels=2,
+                  domain_spec_batchnorm="batchnorm", input_emb_style="scaling",
+                  cell_emb_style="cls", pad_value=0, explicit_zero_prob=False),
+        args=dict(MVC=False, n_cls=3, num_batch_labels=2, domain_spec_batchnorm="batchnorm",
+                  input_emb_style="scaling", pad_value=0, n_bins=51),
+        attn="torch", wrap="plain", drop_cls=False, add_flag=False, zipfile=False,
+        lengths=[6, 3], L=6, batch_labels=[1, 1],
+        flags=dict(CLS=True, CCE=False, MVC=False, ECS=False),
+    ),
+}
+
+DIMS = dict(embsize=32, nheads=4, d_hid=48, nlayers=2, n_layers_cls=3, dropout=0.2)
+
+
+def build(mm, name, spec, seed):
+    torch.manual_seed(seed)
+    ctor = dict(spec["ctor"])
+    model = mm.TransformerModel(
+        ntoken=NTOKEN, d_model=DIMS["embsize"], nhead=DIMS["nheads"], d_hid=DIMS["d_hid"],
+        nlayers=DIMS["nlayers"], nlayers_cls=DIMS["n_layers_cls"], dropout=DIMS["dropout"],
+        vocab=Vocab({"<pad>": PAD_ID}), pad_token="<pad>", use_fast_transformer=False, **ctor,
+    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    randomise(model, gen)
+    model.eval()
+    return model, gen
+
+
+def generate(mm, name, spec, seed, out_dir):
+    model, gen = build(mm, name, spec, seed)
+    style = spec["ctor"]["input_emb_style"]
+    if style == "category":
+        value_fn = lambda n: torch.randint(0, 51, (n,), generator=gen).float()
+        cls_value = 0.0  # tokenize_batch gives <cls> the value 0
+    elif style == "scaling":
+        value_fn = lambda n: torch.rand(n, generator=gen) * 3.0
+        cls_value = 1.0
+    else:
+        # Bins 1..50, one masked value (-1) and one value above the 512 clamp.
+        def value_fn(n):
+            v = torch.randint(1, 51, (n,), generator=gen).float()
+            v[0] = -1.0
+            if n > 3:
+                v[2] = 700.0
+            return v
+        cls_value = -2.0
+    src, values, mask = make_batch(gen, spec["lengths"], spec["L"], value_fn, cls_value,
+                                   spec["ctor"]["pad_value"])
+    labels = spec.get("batch_labels")
+    batch_labels = torch.tensor(labels, dtype=torch.long) if labels is not None else None
+
+    flags = spec["flags"]
+    with torch.no_grad():
+        enc = model._encode(src, values, mask, batch_labels)
+        out = model(src, values, mask, batch_labels=batch_labels, **flags)
+        gene_embs = model.encoder(torch.arange(NTOKEN).unsqueeze(0))[0]
+
+    outputs = {"transformer_output": tensor_json(enc), "mlm_output": tensor_json(out["mlm_output"]),
+               "cell_emb": tensor_json(out["cell_emb"]),
+               "gene_table_embs": tensor_json(gene_embs)}
+    for k in ["mlm_zero_probs", "cls_output", "mvc_output", "mvc_zero_probs", "dab_output"]:
+        if k in out:
+            outputs[k] = tensor_json(out[k])
+    for k in ["loss_ecs", "loss_cce"]:
+        if k in out:
+            outputs[k] = float(out[k])
+
+    sd = model.state_dict()
+    if spec["drop_cls"]:
+        sd = OrderedDict((k, v) for k, v in sd.items() if not k.startswith("cls_decoder."))
+    if spec["add_flag"]:
+        sd["flag_encoder.weight"] = torch.randn(2, DIMS["embsize"], generator=gen)
+    ckpt = rename_keys(sd, spec["attn"], spec["wrap"])
+    pt_path = out_dir / f"{name}.pt"
+    torch.save(ckpt, pt_path, _use_new_zipfile_serialization=spec["zipfile"])
+
+    args = dict(DIMS)
+    args.update(spec["args"])
+    args.update({"pad_token": "<pad>", "fast_transformer": True, "lr": 1e-4, "epochs": 6,
+                 "save_dir": "/unused/by/the/model"})  # extra keys every args.json has
+    (out_dir / f"{name}.args.json").write_text(json.dumps(args, indent=1) + "\n")
+
+    fixture = {
+        "generator": "tests/gen/model/gen_parity.py",
+        "torch": torch.__version__,
+        "scgpt": "0.2.4",
+        "seed": seed,
+        "ntoken": NTOKEN,
+        "pad_token_id": PAD_ID,
+        "checkpoint": {"file": pt_path.name, "attn_naming": spec["attn"], "wrap": spec["wrap"],
+                       "zipfile": spec["zipfile"], "keys": len(sd)},
+        "flags": flags,
+        "inputs": {"src": tensor_json(src), "values": tensor_json(values),
+                   "src_key_padding_mask": [bool(x) for x in mask.reshape(-1)],
+                   "batch_labels": labels},
+        "outputs": outputs,
+    }
+    (out_dir / f"{name}.json").write_text(json.dumps(fixture) + "\n")
+    print(f"{name}: {pt_path.stat().st_size} B checkpoint, "
+          f"{(out_dir / f'{name}.json').stat().st_size} B outputs")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=REPO / "tests/data/model")
+    ap.add_argument("--only", nargs="*", default=None)
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)  # reduction order, hence the last bits, independent of the box
+    torch.backends.mha.set_fastpath_enabled(False)
+    mm = import_original_model()
+    for i, (name, spec) in enumerate(VARIANTS.items()):
+        if a.only and name not in a.only:
+            continue
+        generate(mm, name, spec, seed=1000 + i, out_dir=a.out)
+
+
+if __name__ == "__main__":
+    main()
