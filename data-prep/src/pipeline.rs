@@ -290,7 +290,7 @@ impl Prep {
             self.cfg.output.obs_cols.iter().map(|c| reader.obs_column(c)).collect::<Result<_, _>>()?;
         let cell_ids = reader.obs_names()?;
 
-        let gene_ids = self.gene_filter(&mut reader, &gm)?;
+        let gene_ids = self.gene_filter(&mut reader, &gm, &names, &cell_ids)?;
         let mut stats = FileStats {
             cells_in: n_obs,
             genes_in: names.len(),
@@ -403,6 +403,7 @@ impl Prep {
                         shards.push(done);
                         rec.shards = shards.clone();
                         self.save_record(&rec)?;
+                        crash_point_for_tests();
                         pending = CellColumns::new(obs_values.len());
                     }
                 }
@@ -430,7 +431,7 @@ impl Prep {
     }
 
     /// Vocabulary id per input column after the per-file gene filter; also validates values.
-    fn gene_filter(&self, reader: &mut H5adReader, gm: &GeneMatch) -> anyhow::Result<Vec<Option<u32>>> {
+    fn gene_filter(&self, reader: &mut H5adReader, gm: &GeneMatch, names: &[String], cell_ids: &[String]) -> anyhow::Result<Vec<Option<u32>>> {
         let per_10k = self.cfg.filter.gene_min_counts_per_10k_cells;
         if per_10k <= 0.0 {
             return Ok(gm.ids.clone());
@@ -444,8 +445,16 @@ impl Prep {
         while s < n {
             let e = (s + block_cells).min(n);
             let b = reader.read_rows(s, e)?;
-            for (&c, &v) in b.indices.iter().zip(&b.data) {
-                totals[c as usize] += v as f64;
+            for i in 0..b.n_rows() {
+                let (cols, vals) = b.row(i);
+                for (&c, &v) in cols.iter().zip(vals) {
+                    // Bad values are refused here even in genes the filter drops.
+                    if !v.is_finite() || v < 0.0 {
+                        let why = clean_value(v, true).expect_err("non-finite or negative");
+                        return Err(value_error(reader.path(), &reader_path_hint(cell_ids, b.start + i), &names[c as usize], v, why));
+                    }
+                    totals[c as usize] += v as f64;
+                }
             }
             s = e;
         }
@@ -510,6 +519,17 @@ impl Prep {
         let path = self.out.join(MANIFEST);
         atomic::write_bytes(&path, serde_json::to_string_pretty(&manifest)?.as_bytes())
             .with_context(|| format!("{}: cannot write manifest", path.display()))
+    }
+}
+
+/// Tests of resumption set `SCGPT_PREP_ABORT_AFTER_SHARDS=N` to die like a killed process
+/// (no unwinding, no cleanup) right after the N-th shard of this process is recorded.
+fn crash_point_for_tests() {
+    static WRITTEN: AtomicU64 = AtomicU64::new(0);
+    if let Some(n) = std::env::var("SCGPT_PREP_ABORT_AFTER_SHARDS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        if WRITTEN.fetch_add(1, Ordering::SeqCst) + 1 >= n {
+            std::process::abort();
+        }
     }
 }
 

@@ -498,7 +498,8 @@ mod tests {
     fn whole_human_args() -> Map<String, Value> {
         // The whole-human args.json (reference §1.11), abridged to a representative subset of
         // its non-model keys.
-        let v: Value = serde_json::json!({
+        let v: Value = serde_json::from_str(
+            r#"{
             "data_source": "/scratch/ssd004/datasets/cellxgene/scb_strict/human",
             "save_dir": "/scratch/hdd001/home/haotian/cellxgene_census_human-May23-08-36-2023",
             "load_model": null, "n_hvg": null, "valid_size_or_ratio": 0.003,
@@ -514,7 +515,9 @@ mod tests {
             "USE_GENERATIVE_TRAINING": true, "world_size": 16, "distributed": true, "rank": 0,
             "local_rank": 0, "gpu": 0, "dist_url": "tcp://gpu183.cluster.local:53833",
             "n_cls": 1, "DAB": false
-        });
+        }"#,
+        )
+        .unwrap();
         match v {
             Value::Object(m) => m,
             _ => unreachable!(),

@@ -143,7 +143,7 @@ fn host_ints<const D: usize>(t: &Tensor<D, Int>) -> Vec<i64> {
     t.clone()
         .into_data()
         .convert::<i64>()
-        .into_vec::<i64>()
+        .try_into_vec::<i64>()
         .expect("converted to i64 above")
 }
 

@@ -88,7 +88,7 @@ fn flags(f: &Fixture) -> ForwardFlags {
 /// flash-attn), so only non-pad rows are compared.
 fn assert_close<const D: usize>(what: &str, got: Tensor<D>, want: &Value, skip_rows: Option<&[bool]>) {
     assert_eq!(got.dims().to_vec(), shape_of(want), "{what}: shape");
-    let got: Vec<f32> = got.into_data().convert::<f32>().into_vec().unwrap();
+    let got: Vec<f32> = got.into_data().convert::<f32>().try_into_vec().unwrap();
     let want = floats(want);
     let per_row = match skip_rows {
         Some(rows) => got.len() / rows.len(),
