@@ -108,6 +108,7 @@ fn assert_close<const D: usize>(what: &str, got: Tensor<D>, want: &Value, skip_r
         }
     }
     assert!(compared > 0, "{what}: nothing compared");
+    eprintln!("{what}: compared {compared}, worst rel err {:.2e}", worst.0);
     assert!(
         worst.0 <= TOL,
         "{what}: element {} got {} want {} (rel err {:.3e} > {TOL:e})",
