@@ -25,7 +25,7 @@ use scgpt_data::atomic;
 use scgpt_data::binning::{Binner, TieBreak};
 use scgpt_data::h5ad::{H5adReader, MatrixChoice, RowBlock};
 use scgpt_data::seed::{hash_str, rng_for};
-use scgpt_data::shard::{self, CellColumns, ShardInfo};
+use scgpt_data::shard::{ShardInfo, ShardWriter};
 use scgpt_data::vocab::{hex, match_genes, EnsemblTable, GeneMatch, GeneVocab};
 
 use crate::config::PrepConfig;
@@ -302,7 +302,7 @@ impl Prep {
         };
 
         // Resume at the last finished shard of an interrupted run, else start clean.
-        let mut shards: Vec<ShardRecord> = match previous {
+        let shards: Vec<ShardRecord> = match previous {
             Some(rec) => rec.shards.into_iter().take_while(|s| self.out.join(&s.info.file).exists()).collect(),
             None => {
                 self.remove_shards_of(stem)?;
@@ -310,17 +310,25 @@ impl Prep {
             }
         };
         let start_row = shards.last().map(|s| s.row_end).unwrap_or(0);
-        let mut cells_before = shards.iter().map(|s| s.info.rows).sum::<usize>();
+        let cells_before = shards.iter().map(|s| s.info.rows).sum::<usize>();
         bar.inc(start_row as u64);
         processed.fetch_add(start_row as u64, Ordering::Relaxed);
 
         let file_key = hash_str(stem);
-        let n_bins = self.cfg.binning.n_bins;
         let block_cells = self.cfg.run.block_cells;
         let shard_cells = self.cfg.output.shard_cells;
-        let mut pending = CellColumns::new(obs_values.len());
-        let mut pending_last_row = start_row;
-
+        let binning = CellBinning {
+            gene_ids: &gene_ids,
+            keep_cell: &keep_cell,
+            min_genes: self.cfg.filter.min_genes_per_cell,
+            allow_non_integer: self.cfg.input.allow_non_integer,
+            n_bins: self.cfg.binning.n_bins,
+            seed: (!self.cfg.binning.deterministic).then_some(self.cfg.binning.seed),
+            file_key,
+            path,
+            names: &names,
+            cell_ids: &cell_ids,
+        };
         let mut rec = FileRecord {
             dataset: stem.to_string(),
             source: source.clone(),
@@ -330,8 +338,11 @@ impl Prep {
             stats: stats.clone(),
         };
 
-        std::thread::scope(|scope| -> anyhow::Result<()> {
-            let (tx, rx) = crossbeam_channel::bounded::<anyhow::Result<RowBlock>>(2);
+        // Three stages overlap: a reader thread (HDF5 serialises reads anyway), rayon workers
+        // binning a block, and a writer thread encoding Parquet (zstd is the costliest step).
+        let (shards, cells_written) = std::thread::scope(|scope| -> anyhow::Result<(Vec<ShardRecord>, usize)> {
+            let (block_tx, block_rx) = crossbeam_channel::bounded::<anyhow::Result<RowBlock>>(2);
+            let (chunk_tx, chunk_rx) = crossbeam_channel::bounded::<Vec<BinnedChunk>>(2);
             let reader_ref = &mut reader;
             scope.spawn(move || {
                 let mut s = start_row;
@@ -339,84 +350,72 @@ impl Prep {
                     let e = (s + block_cells).min(n_obs);
                     let block = reader_ref.read_rows(s, e).map_err(anyhow::Error::from);
                     let failed = block.is_err();
-                    if tx.send(block).is_err() || failed {
+                    if block_tx.send(block).is_err() || failed {
                         return;
                     }
                     s = e;
                 }
             });
-            for block in rx {
-                let block = block?;
-                let rows: Vec<usize> = (0..block.n_rows()).collect();
-                let cells: Vec<anyhow::Result<Option<BinnedCell>>> = rows
-                    .par_iter()
-                    .map_init(
-                        || (Binner::new(), Vec::new(), Vec::new(), Vec::new()),
-                        |(binner, genes, values, bins), &i| {
-                            let row = block.start + i;
-                            if !keep_cell[row] {
-                                return Ok(None);
+            let rec = &mut rec;
+            let (obs_values, cell_ids) = (&obs_values, &cell_ids);
+            let writer = scope.spawn(move || -> anyhow::Result<(Vec<ShardRecord>, usize)> {
+                let mut shards = shards;
+                let mut written = cells_before;
+                let mut open: Option<ShardWriter> = None;
+                let mut obs_row: Vec<String> = Vec::with_capacity(obs_values.len());
+                for chunks in chunk_rx {
+                    for chunk in &chunks {
+                        for k in 0..chunk.rows.len() {
+                            let row = chunk.rows[k];
+                            let (a, b) = (chunk.offsets[k], chunk.offsets[k + 1]);
+                            obs_row.clear();
+                            obs_row.extend(obs_values.iter().map(|c| c[row].clone()));
+                            if open.is_none() {
+                                let path = self.out.join(shard_name(stem, shards.len()));
+                                open = Some(ShardWriter::create(&path, &self.cfg.output.obs_cols)?);
                             }
-                            let (cols, vals) = block.row(i);
-                            genes.clear();
-                            values.clear();
-                            for (&c, &v) in cols.iter().zip(vals) {
-                                if let Some(id) = gene_ids[c as usize] {
-                                    let v = clean_value(v, self.cfg.input.allow_non_integer)
-                                        .map_err(|why| value_error(path, &reader_path_hint(&cell_ids, row), &names[c as usize], v, why))?;
-                                    if v != 0.0 {
-                                        genes.push(id as i32);
-                                        values.push(v);
-                                    }
-                                }
+                            let w = open.as_mut().expect("just opened");
+                            w.push(&chunk.genes[a..b], &chunk.values[a..b], &chunk.bins[a..b], chunk.n_counts[k], &cell_ids[row], stem, &obs_row)?;
+                            if w.rows() == shard_cells {
+                                let info = open.take().expect("open").finish()?;
+                                written += info.rows;
+                                shards.push(ShardRecord { info, row_end: row + 1 });
+                                rec.shards = shards.clone();
+                                self.save_record(rec)?;
+                                crash_point_for_tests();
                             }
-                            if genes.is_empty() || genes.len() < self.cfg.filter.min_genes_per_cell {
-                                return Ok(Some(BinnedCell::dropped(row)));
-                            }
-                            if self.cfg.binning.deterministic {
-                                binner.bin_nonzero::<rand_chacha::ChaCha8Rng>(values, n_bins, TieBreak::Lowest, bins);
-                            } else {
-                                let mut rng = rng_for(self.cfg.binning.seed, file_key, row as u64);
-                                binner.bin_nonzero(values, n_bins, TieBreak::Random(&mut rng), bins);
-                            }
-                            Ok(Some(BinnedCell {
-                                row,
-                                genes: genes.clone(),
-                                n_counts: values.iter().map(|&v| v as f64).sum::<f64>() as f32,
-                                values: values.clone(),
-                                bins: bins.clone(),
-                            }))
-                        },
-                    )
-                    .collect();
-                for cell in cells {
-                    let Some(cell) = cell? else { continue };
-                    pending_last_row = cell.row + 1;
-                    if cell.genes.is_empty() {
-                        continue;
-                    }
-                    let obs: Vec<String> = obs_values.iter().map(|c| c[cell.row].clone()).collect();
-                    pending.push(&cell.genes, &cell.values, &cell.bins, cell.n_counts, &cell_ids[cell.row], stem, &obs);
-                    if pending.len() == shard_cells {
-                        let done = self.write_shard(stem, shards.len(), &pending, pending_last_row)?;
-                        cells_before += done.info.rows;
-                        shards.push(done);
-                        rec.shards = shards.clone();
-                        self.save_record(&rec)?;
-                        crash_point_for_tests();
-                        pending = CellColumns::new(obs_values.len());
+                        }
                     }
                 }
-                bar.inc(block.n_rows() as u64);
-                processed.fetch_add(block.n_rows() as u64, Ordering::Relaxed);
-            }
-            Ok(())
+                if let Some(w) = open.take() {
+                    let info = w.finish()?;
+                    written += info.rows;
+                    shards.push(ShardRecord { info, row_end: n_obs });
+                }
+                Ok((shards, written))
+            });
+            let binned = (|| -> anyhow::Result<()> {
+                for block in block_rx {
+                    let block = block?;
+                    let chunks: Vec<BinnedChunk> = (0..block.n_rows())
+                        .collect::<Vec<_>>()
+                        .par_chunks(CHUNK_CELLS)
+                        .map_init(Binner::new, |binner, rows| binning.bin_chunk(binner, &block, rows))
+                        .collect::<anyhow::Result<_>>()?;
+                    if chunk_tx.send(chunks).is_err() {
+                        break; // the writer failed; its error is reported below
+                    }
+                    bar.inc(block.n_rows() as u64);
+                    processed.fetch_add(block.n_rows() as u64, Ordering::Relaxed);
+                }
+                Ok(())
+            })();
+            drop(chunk_tx);
+            let written = writer.join().map_err(|_| anyhow::anyhow!("shard writer thread panicked"))?;
+            binned?;
+            written
         })?;
-        if !pending.is_empty() {
-            let done = self.write_shard(stem, shards.len(), &pending, n_obs)?;
-            cells_before += done.info.rows;
-            shards.push(done);
-        }
+        let cells_before = cells_written;
         stats.cells_out = cells_before;
         // Derived from totals, so the record is the same with or without a resume.
         stats.cells_dropped_few_genes = n_obs - stats.cells_dropped_obs_filter - stats.cells_out;
@@ -470,12 +469,6 @@ impl Prep {
             }
         }
         Ok(())
-    }
-
-    fn write_shard(&self, stem: &str, index: usize, cells: &CellColumns, row_end: usize) -> anyhow::Result<ShardRecord> {
-        let path = self.out.join(shard_name(stem, index));
-        let info = shard::write_shard(&path, &self.cfg.output.obs_cols, cells)?;
-        Ok(ShardRecord { info, row_end })
     }
 
     fn write_manifest(&self, records: &[FileRecord], skipped: &[SkippedFile]) -> anyhow::Result<()> {
@@ -533,17 +526,77 @@ fn crash_point_for_tests() {
     }
 }
 
-struct BinnedCell {
-    row: usize,
+/// Cells handed to one rayon task: enough to amortise scheduling, small enough to balance.
+const CHUNK_CELLS: usize = 128;
+
+/// Kept cells of a chunk of rows, flat.
+#[derive(Default)]
+struct BinnedChunk {
+    rows: Vec<usize>,
+    offsets: Vec<usize>,
     genes: Vec<i32>,
     values: Vec<f32>,
     bins: Vec<u8>,
-    n_counts: f32,
+    n_counts: Vec<f32>,
 }
 
-impl BinnedCell {
-    fn dropped(row: usize) -> Self {
-        BinnedCell { row, genes: Vec::new(), values: Vec::new(), bins: Vec::new(), n_counts: 0.0 }
+/// Everything a worker needs to turn raw rows into binned cells.
+struct CellBinning<'a> {
+    gene_ids: &'a [Option<u32>],
+    keep_cell: &'a [bool],
+    min_genes: usize,
+    allow_non_integer: bool,
+    n_bins: usize,
+    /// `None` = deterministic (lowest tied bin).
+    seed: Option<u64>,
+    file_key: u64,
+    path: &'a Path,
+    names: &'a [String],
+    cell_ids: &'a [String],
+}
+
+impl CellBinning<'_> {
+    fn bin_chunk(&self, binner: &mut Binner, block: &RowBlock, rows: &[usize]) -> anyhow::Result<BinnedChunk> {
+        let mut out = BinnedChunk { offsets: vec![0], ..Default::default() };
+        let mut bins = Vec::new();
+        for &i in rows {
+            let row = block.start + i;
+            if !self.keep_cell[row] {
+                continue;
+            }
+            let start = out.genes.len();
+            let (cols, vals) = block.row(i);
+            for (&c, &v) in cols.iter().zip(vals) {
+                if let Some(id) = self.gene_ids[c as usize] {
+                    let v = clean_value(v, self.allow_non_integer).map_err(|why| {
+                        value_error(self.path, &reader_path_hint(self.cell_ids, row), &self.names[c as usize], v, why)
+                    })?;
+                    if v != 0.0 {
+                        out.genes.push(id as i32);
+                        out.values.push(v);
+                    }
+                }
+            }
+            let n = out.genes.len() - start;
+            if n == 0 || n < self.min_genes {
+                out.genes.truncate(start);
+                out.values.truncate(start);
+                continue;
+            }
+            let values = &out.values[start..];
+            match self.seed {
+                None => binner.bin_nonzero::<rand_chacha::ChaCha8Rng>(values, self.n_bins, TieBreak::Lowest, &mut bins),
+                Some(seed) => {
+                    let mut rng = rng_for(seed, self.file_key, row as u64);
+                    binner.bin_nonzero(values, self.n_bins, TieBreak::Random(&mut rng), &mut bins)
+                }
+            }
+            out.bins.extend_from_slice(&bins);
+            out.n_counts.push(values.iter().map(|&v| v as f64).sum::<f64>() as f32);
+            out.rows.push(row);
+            out.offsets.push(out.genes.len());
+        }
+        Ok(out)
     }
 }
 

@@ -24,7 +24,13 @@ pub enum TieBreak<'a, R: Rng> {
 pub struct Binner {
     sorted: Vec<f32>,
     edges: Vec<f64>,
+    /// Counting-sort histogram and per-value (l, r) digits for small integer counts.
+    hist: Vec<u32>,
+    lut: Vec<(u8, u8)>,
 }
+
+/// Counts below this use the counting-sort and lookup-table path (the common case for UMI data).
+const SMALL_INT_LIMIT: f32 = 4096.0;
 
 impl Binner {
     pub fn new() -> Self {
@@ -52,12 +58,59 @@ impl Binner {
         if values.is_empty() {
             return;
         }
+        let mut ties = ties;
+        if self.prepare_small_ints(values, n_bins) {
+            let lut = &self.lut;
+            out.extend(values.iter().map(|&v| {
+                let (l, r) = lut[v as usize];
+                resolve(l as usize, r as usize, &mut ties)
+            }));
+            return;
+        }
         self.sorted.clear();
         self.sorted.extend_from_slice(values);
         self.prepare_edges(n_bins);
         let edges = &self.edges;
-        let mut ties = ties;
         out.extend(values.iter().map(|&v| digit(v as f64, edges, &mut ties)));
+    }
+
+    /// For integer values in 1..SMALL_INT_LIMIT: counting sort instead of a comparison sort, and
+    /// one (l, r) lookup per distinct value instead of two binary searches per gene. Same
+    /// edges and digits as the general path.
+    fn prepare_small_ints(&mut self, values: &[f32], n_bins: usize) -> bool {
+        let mut max = 0f32;
+        for &v in values {
+            if !(v >= 1.0 && v < SMALL_INT_LIMIT && v == v.trunc()) {
+                return false;
+            }
+            max = max.max(v);
+        }
+        let max = max as usize;
+        self.hist.clear();
+        self.hist.resize(max + 1, 0);
+        for &v in values {
+            self.hist[v as usize] += 1;
+        }
+        self.sorted.clear();
+        for (v, &c) in self.hist.iter().enumerate() {
+            for _ in 0..c {
+                self.sorted.push(v as f32);
+            }
+        }
+        quantile_edges_into(&self.sorted, n_bins - 1, &mut self.edges);
+        self.lut.clear();
+        let (mut l, mut r) = (0usize, 0usize);
+        for v in 0..=max {
+            let x = v as f64;
+            while l < self.edges.len() && self.edges[l] <= x {
+                l += 1;
+            }
+            while r < self.edges.len() && self.edges[r] < x {
+                r += 1;
+            }
+            self.lut.push((l as u8, r as u8));
+        }
+        true
     }
 
     fn prepare_edges(&mut self, n_bins: usize) {
@@ -108,14 +161,22 @@ fn digit<R: Rng>(x: f64, edges: &[f64], ties: &mut TieBreak<'_, R>) -> u8 {
     // np.digitize(x, edges) = #edges <= x ; np.digitize(x, edges, right=True) = #edges < x.
     let l = edges.partition_point(|&e| e <= x);
     let r = edges.partition_point(|&e| e < x);
+    resolve(l, r, ties)
+}
+
+/// The bin for a value with `l` edges <= it and `r` edges < it.
+#[inline]
+fn resolve<R: Rng>(l: usize, r: usize, ties: &mut TieBreak<'_, R>) -> u8 {
     if l == r {
         return l as u8;
     }
     match ties {
         TieBreak::Lowest => (r + 1) as u8,
         TieBreak::Random(rng) => {
+            // ceil(l - u (l - r)) = l - floor(u (l - r)) for u in [0, 1): integer arithmetic
+            // after one multiply, without a libm call.
             let u: f64 = rng.random();
-            (l as f64 - u * (l - r) as f64).ceil() as u8
+            (l - (u * (l - r) as f64) as usize) as u8
         }
     }
 }
@@ -162,6 +223,24 @@ mod tests {
         assert_eq!(seen[0], 0);
         assert!(seen[1..].iter().all(|&c| c > 50), "every bin 1..50 drawn: {seen:?}");
         assert_eq!(lowest(&[4.0]), vec![1]);
+    }
+
+    #[test]
+    fn small_integer_path_equals_the_general_path() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut fast = Binner::new();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for n in [1usize, 2, 7, 50, 51, 300, 2000] {
+            let values: Vec<f32> = (0..n).map(|_| (rng.random::<f64>().powi(4) * 300.0).floor() as f32 + 1.0).collect();
+            fast.bin_nonzero::<ChaCha8Rng>(&values, DEFAULT_N_BINS, TieBreak::Lowest, &mut a);
+            // Force the general path through bin_row (which never uses the lookup table).
+            Binner::new().bin_row::<ChaCha8Rng>(&values, DEFAULT_N_BINS, TieBreak::Lowest, &mut b);
+            assert_eq!(a, b, "n = {n}");
+            let (mut r1, mut r2) = (ChaCha8Rng::seed_from_u64(n as u64), ChaCha8Rng::seed_from_u64(n as u64));
+            fast.bin_nonzero(&values, DEFAULT_N_BINS, TieBreak::Random(&mut r1), &mut a);
+            Binner::new().bin_row(&values, DEFAULT_N_BINS, TieBreak::Random(&mut r2), &mut b);
+            assert_eq!(a, b, "n = {n}, random ties draw the same stream");
+        }
     }
 
     #[test]

@@ -3,11 +3,12 @@
 //! Columns: `genes: list<int32>` (vocab ids of the nonzero genes), `expressions: list<float32>`
 //! (raw values), `bins: list<uint8>` (1..50), `n_counts: float32`, `cell_id: string`,
 //! `dataset: string`, then one dictionary-encoded string column per requested obs column.
-//! zstd-compressed; written through a temp file and renamed, with a SHA-256 of the bytes.
+//! zstd-compressed, row groups of [`ROW_GROUP_CELLS`]; written through a temp file and renamed,
+//! with a SHA-256 of the bytes.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow_array::builder::StringDictionaryBuilder;
@@ -21,6 +22,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 use sha2::{Digest, Sha256};
 
 use crate::vocab::hex;
@@ -78,15 +80,6 @@ impl CellColumns {
             col.push(v.clone());
         }
     }
-
-    /// Append cells `range` of `other`.
-    pub fn extend_from(&mut self, other: &CellColumns, range: std::ops::Range<usize>) {
-        for i in range {
-            let (g, e, b) = other.cell(i);
-            let obs: Vec<String> = other.obs.iter().map(|c| c[i].clone()).collect();
-            self.push(g, e, b, other.n_counts[i], &other.cell_ids[i], &other.datasets[i], &obs);
-        }
-    }
 }
 
 pub fn schema(obs_names: &[String]) -> Arc<Schema> {
@@ -111,16 +104,16 @@ pub fn schema(obs_names: &[String]) -> Arc<Schema> {
     Arc::new(Schema::new(fields))
 }
 
-fn to_batch(schema: &Arc<Schema>, cells: &CellColumns) -> parquet::errors::Result<RecordBatch> {
-    let offsets = OffsetBuffer::new(cells.offsets.clone().into());
+fn to_batch(schema: &Arc<Schema>, cells: CellColumns) -> parquet::errors::Result<RecordBatch> {
+    let offsets = OffsetBuffer::new(cells.offsets.into());
     let list = |dt: DataType, values: ArrayRef| -> ArrayRef {
         Arc::new(ListArray::new(Arc::new(Field::new("item", dt, false)), offsets.clone(), values, None))
     };
     let mut columns: Vec<ArrayRef> = vec![
-        list(DataType::Int32, Arc::new(Int32Array::from(cells.genes.clone()))),
-        list(DataType::Float32, Arc::new(Float32Array::from(cells.expressions.clone()))),
-        list(DataType::UInt8, Arc::new(UInt8Array::from(cells.bins.clone()))),
-        Arc::new(Float32Array::from(cells.n_counts.clone())),
+        list(DataType::Int32, Arc::new(Int32Array::from(cells.genes))),
+        list(DataType::Float32, Arc::new(Float32Array::from(cells.expressions))),
+        list(DataType::UInt8, Arc::new(UInt8Array::from(cells.bins))),
+        Arc::new(Float32Array::from(cells.n_counts)),
         Arc::new(StringArray::from_iter_values(&cells.cell_ids)),
         Arc::new(StringArray::from_iter_values(&cells.datasets)),
     ];
@@ -166,37 +159,116 @@ pub struct ShardInfo {
 /// Rows per Parquet row group: small enough for cheap random block access when training.
 pub const ROW_GROUP_CELLS: usize = 2048;
 
+fn writer_properties(obs_names: &[String]) -> anyhow::Result<WriterProperties> {
+    // Dictionary encoding of the per-gene lists costs more CPU than it saves after zstd; keep it
+    // for the low-cardinality string columns only.
+    let mut b = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
+        .set_max_row_group_row_count(Some(ROW_GROUP_CELLS))
+        .set_dictionary_enabled(false)
+        .set_created_by(format!("scgpt-rs {}", env!("CARGO_PKG_VERSION")));
+    for name in obs_names.iter().map(String::as_str).chain([COL_DATASET]) {
+        b = b.set_column_dictionary_enabled(ColumnPath::from(name), true);
+    }
+    Ok(b.build())
+}
+
+/// Streams cells into one shard file: row groups are encoded as they fill, so memory stays at
+/// one row group whatever the shard size. The file appears under its name only on `finish`;
+/// dropping an unfinished writer removes the temp file.
+pub struct ShardWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    schema: Arc<Schema>,
+    writer: Option<ArrowWriter<HashingWriter<BufWriter<File>>>>,
+    buf: CellColumns,
+    rows: usize,
+}
+
+impl ShardWriter {
+    pub fn create(path: &Path, obs_names: &[String]) -> anyhow::Result<Self> {
+        let schema = schema(obs_names);
+        let tmp = crate::atomic::temp_path_for(path);
+        let file = File::create(&tmp).map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", tmp.display()))?;
+        let hw = HashingWriter { inner: BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new(), bytes: 0 };
+        let writer = ArrowWriter::try_new(hw, schema.clone(), Some(writer_properties(obs_names)?))?;
+        Ok(ShardWriter {
+            path: path.to_path_buf(),
+            tmp,
+            schema,
+            writer: Some(writer),
+            buf: CellColumns::new(obs_names.len()),
+            rows: 0,
+        })
+    }
+
+    /// Cells written so far, including those still buffered.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn push(&mut self, genes: &[i32], expressions: &[f32], bins: &[u8], n_counts: f32, cell_id: &str, dataset: &str, obs: &[String]) -> anyhow::Result<()> {
+        self.buf.push(genes, expressions, bins, n_counts, cell_id, dataset, obs);
+        self.rows += 1;
+        if self.buf.len() >= ROW_GROUP_CELLS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let n_obs = self.buf.obs.len();
+        let cells = std::mem::replace(&mut self.buf, CellColumns::new(n_obs));
+        let batch = to_batch(&self.schema, cells)?;
+        let w = self.writer.as_mut().expect("open until finish");
+        w.write(&batch).map_err(|e| anyhow::anyhow!("{}: {e}", self.tmp.display()))?;
+        Ok(())
+    }
+
+    /// Encode the rest, fsync, and move the file into place.
+    pub fn finish(mut self) -> anyhow::Result<ShardInfo> {
+        self.flush()?;
+        let w = self.writer.take().expect("open until finish");
+        let ctx = |e: &dyn std::fmt::Display| anyhow::anyhow!("writing shard {}: {e}", self.path.display());
+        let mut hw = w.into_inner().map_err(|e| ctx(&e))?;
+        hw.flush().map_err(|e| ctx(&e))?;
+        let HashingWriter { inner, hasher, bytes } = hw;
+        let file = inner.into_inner().map_err(|e| ctx(&e))?;
+        file.sync_all().map_err(|e| ctx(&e))?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| ctx(&e))?;
+        Ok(ShardInfo {
+            file: self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            rows: self.rows,
+            bytes,
+            sha256: hex(&hasher.finalize()),
+        })
+    }
+}
+
+impl Drop for ShardWriter {
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 /// Write `cells` as one shard at `path`, atomically.
 pub fn write_shard(path: &Path, obs_names: &[String], cells: &CellColumns) -> anyhow::Result<ShardInfo> {
-    let schema = schema(obs_names);
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
-        .set_max_row_group_row_count(Some(ROW_GROUP_CELLS))
-        .set_created_by(format!("scgpt-rs {}", env!("CARGO_PKG_VERSION")))
-        .build();
-    let mut info = None;
-    crate::atomic::write_with(path, |f: &mut File| {
-        let hw = HashingWriter { inner: BufWriter::with_capacity(1 << 20, f), hasher: Sha256::new(), bytes: 0 };
-        let mut w = ArrowWriter::try_new(hw, schema.clone(), Some(props.clone())).map_err(io::Error::other)?;
-        for start in (0..cells.len()).step_by(ROW_GROUP_CELLS) {
-            let end = (start + ROW_GROUP_CELLS).min(cells.len());
-            let mut part = CellColumns::new(cells.obs.len());
-            part.extend_from(cells, start..end);
-            let batch = to_batch(&schema, &part).map_err(io::Error::other)?;
-            w.write(&batch).map_err(io::Error::other)?;
-        }
-        let mut hw = w.into_inner().map_err(io::Error::other)?;
-        hw.flush()?;
-        info = Some(ShardInfo {
-            file: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            rows: cells.len(),
-            bytes: hw.bytes,
-            sha256: hex(&hw.hasher.finalize()),
-        });
-        Ok(())
-    })
-    .map_err(|e| anyhow::anyhow!("writing shard {}: {e}", path.display()))?;
-    Ok(info.expect("set on success"))
+    let mut w = ShardWriter::create(path, obs_names)?;
+    let mut obs = Vec::with_capacity(cells.obs.len());
+    for i in 0..cells.len() {
+        let (g, e, b) = cells.cell(i);
+        obs.clear();
+        obs.extend(cells.obs.iter().map(|c| c[i].clone()));
+        w.push(g, e, b, cells.n_counts[i], &cells.cell_ids[i], &cells.datasets[i], &obs)?;
+    }
+    w.finish()
 }
 
 /// Read a whole shard back (inspection, tests, small datasets).

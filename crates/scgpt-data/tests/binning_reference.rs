@@ -30,6 +30,11 @@ fn lowest_tie_break_equals_the_original_lowest_bins() {
     for r in &rows {
         binner.bin_row::<ChaCha8Rng>(&r.values, DEFAULT_N_BINS, TieBreak::Lowest, &mut out);
         assert_eq!(out, r.bins_lo, "row {}", r.name);
+        // The shard path bins only the nonzero values (and takes the integer fast path for counts).
+        let nonzero: Vec<f32> = r.values.iter().copied().filter(|v| *v != 0.0).collect();
+        let want: Vec<u8> = r.bins_lo.iter().zip(&r.values).filter(|(_, v)| **v != 0.0).map(|(b, _)| *b).collect();
+        binner.bin_nonzero::<ChaCha8Rng>(&nonzero, DEFAULT_N_BINS, TieBreak::Lowest, &mut out);
+        assert_eq!(out, want, "row {} (nonzero path)", r.name);
     }
 }
 

@@ -241,7 +241,9 @@ impl ModelConfig {
                 other => {
                     return Err(a.err(
                         key,
-                        format!("unknown input_emb_style {other:?} (continuous, category, scaling)"),
+                        format!(
+                            "unknown input_emb_style {other:?} (continuous, category, scaling)"
+                        ),
                     ))
                 }
             };
@@ -289,28 +291,27 @@ impl ModelConfig {
         }
         c.num_batch_labels = a.usize_opt(KEYS_NUM_BATCH_LABELS)?;
         if let Some((key, v)) = a.get(KEYS_DSBN)? {
-            c.domain_spec_batchnorm = match v {
-                Value::Bool(true) => BatchNormStyle::Dsbn,
-                Value::Bool(false) => BatchNormStyle::None,
-                Value::String(s) if s == "dsbn" => BatchNormStyle::Dsbn,
-                Value::String(s) if s == "batchnorm" => BatchNormStyle::BatchNorm,
-                // The original tests `is True or == "dsbn"` first, so "do_affine" builds no
-                // normalisation at all while still demanding batch labels: refuse rather than
-                // guess which of the two the user meant.
-                Value::String(s) if s == "do_affine" => {
-                    return Err(a.err(
+            c.domain_spec_batchnorm =
+                match v {
+                    Value::Bool(true) => BatchNormStyle::Dsbn,
+                    Value::Bool(false) => BatchNormStyle::None,
+                    Value::String(s) if s == "dsbn" => BatchNormStyle::Dsbn,
+                    Value::String(s) if s == "batchnorm" => BatchNormStyle::BatchNorm,
+                    // The original tests `is True or == "dsbn"` first, so "do_affine" builds no
+                    // normalisation at all while still demanding batch labels: refuse rather than
+                    // guess which of the two the user meant.
+                    Value::String(s) if s == "do_affine" => return Err(a.err(
                         key,
                         "\"do_affine\" builds no batch norm in the original (a bug); use true, \
                          \"dsbn\" or \"batchnorm\"",
-                    ))
-                }
-                other => {
-                    return Err(a.err(
-                        key,
-                        format!("expected true/false, \"dsbn\" or \"batchnorm\", got {other}"),
-                    ))
-                }
-            };
+                    )),
+                    other => {
+                        return Err(a.err(
+                            key,
+                            format!("expected true/false, \"dsbn\" or \"batchnorm\", got {other}"),
+                        ))
+                    }
+                };
         }
         if let Some(v) = a.f64_opt(KEYS_ECS)? {
             c.ecs_threshold = v;
@@ -319,7 +320,10 @@ impl ModelConfig {
             c.use_generative_training = v;
         }
         if let Some((key, true)) = a.bool_opt_keyed(KEYS_PRE_NORM)? {
-            return Err(a.err(key, "pre-norm layers are not supported (no checkpoint uses them)"));
+            return Err(a.err(
+                key,
+                "pre-norm layers are not supported (no checkpoint uses them)",
+            ));
         }
         let fast = a.bool_opt(KEYS_FAST)?.unwrap_or(false);
         if let Some((key, backend)) = a.str_opt_keyed(KEYS_FAST_BACKEND)? {
@@ -357,16 +361,25 @@ impl ModelConfig {
         }
         if let Some(p) = self.pad_token_id {
             if p >= self.ntoken {
-                return err("pad_token_id", format!("{p} is outside the vocabulary of {}", self.ntoken));
+                return err(
+                    "pad_token_id",
+                    format!("{p} is outside the vocabulary of {}", self.ntoken),
+                );
             }
         }
         if self.d_model == 0 || self.nhead == 0 || self.d_hid == 0 || self.nlayers == 0 {
-            return err("embsize/nheads/d_hid/nlayers", "dimensions must be > 0".into());
+            return err(
+                "embsize/nheads/d_hid/nlayers",
+                "dimensions must be > 0".into(),
+            );
         }
-        if self.d_model % self.nhead != 0 {
+        if !self.d_model.is_multiple_of(self.nhead) {
             return err(
                 "nheads",
-                format!("embsize {} is not divisible by nheads {}", self.d_model, self.nhead),
+                format!(
+                    "embsize {} is not divisible by nheads {}",
+                    self.d_model, self.nhead
+                ),
             );
         }
         if self.nlayers_cls == 0 {
@@ -380,7 +393,10 @@ impl ModelConfig {
         }
         if self.input_emb_style == InputEmbStyle::Category {
             let rows = self.category_rows();
-            if self.pad_value < 0.0 || self.pad_value.fract() != 0.0 || self.pad_value >= rows as f64 {
+            if self.pad_value < 0.0
+                || self.pad_value.fract() != 0.0
+                || self.pad_value >= rows as f64
+            {
                 return err(
                     "pad_value",
                     format!(
@@ -452,8 +468,12 @@ impl<'a> Args<'a> {
     }
 
     fn usize_req(&self, keys: &[&'static str]) -> Result<usize> {
-        self.usize_opt(keys)?
-            .ok_or_else(|| self.err(keys[0], format!("required, not found (also looked for {keys:?})")))
+        self.usize_opt(keys)?.ok_or_else(|| {
+            self.err(
+                keys[0],
+                format!("required, not found (also looked for {keys:?})"),
+            )
+        })
     }
 
     fn f64_opt(&self, keys: &[&'static str]) -> Result<Option<f64>> {
@@ -542,17 +562,23 @@ mod tests {
     fn errors_name_file_and_field() {
         let mut m = whole_human_args();
         m.insert("nheads".into(), Value::String("8".into()));
-        let e = ModelConfig::from_args_map(&m, 10, "/x/args.json").unwrap_err().to_string();
+        let e = ModelConfig::from_args_map(&m, 10, "/x/args.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/x/args.json") && e.contains("`nheads`"), "{e}");
 
         let mut m = whole_human_args();
         m.remove("embsize");
-        let e = ModelConfig::from_args_map(&m, 10, "a.json").unwrap_err().to_string();
+        let e = ModelConfig::from_args_map(&m, 10, "a.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`embsize`") && e.contains("required"), "{e}");
 
         let mut m = whole_human_args();
         m.insert("nheads".into(), Value::from(7));
-        let e = ModelConfig::from_args_map(&m, 10, "a.json").unwrap_err().to_string();
+        let e = ModelConfig::from_args_map(&m, 10, "a.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("divisible"), "{e}");
     }
 
@@ -560,13 +586,20 @@ mod tests {
     fn dsbn_and_aliases() {
         let mut m = whole_human_args();
         m.insert("DSBN".into(), Value::Bool(true));
-        let e = ModelConfig::from_args_map(&m, 10, "a.json").unwrap_err().to_string();
+        let e = ModelConfig::from_args_map(&m, 10, "a.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("num_batch_labels"), "{e}");
         m.insert("num_batch_labels".into(), Value::from(2));
         let c = ModelConfig::from_args_map(&m, 10, "a.json").unwrap();
         assert_eq!(c.domain_spec_batchnorm, BatchNormStyle::Dsbn);
-        m.insert("domain_spec_batchnorm".into(), Value::String("batchnorm".into()));
-        let e = ModelConfig::from_args_map(&m, 10, "a.json").unwrap_err().to_string();
+        m.insert(
+            "domain_spec_batchnorm".into(),
+            Value::String("batchnorm".into()),
+        );
+        let e = ModelConfig::from_args_map(&m, 10, "a.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("conflicts"), "{e}");
     }
 
@@ -574,7 +607,9 @@ mod tests {
     fn category_pad_value_checked() {
         let mut m = whole_human_args();
         m.insert("input_emb_style".into(), Value::String("category".into()));
-        let e = ModelConfig::from_args_map(&m, 10, "a.json").unwrap_err().to_string();
+        let e = ModelConfig::from_args_map(&m, 10, "a.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("pad_value"), "{e}");
         m.insert("pad_value".into(), Value::from(51));
         let c = ModelConfig::from_args_map(&m, 10, "a.json").unwrap();

@@ -30,7 +30,9 @@ pub const LEAKY_SLOPE: f64 = 0.01;
 pub const VALUE_CLAMP_MAX: f64 = 512.0;
 
 pub(crate) fn layer_norm(d: usize, device: &Device) -> LayerNorm {
-    LayerNormConfig::new(d).with_epsilon(LAYER_NORM_EPS).init(device)
+    LayerNormConfig::new(d)
+        .with_epsilon(LAYER_NORM_EPS)
+        .init(device)
 }
 
 /// `nn.Linear` with PyTorch's default init (kaiming-uniform a=√5 for the weight, which is
@@ -63,7 +65,10 @@ impl GeneEncoder {
         // The original's init_weights overwrites the whole table (pad row included) with
         // U(-0.1, 0.1); padding_idx then only blocks the pad row's gradient.
         let embedding = EmbeddingConfig::new(ntoken, d)
-            .with_initializer(Initializer::Uniform { min: -0.1, max: 0.1 })
+            .with_initializer(Initializer::Uniform {
+                min: -0.1,
+                max: 0.1,
+            })
             .init(device);
         Self {
             embedding,
@@ -74,15 +79,26 @@ impl GeneEncoder {
 
     /// `[B, L]` token ids → `[B, L, d]` normalised gene embeddings.
     pub fn forward(&self, src: Tensor<2, Int>) -> Tensor<3> {
-        let mut x = self.embedding.forward(src.clone());
-        if let (Some(pad), true) = (self.padding_idx, x.device().is_autodiff()) {
-            // padding_idx semantics: the looked-up pad rows carry no gradient back into the
-            // table. Detaching those positions leaves the forward value untouched.
+        let x = self.embedding.forward(src.clone());
+        self.enc_norm
+            .forward(block_padding_grad(x, &src, self.padding_idx))
+    }
+}
+
+/// `padding_idx` semantics of `nn.Embedding`: the looked-up rows of `pad` carry no gradient
+/// back into the table. Detaching those positions leaves the forward value untouched.
+fn block_padding_grad(x: Tensor<3>, ids: &Tensor<2, Int>, pad: Option<usize>) -> Tensor<3> {
+    match pad {
+        Some(pad) if x.device().is_autodiff() => {
             let [b, l, d] = x.dims();
-            let is_pad = src.equal_elem(pad as i64).unsqueeze_dim::<3>(2).expand([b, l, d]);
-            x = x.clone().mask_where(is_pad, x.detach());
+            let is_pad = ids
+                .clone()
+                .equal_elem(pad as i64)
+                .unsqueeze_dim::<3>(2)
+                .expand([b, l, d]);
+            x.clone().mask_where(is_pad, x.detach())
         }
-        self.enc_norm.forward(x)
+        _ => x,
     }
 }
 
@@ -120,26 +136,43 @@ impl ContinuousValueEncoder {
 pub struct EmbeddingNorm {
     pub embedding: Embedding,
     pub enc_norm: LayerNorm,
+    /// `padding_idx` (the category encoder's `pad_value`): zero at init, no gradient.
+    pub padding_idx: Option<usize>,
 }
 
 impl EmbeddingNorm {
-    pub fn new(n: usize, d: usize, device: &Device) -> Self {
+    pub fn new(n: usize, d: usize, padding_idx: Option<usize>, device: &Device) -> Self {
+        let mut embedding = EmbeddingConfig::new(n, d).init(device);
+        if let Some(p) = padding_idx.filter(|&p| p < n) {
+            // nn.Embedding zeroes the padding row at construction (and, unlike the gene
+            // encoder, nothing re-initialises it afterwards).
+            let w = embedding
+                .weight
+                .val()
+                .slice_assign([p..p + 1, 0..d], Tensor::zeros([1, d], device));
+            embedding.weight = Param::from_tensor(w);
+        }
         Self {
-            embedding: EmbeddingConfig::new(n, d).init(device),
+            embedding,
             enc_norm: layer_norm(d, device),
+            padding_idx,
         }
     }
 
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        self.enc_norm.forward(self.embedding.forward(ids))
+        let x = self.embedding.forward(ids.clone());
+        self.enc_norm
+            .forward(block_padding_grad(x, &ids, self.padding_idx))
     }
 
     pub fn num_embeddings(&self) -> usize {
-        self.embedding.weight.dims()[0]
+        self.embedding.weight.lazy_shape()[0]
     }
 }
 
 /// The value encoder, by `input_emb_style` (`scaling` has none).
+// One instance per model, so the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum ValueEncoder {
     Continuous(ContinuousValueEncoder),
@@ -197,14 +230,23 @@ impl BatchNorm1d {
             let rm = self.running_mean.value_sync().to_device(&device);
             let rv = self.running_var.value_sync().to_device(&device);
             self.running_mean.update(
-                (rm.mul_scalar(1.0 - m) + mean.clone().detach().reshape([c]).mul_scalar(m)).detach(),
+                (rm.mul_scalar(1.0 - m) + mean.clone().detach().reshape([c]).mul_scalar(m))
+                    .detach(),
             );
             self.running_var
                 .update((rv.mul_scalar(1.0 - m) + unbiased.reshape([c]).mul_scalar(m)).detach());
             (mean, var)
         } else {
-            let mean = self.running_mean.value().to_device(&device).reshape([1, c, 1]);
-            let var = self.running_var.value().to_device(&device).reshape([1, c, 1]);
+            let mean = self
+                .running_mean
+                .value()
+                .to_device(&device)
+                .reshape([1, c, 1]);
+            let var = self
+                .running_var
+                .value()
+                .to_device(&device)
+                .reshape([1, c, 1]);
             (mean, var)
         };
         let mut y = (x - mean) / var.add_scalar(self.eps).sqrt();
@@ -227,7 +269,9 @@ pub struct DomainSpecificBatchNorm {
 impl DomainSpecificBatchNorm {
     pub fn new(c: usize, domains: usize, device: &Device) -> Self {
         Self {
-            bns: (0..domains).map(|_| BatchNorm1d::new(c, false, device)).collect(),
+            bns: (0..domains)
+                .map(|_| BatchNorm1d::new(c, false, device))
+                .collect(),
         }
     }
 }
@@ -267,7 +311,11 @@ impl SelfAttention {
             .chunk(3, 2)
             .into_iter()
             .map(|t| t.reshape([b, l, h, d / h]).swap_dims(1, 2));
-        [parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap()]
+        [
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        ]
     }
 
     /// `[B, H, L, dh]` → `[B, L, H·dh]`.
@@ -305,7 +353,9 @@ impl SelfAttention {
         mask: Option<Tensor<4, Bool>>,
         dh: usize,
     ) -> Tensor<4> {
-        let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (dh as f64).sqrt());
+        let mut scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (dh as f64).sqrt());
         if let Some(m) = mask {
             scores = scores.mask_fill(m, MASKED_SCORE);
         }
@@ -317,7 +367,55 @@ impl SelfAttention {
     pub fn forward(&self, x: Tensor<3>, key_padding_mask: Option<Tensor<2, Bool>>) -> Tensor<3> {
         let [q, k, v] = self.split_heads(self.Wqkv.forward(x));
         let mask = key_padding_mask.map(|m| m.unsqueeze_dims::<4>(&[1, 2]));
-        self.out_proj.forward(Self::merge_heads(self.attend(q, k, v, mask)))
+        self.out_proj
+            .forward(Self::merge_heads(self.attend(q, k, v, mask)))
+    }
+}
+
+impl SelfAttention {
+    /// The `dev-temp` pretraining attention (`FlashscGPTMHA`), one shared `Wqkv`:
+    /// - pcpt tokens attend among themselves only (key padding from `pcpt_mask`), then
+    ///   `out_proj`;
+    /// - each gen token attends to every pcpt key plus its own key, never to other gen tokens,
+    ///   through identity in/out projections, so its context does **not** go through
+    ///   `out_proj`. That is how the checkpoints were trained.
+    ///
+    /// Masks are `[B, P]` / `[B, G]`, true = padding. Returns (pcpt context, gen context).
+    pub fn forward_generative(
+        &self,
+        pcpt: Tensor<3>,
+        gen: Tensor<3>,
+        pcpt_mask: Option<Tensor<2, Bool>>,
+        gen_mask: Option<Tensor<2, Bool>>,
+    ) -> (Tensor<3>, Tensor<3>) {
+        let [pq, pk, pv] = self.split_heads(self.Wqkv.forward(pcpt));
+        let pcpt_self_mask = pcpt_mask.clone().map(|m| m.unsqueeze_dims::<4>(&[1, 2]));
+        let pcpt_ctx = self.out_proj.forward(Self::merge_heads(self.attend(
+            pq,
+            pk.clone(),
+            pv.clone(),
+            pcpt_self_mask,
+        )));
+
+        let [gq, gk, gv] = self.split_heads(self.Wqkv.forward(gen));
+        let [b, _, g, _] = gq.dims();
+        let p = pk.dims()[2];
+        let device = gq.device();
+        let keys = Tensor::cat(vec![pk, gk], 2);
+        let vals = Tensor::cat(vec![pv, gv], 2);
+        // [B, 1, G, P + G], true = may not attend.
+        let pcpt_part = match pcpt_mask {
+            Some(m) => m.unsqueeze_dims::<4>(&[1, 2]).expand([b, 1, g, p]),
+            None => Tensor::<4, Int>::zeros([b, 1, g, p], &device).bool(),
+        };
+        let not_self = Tensor::<2>::eye(g, &device).bool().bool_not();
+        let mut gen_part = not_self.unsqueeze_dims::<4>(&[0, 1]).expand([b, 1, g, g]);
+        if let Some(m) = gen_mask {
+            gen_part = gen_part.bool_or(m.unsqueeze_dims::<4>(&[1, 2]).expand([b, 1, g, g]));
+        }
+        let mask = Tensor::cat(vec![pcpt_part, gen_part], 3);
+        let gen_ctx = Self::merge_heads(self.attend(gq, keys, vals, Some(mask)));
+        (pcpt_ctx, gen_ctx)
     }
 }
 
@@ -372,7 +470,33 @@ pub struct TransformerEncoder {
 }
 
 impl TransformerEncoder {
-    pub fn forward(&self, mut x: Tensor<3>, key_padding_mask: Option<Tensor<2, Bool>>) -> Tensor<3> {
+    /// The `dev-temp` generator (`FlashscGPTGenerator`): both streams through every layer,
+    /// each with its own residuals and norms but the layer's shared weights.
+    pub fn forward_generative(
+        &self,
+        mut pcpt: Tensor<3>,
+        mut gen: Tensor<3>,
+        pcpt_mask: Option<Tensor<2, Bool>>,
+        gen_mask: Option<Tensor<2, Bool>>,
+    ) -> (Tensor<3>, Tensor<3>) {
+        for layer in &self.layers {
+            let (pa, ga) = layer.self_attn.forward_generative(
+                pcpt.clone(),
+                gen.clone(),
+                pcpt_mask.clone(),
+                gen_mask.clone(),
+            );
+            pcpt = layer.post_attention(pcpt, pa);
+            gen = layer.post_attention(gen, ga);
+        }
+        (pcpt, gen)
+    }
+
+    pub fn forward(
+        &self,
+        mut x: Tensor<3>,
+        key_padding_mask: Option<Tensor<2, Bool>>,
+    ) -> Tensor<3> {
         for layer in &self.layers {
             x = layer.forward(x, key_padding_mask.clone());
         }
@@ -393,7 +517,11 @@ fn leaky_mlp(layers: &[Linear], x: Tensor<3>) -> Tensor<3> {
     let last = layers.len() - 1;
     layers.iter().enumerate().fold(x, |x, (i, l)| {
         let y = l.forward(x);
-        if i < last { leaky_relu(y, LEAKY_SLOPE) } else { y }
+        if i < last {
+            leaky_relu(y, LEAKY_SLOPE)
+        } else {
+            y
+        }
     })
 }
 
@@ -441,7 +569,12 @@ pub enum HeadActivation {
 
 fn head_layers(d: usize, nlayers: usize, device: &Device) -> Vec<HeadLayer> {
     (0..nlayers.saturating_sub(1))
-        .flat_map(|_| [HeadLayer::Linear(linear(d, d, true, device)), HeadLayer::Norm(layer_norm(d, device))])
+        .flat_map(|_| {
+            [
+                HeadLayer::Linear(linear(d, d, true, device)),
+                HeadLayer::Norm(layer_norm(d, device)),
+            ]
+        })
         .collect()
 }
 
@@ -498,7 +631,13 @@ pub struct AdversarialDiscriminator {
 }
 
 impl AdversarialDiscriminator {
-    pub fn new(d: usize, n_cls: usize, nlayers: usize, reverse_grad: bool, device: &Device) -> Self {
+    pub fn new(
+        d: usize,
+        n_cls: usize,
+        nlayers: usize,
+        reverse_grad: bool,
+        device: &Device,
+    ) -> Self {
         Self {
             _decoder: head_layers(d, nlayers, device),
             out_layer: linear(d, n_cls, true, device),
@@ -507,7 +646,11 @@ impl AdversarialDiscriminator {
     }
 
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let x = if self.reverse_grad { grad_reverse(x) } else { x };
+        let x = if self.reverse_grad {
+            grad_reverse(x)
+        } else {
+            x
+        };
         self.out_layer
             .forward(head_forward(&self._decoder, HeadActivation::LeakyRelu, x))
     }
@@ -526,7 +669,13 @@ pub struct MvcDecoder {
 }
 
 impl MvcDecoder {
-    pub fn new(d: usize, d_in: usize, explicit_zero_prob: bool, detach: bool, device: &Device) -> Self {
+    pub fn new(
+        d: usize,
+        d_in: usize,
+        explicit_zero_prob: bool,
+        detach: bool,
+        device: &Device,
+    ) -> Self {
         Self {
             gene2query: linear(d, d, true, device),
             W: linear(d, d_in, false, device),
@@ -536,15 +685,109 @@ impl MvcDecoder {
     }
 
     /// `cell_emb`: `[B, d_in]`; `gene_embs`: `[B, L, d]` → (`pred` `[B, L]`, `zero_probs`).
-    pub fn forward(&self, cell_emb: Tensor<2>, gene_embs: Tensor<3>) -> (Tensor<2>, Option<Tensor<2>>) {
-        let gene_embs = if self.detach_genes { gene_embs.detach() } else { gene_embs };
+    pub fn forward(
+        &self,
+        cell_emb: Tensor<2>,
+        gene_embs: Tensor<3>,
+    ) -> (Tensor<2>, Option<Tensor<2>>) {
+        let gene_embs = if self.detach_genes {
+            gene_embs.detach()
+        } else {
+            gene_embs
+        };
         let q = sigmoid(self.gene2query.forward(gene_embs));
         let c = cell_emb.unsqueeze_dim::<3>(2); // [B, d_in, 1]
-        let pred = self.W.forward(q.clone()).matmul(c.clone()).squeeze_dim::<2>(2);
+        let pred = self
+            .W
+            .forward(q.clone())
+            .matmul(c.clone())
+            .squeeze_dim::<2>(2);
         let zero = self
             .W_zero_logit
             .as_ref()
             .map(|w| sigmoid(w.forward(q).matmul(c).squeeze_dim::<2>(2)));
         (pred, zero)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, TensorData};
+
+    fn pad_mask(device: &Device) -> Tensor<2, Bool> {
+        Tensor::from_data(
+            TensorData::new(
+                vec![false, false, false, true, false, false, true, true],
+                [2, 4],
+            ),
+            device,
+        )
+    }
+
+    #[test]
+    fn explicit_attention_equals_fused_kernel() {
+        // Training uses the explicit softmax path (it needs dropout on the weights), inference
+        // the fused kernel; with dropout off they must agree, padded query rows included.
+        let device = Device::flex();
+        let att = SelfAttention::new(16, 4, 0.0, &device);
+        let x = Tensor::<3>::random([2, 4, 16], Distribution::Normal(0.0, 1.0), &device);
+        let [q, k, v] = att.split_heads(att.Wqkv.forward(x));
+        let mask = Some(
+            pad_mask(&device)
+                .unsqueeze_dims::<4>(&[1, 2])
+                .expand([2, 4, 4, 4]),
+        );
+        let fused = att.attend(q.clone(), k.clone(), v.clone(), mask.clone());
+        let explicit = att.attend_explicit(q, k, v, mask, 4);
+        let diff = (fused - explicit).abs().max().into_scalar::<f32>();
+        assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn dropout_is_active_only_when_training() {
+        let device = Device::flex().autodiff();
+        let layer = EncoderLayer::new(16, 4, 24, 0.5, &device);
+        let x =
+            Tensor::<3>::random([2, 4, 16], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let a = layer.forward(x.clone(), Some(pad_mask(&device)));
+        let b = layer.forward(x.clone(), Some(pad_mask(&device)));
+        assert!(
+            (a.clone() - b).abs().max().into_scalar::<f32>() > 1e-3,
+            "no dropout in training"
+        );
+        let grads = a.sum().backward();
+        assert!(x.grad(&grads).is_some());
+        // `valid()` switches every dropout (including the attention-weight one) off.
+        let eval = layer.valid();
+        let x = x.inner();
+        let a = eval.forward(x.clone(), Some(pad_mask(&x.device())));
+        let b = eval.forward(x.clone(), Some(pad_mask(&x.device())));
+        assert_eq!((a - b).abs().max().into_scalar::<f32>(), 0.0);
+    }
+
+    #[test]
+    fn gradient_reversal_is_identity_forward_and_negates_backward() {
+        let device = Device::flex().autodiff();
+        let x = Tensor::<2>::random([3, 5], Distribution::Normal(0.0, 3.0), &device).require_grad();
+        let y = grad_reverse(x.clone());
+        let xs: Vec<f32> = x
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .unwrap();
+        let ys: Vec<f32> = y
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .unwrap();
+        assert_eq!(xs, ys, "forward must be bit-exact");
+        let w = Tensor::<2>::random([3, 5], Distribution::Normal(0.0, 1.0), &device);
+        let grads = (y * w.clone()).sum().backward();
+        let g = x.grad(&grads).unwrap();
+        let diff = (g + w.inner()).abs().max().into_scalar::<f32>();
+        assert_eq!(diff, 0.0);
     }
 }

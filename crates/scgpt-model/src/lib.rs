@@ -5,12 +5,15 @@
 
 pub mod config;
 pub mod error;
+pub mod generative;
 pub mod layers;
 pub mod load;
+pub mod loss;
 pub mod model;
 
 pub use burn;
 pub use config::{BatchNormStyle, CellEmbStyle, InputEmbStyle, ModelConfig, MvcDecoderStyle};
 pub use error::{ModelError, Result};
-pub use load::{load_pretrained, normalize_key, LoadReport, SkippedKey};
+pub use generative::{GenerativeInput, GenerativeOutput};
+pub use load::{load_pretrained, model_param_shapes, normalize_key, LoadReport, SkippedKey};
 pub use model::{Embedded, ForwardFlags, ModelInput, ModelOutput, TransformerModel};

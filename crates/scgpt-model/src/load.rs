@@ -28,6 +28,7 @@ use burn::store::{
     BurnToPyTorchAdapter, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, ModuleStore,
     PyTorchToBurnAdapter, PytorchStore,
 };
+use burn::tensor::DType;
 
 use crate::error::{ModelError, Result};
 use crate::model::TransformerModel;
@@ -117,9 +118,15 @@ fn map_sequential_index(k: &str) -> String {
         ("grad_reverse_discriminator._decoder.", 3, &[0, 2]),
     ];
     for &(prefix, period, positions) in LISTS {
-        let Some(rest) = k.strip_prefix(prefix) else { continue };
-        let Some((idx, tail)) = rest.split_once('.') else { continue };
-        let Ok(i) = idx.parse::<usize>() else { continue };
+        let Some(rest) = k.strip_prefix(prefix) else {
+            continue;
+        };
+        let Some((idx, tail)) = rest.split_once('.') else {
+            continue;
+        };
+        let Ok(i) = idx.parse::<usize>() else {
+            continue;
+        };
         let Some(slot) = positions.iter().position(|&p| p == i % period) else {
             // A parameter-free position (an activation): leave it so it shows up as skipped.
             return k.to_string();
@@ -130,8 +137,9 @@ fn map_sequential_index(k: &str) -> String {
     k.to_string()
 }
 
-/// Every tensor the model holds, under its PyTorch-style name with its PyTorch-layout shape.
-fn model_param_shapes(model: &TransformerModel) -> BTreeMap<String, Vec<usize>> {
+/// Every tensor the model holds, under its PyTorch-style name (the name `normalize_key` maps a
+/// checkpoint key to) with its PyTorch-layout shape (`[out, in]` for Linear weights).
+pub fn model_param_shapes(model: &TransformerModel) -> BTreeMap<String, Vec<usize>> {
     model
         .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
         .into_iter()
@@ -208,17 +216,24 @@ pub fn load_pretrained(model: &mut TransformerModel, path: impl AsRef<Path>) -> 
     for mut t in keys {
         let key = t.name.clone();
         let name = normalize_key(&key);
-        let skip = |reason: String| SkippedKey { key: key.clone(), name: name.clone(), reason };
+        let skip = |reason: String| SkippedKey {
+            key: key.clone(),
+            name: name.clone(),
+            reason,
+        };
         match shapes.get(&name) {
-            None => report.skipped.push(skip("not a parameter of this model".into())),
+            None => report
+                .skipped
+                .push(skip("not a parameter of this model".into())),
             Some(want) if *want != t.shape.to_vec() => report.skipped.push(skip(format!(
                 "shape {:?} in the file, the model has {:?}",
                 t.shape.to_vec(),
                 want
             ))),
-            Some(_) if !t.dtype.is_float() => report
-                .skipped
-                .push(skip(format!("{:?} data where the model holds floats", t.dtype))),
+            Some(_) if !t.dtype.is_float() => report.skipped.push(skip(format!(
+                "{:?} data where the model holds floats",
+                t.dtype
+            ))),
             Some(_) => {
                 if let Some((other, _)) = chosen.get(&name) {
                     return Err(checkpoint_err(
@@ -248,7 +263,16 @@ pub fn load_pretrained(model: &mut TransformerModel, path: impl AsRef<Path>) -> 
     }
 
     // Load into the model's own float dtype whatever the file stores (fp16/fp64 checkpoints).
-    let dtype = model.encoder.embedding.weight.val().dtype();
+    // (Asked of the device, not of a parameter: reading a lazily initialised parameter would
+    // materialise a random 60697×512 table only to overwrite it.)
+    let dtype: DType = model
+        .encoder
+        .embedding
+        .weight
+        .lazy_device()
+        .settings()
+        .float_dtype
+        .into();
     let adapter: Box<dyn ModuleAdapter> =
         Box::new(PyTorchToBurnAdapter.chain(FloatCastAdapter::to(dtype)));
     let mut names: BTreeSet<String> = BTreeSet::new();
@@ -259,7 +283,10 @@ pub fn load_pretrained(model: &mut TransformerModel, path: impl AsRef<Path>) -> 
         let (n, dt, shape, id, bytes) = match read {
             Ok(Ok(parts)) => parts,
             Ok(Err(e)) => {
-                return Err(checkpoint_err(path, format!("cannot read the data of `{key}`: {e}")))
+                return Err(checkpoint_err(
+                    path,
+                    format!("cannot read the data of `{key}`: {e}"),
+                ))
             }
             Err(_) => {
                 return Err(checkpoint_err(
@@ -280,11 +307,18 @@ pub fn load_pretrained(model: &mut TransformerModel, path: impl AsRef<Path>) -> 
     if !result.errors.is_empty() {
         // Unreachable in practice: names, shapes and dtype kinds were all checked above.
         let msgs: Vec<String> = result.errors.iter().map(|e| e.to_string()).collect();
-        return Err(checkpoint_err(path, format!("could not load: {}", msgs.join("; "))));
+        return Err(checkpoint_err(
+            path,
+            format!("could not load: {}", msgs.join("; ")),
+        ));
     }
 
     report.loaded = names.iter().cloned().collect();
-    report.missing = shapes.keys().filter(|n| !names.contains(*n)).cloned().collect();
+    report.missing = shapes
+        .keys()
+        .filter(|n| !names.contains(*n))
+        .cloned()
+        .collect();
     report.skipped.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(report)
 }
@@ -297,19 +331,49 @@ mod tests {
     fn key_normalisation() {
         let cases = [
             ("encoder.embedding.weight", "encoder.embedding.weight"),
-            ("module.encoder.embedding.weight", "encoder.embedding.weight"),
+            (
+                "module.encoder.embedding.weight",
+                "encoder.embedding.weight",
+            ),
             ("state_dict.module.decoder.fc.4.bias", "decoder.fc.2.bias"),
-            ("model.transformer_encoder.layers.3.self_attn.in_proj_weight", "transformer_encoder.layers.3.self_attn.Wqkv.weight"),
-            ("transformer_encoder.layers.0.self_attn._impl.Wqkv.bias", "transformer_encoder.layers.0.self_attn.Wqkv.bias"),
-            ("transformer_encoder.layers.0.self_attn._impl.out_proj.weight", "transformer_encoder.layers.0.self_attn.out_proj.weight"),
-            ("transformer_encoder.layers.11.self_attn.in_proj_bias", "transformer_encoder.layers.11.self_attn.Wqkv.bias"),
+            (
+                "model.transformer_encoder.layers.3.self_attn.in_proj_weight",
+                "transformer_encoder.layers.3.self_attn.Wqkv.weight",
+            ),
+            (
+                "transformer_encoder.layers.0.self_attn._impl.Wqkv.bias",
+                "transformer_encoder.layers.0.self_attn.Wqkv.bias",
+            ),
+            (
+                "transformer_encoder.layers.0.self_attn._impl.out_proj.weight",
+                "transformer_encoder.layers.0.self_attn.out_proj.weight",
+            ),
+            (
+                "transformer_encoder.layers.11.self_attn.in_proj_bias",
+                "transformer_encoder.layers.11.self_attn.Wqkv.bias",
+            ),
             ("decoder.zero_logit.2.weight", "decoder.zero_logit.1.weight"),
-            ("cls_decoder._decoder.0.weight", "cls_decoder._decoder.0.weight"),
+            (
+                "cls_decoder._decoder.0.weight",
+                "cls_decoder._decoder.0.weight",
+            ),
             ("cls_decoder._decoder.2.bias", "cls_decoder._decoder.1.bias"),
-            ("cls_decoder._decoder.3.weight", "cls_decoder._decoder.2.weight"),
-            ("cls_decoder._decoder.5.weight", "cls_decoder._decoder.3.weight"),
-            ("grad_reverse_discriminator._decoder.5.bias", "grad_reverse_discriminator._decoder.3.bias"),
-            ("cls_decoder.out_layer.weight", "cls_decoder.out_layer.weight"),
+            (
+                "cls_decoder._decoder.3.weight",
+                "cls_decoder._decoder.2.weight",
+            ),
+            (
+                "cls_decoder._decoder.5.weight",
+                "cls_decoder._decoder.3.weight",
+            ),
+            (
+                "grad_reverse_discriminator._decoder.5.bias",
+                "grad_reverse_discriminator._decoder.3.bias",
+            ),
+            (
+                "cls_decoder.out_layer.weight",
+                "cls_decoder.out_layer.weight",
+            ),
             ("dsbn.bns.3.running_mean", "dsbn.bns.3.running_mean"),
             ("flag_encoder.weight", "flag_encoder.weight"),
         ];

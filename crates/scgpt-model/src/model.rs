@@ -56,6 +56,14 @@ pub struct ModelOutput {
     pub dab_output: Option<Tensor<2>>,
 }
 
+pub(crate) struct Heads {
+    pub cls_output: Option<Tensor<2>>,
+    pub mvc_output: Option<Tensor<2>>,
+    pub mvc_zero_probs: Option<Tensor<2>>,
+    pub loss_ecs: Option<Tensor<1>>,
+    pub dab_output: Option<Tensor<2>>,
+}
+
 /// The embedding stage's result: what `_encode` feeds the transformer, plus the normalised
 /// gene embeddings the MVC decoder queries (`cur_gene_token_embs`).
 #[derive(Debug, Clone)]
@@ -91,12 +99,15 @@ impl ModelConfig {
         let d = self.d_model;
         let p = self.dropout;
         let value_encoder = match self.input_emb_style {
-            InputEmbStyle::Continuous => {
-                Some(ValueEncoder::Continuous(ContinuousValueEncoder::new(d, p, device)))
-            }
-            InputEmbStyle::Category => {
-                Some(ValueEncoder::Category(EmbeddingNorm::new(self.category_rows(), d, device)))
-            }
+            InputEmbStyle::Continuous => Some(ValueEncoder::Continuous(
+                ContinuousValueEncoder::new(d, p, device),
+            )),
+            InputEmbStyle::Category => Some(ValueEncoder::Category(EmbeddingNorm::new(
+                self.category_rows(),
+                d,
+                Some(self.pad_value as usize),
+                device,
+            ))),
             InputEmbStyle::Scaling => None,
         };
         let n_batch = self.num_batch_labels.unwrap_or(0);
@@ -109,7 +120,7 @@ impl ModelConfig {
             value_encoder,
             batch_encoder: self
                 .use_batch_labels
-                .then(|| EmbeddingNorm::new(n_batch, d, device)),
+                .then(|| EmbeddingNorm::new(n_batch, d, None, device)),
             dsbn: (self.domain_spec_batchnorm == BatchNormStyle::Dsbn)
                 .then(|| DomainSpecificBatchNorm::new(d, n_batch, device)),
             bn: (self.domain_spec_batchnorm == BatchNormStyle::BatchNorm)
@@ -139,7 +150,7 @@ impl ModelConfig {
 }
 
 /// Reads a small integer tensor to the host (batch labels, value ranges).
-fn host_ints<const D: usize>(t: &Tensor<D, Int>) -> Vec<i64> {
+pub(crate) fn host_ints<const D: usize>(t: &Tensor<D, Int>) -> Vec<i64> {
     t.clone()
         .into_data()
         .convert::<i64>()
@@ -149,14 +160,22 @@ fn host_ints<const D: usize>(t: &Tensor<D, Int>) -> Vec<i64> {
 
 impl TransformerModel {
     pub fn device(&self) -> Device {
-        self.encoder.embedding.weight.device()
+        self.encoder.embedding.weight.lazy_device()
     }
 
-    fn check_shapes(&self, src: &Tensor<2, Int>, values: Option<&Tensor<2>>, mask: Option<&Tensor<2, Bool>>) -> Result<()> {
+    pub(crate) fn check_shapes(
+        &self,
+        src: &Tensor<2, Int>,
+        values: Option<&Tensor<2>>,
+        mask: Option<&Tensor<2, Bool>>,
+    ) -> Result<()> {
         let dims = src.dims();
         if let Some(v) = values {
             if v.dims() != dims {
-                return Err(ModelError::input("values", format!("shape {:?} differs from src {:?}", v.dims(), dims)));
+                return Err(ModelError::input(
+                    "values",
+                    format!("shape {:?} differs from src {:?}", v.dims(), dims),
+                ));
             }
         }
         if let Some(m) = mask {
@@ -175,7 +194,11 @@ impl TransformerModel {
 
     /// The original's `_check_batch_labels`, plus range checks PyTorch would only report as
     /// an opaque index error.
-    fn check_batch_labels(&self, batch_labels: Option<&Tensor<1, Int>>, batch: usize) -> Result<()> {
+    pub(crate) fn check_batch_labels(
+        &self,
+        batch_labels: Option<&Tensor<1, Int>>,
+        batch: usize,
+    ) -> Result<()> {
         let c = &self.config;
         let needed = c.use_batch_labels || c.domain_spec_batchnorm != BatchNormStyle::None;
         match (needed, batch_labels) {
@@ -189,11 +212,17 @@ impl TransformerModel {
             )),
             (_, Some(b)) => {
                 if b.dims() != [batch] {
-                    return Err(ModelError::input("batch_labels", format!("shape {:?}, expected [{batch}]", b.dims())));
+                    return Err(ModelError::input(
+                        "batch_labels",
+                        format!("shape {:?}, expected [{batch}]", b.dims()),
+                    ));
                 }
                 let n = c.num_batch_labels.map(|n| n as i64).unwrap_or(i64::MAX);
                 if let Some(bad) = host_ints(b).into_iter().find(|&x| x < 0 || x >= n) {
-                    return Err(ModelError::input("batch_labels", format!("label {bad} outside 0..{n}")));
+                    return Err(ModelError::input(
+                        "batch_labels",
+                        format!("label {bad} outside 0..{n}"),
+                    ));
                 }
                 Ok(())
             }
@@ -212,44 +241,64 @@ impl TransformerModel {
         let gene_embs = self.encoder.forward(src);
         let total = match values {
             None => gene_embs.clone(),
-            Some(values) => match (&self.value_encoder, self.config.input_emb_style) {
-                (Some(ValueEncoder::Continuous(enc)), _) => gene_embs.clone() + enc.forward(values),
-                (Some(ValueEncoder::Category(enc)), _) => {
-                    // `values.long()`: truncation toward zero, then a table lookup that must be
-                    // in range (PyTorch raises an index error otherwise).
-                    let ids = values.int();
-                    let rows = enc.num_embeddings() as i64;
-                    let lo = host_ints(&ids.clone().min());
-                    let hi = host_ints(&ids.clone().max());
-                    if lo[0] < 0 || hi[0] >= rows {
-                        return Err(ModelError::input(
-                            "values",
-                            format!(
-                                "category input needs integer values in 0..{rows}, got {}..={}",
-                                lo[0], hi[0]
-                            ),
-                        ));
-                    }
-                    gene_embs.clone() + enc.forward(ids)
-                }
-                (None, _) => gene_embs.clone() * values.unsqueeze_dim::<3>(2),
-            },
+            Some(values) => self.add_values(gene_embs.clone(), values)?,
         };
-        let total = if let Some(dsbn) = &self.dsbn {
-            // The domain of the whole minibatch is its first label, as in the original (the
-            // sampler guarantees one domain per batch).
-            let labels = batch_labels.ok_or_else(|| ModelError::input("batch_labels", "required by DSBN"))?;
-            let domain = host_ints(&labels.clone().slice([0..1]))[0] as usize;
+        let total = self.batch_norm(total, batch_labels)?;
+        Ok(Embedded {
+            total_embs: total,
+            gene_embs,
+        })
+    }
+
+    /// Gene embedding ⊕ value embedding by `input_emb_style`: + ContinuousValueEncoder,
+    /// + CategoryValueEncoder, or × value ("scaling").
+    pub(crate) fn add_values(&self, gene_embs: Tensor<3>, values: Tensor<2>) -> Result<Tensor<3>> {
+        Ok(match &self.value_encoder {
+            Some(ValueEncoder::Continuous(enc)) => gene_embs + enc.forward(values),
+            Some(ValueEncoder::Category(enc)) => {
+                // `values.long()`: truncation toward zero, then a table lookup that must be in
+                // range (PyTorch raises an opaque index error otherwise).
+                let ids = values.int();
+                let rows = enc.num_embeddings() as i64;
+                let lo = host_ints(&ids.clone().min())[0];
+                let hi = host_ints(&ids.clone().max())[0];
+                if lo < 0 || hi >= rows {
+                    return Err(ModelError::input(
+                        "values",
+                        format!(
+                            "category input needs integer values in 0..{rows}, got {lo}..={hi}"
+                        ),
+                    ));
+                }
+                gene_embs + enc.forward(ids)
+            }
+            None => gene_embs * values.unsqueeze_dim::<3>(2),
+        })
+    }
+
+    /// DSBN (domain = first label of the minibatch, the sampler guarantees one domain per
+    /// batch) or plain BatchNorm over `[B, L, d]`, if the model has one.
+    pub(crate) fn batch_norm(
+        &self,
+        total: Tensor<3>,
+        batch_labels: Option<&Tensor<1, Int>>,
+    ) -> Result<Tensor<3>> {
+        Ok(if let Some(dsbn) = &self.dsbn {
+            let labels = batch_labels
+                .ok_or_else(|| ModelError::input("batch_labels", "required by DSBN"))?;
+            let domain = host_ints(&labels.clone().slice(0..1))[0] as usize;
             let bn = dsbn.bns.get(domain).ok_or_else(|| {
-                ModelError::input("batch_labels", format!("domain {domain} >= number of domains {}", dsbn.bns.len()))
+                ModelError::input(
+                    "batch_labels",
+                    format!("domain {domain} >= number of domains {}", dsbn.bns.len()),
+                )
             })?;
             bn.forward(total.swap_dims(1, 2)).swap_dims(1, 2)
         } else if let Some(bn) = &self.bn {
             bn.forward(total.swap_dims(1, 2)).swap_dims(1, 2)
         } else {
             total
-        };
-        Ok(Embedded { total_embs: total, gene_embs })
+        })
     }
 
     /// The original's `_encode`: embedding, optional batch norm, transformer. `[B, L, d]`.
@@ -260,7 +309,9 @@ impl TransformerModel {
         src_key_padding_mask: Tensor<2, Bool>,
         batch_labels: Option<&Tensor<1, Int>>,
     ) -> Result<Tensor<3>> {
-        Ok(self.encode_with_embs(src, values, src_key_padding_mask, batch_labels)?.0)
+        Ok(self
+            .encode_with_embs(src, values, src_key_padding_mask, batch_labels)?
+            .0)
     }
 
     fn encode_with_embs(
@@ -280,21 +331,27 @@ impl TransformerModel {
     }
 
     /// `_get_cell_emb_from_layer`. `weights` (the raw input values) is needed for w-pool.
-    pub fn cell_emb_from_layer(&self, out: Tensor<3>, weights: Option<Tensor<2>>) -> Result<Tensor<2>> {
+    pub fn cell_emb_from_layer(
+        &self,
+        out: Tensor<3>,
+        weights: Option<Tensor<2>>,
+    ) -> Result<Tensor<2>> {
         let [b, _, d] = out.dims();
         Ok(match self.config.cell_emb_style {
             CellEmbStyle::Cls => out.slice([0..b, 0..1, 0..d]).reshape([b, d]),
             // Over all L positions: the original does not exclude padding.
             CellEmbStyle::AvgPool => out.mean_dim(1).reshape([b, d]),
             CellEmbStyle::WPool => {
-                let w = weights.ok_or_else(|| ModelError::input("values", "w-pool needs the input values as weights"))?;
+                let w = weights.ok_or_else(|| {
+                    ModelError::input("values", "w-pool needs the input values as weights")
+                })?;
                 let s = (out * w.unsqueeze_dim::<3>(2)).sum_dim(1).reshape([b, d]);
                 l2_normalize(s)
             }
         })
     }
 
-    fn batch_emb(&self, batch_labels: Option<&Tensor<1, Int>>) -> Option<Tensor<2>> {
+    pub(crate) fn batch_emb(&self, batch_labels: Option<&Tensor<1, Int>>) -> Option<Tensor<2>> {
         let enc = self.batch_encoder.as_ref()?;
         let labels = batch_labels?.clone();
         let b = labels.dims()[0];
@@ -304,7 +361,11 @@ impl TransformerModel {
 
     /// The expression decoder on the transformer output, with the batch embedding
     /// concatenated onto every position when `use_batch_labels`.
-    fn decode_expr(&self, out: Tensor<3>, batch_emb: Option<&Tensor<2>>) -> (Tensor<2>, Option<Tensor<2>>) {
+    pub(crate) fn decode_expr(
+        &self,
+        out: Tensor<3>,
+        batch_emb: Option<&Tensor<2>>,
+    ) -> (Tensor<2>, Option<Tensor<2>>) {
         let x = match batch_emb {
             Some(be) => {
                 let [b, l, d] = out.dims();
@@ -318,11 +379,24 @@ impl TransformerModel {
 
     /// The original's `forward`.
     pub fn forward(&self, input: ModelInput, flags: ForwardFlags) -> Result<ModelOutput> {
-        let ModelInput { src, values, src_key_padding_mask, batch_labels } = input;
+        let ModelInput {
+            src,
+            values,
+            src_key_padding_mask,
+            batch_labels,
+        } = input;
         let labels = batch_labels.as_ref();
-        let (out, gene_embs) =
-            self.encode_with_embs(src.clone(), values.clone(), src_key_padding_mask.clone(), labels)?;
-        let batch_emb = if self.config.use_batch_labels { self.batch_emb(labels) } else { None };
+        let (out, gene_embs) = self.encode_with_embs(
+            src.clone(),
+            values.clone(),
+            src_key_padding_mask.clone(),
+            labels,
+        )?;
+        let batch_emb = if self.config.use_batch_labels {
+            self.batch_emb(labels)
+        } else {
+            None
+        };
 
         let (pred, zero_probs) = self.decode_expr(out.clone(), batch_emb.as_ref());
         let explicit = self.config.explicit_zero_prob;
@@ -332,8 +406,6 @@ impl TransformerModel {
         };
 
         let cell_emb = self.cell_emb_from_layer(out.clone(), Some(values.clone()))?;
-
-        let cls_output = flags.cls.then(|| self.cls_decoder.forward(cell_emb.clone()));
 
         let loss_cce = if flags.cce {
             // A second encoder pass (different dropout mask in training). The original calls
@@ -345,16 +417,43 @@ impl TransformerModel {
             None
         };
 
+        let heads = self.heads(&cell_emb, gene_embs, batch_emb.as_ref(), flags)?;
+        Ok(ModelOutput {
+            transformer_output: out,
+            mlm_output,
+            mlm_zero_probs: if explicit { zero_probs } else { None },
+            cell_emb,
+            cls_output: heads.cls_output,
+            loss_cce,
+            mvc_output: heads.mvc_output,
+            mvc_zero_probs: heads.mvc_zero_probs,
+            loss_ecs: heads.loss_ecs,
+            dab_output: heads.dab_output,
+        })
+    }
+
+    /// The heads that read the cell embedding (the original's `_extend_output` in `dev-temp`):
+    /// CLS, MVC (with the batch embedding concatenated onto the cell embedding), ECS, DAB.
+    pub(crate) fn heads(
+        &self,
+        cell_emb: &Tensor<2>,
+        gene_embs: Tensor<3>,
+        batch_emb: Option<&Tensor<2>>,
+        flags: ForwardFlags,
+    ) -> Result<Heads> {
+        let cls_output = flags
+            .cls
+            .then(|| self.cls_decoder.forward(cell_emb.clone()));
         let (mvc_output, mvc_zero_probs) = if flags.mvc {
             let dec = self.mvc_decoder.as_ref().ok_or_else(|| {
                 ModelError::input("flags.mvc", "the model was built without do_mvc")
             })?;
-            let c = match &batch_emb {
+            let c = match batch_emb {
                 Some(be) => Tensor::cat(vec![cell_emb.clone(), be.clone()], 1),
                 None => cell_emb.clone(),
             };
             let (p, z) = dec.forward(c, gene_embs);
-            let p = match (&z, explicit && flags.do_sample) {
+            let p = match (&z, self.config.explicit_zero_prob && flags.do_sample) {
                 (Some(z), true) => bernoulli(z.clone()) * p,
                 _ => p,
             };
@@ -362,23 +461,16 @@ impl TransformerModel {
         } else {
             (None, None)
         };
-
         let loss_ecs = flags
             .ecs
             .then(|| elastic_cell_similarity(cell_emb.clone(), self.config.ecs_threshold));
-
+        // The original runs the discriminator whenever it exists, without a flag.
         let dab_output = self
             .grad_reverse_discriminator
             .as_ref()
             .map(|d| d.forward(cell_emb.clone()));
-
-        Ok(ModelOutput {
-            transformer_output: out,
-            mlm_output,
-            mlm_zero_probs: if explicit { zero_probs } else { None },
-            cell_emb,
+        Ok(Heads {
             cls_output,
-            loss_cce,
             mvc_output,
             mvc_zero_probs,
             loss_ecs,
@@ -401,7 +493,9 @@ impl TransformerModel {
         let [b, l] = src.dims();
         // The original substitutes zeros (with a warning) when labels are required but absent.
         let batch_labels = match batch_labels {
-            None if self.config.use_batch_labels || self.config.domain_spec_batchnorm != BatchNormStyle::None => {
+            None if self.config.use_batch_labels
+                || self.config.domain_spec_batchnorm != BatchNormStyle::None =>
+            {
                 Some(Tensor::<1, Int>::zeros([b], &self.device()))
             }
             other => other,
@@ -412,44 +506,79 @@ impl TransformerModel {
         let total = emb
             .total_embs
             .slice_assign([0..b, 0..1, 0..d], cell_emb.reshape([b, 1, d]));
-        let mask = src_key_padding_mask
-            .unwrap_or_else(|| Tensor::<2, Bool>::from_data(TensorData::new(vec![false; b * l], [b, l]), &self.device()));
+        let mask = src_key_padding_mask.unwrap_or_else(|| {
+            Tensor::<2, Bool>::from_data(
+                TensorData::new(vec![false; b * l], [b, l]),
+                &self.device(),
+            )
+        });
         let out = self.transformer_encoder.forward(total, Some(mask));
-        let batch_emb = if self.config.use_batch_labels { self.batch_emb(labels) } else { None };
+        let batch_emb = if self.config.use_batch_labels {
+            self.batch_emb(labels)
+        } else {
+            None
+        };
         Ok(self.decode_expr(out, batch_emb.as_ref()).0)
     }
 
-    /// The original's `encode_batch`: `_encode` in chunks of `batch_size`, returning either the
-    /// whole output `[N, L, d]` or one position `[N, d]` (`time_step`, 0 for the cell embedding).
-    pub fn encode_batch(
+    /// The original's `encode_batch` without `time_step`: `_encode` in chunks of `batch_size`
+    /// (no gradient), `[N, L, d]`.
+    pub fn encode_batch(&self, input: &ModelInput, batch_size: usize) -> Result<Tensor<3>> {
+        let chunks = self.encode_chunks(input, batch_size, Ok)?;
+        Ok(Tensor::cat(chunks, 0))
+    }
+
+    /// The original's `encode_batch(..., time_step=t)`: position `t` of every output, `[N, d]`
+    /// (`t = 0` is the `<cls>` cell embedding the zero-shot pipeline L2-normalises).
+    pub fn encode_batch_at(
         &self,
         input: &ModelInput,
         batch_size: usize,
-        time_step: Option<usize>,
-    ) -> Result<Tensor<3>> {
+        time_step: usize,
+    ) -> Result<Tensor<2>> {
+        let [_, l] = input.src.dims();
+        if time_step >= l {
+            return Err(ModelError::input(
+                "time_step",
+                format!("{time_step} >= sequence length {l}"),
+            ));
+        }
+        let d = self.config.d_model;
+        let chunks = self.encode_chunks(input, batch_size, |out| {
+            let b = out.dims()[0];
+            Ok(out
+                .slice([0..b, time_step..time_step + 1, 0..d])
+                .reshape([b, d]))
+        })?;
+        Ok(Tensor::cat(chunks, 0))
+    }
+
+    fn encode_chunks<const D: usize>(
+        &self,
+        input: &ModelInput,
+        batch_size: usize,
+        mut take: impl FnMut(Tensor<3>) -> Result<Tensor<D>>,
+    ) -> Result<Vec<Tensor<D>>> {
         if batch_size == 0 {
             return Err(ModelError::input("batch_size", "must be > 0"));
         }
         let [n, l] = input.src.dims();
-        let d = self.config.d_model;
         let mut chunks = Vec::new();
         for start in (0..n).step_by(batch_size) {
             let end = (start + batch_size).min(n);
-            let labels = input.batch_labels.as_ref().map(|b| b.clone().slice([start..end]));
+            let labels = input
+                .batch_labels
+                .as_ref()
+                .map(|b| b.clone().slice(start..end));
             let out = self.encode(
                 input.src.clone().slice([start..end, 0..l]),
                 input.values.clone().slice([start..end, 0..l]),
                 input.src_key_padding_mask.clone().slice([start..end, 0..l]),
                 labels.as_ref(),
             )?;
-            let out = match time_step {
-                Some(t) if t < l => out.slice([0..end - start, t..t + 1, 0..d]),
-                Some(t) => return Err(ModelError::input("time_step", format!("{t} >= sequence length {l}"))),
-                None => out,
-            };
-            chunks.push(out.detach());
+            chunks.push(take(out.detach())?);
         }
-        Ok(Tensor::cat(chunks, 0))
+        Ok(chunks)
     }
 }
 
@@ -460,7 +589,7 @@ pub fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
 }
 
 /// Samples Bernoulli(p) elementwise as 0/1 floats.
-fn bernoulli(p: Tensor<2>) -> Tensor<2> {
+pub(crate) fn bernoulli(p: Tensor<2>) -> Tensor<2> {
     let u = p.random_like(Distribution::Uniform(0.0, 1.0));
     u.lower(p.detach()).float()
 }

@@ -30,6 +30,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import types
@@ -77,6 +78,13 @@ def randomise(model, gen):
                 # nn.TransformerEncoder deep-copies one layer, so all layers start identical;
                 # noise makes a swapped or repeated layer detectable.
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        # ContinuousValueEncoder.linear1 maps a scalar (bins 1..50, the 512 clamp) to d units;
+        # with the default tiny bias the following LayerNorm makes it nearly scale-invariant,
+        # so a wrong clamp or a missing ReLU would hide. Biases comparable to the inputs make
+        # each unit switch on at a different value.
+        lin1 = getattr(getattr(model, "value_encoder", None), "linear1", None)
+        if lin1 is not None:
+            lin1.bias.copy_(torch.empty(lin1.bias.shape).uniform_(-300.0, 300.0, generator=gen))
         for name, b in model.named_buffers():
             if name.endswith("running_mean"):
                 b.copy_(0.3 * torch.randn(b.shape, generator=gen))
@@ -223,10 +231,12 @@ def generate(mm, name, spec, seed, out_dir):
         enc = model._encode(src, values, mask, batch_labels)
         out = model(src, values, mask, batch_labels=batch_labels, **flags)
         gene_embs = model.encoder(torch.arange(NTOKEN).unsqueeze(0))[0]
+        # Cell-prompted generation: the cell embedding replaces the <cls> input embedding.
+        generated = model.generate(out["cell_emb"], src, values, mask, batch_labels=batch_labels)
 
     outputs = {"transformer_output": tensor_json(enc), "mlm_output": tensor_json(out["mlm_output"]),
                "cell_emb": tensor_json(out["cell_emb"]),
-               "gene_table_embs": tensor_json(gene_embs)}
+               "gene_table_embs": tensor_json(gene_embs), "generate": tensor_json(generated)}
     for k in ["mlm_zero_probs", "cls_output", "mvc_output", "mvc_zero_probs", "dab_output"]:
         if k in out:
             outputs[k] = tensor_json(out[k])
@@ -269,6 +279,209 @@ def generate(mm, name, spec, seed, out_dir):
           f"{(out_dir / f'{name}.json').stat().st_size} B outputs")
 
 
+def dev_temp_generative_forward(model, flag_w, pg, pv, pm, gg, gm, input_cell_emb=None):
+    """The dev-temp generative forward (reference §2.2) re-expressed on the 0.2.4 modules.
+
+    The dev-temp code itself needs flash-attn 1.x (CUDA, fp16), so it cannot run here. This is
+    its math in fp32: the pcpt stream is what FlashAttention computes (key padding; padded
+    query rows come back as zeros before out_proj), and the gen stream is the very call
+    dev-temp's `layers.MultiheadAttention` makes, `F.multi_head_attention_forward` with
+    identity in/out projections and no out-proj bias, i.e. no `out_proj` for gen tokens.
+    """
+    import torch.nn.functional as F
+
+    d = model.d_model
+    pe = model.encoder(pg)
+    pt = pe + model.value_encoder(pv)
+    ge = model.encoder(gg)
+    gt = ge + flag_w[1]
+    if input_cell_emb is not None:
+        pt = pt.clone()
+        pt[:, 0, :] = input_cell_emb
+    B, P, _ = pt.shape
+    G = gt.shape[1]
+    eye = torch.eye(d)
+    attn_mask = torch.zeros(G, P + G, dtype=torch.bool)
+    attn_mask[:, -G:] = ~torch.eye(G, dtype=torch.bool)
+    kpm = torch.cat([pm, gm], dim=1)  # True = padding
+    for layer in model.transformer_encoder.layers:
+        sa = layer.self_attn
+        h = sa.num_heads
+        dh = d // h
+        pqkv = F.linear(pt, sa.in_proj_weight, sa.in_proj_bias).reshape(B, P, 3, h, dh)
+        q, k, v = (pqkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, h, P, dh)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(dh)
+        scores = scores.masked_fill(pm[:, None, None, :], float("-inf"))
+        ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, P, d)
+        ctx = ctx.masked_fill(pm[:, :, None], 0.0)  # FA1 unpad/pad: zero at padded queries
+        pcpt_ctx = sa.out_proj(ctx)
+
+        gqkv = F.linear(gt, sa.in_proj_weight, sa.in_proj_bias).reshape(B, G, 3, d)
+        kv = torch.cat([pqkv.reshape(B, P, 3, d)[:, :, 1:], gqkv[:, :, 1:]], dim=1)
+        gen_ctx, _ = F.multi_head_attention_forward(
+            gqkv[:, :, 0].transpose(0, 1), kv[:, :, 0].transpose(0, 1), kv[:, :, 1].transpose(0, 1),
+            d, h, in_proj_weight=None, in_proj_bias=None, bias_k=None, bias_v=None,
+            add_zero_attn=False, dropout_p=0.0, out_proj_weight=eye, out_proj_bias=None,
+            training=False, key_padding_mask=kpm, need_weights=False, attn_mask=attn_mask,
+            use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
+        )
+        gen_ctx = gen_ctx.transpose(0, 1)
+
+        def post(x, a):
+            x = layer.norm1(x + a)
+            return layer.norm2(x + layer.linear2(F.relu(layer.linear1(x))))
+
+        pt, gt = post(pt, pcpt_ctx), post(gt, gen_ctx)
+    out = torch.cat([pt, gt], dim=1)
+    preds = model.decoder(out)["pred"]
+    cell = out[:, 0, :]
+    mvc = model.mvc_decoder(cell, torch.cat([pe, ge], dim=1))["pred"]
+    return out, preds[:, :P], preds[:, P:], cell, mvc
+
+
+def generate_generative(mm, seed, out_dir):
+    """The whole-human pretraining layout: generative model, flag_encoder in the checkpoint."""
+    name = "generative"
+    spec = VARIANTS["continuous"]
+    model, gen = build(mm, name, spec, seed)
+    flag_w = torch.randn(2, DIMS["embsize"], generator=gen)
+    B, P, G = 3, 7, 4
+    pcpt_len, gen_len = [7, 5, 6], [4, 3, 2]
+    pg = torch.full((B, P), PAD_ID, dtype=torch.long)
+    pv = torch.full((B, P), -2.0)
+    gg = torch.full((B, G), PAD_ID, dtype=torch.long)
+    for i in range(B):
+        genes = torch.randperm(N_GENES, generator=gen)
+        pg[i, 0] = CLS_ID
+        pg[i, 1:pcpt_len[i]] = genes[: pcpt_len[i] - 1]
+        pv[i, 1:pcpt_len[i]] = torch.randint(1, 51, (pcpt_len[i] - 1,), generator=gen).float()
+        gg[i, : gen_len[i]] = genes[pcpt_len[i] - 1 : pcpt_len[i] - 1 + gen_len[i]]
+    pm, gm = pg.eq(PAD_ID), gg.eq(PAD_ID)
+    with torch.no_grad():
+        out, pp, gp, cell, mvc = dev_temp_generative_forward(model, flag_w, pg, pv, pm, gg, gm)
+        # The cell-prompt second pass of pretraining: pass 1's cell embedding at <cls>.
+        out2, _, gp2, _, _ = dev_temp_generative_forward(model, flag_w, pg, pv, pm, gg, gm, cell)
+
+    sd = OrderedDict((k, v) for k, v in model.state_dict().items() if not k.startswith("cls_decoder."))
+    sd["flag_encoder.weight"] = flag_w
+    torch.save(rename_keys(sd, "flash", "plain"), out_dir / f"{name}.pt")
+    args = dict(DIMS)
+    args.update(spec["args"])
+    args.update({"pad_token": "<pad>", "USE_GENERATIVE_TRAINING": True, "fast_transformer": True})
+    (out_dir / f"{name}.args.json").write_text(json.dumps(args, indent=1) + "\n")
+    fixture = {
+        "generator": "tests/gen/model/gen_parity.py (dev_temp_generative_forward)",
+        "torch": torch.__version__, "scgpt": "0.2.4 modules, dev-temp generative math",
+        "seed": seed, "ntoken": NTOKEN, "pad_token_id": PAD_ID,
+        "checkpoint": {"file": f"{name}.pt", "keys": len(sd)},
+        "inputs": {"pcpt_genes": tensor_json(pg), "pcpt_values": tensor_json(pv),
+                   "pcpt_key_padding_mask": [bool(x) for x in pm.reshape(-1)],
+                   "gen_genes": tensor_json(gg),
+                   "gen_key_padding_mask": [bool(x) for x in gm.reshape(-1)]},
+        "outputs": {"transformer_output": tensor_json(out), "pcpt_preds": tensor_json(pp),
+                    "gen_preds": tensor_json(gp), "cell_emb": tensor_json(cell),
+                    "mvc_output": tensor_json(mvc),
+                    "pass2_transformer_output": tensor_json(out2),
+                    "pass2_gen_preds": tensor_json(gp2)},
+    }
+    (out_dir / f"{name}.json").write_text(json.dumps(fixture) + "\n")
+    print(f"{name}: {(out_dir / f'{name}.pt').stat().st_size} B checkpoint, "
+          f"{(out_dir / f'{name}.json').stat().st_size} B outputs")
+
+
+def masked_mse(pred, target, m):
+    m = m.float()
+    return ((pred * m - target * m) ** 2).sum() / m.sum()
+
+
+GRAD_PARAMS = [
+    "encoder.embedding.weight",
+    "encoder.enc_norm.weight",
+    "value_encoder.linear1.weight",
+    "value_encoder.linear1.bias",
+    "value_encoder.norm.bias",
+    "transformer_encoder.layers.0.self_attn.in_proj_bias",
+    "transformer_encoder.layers.1.self_attn.in_proj_weight",
+    "transformer_encoder.layers.1.self_attn.out_proj.weight",
+    "transformer_encoder.layers.0.linear1.weight",
+    "transformer_encoder.layers.1.norm2.weight",
+    "decoder.fc.4.weight",
+    "mvc_decoder.W.weight",
+    "mvc_decoder.gene2query.bias",
+]
+
+
+def generate_training(mm, out_dir):
+    """Training-mode references: gradients of a GEP + GEPC + ECS loss through the
+    `continuous` model (same weights as continuous.pt, dropout set to 0 so both sides are
+    deterministic), and one training-mode step of the affine-free BatchNorm1d DSBN uses."""
+    spec = VARIANTS["continuous"]
+    model, _ = build(mm, "continuous", spec, seed=1000)  # identical to continuous.pt
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(m, torch.nn.MultiheadAttention):
+            m.dropout = 0.0
+    model.train()
+    gen = torch.Generator().manual_seed(3000)
+
+    def value_fn(n):
+        return torch.randint(1, 51, (n,), generator=gen).float()
+
+    src, values, mask = make_batch(gen, [9, 6, 8], 9, value_fn, -2.0, -2)
+    target = torch.randint(1, 51, src.shape, generator=gen).float()
+    sel = (~mask) & (torch.rand(src.shape, generator=gen) < 0.6)
+    sel[:, 0] = False
+    out = model(src, values, mask, MVC=True, ECS=True)
+    loss = (masked_mse(out["mlm_output"], target, sel) + masked_mse(out["mvc_output"], target, sel)
+            + 10.0 * out["loss_ecs"])
+    loss.backward()
+    params = dict(model.named_parameters())
+    grads = {k: tensor_json(params[k].grad) for k in GRAD_PARAMS}
+
+    bn_gen = torch.Generator().manual_seed(3001)
+    x = torch.randn(3, 6, 5, generator=bn_gen) * 2.0 + 0.5
+    bn = torch.nn.BatchNorm1d(6, eps=6.1e-5, affine=False)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(6, generator=bn_gen))
+        bn.running_var.copy_(0.5 + torch.rand(6, generator=bn_gen))
+    rm0, rv0 = bn.running_mean.clone(), bn.running_var.clone()
+    bn.train()
+    y = bn(x)
+
+    # scgpt/loss.py on fixed tensors, including probabilities at 0 and 1 (Bernoulli clamps).
+    lossmod = importlib.import_module("scgpt.loss")
+    l_gen = torch.Generator().manual_seed(3002)
+    pred = torch.randn(4, 7, generator=l_gen) * 5 + 10
+    tgt = torch.randint(0, 20, (4, 7), generator=l_gen).float()
+    probs = torch.rand(4, 7, generator=l_gen)
+    probs[0, 0], probs[1, 1] = 0.0, 1.0
+    lmask = torch.rand(4, 7, generator=l_gen) < 0.5
+    lmask[0, 0] = lmask[1, 1] = True
+    losses = {"pred": tensor_json(pred), "target": tensor_json(tgt), "probs": tensor_json(probs),
+              "mask": [bool(v) for v in lmask.reshape(-1)],
+              "masked_mse_loss": float(lossmod.masked_mse_loss(pred, tgt, lmask)),
+              "criterion_neg_log_bernoulli": float(lossmod.criterion_neg_log_bernoulli(probs, tgt, lmask)),
+              "masked_relative_error": float(lossmod.masked_relative_error(pred, tgt, lmask))}
+
+    fixture = {
+        "generator": "tests/gen/model/gen_parity.py (generate_training)",
+        "losses": losses,
+        "torch": torch.__version__, "checkpoint": "continuous.pt",
+        "inputs": {"src": tensor_json(src), "values": tensor_json(values),
+                   "src_key_padding_mask": [bool(v) for v in mask.reshape(-1)],
+                   "target": tensor_json(target), "loss_mask": [bool(v) for v in sel.reshape(-1)]},
+        "loss": float(loss.detach()),
+        "grads": grads,
+        "batch_norm": {"eps": 6.1e-5, "momentum": 0.1, "x": tensor_json(x),
+                       "running_mean_before": tensor_json(rm0), "running_var_before": tensor_json(rv0),
+                       "y": tensor_json(y.detach()), "running_mean_after": tensor_json(bn.running_mean),
+                       "running_var_after": tensor_json(bn.running_var)},
+    }
+    (out_dir / "training.json").write_text(json.dumps(fixture) + "\n")
+    print(f"training: {(out_dir / 'training.json').stat().st_size} B")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "tests/data/model")
@@ -282,6 +495,10 @@ def main():
         if a.only and name not in a.only:
             continue
         generate(mm, name, spec, seed=1000 + i, out_dir=a.out)
+    if not a.only or "generative" in a.only:
+        generate_generative(mm, seed=2000, out_dir=a.out)
+    if not a.only or "training" in a.only:
+        generate_training(mm, out_dir=a.out)
 
 
 if __name__ == "__main__":

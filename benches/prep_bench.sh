@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# scgpt-prep throughput and peak memory against the original's Python path, in one run.
+#
+#   bash benches/prep_bench.sh [WORKDIR] [CELLS] [PY_CELLS]
+#
+# Simulates CELLS cells (default 1,000,000) with ~2,000 expressed genes each (and a quarter-size
+# file, to show memory stays flat as the file grows), shards both with the release scgpt-prep on
+# all cores, then runs the Python reference (benches/prep_python_reference.py, single-threaded as
+# the original) on the first PY_CELLS cells (default 20,000) of the big file, and prints the ratio
+# per core. Needs ~20 GB of disk in WORKDIR for 1M cells.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-/tmp/scgpt-prep-bench}
+CELLS=${2:-1000000}
+PY_CELLS=${3:-20000}
+QUARTER=$((CELLS / 4))
+mkdir -p "$WORK"
+cargo build --release -p scgpt-prep
+PREP=target/release/scgpt-prep
+if [ ! -x .venv-bench/bin/python ]; then
+  python3 -m venv .venv-bench
+  .venv-bench/bin/pip install -q -r tests/py/requirements.txt scanpy==1.11.5
+  .venv-bench/bin/pip install -q --no-deps scgpt==0.2.4
+fi
+for n in "$QUARTER" "$CELLS"; do
+  [ -f "$WORK/sim_$n.h5ad" ] || $PREP simulate --cells "$n" --genes 20000 --genes-per-cell 2000 --seed 1 --out "$WORK/sim_$n.h5ad"
+done
+NCPU=$(nproc)
+measure() { # $1 = label, rest = command; prints "label seconds peak_kb"
+  local label=$1; shift
+  /usr/bin/time -f "%e %M" -o "$WORK/time.txt" "$@" > "$WORK/$label.out" 2>&1
+  echo "$label $(cat "$WORK/time.txt")"
+}
+rm -rf "$WORK/out_q" "$WORK/out_full" "$WORK/out_py"
+RQ=$(measure rust_quarter $PREP --input "$WORK/sim_$QUARTER.h5ad" --out "$WORK/out_q" --gene-col feature_name --quiet)
+RF=$(measure rust_full $PREP --input "$WORK/sim_$CELLS.h5ad" --out "$WORK/out_full" --gene-col feature_name --quiet)
+PY=$(measure python .venv-bench/bin/python benches/prep_python_reference.py --h5ad "$WORK/sim_$CELLS.h5ad" --cells "$PY_CELLS" --out "$WORK/out_py")
+echo "$RQ"; echo "$RF"; echo "$PY"; cat "$WORK/python.out"
+python3 - "$CELLS" "$QUARTER" "$PY_CELLS" "$NCPU" "$RQ" "$RF" "$PY" <<'PYEOF'
+import sys
+cells, quarter, py_cells, ncpu = map(int, sys.argv[1:5])
+rq, rf, py = (s.split() for s in sys.argv[5:8])
+r_secs, r_kb = float(rf[1]), int(rf[2])
+q_secs, q_kb = float(rq[1]), int(rq[2])
+p_secs, p_kb = float(py[1]), int(py[2])
+r_rate, p_rate = cells / r_secs, py_cells / p_secs
+print(f"scgpt-prep  {cells:>9} cells  {r_secs:8.1f} s  {r_rate:10.0f} cells/s ({ncpu} cores)  peak {r_kb/1024:7.0f} MB")
+print(f"scgpt-prep  {quarter:>9} cells  {q_secs:8.1f} s  {quarter/q_secs:10.0f} cells/s ({ncpu} cores)  peak {q_kb/1024:7.0f} MB")
+print(f"python ref  {py_cells:>9} cells  {p_secs:8.1f} s  {p_rate:10.0f} cells/s (1 core)   peak {p_kb/1024:7.0f} MB")
+print(f"ratio per core: {r_rate / ncpu / p_rate:.1f}x   total: {r_rate / p_rate:.1f}x   "
+      f"peak memory 4x file / 1x file: {r_kb / q_kb:.2f}")
+PYEOF
