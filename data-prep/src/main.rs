@@ -6,6 +6,12 @@ use scgpt_prep::cli::{Cli, Command};
 use scgpt_prep::{inspect, pipeline, simulate};
 
 fn main() -> ExitCode {
+    // scgpt-prep only reads its inputs and writes new files under temp names, so HDF5's file
+    // locks buy nothing here and fail on many cluster filesystems (Lustre, NFS) and on files
+    // whose lock another process inherited. The user's explicit setting wins.
+    if std::env::var_os("HDF5_USE_FILE_LOCKING").is_none() {
+        std::env::set_var("HDF5_USE_FILE_LOCKING", "FALSE");
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

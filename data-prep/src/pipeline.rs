@@ -209,9 +209,30 @@ impl Prep {
         let bar = progress_bar(total, self.cfg.run.progress);
         let processed = AtomicU64::new(0);
 
+        // Files run on plain threads, never on rayon workers: each file's pipeline blocks on its
+        // own reader and writer threads, and the writer uses rayon to encode columns, so a rayon
+        // worker blocked on a file would starve the pool it is waiting for.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let slots: Vec<std::sync::Mutex<Option<anyhow::Result<(FileRecord, bool)>>>> =
+            inputs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        let file_workers = inputs.len().min(rayon::current_num_threads()).max(1);
+        std::thread::scope(|scope| {
+            for _ in 0..file_workers {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some((path, stem)) = inputs.get(i) else { break };
+                    let res = self.process_file(path, stem, &bar, &processed);
+                    *slots[i].lock().expect("no poisoning: workers do not panic while holding it") = Some(res);
+                });
+            }
+        });
         let results: Vec<(PathBuf, anyhow::Result<(FileRecord, bool)>)> = inputs
-            .par_iter()
-            .map(|(path, stem)| (path.clone(), self.process_file(path, stem, &bar, &processed)))
+            .iter()
+            .zip(slots)
+            .map(|((path, _), slot)| {
+                let res = slot.into_inner().ok().flatten().unwrap_or_else(|| Err(anyhow::anyhow!("worker for this file stopped early")));
+                (path.clone(), res)
+            })
             .collect();
         bar.finish_and_clear();
 

@@ -19,7 +19,10 @@ use arrow_array::{
 use arrow_buffer::OffsetBuffer;
 use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnChunk, ArrowRowGroupWriterFactory};
 use parquet::arrow::ArrowWriter;
+use parquet::file::writer::SerializedFileWriter;
+use rayon::prelude::*;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
@@ -173,14 +176,17 @@ fn writer_properties(obs_names: &[String]) -> anyhow::Result<WriterProperties> {
     Ok(b.build())
 }
 
-/// Streams cells into one shard file: row groups are encoded as they fill, so memory stays at
-/// one row group whatever the shard size. The file appears under its name only on `finish`;
+/// Streams cells into one shard file: each row group is encoded as it fills, its columns in
+/// parallel on the rayon pool (zstd is the costliest step of data-prep), so memory stays at one
+/// row group whatever the shard size. The file appears under its name only on `finish`;
 /// dropping an unfinished writer removes the temp file.
 pub struct ShardWriter {
     path: PathBuf,
     tmp: PathBuf,
     schema: Arc<Schema>,
-    writer: Option<ArrowWriter<HashingWriter<BufWriter<File>>>>,
+    file: Option<SerializedFileWriter<HashingWriter<BufWriter<File>>>>,
+    factory: ArrowRowGroupWriterFactory,
+    row_groups: usize,
     buf: CellColumns,
     rows: usize,
 }
@@ -192,11 +198,14 @@ impl ShardWriter {
         let file = File::create(&tmp).map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", tmp.display()))?;
         let hw = HashingWriter { inner: BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new(), bytes: 0 };
         let writer = ArrowWriter::try_new(hw, schema.clone(), Some(writer_properties(obs_names)?))?;
+        let (file, factory) = writer.into_serialized_writer()?;
         Ok(ShardWriter {
             path: path.to_path_buf(),
             tmp,
             schema,
-            writer: Some(writer),
+            file: Some(file),
+            factory,
+            row_groups: 0,
             buf: CellColumns::new(obs_names.len()),
             rows: 0,
         })
@@ -224,22 +233,39 @@ impl ShardWriter {
         let n_obs = self.buf.obs.len();
         let cells = std::mem::replace(&mut self.buf, CellColumns::new(n_obs));
         let batch = to_batch(&self.schema, cells)?;
-        let w = self.writer.as_mut().expect("open until finish");
-        w.write(&batch).map_err(|e| anyhow::anyhow!("{}: {e}", self.tmp.display()))?;
+        let writers = self.factory.create_column_writers(self.row_groups)?;
+        // One leaf per top-level column (lists of primitives, primitives, strings).
+        let chunks: Vec<ArrowColumnChunk> = writers
+            .into_par_iter()
+            .zip(self.schema.fields().par_iter().zip(batch.columns().par_iter()))
+            .map(|(mut w, (field, column))| {
+                for leaf in compute_leaves(field, column)? {
+                    w.write(&leaf)?;
+                }
+                w.close()
+            })
+            .collect::<parquet::errors::Result<_>>()?;
+        let file = self.file.as_mut().expect("open until finish");
+        let mut rg = file.next_row_group()?;
+        for chunk in chunks {
+            chunk.append_to_row_group(&mut rg)?;
+        }
+        rg.close()?;
+        self.row_groups += 1;
         Ok(())
     }
 
-    /// Encode the rest, fsync, and move the file into place.
+    /// Encode the rest, write the footer, fsync, and move the file into place.
     pub fn finish(mut self) -> anyhow::Result<ShardInfo> {
         self.flush()?;
-        let w = self.writer.take().expect("open until finish");
+        let file = self.file.take().expect("open until finish");
         let ctx = |e: &dyn std::fmt::Display| anyhow::anyhow!("writing shard {}: {e}", self.path.display());
-        let mut hw = w.into_inner().map_err(|e| ctx(&e))?;
+        let mut hw = file.into_inner().map_err(|e| ctx(&e))?;
         hw.flush().map_err(|e| ctx(&e))?;
         let HashingWriter { inner, hasher, bytes } = hw;
-        let file = inner.into_inner().map_err(|e| ctx(&e))?;
-        file.sync_all().map_err(|e| ctx(&e))?;
-        drop(file);
+        let f = inner.into_inner().map_err(|e| ctx(&e))?;
+        f.sync_all().map_err(|e| ctx(&e))?;
+        drop(f);
         std::fs::rename(&self.tmp, &self.path).map_err(|e| ctx(&e))?;
         Ok(ShardInfo {
             file: self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -252,7 +278,7 @@ impl ShardWriter {
 
 impl Drop for ShardWriter {
     fn drop(&mut self) {
-        if self.writer.is_some() {
+        if self.file.is_some() {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
