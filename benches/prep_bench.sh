@@ -26,9 +26,9 @@ for n in "$QUARTER" "$CELLS"; do
   [ -f "$WORK/sim_$n.h5ad" ] || $PREP simulate --cells "$n" --genes 20000 --genes-per-cell 2000 --seed 1 --out "$WORK/sim_$n.h5ad"
 done
 NCPU=$(nproc)
-measure() { # $1 = label, rest = command; prints "label seconds peak_kb"
+measure() { # $1 = label, rest = command; prints "label wall_s peak_kb user_s sys_s"
   local label=$1; shift
-  /usr/bin/time -f "%e %M" -o "$WORK/time.txt" "$@" > "$WORK/$label.out" 2>&1
+  /usr/bin/time -f "%e %M %U %S" -o "$WORK/time.txt" "$@" > "$WORK/$label.out" 2>&1
   echo "$label $(cat "$WORK/time.txt")"
 }
 rm -rf "$WORK/out_q" "$WORK/out_full" "$WORK/out_py"
@@ -39,14 +39,21 @@ echo "$RQ"; echo "$RF"; echo "$PY"; cat "$WORK/python.out"
 python3 - "$CELLS" "$QUARTER" "$PY_CELLS" "$NCPU" "$RQ" "$RF" "$PY" <<'PYEOF'
 import sys
 cells, quarter, py_cells, ncpu = map(int, sys.argv[1:5])
-rq, rf, py = (s.split() for s in sys.argv[5:8])
-r_secs, r_kb = float(rf[1]), int(rf[2])
-q_secs, q_kb = float(rq[1]), int(rq[2])
-p_secs, p_kb = float(py[1]), int(py[2])
-r_rate, p_rate = cells / r_secs, py_cells / p_secs
-print(f"scgpt-prep  {cells:>9} cells  {r_secs:8.1f} s  {r_rate:10.0f} cells/s ({ncpu} cores)  peak {r_kb/1024:7.0f} MB")
-print(f"scgpt-prep  {quarter:>9} cells  {q_secs:8.1f} s  {quarter/q_secs:10.0f} cells/s ({ncpu} cores)  peak {q_kb/1024:7.0f} MB")
-print(f"python ref  {py_cells:>9} cells  {p_secs:8.1f} s  {p_rate:10.0f} cells/s (1 core)   peak {p_kb/1024:7.0f} MB")
-print(f"ratio per core: {r_rate / ncpu / p_rate:.1f}x   total: {r_rate / p_rate:.1f}x   "
-      f"peak memory 4x file / 1x file: {r_kb / q_kb:.2f}")
+rows = {}
+for s in sys.argv[5:8]:
+    label, wall, kb, user, sys_ = s.split()
+    rows[label] = (float(wall), int(kb), float(user) + float(sys_))
+def line(name, n, key, cores):
+    wall, kb, cpu = rows[key]
+    print(f"{name:<11} {n:>9} cells  {wall:8.1f} s wall  {n / wall:9.0f} cells/s ({cores})  "
+          f"{n / cpu:9.0f} cells per CPU-second  peak {kb / 1024:6.0f} MB")
+line("scgpt-prep", cells, "rust_full", f"{ncpu} cores")
+line("scgpt-prep", quarter, "rust_quarter", f"{ncpu} cores")
+line("python ref", py_cells, "python", "1 core")
+r_wall, r_kb, r_cpu = rows["rust_full"]
+p_wall, p_kb, p_cpu = rows["python"]
+print(f"ratio, wall clock per core: {cells / r_wall / ncpu / (py_cells / p_wall):.1f}x   "
+      f"per CPU-second: {cells / r_cpu / (py_cells / p_cpu):.1f}x   "
+      f"total wall: {cells / r_wall / (py_cells / p_wall):.1f}x   "
+      f"peak memory, 4x file / 1x file: {r_kb / rows['rust_quarter'][1]:.2f}")
 PYEOF

@@ -517,12 +517,8 @@ fn read_index(g: &Group, gpath: &str, path: &Path) -> Result<Vec<String>> {
 }
 
 fn read_strings(ds: &Dataset, field: &str, path: &Path) -> Result<Vec<String>> {
-    let desc = ds.dtype().and_then(|t| t.to_descriptor()).map_err(|source| H5adError::Hdf5 {
-        path: path.into(),
-        field: field.into(),
-        source,
-    })?;
     let hdf = |source| H5adError::Hdf5 { path: path.into(), field: field.into(), source };
+    let desc = ds.dtype().and_then(|t| t.to_descriptor()).map_err(hdf)?;
     match desc {
         TypeDescriptor::VarLenUnicode => {
             Ok(ds.read_raw::<VarLenUnicode>().map_err(hdf)?.iter().map(|s| s.as_str().to_string()).collect())
@@ -539,12 +535,8 @@ fn read_strings(ds: &Dataset, field: &str, path: &Path) -> Result<Vec<String>> {
 }
 
 fn read_any_as_strings(ds: &Dataset, field: &str, path: &Path) -> Result<Vec<String>> {
-    let desc = ds.dtype().and_then(|t| t.to_descriptor()).map_err(|source| H5adError::Hdf5 {
-        path: path.into(),
-        field: field.into(),
-        source,
-    })?;
     let hdf = |source| H5adError::Hdf5 { path: path.into(), field: field.into(), source };
+    let desc = ds.dtype().and_then(|t| t.to_descriptor()).map_err(hdf)?;
     match desc {
         TypeDescriptor::VarLenUnicode | TypeDescriptor::VarLenAscii => read_strings(ds, field, path),
         TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_) => {
