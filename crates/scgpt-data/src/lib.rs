@@ -4,11 +4,13 @@
 //! - [`binning`]: the original's per-cell quantile binning, with seeded or lowest-bin tie-breaking.
 //! - [`h5ad`]: a bounded-memory reader (row blocks) and a writer for AnnData h5ad files.
 //! - [`shard`]: the binned Parquet shard schema, writer and reader.
+//! - [`loader`]: shuffled, resumable, prefetching batches over shard sets for training.
 //! - [`atomic`]: temp-file-plus-rename writes, so a crash never leaves a half file.
 
 pub mod atomic;
 pub mod binning;
 pub mod h5ad;
+pub mod loader;
 pub mod seed;
 pub mod shard;
 pub mod vocab;

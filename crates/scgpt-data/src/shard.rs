@@ -303,6 +303,16 @@ pub fn write_shard(path: &Path, obs_names: &[String], cells: &CellColumns) -> an
     w.finish()
 }
 
+/// Read one row group of a shard (the loader's unit of I/O). Obs columns are not decoded.
+pub fn read_row_group(path: &Path, group: usize) -> anyhow::Result<CellColumns> {
+    let reader = crate::loader::row_group_reader(path, group)?;
+    let mut out = CellColumns::new(0);
+    for batch in reader {
+        append_batch(&mut out, &batch?, path)?;
+    }
+    Ok(out)
+}
+
 /// Read a whole shard back (inspection, tests, small datasets).
 pub fn read_shard(path: &Path) -> anyhow::Result<(Vec<String>, CellColumns)> {
     let file = File::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;

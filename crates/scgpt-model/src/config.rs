@@ -114,6 +114,16 @@ pub struct ModelConfig {
     /// The `dev-temp` pretraining model: adds `flag_encoder` (Embedding(2, d)) and the
     /// pcpt/gen generative forward.
     pub use_generative_training: bool,
+    /// Initialise every encoder layer with the same values, as the original does
+    /// (`nn.TransformerEncoder` deep-copies one layer `nlayers` times; reference §1.3). Only
+    /// matters when training from scratch; each layer still has its own parameters. `false`
+    /// draws each layer independently. Not an args.json field.
+    #[serde(default = "default_true")]
+    pub identical_layer_init: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// The keys each logical field may appear under in an args.json, in priority order. The first
@@ -174,6 +184,7 @@ impl ModelConfig {
             domain_spec_batchnorm: BatchNormStyle::None,
             ecs_threshold: 0.3,
             use_generative_training: false,
+            identical_layer_init: true,
         }
     }
 
@@ -354,7 +365,7 @@ impl ModelConfig {
         self.validate_as("<code>")
     }
 
-    fn validate_as(&self, origin: &str) -> Result<()> {
+    pub(crate) fn validate_as(&self, origin: &str) -> Result<()> {
         let err = |field: &str, msg: String| Err(ModelError::config(origin, field, msg));
         if self.ntoken == 0 {
             return err("ntoken", "vocabulary size must be > 0".into());

@@ -35,6 +35,10 @@ pub enum ModelError {
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
 
+    /// A checkpoint or one of its side files could not be written.
+    #[error("cannot write {path}: {message}")]
+    Write { path: PathBuf, message: String },
+
     /// The checkpoint was read, but tensors the model cannot work without were absent or had
     /// the wrong shape.
     #[error(

@@ -87,7 +87,11 @@ impl GeneEncoder {
 
 /// `padding_idx` semantics of `nn.Embedding`: the looked-up rows of `pad` carry no gradient
 /// back into the table. Detaching those positions leaves the forward value untouched.
-fn block_padding_grad(x: Tensor<3>, ids: &Tensor<2, Int>, pad: Option<usize>) -> Tensor<3> {
+pub(crate) fn block_padding_grad(
+    x: Tensor<3>,
+    ids: &Tensor<2, Int>,
+    pad: Option<usize>,
+) -> Tensor<3> {
     match pad {
         Some(pad) if x.device().is_autodiff() => {
             let [b, l, d] = x.dims();
@@ -150,7 +154,9 @@ impl EmbeddingNorm {
                 .weight
                 .val()
                 .slice_assign([p..p + 1, 0..d], Tensor::zeros([1, d], device));
-            embedding.weight = Param::from_tensor(w);
+            // Detached: on an autodiff device `slice_assign` yields a non-leaf tensor, which
+            // cannot become a parameter.
+            embedding.weight = Param::from_tensor(w.detach());
         }
         Self {
             embedding,
@@ -237,14 +243,15 @@ impl BatchNorm1d {
                 .update((rv.mul_scalar(1.0 - m) + unbiased.reshape([c]).mul_scalar(m)).detach());
             (mean, var)
         } else {
+            // `value_sync`: a value read without syncing can be one training step stale.
             let mean = self
                 .running_mean
-                .value()
+                .value_sync()
                 .to_device(&device)
                 .reshape([1, c, 1]);
             let var = self
                 .running_var
-                .value()
+                .value_sync()
                 .to_device(&device)
                 .reshape([1, c, 1]);
             (mean, var)
@@ -470,6 +477,44 @@ pub struct TransformerEncoder {
 }
 
 impl TransformerEncoder {
+    /// `nlayers` post-norm layers. With `identical` (the original's behaviour) every layer
+    /// starts with layer 0's values — `nn.TransformerEncoder` deep-copies one layer — while
+    /// keeping its own parameters (distinct ids, trained independently).
+    pub fn new(
+        d: usize,
+        nhead: usize,
+        d_hid: usize,
+        p: f64,
+        nlayers: usize,
+        identical: bool,
+        device: &Device,
+    ) -> Self {
+        let mut layers: Vec<EncoderLayer> = (0..nlayers)
+            .map(|_| EncoderLayer::new(d, nhead, d_hid, p, device))
+            .collect();
+        if identical && nlayers > 1 {
+            use burn::store::ModuleSnapshot;
+            // Without the parameter ids: applying them would make every layer share
+            // layer 0's ids (one parameter to an optimiser).
+            let first: Vec<_> = layers[0]
+                .collect(None, None, false)
+                .into_iter()
+                .map(|mut t| {
+                    t.param_id = None;
+                    t
+                })
+                .collect();
+            for layer in &mut layers[1..] {
+                let result = layer.apply(first.clone(), None, None, false);
+                assert!(
+                    result.errors.is_empty() && result.missing.is_empty(),
+                    "copying layer 0 into an identical layer failed: {result}"
+                );
+            }
+        }
+        Self { layers }
+    }
+
     /// The `dev-temp` generator (`FlashscGPTGenerator`): both streams through every layer,
     /// each with its own residuals and norms but the layer's shared weights.
     pub fn forward_generative(
@@ -764,6 +809,75 @@ mod tests {
         let a = eval.forward(x.clone(), Some(pad_mask(&x.device())));
         let b = eval.forward(x.clone(), Some(pad_mask(&x.device())));
         assert_eq!((a - b).abs().max().into_scalar::<f32>(), 0.0);
+    }
+
+    #[test]
+    fn identical_layer_init_copies_values_not_parameters() {
+        use burn::store::ModuleSnapshot;
+        let device = Device::flex();
+        let tensors = |l: &EncoderLayer| -> Vec<(String, Vec<u8>)> {
+            l.collect(None, None, false)
+                .into_iter()
+                .map(|t| (t.name.clone(), t.into_bytes().unwrap().to_vec()))
+                .collect()
+        };
+        let mut config = crate::ModelConfig::new(10, 8, 2, 12, 3);
+        assert!(
+            config.identical_layer_init,
+            "the original's behaviour is the default"
+        );
+        let model = config.init(&device).unwrap();
+        let layers = &model.transformer_encoder.layers;
+        assert_eq!(tensors(&layers[1]), tensors(&layers[0]));
+        assert_eq!(tensors(&layers[2]), tensors(&layers[0]));
+        // Separate parameters (what the deep copy gives), not one shared layer.
+        assert_ne!(layers[0].linear1.weight.id, layers[1].linear1.weight.id);
+        assert_ne!(
+            layers[1].self_attn.Wqkv.weight.id,
+            layers[2].self_attn.Wqkv.weight.id
+        );
+        // Training moves them apart: a gradient step on one layer leaves the others alone.
+        let ad = Device::flex().autodiff();
+        let m = config.init(&ad).unwrap();
+        let x = Tensor::<3>::random([1, 4, 8], Distribution::Normal(0.0, 1.0), &ad);
+        let y = m.transformer_encoder.layers[0].forward(x, None);
+        let grads = (y.clone() * y).sum().backward();
+        assert!(m.transformer_encoder.layers[0]
+            .linear1
+            .weight
+            .grad(&grads)
+            .is_some());
+        assert!(m.transformer_encoder.layers[1]
+            .linear1
+            .weight
+            .grad(&grads)
+            .is_none());
+
+        config.identical_layer_init = false;
+        let model = config.init(&device).unwrap();
+        let layers = &model.transformer_encoder.layers;
+        assert_ne!(tensors(&layers[1]), tensors(&layers[0]));
+    }
+
+    #[test]
+    fn padded_embedding_builds_on_an_autodiff_device() {
+        // The zeroed padding row used to make the weight a non-leaf tensor, which panics
+        // when it becomes a parameter on an autodiff device (category models in training).
+        let device = Device::flex().autodiff();
+        let enc = EmbeddingNorm::new(5, 4, Some(3), &device);
+        let ids = Tensor::<2, Int>::from_data([[3i64, 1]], &device);
+        // A weighted sum: a plain sum of LayerNorm outputs has zero gradient.
+        let w = Tensor::<1, Int>::arange(0..8, &device)
+            .float()
+            .reshape([1, 2, 4]);
+        let grads = (enc.forward(ids) * w.square()).sum().backward();
+        let g = enc.embedding.weight.grad(&grads).unwrap();
+        let g: Vec<f32> = g.into_data().convert::<f32>().try_into_vec().unwrap();
+        assert!(
+            g[12..16].iter().all(|&x| x == 0.0),
+            "pad row got a gradient"
+        );
+        assert!(g[4..8].iter().any(|&x| x != 0.0));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //!
 //! See `STATUS.md` in this crate for what is implemented and verified against the original.
 
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generative;
@@ -10,10 +11,19 @@ pub mod layers;
 pub mod load;
 pub mod loss;
 pub mod model;
+pub mod perturbation;
+pub mod torch_zip;
 
 pub use burn;
+pub use checkpoint::{export_original, load_native, save_native, ExportReport, NativeCheckpoint};
 pub use config::{BatchNormStyle, CellEmbStyle, InputEmbStyle, ModelConfig, MvcDecoderStyle};
 pub use error::{ModelError, Result};
 pub use generative::{GenerativeInput, GenerativeOutput};
-pub use load::{load_pretrained, model_param_shapes, normalize_key, LoadReport, SkippedKey};
+pub use load::{
+    load_pretrained, model_param_shapes, normalize_key, original_key, LoadReport, SkippedKey,
+};
 pub use model::{Embedded, ForwardFlags, ModelInput, ModelOutput, TransformerModel};
+pub use perturbation::{
+    DecoderActivation, IncludeZeroGene, PerturbationConfig, PerturbationInput, PerturbationOutput,
+    TransformerGenerator, TUTORIAL_LOAD_PREFIXES,
+};

@@ -108,16 +108,44 @@ pub fn normalize_key(key: &str) -> String {
     map_sequential_index(&k)
 }
 
+/// Sequential/ModuleList containers whose PyTorch indices count parameter-free children:
+/// (list prefix, period of the repeating block, positions with parameters inside a block).
+const SEQUENTIAL_LISTS: &[(&str, usize, &[usize])] = &[
+    ("decoder.fc.", 2, &[0]),
+    ("decoder.zero_logit.", 2, &[0]),
+    ("cls_decoder._decoder.", 3, &[0, 2]),
+    ("grad_reverse_discriminator._decoder.", 3, &[0, 2]),
+    // The perturbation model's AffineExprDecoder holds two ExprDecoders.
+    ("decoder.coeff_decoder.fc.", 2, &[0]),
+    ("decoder.coeff_decoder.zero_logit.", 2, &[0]),
+    ("decoder.bias_decoder.fc.", 2, &[0]),
+    ("decoder.bias_decoder.zero_logit.", 2, &[0]),
+];
+
+/// The inverse of [`normalize_key`]'s index rule: a model name (`decoder.fc.1.weight`,
+/// `cls_decoder._decoder.3.bias`) → the original's state_dict key (`decoder.fc.2.weight`,
+/// `cls_decoder._decoder.5.bias`). Every other name is already the original's (flash naming,
+/// `self_attn.Wqkv.*`).
+pub fn original_key(name: &str) -> String {
+    for &(prefix, period, positions) in SEQUENTIAL_LISTS {
+        let Some(rest) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        let Some((idx, tail)) = rest.split_once('.') else {
+            continue;
+        };
+        let Ok(j) = idx.parse::<usize>() else {
+            continue;
+        };
+        let i = (j / positions.len()) * period + positions[j % positions.len()];
+        return format!("{prefix}{i}.{tail}");
+    }
+    name.to_string()
+}
+
 /// Rule 4: PyTorch Sequential/ModuleList index → index among the parameter-holding children.
 fn map_sequential_index(k: &str) -> String {
-    // (list prefix, period of the repeating block, positions with parameters inside a block)
-    const LISTS: &[(&str, usize, &[usize])] = &[
-        ("decoder.fc.", 2, &[0]),
-        ("decoder.zero_logit.", 2, &[0]),
-        ("cls_decoder._decoder.", 3, &[0, 2]),
-        ("grad_reverse_discriminator._decoder.", 3, &[0, 2]),
-    ];
-    for &(prefix, period, positions) in LISTS {
+    for &(prefix, period, positions) in SEQUENTIAL_LISTS {
         let Some(rest) = k.strip_prefix(prefix) else {
             continue;
         };
@@ -140,6 +168,11 @@ fn map_sequential_index(k: &str) -> String {
 /// Every tensor the model holds, under its PyTorch-style name (the name `normalize_key` maps a
 /// checkpoint key to) with its PyTorch-layout shape (`[out, in]` for Linear weights).
 pub fn model_param_shapes(model: &TransformerModel) -> BTreeMap<String, Vec<usize>> {
+    module_param_shapes(model)
+}
+
+/// [`model_param_shapes`] for any module (the perturbation model, a single layer).
+pub fn module_param_shapes<M: ModuleSnapshot>(model: &M) -> BTreeMap<String, Vec<usize>> {
     model
         .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
         .into_iter()
@@ -202,9 +235,31 @@ fn read_checkpoint(path: &Path) -> Result<Vec<PackTensor>> {
 /// Loads an original checkpoint into `model` by name and shape. See the module docs for the
 /// renaming rules. On error the model is left unchanged.
 pub fn load_pretrained(model: &mut TransformerModel, path: impl AsRef<Path>) -> Result<LoadReport> {
-    let path = path.as_ref();
+    // Asked of the device, not of a parameter: reading a lazily initialised parameter would
+    // materialise a random 60697×512 table only to overwrite it.
+    let dtype = float_dtype_of(&model.encoder.embedding.weight.lazy_device());
+    load_module(model, path.as_ref(), dtype, &|_| None, &is_required)
+}
+
+/// The float dtype parameters get on `device`.
+pub(crate) fn float_dtype_of(device: &burn::tensor::Device) -> DType {
+    device.settings().float_dtype.into()
+}
+
+/// The loader behind [`load_pretrained`], for any module with PyTorch-style field names.
+///
+/// `exclude(name)` returns a reason to leave a (renamed) checkpoint key out, e.g. a prefix
+/// filter; `required(name)` marks model parameters that must be loaded. Everything is checked
+/// before the model is touched, and the file's tensors are cast to `dtype`.
+pub(crate) fn load_module<M: ModuleSnapshot>(
+    model: &mut M,
+    path: &Path,
+    dtype: DType,
+    exclude: &dyn Fn(&str) -> Option<String>,
+    required: &dyn Fn(&str) -> bool,
+) -> Result<LoadReport> {
     let tensors = read_checkpoint(path)?;
-    let shapes = model_param_shapes(model);
+    let shapes = module_param_shapes(model);
 
     let mut report = LoadReport {
         path: path.to_path_buf(),
@@ -221,6 +276,10 @@ pub fn load_pretrained(model: &mut TransformerModel, path: impl AsRef<Path>) -> 
             name: name.clone(),
             reason,
         };
+        if let Some(reason) = exclude(&name) {
+            report.skipped.push(skip(reason));
+            continue;
+        }
         match shapes.get(&name) {
             None => report
                 .skipped
@@ -249,7 +308,7 @@ pub fn load_pretrained(model: &mut TransformerModel, path: impl AsRef<Path>) -> 
 
     let required_gaps: Vec<String> = shapes
         .keys()
-        .filter(|n| is_required(n) && !chosen.contains_key(*n))
+        .filter(|n| required(n) && !chosen.contains_key(*n))
         .map(|n| match report.skipped.iter().find(|s| &s.name == n) {
             Some(s) => format!("{n} ({})", s.reason),
             None => format!("{n} (absent)"),
@@ -263,16 +322,6 @@ pub fn load_pretrained(model: &mut TransformerModel, path: impl AsRef<Path>) -> 
     }
 
     // Load into the model's own float dtype whatever the file stores (fp16/fp64 checkpoints).
-    // (Asked of the device, not of a parameter: reading a lazily initialised parameter would
-    // materialise a random 60697×512 table only to overwrite it.)
-    let dtype: DType = model
-        .encoder
-        .embedding
-        .weight
-        .lazy_device()
-        .settings()
-        .float_dtype
-        .into();
     let adapter: Box<dyn ModuleAdapter> =
         Box::new(PyTorchToBurnAdapter.chain(FloatCastAdapter::to(dtype)));
     let mut names: BTreeSet<String> = BTreeSet::new();

@@ -10,7 +10,7 @@ use crate::config::{BatchNormStyle, CellEmbStyle, InputEmbStyle, ModelConfig, Mv
 use crate::error::{ModelError, Result};
 use crate::layers::{
     AdversarialDiscriminator, BatchNorm1d, ClsDecoder, ContinuousValueEncoder,
-    DomainSpecificBatchNorm, EmbeddingNorm, EncoderLayer, ExprDecoder, GeneEncoder, MvcDecoder,
+    DomainSpecificBatchNorm, EmbeddingNorm, ExprDecoder, GeneEncoder, MvcDecoder,
     TransformerEncoder, ValueEncoder,
 };
 
@@ -125,11 +125,15 @@ impl ModelConfig {
                 .then(|| DomainSpecificBatchNorm::new(d, n_batch, device)),
             bn: (self.domain_spec_batchnorm == BatchNormStyle::BatchNorm)
                 .then(|| BatchNorm1d::new(d, true, device)),
-            transformer_encoder: TransformerEncoder {
-                layers: (0..self.nlayers)
-                    .map(|_| EncoderLayer::new(d, self.nhead, self.d_hid, p, device))
-                    .collect(),
-            },
+            transformer_encoder: TransformerEncoder::new(
+                d,
+                self.nhead,
+                self.d_hid,
+                p,
+                self.nlayers,
+                self.identical_layer_init,
+                device,
+            ),
             decoder: ExprDecoder::new(d, d_in, self.explicit_zero_prob, device),
             cls_decoder: ClsDecoder::new(d, self.n_cls, self.nlayers_cls, device),
             mvc_decoder: self.do_mvc.then(|| {
@@ -336,19 +340,7 @@ impl TransformerModel {
         out: Tensor<3>,
         weights: Option<Tensor<2>>,
     ) -> Result<Tensor<2>> {
-        let [b, _, d] = out.dims();
-        Ok(match self.config.cell_emb_style {
-            CellEmbStyle::Cls => out.slice([0..b, 0..1, 0..d]).reshape([b, d]),
-            // Over all L positions: the original does not exclude padding.
-            CellEmbStyle::AvgPool => out.mean_dim(1).reshape([b, d]),
-            CellEmbStyle::WPool => {
-                let w = weights.ok_or_else(|| {
-                    ModelError::input("values", "w-pool needs the input values as weights")
-                })?;
-                let s = (out * w.unsqueeze_dim::<3>(2)).sum_dim(1).reshape([b, d]);
-                l2_normalize(s)
-            }
-        })
+        cell_emb_from_layer(self.config.cell_emb_style, out, weights)
     }
 
     pub(crate) fn batch_emb(&self, batch_labels: Option<&Tensor<1, Int>>) -> Option<Tensor<2>> {
@@ -580,6 +572,27 @@ impl TransformerModel {
         }
         Ok(chunks)
     }
+}
+
+/// `_get_cell_emb_from_layer` (shared by `TransformerModel` and `TransformerGenerator`).
+pub(crate) fn cell_emb_from_layer(
+    style: CellEmbStyle,
+    out: Tensor<3>,
+    weights: Option<Tensor<2>>,
+) -> Result<Tensor<2>> {
+    let [b, _, d] = out.dims();
+    Ok(match style {
+        CellEmbStyle::Cls => out.slice([0..b, 0..1, 0..d]).reshape([b, d]),
+        // Over all L positions: the original does not exclude padding.
+        CellEmbStyle::AvgPool => out.mean_dim(1).reshape([b, d]),
+        CellEmbStyle::WPool => {
+            let w = weights.ok_or_else(|| {
+                ModelError::input("values", "w-pool needs the input values as weights")
+            })?;
+            let s = (out * w.unsqueeze_dim::<3>(2)).sum_dim(1).reshape([b, d]);
+            l2_normalize(s)
+        }
+    })
 }
 
 /// `F.normalize(x, p=2, dim=1)`: x / max(‖x‖, 1e-12).

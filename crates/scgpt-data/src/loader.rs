@@ -1,0 +1,290 @@
+//! Training data over scgpt-prep shard sets: epoch-seeded block shuffling, a cell-level
+//! validation split, background prefetching and an exact data position for resuming.
+//!
+//! The unit of I/O is a Parquet row group (`shard::ROW_GROUP_CELLS` cells): an epoch's order is
+//! a seeded permutation of all row groups of all sets (weighted sets repeat or subsample their
+//! row groups), and cells are shuffled within a window of consecutive row groups, as block-
+//! shuffled samplers (annbatch, scDataset) do, so every read is sequential inside one row group.
+//! The order depends only on (seed, epoch), so a run resumed at `DataPosition` sees exactly the
+//! cells an uninterrupted run would have seen next.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::seed::{mix64, rng_for};
+use crate::shard::{read_row_group, CellColumns};
+use crate::vocab::GeneVocab;
+
+/// One scgpt-prep output directory.
+#[derive(Debug, Clone)]
+pub struct ShardSet {
+    pub dir: PathBuf,
+    pub vocab: GeneVocab,
+    /// (shard file, rows per row group).
+    pub shards: Vec<(PathBuf, Vec<usize>)>,
+    pub weight: f64,
+}
+
+impl ShardSet {
+    pub fn open(dir: &Path, weight: f64) -> anyhow::Result<Self> {
+        let manifest_path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&manifest_path)
+            .with_context(|| format!("{}: no manifest; is this an scgpt-prep output directory?", manifest_path.display()))?;
+        let manifest: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", manifest_path.display()))?;
+        let vocab = GeneVocab::from_file(&dir.join("vocab.json"))?;
+        let files = manifest["shards"]
+            .as_array()
+            .with_context(|| format!("{}: field `shards` missing", manifest_path.display()))?;
+        let mut shards = Vec::new();
+        for s in files {
+            let name = s["file"].as_str().with_context(|| format!("{}: a shard without `file`", manifest_path.display()))?;
+            let path = dir.join(name);
+            let f = File::open(&path).with_context(|| format!("{}: listed in the manifest but missing", path.display()))?;
+            let reader = SerializedFileReader::new(f).with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+            let groups = reader.metadata().row_groups().iter().map(|g| g.num_rows() as usize).collect();
+            shards.push((path, groups));
+        }
+        anyhow::ensure!(weight > 0.0, "{}: weight must be positive", dir.display());
+        Ok(ShardSet { dir: dir.to_path_buf(), vocab, shards, weight })
+    }
+
+    pub fn cells(&self) -> usize {
+        self.shards.iter().flat_map(|(_, g)| g).sum()
+    }
+}
+
+/// Where a run is in its data: resume from here to continue with the next unseen batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataPosition {
+    pub epoch: u64,
+    /// Training cells of this epoch already handed out (before rank slicing).
+    pub cells_done: u64,
+}
+
+/// A row group of one set: the unit of shuffling and reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Block {
+    set: usize,
+    shard: usize,
+    group: usize,
+    rows: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Valid,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    pub seed: u64,
+    pub batch_size: usize,
+    /// Fraction of cells held out for validation, chosen per cell by a seeded hash.
+    pub valid_fraction: f64,
+    /// Row groups whose cells are shuffled together.
+    pub shuffle_window: usize,
+    /// Data-parallel rank and world size: each rank takes every `world`-th batch.
+    pub rank: usize,
+    pub world: usize,
+    /// Batches decoded ahead on the background thread.
+    pub prefetch: usize,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig { seed: 0, batch_size: 32, valid_fraction: 0.003, shuffle_window: 8, rank: 0, world: 1, prefetch: 4 }
+    }
+}
+
+/// True if the cell at (set, shard, row-in-shard) belongs to the validation split.
+fn is_valid_cell(seed: u64, set: usize, shard: usize, row: usize, fraction: f64) -> bool {
+    let h = mix64(mix64(seed ^ 0x7A11D) ^ mix64(((set as u64) << 40) ^ ((shard as u64) << 24) ^ row as u64));
+    ((h >> 11) as f64 / (1u64 << 53) as f64) < fraction
+}
+
+/// A batch of cells with their origin, in the shard layout (vocab ids of each cell's set).
+#[derive(Debug, Clone)]
+pub struct CellBatch {
+    pub cells: CellColumns,
+    /// Index of the shard set each cell came from (for vocabulary remapping).
+    pub sets: Vec<usize>,
+    /// Position after this batch (for checkpoints).
+    pub position: DataPosition,
+}
+
+pub struct Loader {
+    sets: Arc<Vec<ShardSet>>,
+    cfg: LoaderConfig,
+}
+
+impl Loader {
+    pub fn new(sets: Vec<ShardSet>, cfg: LoaderConfig) -> anyhow::Result<Self> {
+        if sets.is_empty() {
+            bail!("no shard sets given");
+        }
+        anyhow::ensure!(cfg.batch_size > 0 && cfg.world > 0 && cfg.rank < cfg.world, "bad loader config: {cfg:?}");
+        Ok(Loader { sets: Arc::new(sets), cfg })
+    }
+
+    /// The epoch's row groups in order: a seeded permutation; a set with weight w contributes
+    /// floor(w) copies of each of its row groups plus a seeded fraction (w mod 1) of them.
+    fn epoch_blocks(&self, epoch: u64) -> Vec<Block> {
+        let mut rng = rng_for(self.cfg.seed, 0xB10C, epoch);
+        let mut blocks = Vec::new();
+        for (si, set) in self.sets.iter().enumerate() {
+            let mut own = Vec::new();
+            for (shi, (_, groups)) in set.shards.iter().enumerate() {
+                for (gi, &rows) in groups.iter().enumerate() {
+                    own.push(Block { set: si, shard: shi, group: gi, rows });
+                }
+            }
+            let whole = set.weight.floor() as usize;
+            for _ in 0..whole {
+                blocks.extend_from_slice(&own);
+            }
+            let extra = ((set.weight - whole as f64) * own.len() as f64).round() as usize;
+            own.shuffle(&mut rng);
+            blocks.extend_from_slice(&own[..extra.min(own.len())]);
+        }
+        blocks.shuffle(&mut rng);
+        blocks
+    }
+
+    /// Iterate this rank's training batches from `start` to the end of its epoch.
+    pub fn train_epoch(&self, start: DataPosition) -> BatchIter {
+        let blocks = self.epoch_blocks(start.epoch);
+        self.spawn(blocks, Split::Train, start)
+    }
+
+    /// Iterate the validation cells once, in storage order (every rank sees its slice).
+    pub fn valid(&self) -> BatchIter {
+        let mut blocks = Vec::new();
+        for (si, set) in self.sets.iter().enumerate() {
+            for (shi, (_, groups)) in set.shards.iter().enumerate() {
+                for (gi, &rows) in groups.iter().enumerate() {
+                    blocks.push(Block { set: si, shard: shi, group: gi, rows });
+                }
+            }
+        }
+        self.spawn(blocks, Split::Valid, DataPosition::default())
+    }
+
+    fn spawn(&self, blocks: Vec<Block>, split: Split, start: DataPosition) -> BatchIter {
+        let (tx, rx) = crossbeam_channel::bounded(self.cfg.prefetch.max(1));
+        let sets = self.sets.clone();
+        let cfg = self.cfg.clone();
+        let handle = std::thread::spawn(move || produce(&sets, &cfg, &blocks, split, start, &tx));
+        BatchIter { rx, handle: Some(handle) }
+    }
+}
+
+fn produce(
+    sets: &[ShardSet],
+    cfg: &LoaderConfig,
+    blocks: &[Block],
+    split: Split,
+    start: DataPosition,
+    tx: &crossbeam_channel::Sender<anyhow::Result<CellBatch>>,
+) {
+    let mut done = 0u64; // cells of the split handed out so far (all ranks)
+    let mut batch_index = 0u64;
+    let mut pending = CellColumns::new(0);
+    let mut pending_sets = Vec::new();
+    let window = if split == Split::Train { cfg.shuffle_window.max(1) } else { 1 };
+    for (wi, chunk) in blocks.chunks(window).enumerate() {
+        // Gather the window's cells of this split.
+        let mut cells = CellColumns::new(0);
+        let mut origin = Vec::new();
+        for b in chunk {
+            let (path, groups) = &sets[b.set].shards[b.shard];
+            let first_row: usize = groups[..b.group].iter().sum();
+            let group = match read_row_group(path, b.group) {
+                Ok(g) => g,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            for i in 0..group.len() {
+                let valid = is_valid_cell(cfg.seed, b.set, b.shard, first_row + i, cfg.valid_fraction);
+                if valid == (split == Split::Valid) {
+                    let (g, e, bins) = group.cell(i);
+                    cells.push(g, e, bins, group.n_counts[i], &group.cell_ids[i], &group.datasets[i], &[]);
+                    origin.push(b.set);
+                }
+            }
+        }
+        let mut order: Vec<usize> = (0..cells.len()).collect();
+        if split == Split::Train {
+            order.shuffle(&mut rng_for(cfg.seed, 0x5EF1 ^ start.epoch, wi as u64));
+        }
+        for i in order {
+            let skip = done < start.cells_done;
+            done += 1;
+            if skip {
+                continue;
+            }
+            let (g, e, bins) = cells.cell(i);
+            pending.push(g, e, bins, cells.n_counts[i], &cells.cell_ids[i], &cells.datasets[i], &[]);
+            pending_sets.push(origin[i]);
+            if pending.len() == cfg.batch_size {
+                let mine = batch_index % cfg.world as u64 == cfg.rank as u64;
+                batch_index += 1;
+                let full = std::mem::replace(&mut pending, CellColumns::new(0));
+                let sets_of = std::mem::take(&mut pending_sets);
+                if mine {
+                    let position = DataPosition { epoch: start.epoch, cells_done: done };
+                    if tx.send(Ok(CellBatch { cells: full, sets: sets_of, position })).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    // The last partial batch goes to the rank whose turn it is (DistributedSampler would pad).
+    if !pending.is_empty() && batch_index % cfg.world as u64 == cfg.rank as u64 {
+        let position = DataPosition { epoch: start.epoch, cells_done: done };
+        let _ = tx.send(Ok(CellBatch { cells: pending, sets: pending_sets, position }));
+    }
+}
+
+pub struct BatchIter {
+    rx: crossbeam_channel::Receiver<anyhow::Result<CellBatch>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Iterator for BatchIter {
+    type Item = anyhow::Result<CellBatch>;
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.rx.recv() {
+            Ok(b) => Some(b),
+            Err(_) => {
+                if let Some(h) = self.handle.take() {
+                    if h.join().is_err() {
+                        return Some(Err(anyhow::anyhow!("data loader thread panicked")));
+                    }
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Open a row group reader (kept here so the loader does not depend on arrow internals).
+pub(crate) fn row_group_reader(path: &Path, group: usize) -> anyhow::Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
+    let f = File::open(path).with_context(|| format!("{}: cannot open shard", path.display()))?;
+    Ok(ParquetRecordBatchReaderBuilder::try_new(f)
+        .with_context(|| format!("{}: not a readable Parquet shard", path.display()))?
+        .with_row_groups(vec![group])
+        .with_batch_size(crate::shard::ROW_GROUP_CELLS)
+        .build()?)
+}
