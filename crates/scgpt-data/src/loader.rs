@@ -16,6 +16,7 @@ use anyhow::{bail, Context};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use rand::seq::SliceRandom;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::seed::{mix64, rng_for};
@@ -204,10 +205,15 @@ fn produce(
         // Gather the window's cells of this split.
         let mut cells = CellColumns::new(0);
         let mut origin = Vec::new();
-        for b in chunk {
-            let (path, groups) = &sets[b.set].shards[b.shard];
+        // Decoding is the loader's cost: the window's row groups decode in parallel.
+        let decoded: Vec<anyhow::Result<CellColumns>> = chunk
+            .par_iter()
+            .map(|b| read_row_group(&sets[b.set].shards[b.shard].0, b.group))
+            .collect();
+        for (b, group) in chunk.iter().zip(decoded) {
+            let groups = &sets[b.set].shards[b.shard].1;
             let first_row: usize = groups[..b.group].iter().sum();
-            let group = match read_row_group(path, b.group) {
+            let group = match group {
                 Ok(g) => g,
                 Err(e) => {
                     let _ = tx.send(Err(e));
