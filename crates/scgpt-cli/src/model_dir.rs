@@ -1,0 +1,155 @@
+//! The original's checkpoint directory: `best_model.pt` + `vocab.json` + `args.json`.
+//!
+//! The model is built the way the original's `embed_data` builds it: only the architecture
+//! fields it reads from args.json are used (`embsize`, `nheads`, `d_hid`, `nlayers`,
+//! `n_layers_cls`, `dropout`, `pad_token`, `pad_value`), everything else is its hard-coded
+//! choice: no batch labels, no DSBN, no DAB, no explicit zero probabilities, no generative
+//! `flag_encoder`, cls cell embedding. One deviation: `input_emb_style` (and `n_bins` /
+//! `n_input_bins`, which size a category value encoder) are honoured, because the original
+//! would build a continuous value encoder for a category checkpoint and silently keep it random;
+//! here a value encoder that does not load is an error.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use scgpt_data::vocab::GeneVocab;
+use scgpt_model::burn::tensor::Device;
+use scgpt_model::{load_pretrained, LoadReport, ModelConfig, TransformerModel};
+use serde_json::{Map, Value};
+
+pub const CHECKPOINT: &str = "best_model.pt";
+pub const VOCAB: &str = "vocab.json";
+pub const ARGS: &str = "args.json";
+
+/// args.json keys that reach the model; the rest of the file is ignored, as `embed_data` does.
+const USED_KEYS: &[&str] = &[
+    "embsize",
+    "d_model",
+    "nheads",
+    "nhead",
+    "d_hid",
+    "nlayers",
+    "n_layers_cls",
+    "nlayers_cls",
+    "dropout",
+    "pad_token",
+    "pad_value",
+    "mask_value",
+    "n_bins",
+    "n_input_bins",
+    "input_emb_style",
+];
+
+pub struct LoadedModel {
+    pub model: TransformerModel,
+    pub vocab: GeneVocab,
+    pub vocab_path: PathBuf,
+    pub pad_id: u32,
+    pub cls_id: u32,
+    pub pad_value: f32,
+    pub d_model: usize,
+    pub report: LoadReport,
+}
+
+fn required(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let p = dir.join(name);
+    if !p.is_file() {
+        bail!(
+            "{}: not found; a model directory holds {CHECKPOINT}, {VOCAB} and {ARGS} (the original's \
+             checkpoint folder, e.g. scGPT_human)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// Reads args.json and keeps the fields the embedding model is built from.
+fn read_args(path: &Path) -> anyhow::Result<Map<String, Value>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let value: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let Value::Object(map) = value else {
+        bail!(
+            "{}: expected a JSON object at the top level",
+            path.display()
+        );
+    };
+    // The original's embed_data reads these with model_configs[...]: they must be there.
+    for key in ["pad_value", "pad_token"] {
+        if !map.contains_key(key) {
+            bail!(
+                "{}: field `{key}` missing (the original's embed_data needs it too)",
+                path.display()
+            );
+        }
+    }
+    Ok(map
+        .into_iter()
+        .filter(|(k, _)| USED_KEYS.contains(&k.as_str()))
+        .collect())
+}
+
+pub fn load(dir: &Path, device: &Device) -> anyhow::Result<LoadedModel> {
+    if !dir.is_dir() {
+        bail!(
+            "{}: model directory not found (expected a folder with {CHECKPOINT}, {VOCAB} and {ARGS})",
+            dir.display()
+        );
+    }
+    let vocab_path = required(dir, VOCAB)?;
+    let args_path = required(dir, ARGS)?;
+    let ckpt_path = required(dir, CHECKPOINT)?;
+
+    let mut vocab = GeneVocab::from_file(&vocab_path)?;
+    // As embed_data: special tokens missing from the file are appended.
+    vocab.ensure_specials();
+    let args = read_args(&args_path)?;
+    let origin = args_path.display().to_string();
+    let config = ModelConfig::from_args_map(&args, vocab.len(), &origin)?;
+    let pad_id = vocab.get(&config.pad_token).with_context(|| {
+        format!(
+            "{origin}: field `pad_token`: {:?} is not a token of {}",
+            config.pad_token,
+            vocab_path.display()
+        )
+    })?;
+    let cls_id = vocab.cls_id().expect("ensure_specials added <cls>");
+    let pad_value = config.pad_value as f32;
+    let d_model = config.d_model;
+    let config = config.with_pad_token_id(pad_id as usize);
+    config
+        .validate()
+        .with_context(|| format!("{origin}: unusable model configuration"))?;
+
+    let mut model = config.init(device)?;
+    let report = load_pretrained(&mut model, &ckpt_path)?;
+    if let Some(m) = report
+        .missing
+        .iter()
+        .find(|m| m.starts_with("value_encoder."))
+    {
+        let why = report
+            .skipped
+            .iter()
+            .find(|s| s.name == *m)
+            .map(|s| s.reason.clone())
+            .unwrap_or_else(|| "absent from the file".into());
+        bail!(
+            "checkpoint {}: the value encoder did not load ({m}: {why}); is `input_emb_style` in {} \
+             right for this checkpoint?",
+            ckpt_path.display(),
+            args_path.display()
+        );
+    }
+    Ok(LoadedModel {
+        model,
+        vocab,
+        vocab_path,
+        pad_id,
+        cls_id,
+        pad_value,
+        d_model,
+        report,
+    })
+}
