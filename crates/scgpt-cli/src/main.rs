@@ -1,13 +1,15 @@
 //! `scgpt`: inference commands on original scGPT checkpoints.
 //!
 //! `scgpt embed`: zero-shot cell embeddings, the original's `scgpt.tasks.embed_data` recipe
-//! (see `embed.rs`).
+//! (see `embed.rs`). `scgpt export` / `scgpt convert`: between the original's checkpoint format
+//! and ours (see `export.rs`).
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 mod embed;
+mod export;
 mod model_dir;
 mod sink;
 mod source;
@@ -29,12 +31,19 @@ enum Command {
     /// Cell embeddings (the `<cls>` output, L2-normalised) into obsm["X_scGPT"] of a copy of
     /// the input, or into Parquet / .npy.
     Embed(embed::EmbedArgs),
+    /// Write a checkpoint (native or original) in the original's format: best_model.pt +
+    /// vocab.json + args.json.
+    Export(export::ExportArgs),
+    /// Convert the original's checkpoint folder into a native checkpoint.
+    Convert(export::ConvertArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Embed(args) => embed::run(&args),
+        Command::Export(args) => export::export(&args),
+        Command::Convert(args) => export::convert(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

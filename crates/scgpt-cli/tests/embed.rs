@@ -562,3 +562,26 @@ fn scaled_x_points_to_raw_counts() {
     let e = read_obsm(&out);
     assert_eq!((e.len(), e[0].len()), (700, 32));
 }
+
+/// original folder -> native checkpoint -> exported original folder: the embeddings from the
+/// exported folder are bit-identical to those of the folder it came from.
+#[test]
+fn convert_then_export_round_trips_to_identical_embeddings() {
+    let dir = tempfile::tempdir().unwrap();
+    let native = dir.path().join("native");
+    let exported = dir.path().join("exported");
+    ok(scgpt(&["convert", "--model", s(&model()), "--output", s(&native)]));
+    assert!(native.join("model.safetensors").is_file() && native.join("config.json").is_file());
+    ok(scgpt(&["export", "--checkpoint", s(&native), "--output", s(&exported)]));
+    for f in ["best_model.pt", "vocab.json", "args.json"] {
+        assert!(exported.join(f).is_file(), "{f} written");
+    }
+    let run = |m: &Path, out: &str| {
+        let o = dir.path().join(out);
+        ok(scgpt(&["embed", "--model", s(m), "--input", s(&data("wu30.h5ad")), "--output", s(&o), "--deterministic", "--quiet"]));
+        read_npy(&o)
+    };
+    assert_eq!(run(&model(), "orig.npy"), run(&exported, "exported.npy"));
+    let e = err(scgpt(&["export", "--checkpoint", s(&dir.path().join("nothing")), "--output", s(&exported)]));
+    assert!(e.contains("nothing"), "{e}");
+}
