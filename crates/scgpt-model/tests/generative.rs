@@ -1,7 +1,6 @@
 //! The dev-temp generative pretraining forward (reference §2.2) against
 //! `tests/data/model/generative.json`, produced by `gen_parity.py::dev_temp_generative_forward`.
 
-use std::path::PathBuf;
 
 use scgpt_model::burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use scgpt_model::{
@@ -9,44 +8,10 @@ use scgpt_model::{
 };
 use serde_json::Value;
 
+mod common;
+use common::{bools, data_dir, floats, ints, shape_of};
+
 const TOL: f32 = 1e-4;
-
-fn data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/model")
-}
-
-fn shape_of(v: &Value) -> Vec<usize> {
-    v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect()
-}
-fn floats(v: &Value) -> Vec<f32> {
-    v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-fn ints(v: &Value) -> Vec<i64> {
-    v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
-}
-fn bools(v: &Value) -> Vec<bool> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_bool().unwrap())
-        .collect()
-}
-
 fn assert_close<const D: usize>(
     what: &str,
     got: Tensor<D>,

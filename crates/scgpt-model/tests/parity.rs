@@ -6,7 +6,6 @@
 //! legacy format), and its eval-mode outputs. Here the checkpoint goes through the real loader
 //! and the Rust forward must reproduce those outputs.
 
-use std::path::PathBuf;
 
 use scgpt_model::burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use scgpt_model::{
@@ -14,13 +13,11 @@ use scgpt_model::{
 };
 use serde_json::Value;
 
+mod common;
+use common::{data_dir, floats, shape_of};
+
 /// |got − want| ≤ TOL · max(1, |want|).
 const TOL: f32 = 1e-4;
-
-fn data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/model")
-}
-
 struct Fixture {
     json: Value,
     model: TransformerModel,
@@ -48,25 +45,6 @@ fn load(name: &str) -> Fixture {
         device,
     }
 }
-
-fn shape_of(v: &Value) -> Vec<usize> {
-    v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
 fn input(f: &Fixture) -> ModelInput {
     let inp = &f.json["inputs"];
     let shape = shape_of(&inp["src"]);

@@ -2,7 +2,6 @@
 //! GEP + GEPC + ECS loss through the whole model (dropout 0 on both sides so the runs are
 //! deterministic), and one training step of the affine-free BatchNorm1d used by DSBN.
 
-use std::path::PathBuf;
 
 use scgpt_model::burn::module::RunningState;
 use scgpt_model::burn::tensor::{Bool, Device, Int, Tensor, TensorData};
@@ -11,32 +10,8 @@ use scgpt_model::loss::masked_mse_loss;
 use scgpt_model::{load_pretrained, ForwardFlags, ModelConfig, ModelInput};
 use serde_json::Value;
 
-fn data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/model")
-}
-fn shape_of(v: &Value) -> Vec<usize> {
-    v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect()
-}
-fn floats(v: &Value) -> Vec<f32> {
-    v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-fn bools(v: &Value) -> Vec<bool> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_bool().unwrap())
-        .collect()
-}
+mod common;
+use common::{bools, data_dir, floats, shape_of};
 fn tensor<const D: usize>(v: &Value, device: &Device) -> Tensor<D> {
     let s: [usize; D] = shape_of(v).try_into().unwrap();
     Tensor::from_data(TensorData::new(floats(v), s), device)

@@ -10,6 +10,9 @@ use scgpt_model::{
 };
 use serde_json::Value;
 
+mod common;
+use common::{floats, shape_of};
+
 /// The whole-human args.json model fields (reference §1.11).
 const ARGS: &str = r#"{"embsize": 512, "nheads": 8, "d_hid": 512, "nlayers": 12, "n_layers_cls": 3,
   "dropout": 0.2, "pad_token": "<pad>", "pad_value": -2, "mask_value": -1, "n_bins": 51,
@@ -99,24 +102,6 @@ fn whole_human_checkpoint_maps_one_to_one() {
         assert!(shapes.contains_key(&normalize_key(&alt)), "{alt}");
     }
 }
-
-fn shape_of(v: &Value) -> Vec<usize> {
-    v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect()
-}
-fn floats(v: &Value) -> Vec<f32> {
-    v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
 /// Full-size load + forward against the original. Needs the directory written by
 /// `tests/gen/model/gen_whole_human_random.py` (~205 MB, not committed), or a real
 /// whole-human download (then only load and forward are checked):
