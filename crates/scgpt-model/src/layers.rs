@@ -342,11 +342,19 @@ impl SelfAttention {
     ) -> Tensor<4> {
         let [b, h, lq, dh] = q.dims();
         let lk = k.dims()[2];
-        let mask = mask.map(|m| m.expand([b, h, lq, lk]));
         if !dropout_active(&self.dropout, &q) {
-            // Inference: the fused kernel (no dropout support, no L×L autodiff graph).
+            // Inference: the fused kernel (no dropout support, no L×L autodiff graph). Flex's
+            // kernel broadcasts a [B, 1, Lq, Lk] mask over heads without copying it; expanding to
+            // all heads would materialise H times the mask (737 MB a layer at 64 × 1,200
+            // tokens). Autodiff devices fall back to a mask_fill that wants the full shape.
+            let autodiff = q.device().is_autodiff();
+            let mask = mask.map(|m| {
+                let heads = if autodiff || m.dims()[1] != 1 { h } else { 1 };
+                m.expand([b, heads, lq, lk])
+            });
             return attention(q, k, v, mask, None, AttentionModuleOptions::default());
         }
+        let mask = mask.map(|m| m.expand([b, h, lq, lk]));
         self.attend_explicit(q, k, v, mask, dh)
     }
 
