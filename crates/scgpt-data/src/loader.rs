@@ -136,6 +136,11 @@ impl Loader {
         Ok(Loader { sets: Arc::new(sets), cfg })
     }
 
+    /// The shard sets read by this loader.
+    pub fn sets(&self) -> &[ShardSet] {
+        &self.sets
+    }
+
     /// The epoch's row groups in order: a seeded permutation; a set with weight w contributes
     /// floor(w) copies of each of its row groups plus a seeded fraction (w mod 1) of them.
     fn epoch_blocks(&self, epoch: u64) -> Vec<Block> {
