@@ -141,9 +141,13 @@ fn from_slurm(get: &dyn Fn(&str) -> Option<String>) -> Result<RankInfo, DistErro
     check_local("SLURM_LOCALID", local_rank, world)?;
     let master_addr = if let Some(a) = get("MASTER_ADDR") {
         a
-    } else if let Some((var, list)) = ["SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"]
-        .iter()
-        .find_map(|v| get(v).map(|s| (*v, s)))
+    } else if let Some((var, list)) = [
+        "SLURM_STEP_NODELIST",
+        "SLURM_JOB_NODELIST",
+        "SLURM_NODELIST",
+    ]
+    .iter()
+    .find_map(|v| get(v).map(|s| (*v, s)))
     {
         // Task 0 runs on the first node of the step under Slurm's default block distribution;
         // other distributions need MASTER_ADDR.
@@ -179,9 +183,9 @@ fn from_slurm(get: &dyn Fn(&str) -> Option<String>) -> Result<RankInfo, DistErro
 fn slurm_port(job_id: &str) -> u16 {
     let n = job_id.parse::<u64>().unwrap_or_else(|_| {
         // Non-numeric ids (heterogeneous job forms) still need a stable port: FNV-1a.
-        job_id
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+        job_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        })
     });
     SLURM_PORT_BASE + (n % SLURM_PORT_SPAN) as u16
 }
@@ -241,7 +245,10 @@ pub fn timeout_from_env() -> Result<Duration, DistError> {
 
 /// [`timeout_from_env`] with an injected lookup.
 pub fn timeout_from_env_with(get: impl Fn(&str) -> Option<String>) -> Result<Duration, DistError> {
-    let Some(v) = get(TIMEOUT_ENV).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) else {
+    let Some(v) = get(TIMEOUT_ENV)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+    else {
         return Ok(DEFAULT_TIMEOUT);
     };
     match v.parse::<f64>() {
@@ -322,7 +329,8 @@ fn parse_ranges(body: &str) -> Result<Vec<(u64, u64, usize)>, String> {
         if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
             return Err(format!("{s:?} in [{body}] is not a number"));
         }
-        s.parse::<u64>().map_err(|_| format!("{s:?} in [{body}] is too large"))
+        s.parse::<u64>()
+            .map_err(|_| format!("{s:?} in [{body}] is too large"))
     };
     body.split(',')
         .map(|item| {
@@ -394,7 +402,13 @@ mod tests {
 
     #[test]
     fn first_host_matches_expansion() {
-        for list in ["node[01-04,07],gpu3", "a[8-10]b", "r[2-3]-n[5,7]", "plain", "x[007]"] {
+        for list in [
+            "node[01-04,07],gpu3",
+            "a[8-10]b",
+            "r[2-3]-n[5,7]",
+            "plain",
+            "x[007]",
+        ] {
             assert_eq!(first_host(list).unwrap(), expand_nodelist(list).unwrap()[0]);
         }
     }

@@ -96,8 +96,11 @@ impl Nccl {
 
         let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("context creation", e))?;
         // ncclCommInitRank picks the device from the thread's current context.
-        ctx.bind_to_thread().map_err(|e| cuda_err("binding the context", e))?;
-        let stream = ctx.new_stream().map_err(|e| cuda_err("stream creation", e))?;
+        ctx.bind_to_thread()
+            .map_err(|e| cuda_err("binding the context", e))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| cuda_err("stream creation", e))?;
         let comm = Comm::from_rank(stream.clone(), info.rank, info.world, id)
             .map_err(|e| nccl_err("ncclCommInitRank", e))?;
         Ok(Nccl {
@@ -142,7 +145,9 @@ impl Nccl {
             return Ok(());
         }
         let t0 = Instant::now();
-        self.ctx.bind_to_thread().map_err(|e| cuda_err("binding the context", e))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("binding the context", e))?;
         Nccl::staging(&self.stream, &mut self.dev_a, buf.len())?;
         let dev = self.dev_a.as_mut().expect("staging buffer");
         let mut view = dev.slice_mut(0..buf.len());
@@ -153,7 +158,9 @@ impl Nccl {
         self.stream
             .memcpy_dtoh(&view, buf)
             .map_err(|e| cuda_err(&format!("{what} download"), e))?;
-        self.stream.synchronize().map_err(|e| cuda_err(&format!("{what} synchronize"), e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err(&format!("{what} synchronize"), e))?;
         self.calls += 1;
         self.bytes += std::mem::size_of_val(buf) as u64;
         self.seconds += t0.elapsed().as_secs_f64();
@@ -194,7 +201,9 @@ impl Collective for Nccl {
             return Ok(out);
         }
         let t0 = Instant::now();
-        self.ctx.bind_to_thread().map_err(|e| cuda_err("binding the context", e))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("binding the context", e))?;
         Nccl::staging(&self.stream, &mut self.dev_a, n)?;
         Nccl::staging(&self.stream, &mut self.dev_b, n * self.world)?;
         let send = self.dev_a.as_mut().expect("staging buffer");
@@ -211,9 +220,11 @@ impl Collective for Nccl {
         self.stream
             .memcpy_dtoh(&recv, out.as_mut_slice())
             .map_err(|e| cuda_err("all_gather download", e))?;
-        self.stream.synchronize().map_err(|e| cuda_err("all_gather synchronize", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err("all_gather synchronize", e))?;
         self.calls += 1;
-        self.bytes += (n * std::mem::size_of::<f32>()) as u64;
+        self.bytes += std::mem::size_of_val(local) as u64;
         self.seconds += t0.elapsed().as_secs_f64();
         Ok(out)
     }

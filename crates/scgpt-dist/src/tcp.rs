@@ -203,7 +203,13 @@ fn fmt_secs(d: Duration) -> String {
 }
 
 /// Turn a socket failure into a message that blames the remote rank and suggests why.
-fn link_err(rank: usize, who: &str, op: &'static str, timeout: Duration, e: &io::Error) -> DistError {
+fn link_err(
+    rank: usize,
+    who: &str,
+    op: &'static str,
+    timeout: Duration,
+    e: &io::Error,
+) -> DistError {
     use io::ErrorKind::*;
     let message = match e.kind() {
         WouldBlock | TimedOut => format!(
@@ -239,6 +245,8 @@ struct Link {
     received: u64,
     /// A write failed part-way, so the far end is no longer at a frame boundary.
     torn: bool,
+    /// The handshake as received, kept until rank 0 has checked it.
+    hello: [u8; HELLO_LEN],
 }
 
 impl Link {
@@ -251,6 +259,7 @@ impl Link {
             sent: 0,
             received: 0,
             torn: false,
+            hello: [0; HELLO_LEN],
         }
     }
 
@@ -407,7 +416,13 @@ impl Tcp {
             })?;
             Tcp::serve(listener, info.world, opts)
         } else {
-            Tcp::join(&info.master_addr, info.master_port, info.rank, info.world, opts)
+            Tcp::join(
+                &info.master_addr,
+                info.master_port,
+                info.rank,
+                info.world,
+                opts,
+            )
         }
     }
 
@@ -433,50 +448,75 @@ impl Tcp {
             }
             Err(err)
         };
+        // Handshakes are read on helper threads: a connection that opens but never speaks
+        // (a health check, a half-started rank) must not hold up the others' rendezvous.
+        let (tx, rx) = mpsc::channel::<(Option<Link>, SocketAddr)>();
         while joined < world {
+            let mut progressed = false;
             match listener.accept() {
-                Ok((stream, addr)) => match root_handshake(stream, addr, world, deadline, opts) {
-                    Ok(None) => {}
-                    Ok(Some(mut link)) => {
-                        let r = link.rank;
-                        if slots[r].is_some() {
-                            let err = DistError::Protocol(format!(
-                                "two processes claim rank {r} (the second from {addr}): check \
-                                 that RANK / SLURM_PROCID differ on every process"
-                            ));
-                            link.send_abort(&err);
-                            return fail(&mut slots, err);
-                        }
-                        slots[r] = Some(link);
-                        joined += 1;
-                    }
+                Ok((stream, addr)) => {
+                    progressed = true;
+                    let tx = tx.clone();
+                    let wait = deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(200));
+                    thread::spawn(move || {
+                        let _ = tx.send((read_hello(stream, addr, wait), addr));
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return fail(&mut slots, io_err("rank 0 failed to accept connections", e))
+                }
+            }
+            while let Ok((link, addr)) = rx.try_recv() {
+                progressed = true;
+                let Some(link) = link else { continue };
+                let mut link = match check_hello(link, addr, world) {
+                    Ok(Some(link)) => link,
+                    Ok(None) => continue,
                     Err(err) => return fail(&mut slots, err),
-                },
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        let missing: Vec<String> = (1..world)
-                            .filter(|&r| slots[r].is_none())
-                            .map(|r| r.to_string())
-                            .collect();
-                        let first = missing[0].parse().expect("rank number");
-                        let err = DistError::Rank {
-                            rank: first,
-                            op: "connect",
-                            message: format!(
-                                "rank{} {} never connected to rank 0 (port {port}) within {}: \
-                                 are they running, with the same MASTER_ADDR/MASTER_PORT and \
-                                 world size ({world})?",
-                                if missing.len() > 1 { "s" } else { "" },
-                                missing.join(", "),
-                                fmt_secs(opts.connect_timeout)
-                            ),
-                        };
-                        return fail(&mut slots, err);
-                    }
+                };
+                let r = link.rank;
+                if slots[r].is_some() {
+                    let err = DistError::Protocol(format!(
+                        "two processes claim rank {r} (the second from {addr}): check that \
+                         RANK / SLURM_PROCID differ on every process"
+                    ));
+                    link.send_abort(&err);
+                    return fail(&mut slots, err);
+                }
+                slots[r] = Some(link);
+                joined += 1;
+                if joined == world {
+                    break;
+                }
+            }
+            if joined < world {
+                if Instant::now() >= deadline {
+                    let missing: Vec<String> = (1..world)
+                        .filter(|&r| slots[r].is_none())
+                        .map(|r| r.to_string())
+                        .collect();
+                    let first = missing[0].parse().expect("rank number");
+                    let err = DistError::Rank {
+                        rank: first,
+                        op: "connect",
+                        message: format!(
+                            "rank{} {} never connected to rank 0 (port {port}) within {}: are \
+                             they running, with the same MASTER_ADDR/MASTER_PORT and world size \
+                             ({world})?",
+                            if missing.len() > 1 { "s" } else { "" },
+                            missing.join(", "),
+                            fmt_secs(opts.connect_timeout)
+                        ),
+                    };
+                    return fail(&mut slots, err);
+                }
+                if !progressed {
                     thread::sleep(Duration::from_millis(5));
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return fail(&mut slots, io_err("rank 0 failed to accept connections", e)),
             }
         }
         let mut peers: Vec<Link> = slots.into_iter().flatten().collect();
@@ -658,7 +698,12 @@ impl Tcp {
     }
 
     /// Rank 0: read every peer's request and check it matches our own call.
-    fn root_check_headers(peers: &mut [Link], op: Op, seq: u64, len: usize) -> Result<(), DistError> {
+    fn root_check_headers(
+        peers: &mut [Link],
+        op: Op,
+        seq: u64,
+        len: usize,
+    ) -> Result<(), DistError> {
         for link in peers.iter_mut() {
             let mut h = [0u8; HEADER_LEN];
             link.read_exact(&mut h, op.name())?;
@@ -870,30 +915,23 @@ impl Tcp {
     }
 }
 
-/// Validate one incoming connection. `Ok(None)`: not an scgpt rank (drop it and keep
-/// listening); `Err`: an scgpt rank that disagrees with us, which dooms the whole group.
-fn root_handshake(
-    stream: TcpStream,
-    addr: SocketAddr,
-    world: usize,
-    deadline: Instant,
-    opts: &TcpOptions,
-) -> Result<Option<Link>, DistError> {
+/// Read the fixed-size hello of a fresh connection; `None` if it is not readable in time.
+fn read_hello(stream: TcpStream, addr: SocketAddr, wait: Duration) -> Option<Link> {
     // Accepted sockets may inherit the listener's non-blocking mode on some platforms.
-    if stream.set_nonblocking(false).is_err() || stream.set_nodelay(true).is_err() {
-        return Ok(None);
-    }
-    let wait = deadline
-        .saturating_duration_since(Instant::now())
-        .clamp(Duration::from_millis(200), opts.timeout.max(Duration::from_millis(200)));
+    stream.set_nonblocking(false).ok()?;
+    stream.set_nodelay(true).ok()?;
     let mut link = Link::new(stream, usize::MAX, format!("the process at {addr}"), wait);
-    if link.set_timeouts(wait).is_err() {
-        return Ok(None);
-    }
+    link.set_timeouts(wait).ok()?;
     let mut hello = [0u8; HELLO_LEN];
-    if link.read_exact(&mut hello, "connect").is_err() {
-        return Ok(None);
-    }
+    link.read_exact(&mut hello, "connect").ok()?;
+    link.hello = hello;
+    Some(link)
+}
+
+/// Validate a hello. `Ok(None)`: not an scgpt rank (drop it and keep listening); `Err`: an
+/// scgpt rank that disagrees with us, which dooms the whole group.
+fn check_hello(mut link: Link, addr: SocketAddr, world: usize) -> Result<Option<Link>, DistError> {
+    let hello = link.hello;
     let magic = u32::from_le_bytes(hello[0..4].try_into().expect("4 bytes"));
     let version = u16::from_le_bytes(hello[4..6].try_into().expect("2 bytes"));
     let rank = u32::from_le_bytes(hello[6..10].try_into().expect("4 bytes")) as usize;

@@ -61,7 +61,7 @@ impl ModuleVisitor for ParamLister {
         self.path.exit();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.out.push(ParamEntry { path: self.path.path(), id: param.id, shape: param.lazy_shape().dims.to_vec() });
+        self.out.push(ParamEntry { path: self.path.path(), id: param.id, shape: param.lazy_shape().dims::<D>().to_vec() });
     }
 }
 
@@ -80,7 +80,7 @@ pub fn list_params<M: Module>(model: &M) -> anyhow::Result<Vec<ParamEntry>> {
 }
 
 fn to_vec_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec::<f32>().expect("float tensor data")
+    t.into_data().convert::<f32>().try_to_vec::<f32>().expect("float tensor data")
 }
 
 /// Squared L2 norm of every gradient, summed in f64 (PyTorch's `clip_grad_norm_` total norm,

@@ -212,7 +212,7 @@ impl Trainer {
                 let text = std::fs::read_to_string(dir.join("state.json"))?;
                 let state: TrainState = serde_json::from_str(&text).with_context(|| format!("{}: state.json", dir.display()))?;
                 let params = list_params(&ck.model)?;
-                let adam = Adam::load(&dir.join("optimizer.bin"), &params, &device.inner())?;
+                let adam = Adam::load(&dir.join("optimizer.bin"), &params, &device.clone().inner())?;
                 notes.push(format!("resuming from {} (step {step}, epoch {}, {} cells into it)", dir.display(), state.position.epoch, state.position.cells_done));
                 (ck.model, vocab, adam, state)
             }
@@ -297,7 +297,16 @@ impl Trainer {
             w.text("config", state.step, &format!("```\n{resolved}\n```"))?;
             tb = Some(w);
             if !cfg.valid.label_set.is_empty() {
-                labelled = Some(load_labelled(&cfg, &vocab)?);
+                let set = load_labelled(&cfg, &vocab)?;
+                notes.push(format!(
+                    "validation embeddings: {} cells of {}, {} labels of `{}` ({})",
+                    set.cells.len(),
+                    cfg.valid.label_set,
+                    set.names.len(),
+                    cfg.valid.label_col,
+                    set.names.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
+                ));
+                labelled = Some(set);
             }
             for n in &notes {
                 eprintln!("scgpt-train: {n}");
@@ -590,7 +599,7 @@ impl Trainer {
             let c = Instant::now();
             let mut flat = flatten_grads(&grads, &self.params);
             self.comm.all_reduce_mean(&mut flat)?;
-            unflatten_grads(&mut grads, &self.params, &flat, &self.device.inner());
+            unflatten_grads(&mut grads, &self.params, &flat, &self.device.clone().inner());
             let mut l = [losses.sums[0], losses.sums[1], losses.sums[2], losses.sums[3], losses.sums[4], losses.tokens, losses.batches];
             self.comm.all_reduce_sum_f64(&mut l)?;
             losses = StepLosses { sums: [l[0], l[1], l[2], l[3], l[4]], tokens: l[5], batches: l[6] };
@@ -681,7 +690,7 @@ impl Trainer {
     /// with fixed draws, plus kNN accuracy and ASW of the cell embeddings on the labelled set.
     fn evaluate(&mut self, bar: &ProgressBar) -> anyhow::Result<()> {
         let model = self.model().valid();
-        let dev = self.device.inner();
+        let dev = self.device.clone().inner();
         let v = self.cfg.valid.clone();
         let t = self.cfg.train.clone();
         let mut sum = 0.0;
@@ -871,7 +880,7 @@ pub fn embed_cells(model: &TransformerModel, cells: &[Cell], opt: &CollateOption
             ModelInput { src: ints(&genes, n, len, dev), values: floats(&values, n, len, dev), src_key_padding_mask: bools(&pad, n, len, dev), batch_labels: None },
             ForwardFlags::default(),
         )?;
-        let emb: Vec<f32> = o.cell_emb.into_data().convert::<f32>().to_vec::<f32>().expect("floats");
+        let emb: Vec<f32> = o.cell_emb.into_data().convert::<f32>().try_to_vec::<f32>().expect("floats");
         let d = emb.len() / n;
         for row in emb.chunks(d) {
             let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);

@@ -1,0 +1,124 @@
+//! `scgpt-train` as a user runs it: config file + `--set`, SIGTERM writes a checkpoint and the
+//! same command resumes and finishes; the result embeds with `scgpt embed`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn prep(out: &Path) {
+    let status = Command::new(prep_bin())
+        .arg("--input")
+        .arg(root().join("tests/data/wu2020_200.h5ad"))
+        .arg("--out")
+        .arg(out)
+        .args(["--shard-cells", "64", "--obs-cols", "cluster_orig", "--quiet"])
+        .status()
+        .expect("run scgpt-prep");
+    assert!(status.success());
+}
+
+fn prep_bin() -> PathBuf {
+    // target/<profile>/scgpt-prep next to this test's binaries (built by `cargo test --workspace`).
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_scgpt-train"));
+    exe.with_file_name("scgpt-prep")
+}
+
+fn train_cmd(run: &Path, shards: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_scgpt-train"));
+    c.arg("--config").arg(root().join("configs/pretrain_tiny.toml")).arg("--quiet");
+    for s in [
+        format!("run.dir={}", run.display()),
+        format!("data.shards=[\"{}\"]", shards.display()),
+        format!("valid.label_set={}", shards.display()),
+        "model.embsize=32".into(),
+        "model.nheads=2".into(),
+        "model.d_hid=32".into(),
+        "model.max_seq_len=64".into(),
+        "train.log_every=1".into(),
+        "run.threads=2".into(),
+    ]
+    .iter()
+    .map(String::as_str)
+    .chain(extra.iter().copied())
+    {
+        c.arg("--set").arg(s);
+    }
+    c
+}
+
+#[test]
+fn sigterm_checkpoints_and_the_same_command_resumes() {
+    if !prep_bin().is_file() {
+        panic!("{} not built: run `cargo test --workspace` (it builds scgpt-prep)", prep_bin().display());
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    prep(&shards);
+    let run = tmp.path().join("run");
+    let extra = ["train.max_steps=400", "train.save_every=1000", "train.eval_every=1000"];
+    let mut child = train_cmd(&run, &shards, &extra).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    // Wait until a few steps are logged, then ask it to stop as Slurm would.
+    let start = Instant::now();
+    loop {
+        let n = std::fs::read_to_string(run.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0);
+        if n >= 3 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(240), "no progress logged");
+        assert!(child.try_wait().unwrap().is_none(), "scgpt-train exited early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    unsafe {
+        libc_kill(child.id() as i32, 15);
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + 15), "{stderr}");
+    assert!(stderr.contains("checkpoint written"), "{stderr}");
+    let (stopped_at, _) = scgpt_engine::latest_checkpoint(&run).expect("a checkpoint after SIGTERM");
+    assert!(stopped_at >= 3 && stopped_at < 400, "stopped at {stopped_at}");
+
+    // The command again resumes from there (here with a nearer end, to keep the test short).
+    let end = format!("train.max_steps={}", stopped_at + 3);
+    let out = train_cmd(&run, &shards, &["train.save_every=1000", "train.eval_every=1000", &end]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming from") && stderr.contains(&format!("step {stopped_at}")), "{stderr}");
+    assert_eq!(scgpt_engine::latest_checkpoint(&run).unwrap().0, stopped_at + 3);
+
+    // The exported best model embeds with `scgpt embed`.
+    let emb = tmp.path().join("emb.npy");
+    let out = Command::new(env!("CARGO_BIN_EXE_scgpt"))
+        .arg("embed")
+        .arg("--model")
+        .arg(run.join("best_model"))
+        .arg("--input")
+        .arg(root().join("tests/data/wu2020_200.h5ad"))
+        .arg("--output")
+        .arg(&emb)
+        .args(["--format", "npy", "--deterministic"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::metadata(&emb).unwrap().len() > 200 * 32 * 4);
+}
+
+#[test]
+fn bad_config_is_an_error_naming_the_key_and_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("bad.toml");
+    std::fs::write(&cfg, "[train]\nbatchsize = 4\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_scgpt-train")).arg("--config").arg(&cfg).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("batchsize") && stderr.contains("bad.toml"), "{stderr}");
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
