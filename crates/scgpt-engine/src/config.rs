@@ -40,6 +40,9 @@ pub struct RunSection {
     pub device: String,
     /// Start from scratch even if the run directory holds checkpoints (they are kept).
     pub no_resume: bool,
+    /// Stop with a checkpoint once this many steps are done (0 = off), for jobs with a wall
+    /// time shorter than the run: the same command resumes.
+    pub stop_at_step: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

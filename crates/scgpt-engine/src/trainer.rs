@@ -246,6 +246,10 @@ impl Trainer {
         }
         let vocab_json = vocab.to_json();
         let params = list_params(&model)?;
+        // burn initialises parameters lazily, in order of first use; touching them all now in
+        // module order makes the initial values a function of the seed alone (the same with
+        // or without data parallelism, whatever runs first).
+        let _ = crate::optim::flatten_params(&model, &params);
         let n_params: usize = params.iter().map(ParamEntry::numel).sum();
         notes.push(format!("parameters: {n_params} in {} tensors; rank {rank} of {world}", params.len()));
 
@@ -370,13 +374,27 @@ impl Trainer {
         Ok(())
     }
 
+    /// The furthest data position of any rank (the last rank's last batch): where every rank
+    /// resumes, so a resumed loader deals the next batches to the same ranks as before.
+    fn global_position(&mut self, mine: DataPosition) -> anyhow::Result<DataPosition> {
+        if self.comm.world() == 1 {
+            return Ok(mine);
+        }
+        let mut slots = vec![0f64; self.comm.world()];
+        slots[self.comm.rank()] = mine.cells_done as f64;
+        self.comm.all_reduce_sum_f64(&mut slots)?;
+        let cells_done = slots.iter().fold(0f64, |a, &b| a.max(b)) as u64;
+        Ok(DataPosition { epoch: mine.epoch, cells_done })
+    }
+
     fn lead(&self) -> bool {
         self.comm.rank() == 0
     }
 
     /// Runs to the end of the schedule (or a signal). Each call resumes where the state is.
     pub fn run(&mut self) -> anyhow::Result<RunEnd> {
-        self.run_until(None)
+        let stop = self.cfg.run.stop_at_step;
+        self.run_until((stop > 0).then_some(stop))
     }
 
     /// As [`run`](Self::run), but stops after step `stop_at` with a checkpoint, as a signal
@@ -458,7 +476,7 @@ impl Trainer {
             let lr = lr_at(t.lr, step, t.warmup_steps, self.total_steps, t.schedule == "cosine");
             let (losses, norm, comm_s, skipped) = self.optimizer_step(&micro, tokens[0], lr, step)?;
             self.state.step += 1;
-            self.state.position = micro.last().expect("micro-batches").1;
+            self.state.position = self.global_position(micro.last().expect("micro-batches").1)?;
             let cells: usize = micro.iter().map(|(_, _, n)| n).sum();
             self.state.cells_seen += (cells * self.comm.world()) as u64;
             interval_cells += (cells * self.comm.world()) as u64;

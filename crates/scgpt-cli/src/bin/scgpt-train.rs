@@ -34,6 +34,10 @@ fn main() -> ExitCode {
             eprintln!("scgpt-train: finished after {steps} steps");
             ExitCode::SUCCESS
         }
+        Ok(RunEnd::Interrupted { steps, signal: 0 }) => {
+            eprintln!("scgpt-train: stopped at step {steps} (run.stop_at_step); checkpoint written, rerun without it to continue");
+            ExitCode::SUCCESS
+        }
         Ok(RunEnd::Interrupted { steps, signal }) => {
             eprintln!("scgpt-train: stopped by signal {signal} at step {steps}; checkpoint written, rerun the same command to resume");
             ExitCode::from(128u8.saturating_add(signal as u8))

@@ -1,0 +1,156 @@
+//! Data-parallel `scgpt-train` over TCP on loopback: N ranks as N processes (launched as
+//! torchrun would, with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT) with the same global
+//! batch end with the parameters of one rank, also with gradient accumulation and across a
+//! resume; a killed rank makes the others fail with an error naming it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn prep_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_scgpt-train")).with_file_name("scgpt-prep")
+}
+
+fn prep(out: &Path) {
+    assert!(prep_bin().is_file(), "{} not built: run `cargo test --workspace`", prep_bin().display());
+    let status = Command::new(prep_bin())
+        .arg("--input")
+        .arg(root().join("tests/data/wu2020_200.h5ad"))
+        .args(["--shard-cells", "64", "--quiet", "--deterministic", "--out"])
+        .arg(out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One rank of a `world`-rank run (world 1 = a plain process).
+fn spawn_rank(rank: usize, world: usize, port: u16, run: &Path, shards: &Path, sets: &[String]) -> Child {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_scgpt-train"));
+    c.arg("--config").arg(root().join("configs/pretrain_tiny.toml")).arg("--quiet");
+    let base = [
+        format!("run.dir={}", run.display()),
+        format!("data.shards=[\"{}\"]", shards.display()),
+        "valid.label_set=\"\"".into(),
+        "model.embsize=32".into(),
+        "model.nheads=2".into(),
+        "model.d_hid=32".into(),
+        "model.max_seq_len=64".into(),
+        "model.dropout=0.0".into(),
+        "run.deterministic=true".into(),
+        "run.threads=1".into(),
+        "train.warmup_steps=2".into(),
+        "train.lr=1e-3".into(),
+        "train.log_every=1".into(),
+        "train.eval_every=1000".into(),
+        "train.save_every=1000".into(),
+        "dist.timeout_s=5".into(),
+    ];
+    for s in base.iter().chain(sets) {
+        c.arg("--set").arg(s);
+    }
+    if world > 1 {
+        c.env("RANK", rank.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string());
+    }
+    c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+fn run_world(world: usize, run: &Path, shards: &Path, sets: &[String]) {
+    let port = free_port();
+    let children: Vec<Child> = (0..world).map(|r| spawn_rank(r, world, port, run, shards, sets)).collect();
+    for (r, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "rank {r} of {world} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+fn final_params(run: &Path) -> Vec<f32> {
+    let (_, dir) = scgpt_engine::latest_checkpoint(run).expect("a checkpoint");
+    let ck = scgpt_model::load_native(dir.join("model"), &scgpt_model::burn::tensor::Device::flex()).unwrap();
+    let p = scgpt_engine::optim::list_params(&ck.model).unwrap();
+    scgpt_engine::optim::flatten_params(&ck.model, &p)
+}
+
+/// Worst absolute parameter difference.
+fn worst_difference(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn ranks_with_the_same_global_batch_match_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    prep(&shards);
+    let steps = "train.max_steps=5".to_string();
+    let one = tmp.path().join("one");
+    run_world(1, &one, &shards, &[steps.clone(), "train.batch_size=16".into()]);
+    let want = final_params(&one);
+
+    // 2 ranks × 8 cells, 4 ranks × 4 cells, 2 ranks × 4 cells × 2 micro-batches.
+    for (world, batch, accum) in [(2, 8, 1), (4, 4, 1), (2, 4, 2)] {
+        let run = tmp.path().join(format!("w{world}a{accum}"));
+        run_world(world, &run, &shards, &[steps.clone(), format!("train.batch_size={batch}"), format!("train.grad_accum={accum}")]);
+        let got = final_params(&run);
+        let worst = worst_difference(&want, &got);
+        // Adam moves a parameter by about lr per step whatever the gradient's size, so
+        // reduction-order noise in tiny gradients can move a parameter by up to ~lr·steps;
+        // anything structural (a rank's cells missing or doubled) shows as far larger errors.
+        eprintln!("world {world}, accum {accum}: worst parameter difference {worst:e}");
+        assert!(worst < 3e-5, "world {world}, accum {accum}: worst parameter difference {worst:e}");
+    }
+
+    // Across a resume: 2 ranks stop at step 2 with a checkpoint, the same ranks resume to 5.
+    let run = tmp.path().join("resumed");
+    run_world(2, &run, &shards, &[steps.clone(), "train.batch_size=8".into(), "run.stop_at_step=2".into()]);
+    assert_eq!(scgpt_engine::latest_checkpoint(&run).unwrap().0, 2);
+    run_world(2, &run, &shards, &[steps, "train.batch_size=8".into()]);
+    assert_eq!(scgpt_engine::latest_checkpoint(&run).unwrap().0, 5);
+    let worst = worst_difference(&want, &final_params(&run));
+    assert!(worst < 3e-5, "resumed 2-rank run: worst parameter difference {worst:e}");
+}
+
+#[test]
+fn a_killed_rank_ends_the_others_with_an_error_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    prep(&shards);
+    let run = tmp.path().join("run");
+    let port = free_port();
+    let sets = ["train.max_steps=100000".to_string(), "train.batch_size=4".into()];
+    let mut r0 = spawn_rank(0, 2, port, &run, &shards, &sets);
+    let mut r1 = spawn_rank(1, 2, port, &run, &shards, &sets);
+    let start = Instant::now();
+    while std::fs::read_to_string(run.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0) < 2 {
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    r1.kill().unwrap();
+    let _ = r1.wait();
+    let killed = Instant::now();
+    let out = loop {
+        if let Some(_) = r0.try_wait().unwrap() {
+            break r0.wait_with_output().unwrap();
+        }
+        if killed.elapsed() > Duration::from_secs(30) {
+            let _ = r0.kill();
+            panic!("rank 0 still running 30 s after rank 1 died");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("rank 1"), "{stderr}");
+    eprintln!("rank 0 exited {:.1} s after rank 1 was killed: {}", killed.elapsed().as_secs_f64(), stderr.lines().last().unwrap_or(""));
+}
