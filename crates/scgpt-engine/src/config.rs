@@ -216,7 +216,12 @@ impl TrainConfig {
         );
         ensure!((0.0..1.0).contains(&self.data.valid_fraction), "data.valid_fraction must be in [0, 1)");
         ensure!(self.task.kind == "pretrain", "task.kind = {:?}: this build knows \"pretrain\"", self.task.kind);
-        ensure!(self.run.device == "cpu", "run.device = {:?}: this build runs on \"cpu\" (burn Flex); GPU builds need the cuda/wgpu feature", self.run.device);
+        ensure!(
+            crate::device::available().contains(&self.run.device.as_str()),
+            "run.device = {:?}: this build has {}; GPU builds need the cuda, wgpu or vulkan feature",
+            self.run.device,
+            crate::device::available().join(", ")
+        );
         ensure!(self.valid.knn_k > 0, "valid.knn_k must be at least 1");
         Ok(())
     }

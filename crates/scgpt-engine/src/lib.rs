@@ -10,6 +10,7 @@
 
 pub mod collate;
 pub mod config;
+pub mod device;
 pub mod init;
 pub mod metrics;
 pub mod optim;

@@ -189,7 +189,10 @@ impl Trainer {
         let rank = comm.rank();
         let world = comm.world();
         let lead = rank == 0;
-        let device = Device::flex().autodiff();
+        let local_rank = std::env::var("LOCAL_RANK").ok().or_else(|| std::env::var("SLURM_LOCALID").ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let mut plain = crate::device::select(&cfg.run.device, local_rank)?;
+        crate::device::configure_precision(&mut plain, &cfg.train.precision)?;
+        let device = plain.autodiff();
         device.seed(mix64(cfg.run.seed ^ 0x1417));
 
         let weights = if cfg.data.weights.is_empty() { vec![1.0; cfg.data.shards.len()] } else { cfg.data.weights.clone() };

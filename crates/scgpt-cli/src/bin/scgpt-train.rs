@@ -59,7 +59,9 @@ fn run(cli: &Cli) -> anyhow::Result<RunEnd> {
         let _ = rayon::ThreadPoolBuilder::new().num_threads(cfg.run.threads).build_global();
     }
     let info = scgpt_dist::RankInfo::from_env()?;
-    let comm = scgpt_dist::connect(&info, &cfg.dist.backend, std::time::Duration::from_secs(cfg.dist.timeout_s))?;
+    // GPU ranks exchange gradients through NCCL unless told otherwise.
+    let backend = if cfg.dist.backend == "auto" && cfg.run.device == "cuda" && info.world > 1 { "nccl" } else { cfg.dist.backend.as_str() };
+    let comm = scgpt_dist::connect(&info, backend, std::time::Duration::from_secs(cfg.dist.timeout_s))?;
     let mut trainer = Trainer::new(cfg, comm)?;
     if cli.quiet || info.rank != 0 {
         trainer = trainer.quiet();
