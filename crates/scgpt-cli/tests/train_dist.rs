@@ -154,3 +154,29 @@ fn a_killed_rank_ends_the_others_with_an_error_naming_it() {
     assert!(stderr.contains("rank 1"), "{stderr}");
     eprintln!("rank 0 exited {:.1} s after rank 1 was killed: {}", killed.elapsed().as_secs_f64(), stderr.lines().last().unwrap_or(""));
 }
+
+#[test]
+fn launch_local_sh_runs_two_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    prep(&shards);
+    let run = tmp.path().join("run");
+    let out = Command::new("bash")
+        .arg(root().join("launch/local.sh"))
+        .arg("2")
+        .arg("--config")
+        .arg(root().join("configs/pretrain_tiny.toml"))
+        .args(["--quiet", "--set"])
+        .arg(format!("run.dir={}", run.display()))
+        .arg("--set")
+        .arg(format!("data.shards=[\"{}\"]", shards.display()))
+        .args(["--set", "valid.label_set=\"\"", "--set", "model.embsize=32", "--set", "model.nheads=2", "--set", "model.d_hid=32"])
+        .args(["--set", "model.max_seq_len=64", "--set", "train.batch_size=4", "--set", "train.max_steps=3"])
+        .env("SCGPT_TRAIN", env!("CARGO_BIN_EXE_scgpt-train"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("rank 0 of 2"), "{stderr}");
+    assert_eq!(scgpt_engine::latest_checkpoint(&run).unwrap().0, 3);
+}
