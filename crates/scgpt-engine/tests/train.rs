@@ -208,3 +208,18 @@ fn missing_shards_are_a_clear_error() {
     assert!(msg.contains("nope") && msg.contains("manifest"), "{msg}");
 }
 
+
+#[test]
+fn non_finite_gradients_skip_the_update() {
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("wu");
+    prep("wu2020_200.h5ad", &shards, &[]);
+    let run = tmp.path().join("run");
+    // A rate of 1e36 blows the parameters up after the first update; later gradients overflow.
+    let cfg = tiny(&run, &shards, &["train.lr=1e36".into(), "train.warmup_steps=0".into(), "train.clip_norm=0.0".into(), "train.max_steps=6".into(), "valid.label_set=\"\"".into()]);
+    let mut t = Trainer::new(cfg, Box::new(scgpt_dist::Single::new())).unwrap().quiet();
+    assert_eq!(t.run().unwrap(), RunEnd::Finished { steps: 6 });
+    assert!(t.state.skipped_steps >= 1, "{:?}", t.state);
+    assert!(t.state.skipped_steps < 6, "the first update was finite: {:?}", t.state);
+}
