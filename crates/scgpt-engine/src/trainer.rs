@@ -647,7 +647,7 @@ impl Trainer {
             pcpt_values: floats(&b.pcpt_values, n, p, d),
             pcpt_key_padding_mask: bools(&b.pcpt_pad, n, p, d),
             gen_genes: Some(ints(&b.gen_genes, n, g, d)),
-            gen_key_padding_mask: Some(bools(&b.gen_pad, n, g, d)),
+            gen_key_padding_mask: b.gen_pad.contains(&true).then(|| bools(&b.gen_pad, n, g, d)),
             batch_labels: None,
             input_cell_emb: None,
         };

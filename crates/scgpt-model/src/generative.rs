@@ -134,10 +134,16 @@ impl TransformerModel {
                     .slice([1..2, 0..d])
                     .reshape([1, 1, d]);
                 let gen_total = self.batch_norm(gen_embs.clone() + flag, labels)?;
+                // Without padding the masks only cost time (mask_fill over [B, H, L, L]).
+                let pcpt_mask = pcpt_key_padding_mask
+                    .clone()
+                    .any()
+                    .into_scalar::<bool>()
+                    .then_some(pcpt_key_padding_mask);
                 let (po, go) = self.transformer_encoder.forward_generative(
                     pcpt_total,
                     gen_total,
-                    Some(pcpt_key_padding_mask),
+                    pcpt_mask,
                     gen_key_padding_mask,
                 );
                 (

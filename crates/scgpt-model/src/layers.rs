@@ -413,23 +413,29 @@ impl SelfAttention {
         )));
 
         let [gq, gk, gv] = self.split_heads(self.Wqkv.forward(gen));
-        let [b, _, g, _] = gq.dims();
+        let [b, h, g, dh] = gq.dims();
         let p = pk.dims()[2];
-        let device = gq.device();
-        let keys = Tensor::cat(vec![pk, gk], 2);
-        let vals = Tensor::cat(vec![pv, gv], 2);
-        // [B, 1, G, P + G], true = may not attend.
-        let pcpt_part = match pcpt_mask {
-            Some(m) => m.unsqueeze_dims::<4>(&[1, 2]).expand([b, 1, g, p]),
-            None => Tensor::<4, Int>::zeros([b, 1, g, p], &device).bool(),
-        };
-        let not_self = Tensor::<2>::eye(g, &device).bool().bool_not();
-        let mut gen_part = not_self.unsqueeze_dims::<4>(&[0, 1]).expand([b, 1, g, g]);
-        if let Some(m) = gen_mask {
-            gen_part = gen_part.bool_or(m.unsqueeze_dims::<4>(&[1, 2]).expand([b, 1, g, g]));
+        let scale = 1.0 / (dh as f64).sqrt();
+        // The gen block of the original's [G, P + G] mask is all "blocked" except its diagonal,
+        // so each gen query's keys are the P pcpt keys plus its own: scores [G, P] and one
+        // score per query (q·k of the token itself) instead of a [G, P + G] matrix. Blocked
+        // entries have zero weight after the softmax either way, so the result is the same.
+        let mut to_pcpt = gq.clone().matmul(pk.swap_dims(2, 3)).mul_scalar(scale);
+        if let Some(m) = pcpt_mask {
+            to_pcpt = to_pcpt.mask_fill(m.unsqueeze_dims::<4>(&[1, 2]).expand([b, h, g, p]), MASKED_SCORE);
         }
-        let mask = Tensor::cat(vec![pcpt_part, gen_part], 3);
-        let gen_ctx = Self::merge_heads(self.attend(gq, keys, vals, Some(mask)));
+        let mut to_self = (gq * gk).sum_dim(3).mul_scalar(scale);
+        if let Some(m) = gen_mask {
+            // A padded gen token's own key is padding too.
+            to_self = to_self.mask_fill(m.unsqueeze_dims::<4>(&[1, 3]).expand([b, h, g, 1]), MASKED_SCORE);
+        }
+        let mut weights = softmax(Tensor::cat(vec![to_pcpt, to_self], 3), 3);
+        if dropout_active(&self.dropout, &weights) {
+            weights = self.dropout.forward(weights);
+        }
+        let w_pcpt = weights.clone().slice([0..b, 0..h, 0..g, 0..p]);
+        let w_self = weights.slice([0..b, 0..h, 0..g, p..p + 1]);
+        let gen_ctx = Self::merge_heads(w_pcpt.matmul(pv) + w_self * gv);
         (pcpt_ctx, gen_ctx)
     }
 }
