@@ -1,31 +1,12 @@
 //! `scgpt-train` as a user runs it: config file + `--set`, SIGTERM writes a checkpoint and the
 //! same command resumes and finishes; the result embeds with `scgpt embed`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+mod common;
+use common::{prep, prep_bin, root};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn prep(out: &Path) {
-    let status = Command::new(prep_bin())
-        .arg("--input")
-        .arg(root().join("tests/data/wu2020_200.h5ad"))
-        .arg("--out")
-        .arg(out)
-        .args(["--shard-cells", "64", "--obs-cols", "cluster_orig", "--quiet"])
-        .status()
-        .expect("run scgpt-prep");
-    assert!(status.success());
-}
-
-fn prep_bin() -> PathBuf {
-    // target/<profile>/scgpt-prep next to this test's binaries (built by `cargo test --workspace`).
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_scgpt-train"));
-    exe.with_file_name("scgpt-prep")
-}
 
 fn train_cmd(run: &Path, shards: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_scgpt-train"));

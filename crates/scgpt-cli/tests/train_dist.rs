@@ -3,29 +3,12 @@
 //! batch end with the parameters of one rank, also with gradient accumulation and across a
 //! resume; a killed rank makes the others fail with an error naming it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+mod common;
+use common::{prep, root};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn prep_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_scgpt-train")).with_file_name("scgpt-prep")
-}
-
-fn prep(out: &Path) {
-    assert!(prep_bin().is_file(), "{} not built: run `cargo test --workspace`", prep_bin().display());
-    let status = Command::new(prep_bin())
-        .arg("--input")
-        .arg(root().join("tests/data/wu2020_200.h5ad"))
-        .args(["--shard-cells", "64", "--quiet", "--deterministic", "--out"])
-        .arg(out)
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

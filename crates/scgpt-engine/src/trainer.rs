@@ -121,23 +121,27 @@ fn vocab_map(set: &GeneVocab, model: &GeneVocab) -> Vec<Option<u32>> {
     set.tokens().iter().map(|t| if set.is_gene(t) { model.get(t) } else { None }).collect()
 }
 
+/// A stored cell in the model's vocabulary: genes the model lacks and zero values dropped.
+fn map_cell(genes: &[i32], values: &[f32], map: &[Option<u32>], key: u64) -> Cell {
+    let mut c = Cell { key, ..Default::default() };
+    for (&g, &v) in genes.iter().zip(values) {
+        if let Some(Some(id)) = map.get(g as usize) {
+            if v > 0.0 {
+                c.genes.push(*id);
+                c.values.push(v);
+            }
+        }
+    }
+    c
+}
+
 fn to_cells(batch: &CellBatch, maps: &[Vec<Option<u32>>]) -> Vec<Cell> {
     let n = batch.cells.len();
     let first = batch.position.cells_done - n as u64;
     (0..n)
         .map(|i| {
             let (genes, values, _) = batch.cells.cell(i);
-            let map = &maps[batch.sets[i]];
-            let mut c = Cell { key: first + i as u64, ..Default::default() };
-            for (&g, &v) in genes.iter().zip(values) {
-                if let Some(Some(id)) = map.get(g as usize) {
-                    if v > 0.0 {
-                        c.genes.push(*id);
-                        c.values.push(v);
-                    }
-                }
-            }
-            c
+            map_cell(genes, values, &maps[batch.sets[i]], first + i as u64)
         })
         .collect()
 }
@@ -170,6 +174,20 @@ fn floats(v: &[f32], b: usize, l: usize, d: &Device) -> Tensor<2> {
 }
 fn bools(v: &[bool], b: usize, l: usize, d: &Device) -> Tensor<2, Bool> {
     Tensor::from_data(TensorData::new(v.to_vec(), [b, l]), d)
+}
+
+/// A collated generative batch as model input (no gen mask when nothing is padded).
+fn generative_input(b: &GenerativeBatch, d: &Device) -> GenerativeInput {
+    let (n, p, g) = (b.batch, b.pcpt_len, b.gen_len);
+    GenerativeInput {
+        pcpt_genes: ints(&b.pcpt_genes, n, p, d),
+        pcpt_values: floats(&b.pcpt_values, n, p, d),
+        pcpt_key_padding_mask: bools(&b.pcpt_pad, n, p, d),
+        gen_genes: Some(ints(&b.gen_genes, n, g, d)),
+        gen_key_padding_mask: b.gen_pad.contains(&true).then(|| bools(&b.gen_pad, n, g, d)),
+        batch_labels: None,
+        input_cell_emb: None,
+    }
 }
 
 /// Σ ((pred − target)·m)² over the positions where `keep` holds.
@@ -642,15 +660,7 @@ impl Trainer {
     fn generative_loss(&self, model: &TransformerModel, b: &GenerativeBatch, scale: f64) -> anyhow::Result<(Tensor<1>, [f64; 5])> {
         let d = &self.device;
         let (n, p, g) = (b.batch, b.pcpt_len, b.gen_len);
-        let input = GenerativeInput {
-            pcpt_genes: ints(&b.pcpt_genes, n, p, d),
-            pcpt_values: floats(&b.pcpt_values, n, p, d),
-            pcpt_key_padding_mask: bools(&b.pcpt_pad, n, p, d),
-            gen_genes: Some(ints(&b.gen_genes, n, g, d)),
-            gen_key_padding_mask: b.gen_pad.contains(&true).then(|| bools(&b.gen_pad, n, g, d)),
-            batch_labels: None,
-            input_cell_emb: None,
-        };
+        let input = generative_input(b, d);
         let target = floats(&b.gen_target, n, g, d);
         let keep = bools(&b.gen_pad, n, g, d).bool_not().float();
         let mvc = model.config.do_mvc;
@@ -743,22 +753,11 @@ impl Trainer {
             let ratio = gen_ratio_for(opt.draw_seed, bi as u64, &t.gen_ratios);
             if t.objective == "generative" {
                 let b = collate_generative(&cells, ratio, &opt);
-                let (n, p, g) = (b.batch, b.pcpt_len, b.gen_len);
+                let (n, g) = (b.batch, b.gen_len);
                 if b.gen_tokens() == 0 {
                     continue;
                 }
-                let out = model.generative_forward(
-                    GenerativeInput {
-                        pcpt_genes: ints(&b.pcpt_genes, n, p, &dev),
-                        pcpt_values: floats(&b.pcpt_values, n, p, &dev),
-                        pcpt_key_padding_mask: bools(&b.pcpt_pad, n, p, &dev),
-                        gen_genes: Some(ints(&b.gen_genes, n, g, &dev)),
-                        gen_key_padding_mask: Some(bools(&b.gen_pad, n, g, &dev)),
-                        batch_labels: None,
-                        input_cell_emb: None,
-                    },
-                    ForwardFlags::default(),
-                )?;
+                let out = model.generative_forward(generative_input(&b, &dev), ForwardFlags::default())?;
                 let keep = bools(&b.gen_pad, n, g, &dev).bool_not().float();
                 sum += scalar(&masked_sq_sum(out.gen_preds.expect("gen"), floats(&b.gen_target, n, g, &dev), keep));
                 count += b.gen_tokens() as f64;
@@ -927,16 +926,7 @@ fn load_labelled(cfg: &TrainConfig, vocab: &GeneVocab) -> anyhow::Result<Labelle
                 break 'outer;
             }
             let (genes, values, _) = cols.cell(i);
-            let mut c = Cell { key: i as u64, ..Default::default() };
-            for (&g, &v) in genes.iter().zip(values) {
-                if let Some(Some(id)) = map.get(g as usize) {
-                    if v > 0.0 {
-                        c.genes.push(*id);
-                        c.values.push(v);
-                    }
-                }
-            }
-            cells.push(c);
+            cells.push(map_cell(genes, values, &map, i as u64));
             raw_labels.push(cols.obs[k][i].clone());
         }
     }

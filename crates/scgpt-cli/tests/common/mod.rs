@@ -1,0 +1,29 @@
+//! Shared by the scgpt-train test binaries: the workspace root and shards of the bundled data
+//! made by the real scgpt-prep binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// target/<profile>/scgpt-prep next to scgpt-train (built by `cargo test --workspace`).
+pub fn prep_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_scgpt-train")).with_file_name("scgpt-prep")
+}
+
+/// wu2020_200 (200 T cells) to shards of 64 cells with the `cluster_orig` labels.
+pub fn prep(out: &Path) {
+    assert!(prep_bin().is_file(), "{} not built: run `cargo test --workspace`", prep_bin().display());
+    let status = Command::new(prep_bin())
+        .arg("--input")
+        .arg(root().join("tests/data/wu2020_200.h5ad"))
+        .arg("--out")
+        .arg(out)
+        .args(["--shard-cells", "64", "--obs-cols", "cluster_orig", "--deterministic", "--quiet"])
+        .status()
+        .expect("run scgpt-prep");
+    assert!(status.success());
+}
