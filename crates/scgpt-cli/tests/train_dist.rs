@@ -163,3 +163,25 @@ fn launch_local_sh_runs_two_ranks() {
     assert!(stderr.contains("rank 0 of 2"), "{stderr}");
     assert_eq!(scgpt_engine::latest_checkpoint(&run).unwrap().0, 3);
 }
+
+#[test]
+fn cce_contrasts_the_global_batch_across_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    prep(&shards);
+    let mlm = ["train.objective=\"mlm\"".to_string(), "train.cce=true".into(), "train.max_steps=4".into()];
+    let one = tmp.path().join("one");
+    run_world(1, &one, &shards, &[&mlm[..], &["train.batch_size=16".into()]].concat());
+    let two = tmp.path().join("two");
+    run_world(2, &two, &shards, &[&mlm[..], &["train.batch_size=8".into()]].concat());
+    let cce = |run: &Path| -> Vec<f64> {
+        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train/loss_cce"].as_f64()).collect()
+    };
+    let (a, b) = (cce(&one), cce(&two));
+    assert_eq!(a.len(), 4);
+    // Over 16 cells the loss starts near ln 16; over 8 it would be near ln 8.
+    assert!((a[0] - b[0]).abs() < 1e-4 * a[0], "step 1 CCE: one rank {} vs two ranks {}", a[0], b[0]);
+    let worst = worst_difference(&final_params(&one), &final_params(&two));
+    eprintln!("MLM + CCE, 2 ranks vs 1: worst parameter difference {worst:e}");
+    assert!(worst < 3e-5, "worst parameter difference {worst:e}");
+}

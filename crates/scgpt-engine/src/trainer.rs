@@ -611,7 +611,7 @@ impl Trainer {
     /// the global gradient norm, the seconds spent communicating and whether the update was
     /// skipped (non-finite norm).
     fn optimizer_step(&mut self, micro: &[(Collated, DataPosition, usize)], tokens: f64, lr: f64, step: u64) -> anyhow::Result<(StepLosses, f64, f64, bool)> {
-        let t = &self.cfg.train;
+        let t = self.cfg.train.clone();
         let world = self.comm.world() as f64;
         let accum = micro.len() as f64;
         let mut model = self.model.take().expect("model");
@@ -684,9 +684,9 @@ impl Trainer {
     }
 
     /// GEP (+ GEPC) on masked positions, optional ECS and CCE (per-batch means).
-    fn mlm_loss(&self, model: &TransformerModel, b: &MlmBatch, scale: f64, batch_scale: f64) -> anyhow::Result<(Tensor<1>, [f64; 5])> {
+    fn mlm_loss(&mut self, model: &TransformerModel, b: &MlmBatch, scale: f64, batch_scale: f64) -> anyhow::Result<(Tensor<1>, [f64; 5])> {
         let d = &self.device;
-        let t = &self.cfg.train;
+        let t = self.cfg.train.clone();
         let (n, l) = (b.batch, b.len);
         let input = ModelInput {
             src: ints(&b.genes, n, l, d),
@@ -710,11 +710,51 @@ impl Trainer {
             sums[3] = scalar(&ecs);
             total = total + ecs.mul_scalar(t.ecs_weight * batch_scale);
         }
-        if let Some(cce) = out.loss_cce {
+        if let Some(local) = out.loss_cce {
+            // Across ranks the contrast runs over the global batch, as the original's
+            // all-gather does; × world so the averaged gradient is the one-process gradient.
+            let (cce, factor) = match out.cce_views {
+                Some((c1, c2)) if self.comm.world() > 1 => (self.gathered_cce(c1, c2)?, self.comm.world() as f64),
+                _ => (local, 1.0),
+            };
             sums[4] = scalar(&cce);
-            total = total + cce.mul_scalar(t.cce_weight * batch_scale);
+            total = total + cce.mul_scalar(t.cce_weight * batch_scale * factor);
         }
         Ok((total, sums))
+    }
+
+    /// CCE over every rank's cells: the other ranks' two views arrive as constants, this
+    /// rank's keep their gradients (the original's all-gather with local tensors put back).
+    fn gathered_cce(&mut self, c1: Tensor<2>, c2: Tensor<2>) -> anyhow::Result<Tensor<1>> {
+        let [b, d] = c1.dims();
+        let (world, rank) = (self.comm.world(), self.comm.rank());
+        let mut sizes = vec![0f64; world];
+        sizes[rank] = b as f64;
+        self.comm.all_reduce_sum_f64(&mut sizes)?;
+        let most = sizes.iter().fold(0f64, |a, &x| a.max(x)) as usize;
+        let padded = |t: &Tensor<2>| {
+            let mut v: Vec<f32> = t.clone().detach().into_data().convert::<f32>().try_to_vec::<f32>().expect("floats");
+            v.resize(most * d, 0.0);
+            v
+        };
+        let g1 = self.comm.all_gather(&padded(&c1))?;
+        let g2 = self.comm.all_gather(&padded(&c2))?;
+        let dev = c1.device();
+        let assemble = |g: &[f32], local: Tensor<2>| {
+            let mut parts = Vec::with_capacity(world);
+            for (r, &n) in sizes.iter().enumerate() {
+                let n = n as usize;
+                if r == rank {
+                    parts.push(local.clone());
+                } else if n > 0 {
+                    let at = r * most * d;
+                    parts.push(Tensor::<2>::from_data(TensorData::new(g[at..at + n * d].to_vec(), [n, d]), &dev));
+                }
+            }
+            Tensor::cat(parts, 0)
+        };
+        let (all1, all2) = (assemble(&g1, c1), assemble(&g2, c2));
+        Ok(scgpt_model::model::contrastive_loss(all1, all2, 0.5))
     }
 
     /// Validation: masked MSE on gen tokens (the original's criterion) over the held-out cells

@@ -50,6 +50,8 @@ pub struct ModelOutput {
     pub cell_emb: Tensor<2>,
     pub cls_output: Option<Tensor<2>>,
     pub loss_cce: Option<Tensor<1>>,
+    /// With CCE: the two views' cell embeddings `[B, d]` (for a loss gathered across ranks).
+    pub cce_views: Option<(Tensor<2>, Tensor<2>)>,
     pub mvc_output: Option<Tensor<2>>,
     pub mvc_zero_probs: Option<Tensor<2>>,
     pub loss_ecs: Option<Tensor<1>>,
@@ -399,14 +401,14 @@ impl TransformerModel {
 
         let cell_emb = self.cell_emb_from_layer(out.clone(), Some(values.clone()))?;
 
-        let loss_cce = if flags.cce {
+        let (loss_cce, cce_views) = if flags.cce {
             // A second encoder pass (different dropout mask in training). The original calls
             // `_get_cell_emb_from_layer` without weights here, so w-pool fails there too.
             let out2 = self.encode(src, values, src_key_padding_mask, labels)?;
             let cell2 = self.cell_emb_from_layer(out2, None)?;
-            Some(contrastive_loss(cell_emb.clone(), cell2, 0.5))
+            (Some(contrastive_loss(cell_emb.clone(), cell2.clone(), 0.5)), Some((cell_emb.clone(), cell2)))
         } else {
-            None
+            (None, None)
         };
 
         let heads = self.heads(&cell_emb, gene_embs, batch_emb.as_ref(), flags)?;
@@ -417,6 +419,7 @@ impl TransformerModel {
             cell_emb,
             cls_output: heads.cls_output,
             loss_cce,
+            cce_views,
             mvc_output: heads.mvc_output,
             mvc_zero_probs: heads.mvc_zero_probs,
             loss_ecs: heads.loss_ecs,
