@@ -1,6 +1,6 @@
 //! `scgpt embed`: zero-shot cell embeddings, the original's `scgpt.tasks.embed_data`.
 //!
-//! Per cell (see `tokenize.rs`): the nonzero genes in the model vocabulary, `<cls>` first with
+//! Per cell (see `scgpt_data::tokenize`): the nonzero genes in the model vocabulary, `<cls>` first with
 //! value `pad_value`, values binned per cell into 51 bins, cells longer than `max_seq_len`
 //! subsampled; per minibatch: padding with `<pad>` / `pad_value` and a key-padding mask, the
 //! encoder in inference mode (no dropout), the output at position 0, L2-normalised.
@@ -31,7 +31,7 @@ use scgpt_model::TransformerModel;
 use crate::model_dir::{self, LoadedModel};
 use crate::sink::{H5adCopySink, H5adNewSink, NpySink, ParquetSink, Sink};
 use crate::source::{Block, H5adSource, ShardSource, Source};
-use crate::tokenize::{collate, tokenize, Batch, Scratch, TokenizeOptions, Tokens};
+use scgpt_data::tokenize::{collate, tokenize, Batch, Scratch, TokenizeOptions, Tokens};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {

@@ -13,7 +13,6 @@ mod export;
 mod model_dir;
 mod sink;
 mod source;
-mod tokenize;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -352,21 +352,9 @@ impl ShardSource {
 
         let shard_vocab_path = dir.join("vocab.json");
         let shard_vocab = GeneVocab::from_file(&shard_vocab_path)?;
-        let mut matched = 0;
-        let mut total = 0;
-        let remap: Vec<Option<u32>> = shard_vocab
-            .tokens()
-            .iter()
-            .map(|t| {
-                if SPECIAL_TOKENS.contains(&t.as_str()) {
-                    return None;
-                }
-                total += 1;
-                let id = if vocab.is_gene(t) { vocab.get(t) } else { None };
-                matched += id.is_some() as usize;
-                id
-            })
-            .collect();
+        let remap = shard_vocab.id_map(vocab);
+        let total = shard_vocab.tokens().iter().filter(|t| !SPECIAL_TOKENS.contains(&t.as_str())).count();
+        let matched = remap.iter().filter(|m| m.is_some()).count();
         let report = GeneReport {
             what: format!(
                 "genes of the shard vocabulary {}",

@@ -4,6 +4,7 @@
 //! - [`binning`]: the original's per-cell quantile binning, with seeded or lowest-bin tie-breaking.
 //! - [`h5ad`]: a bounded-memory reader (row blocks) and a writer for AnnData h5ad files.
 //! - [`shard`]: the binned Parquet shard schema, writer and reader.
+//! - [`tokenize`]: one cell to model input as the original's `embed_data` (seeded or deterministic).
 //! - [`loader`]: shuffled, resumable, prefetching batches over shard sets for training.
 //! - [`atomic`]: temp-file-plus-rename writes, so a crash never leaves a half file.
 
@@ -13,4 +14,5 @@ pub mod h5ad;
 pub mod loader;
 pub mod seed;
 pub mod shard;
+pub mod tokenize;
 pub mod vocab;

@@ -137,6 +137,12 @@ impl GeneVocab {
         !SPECIAL_TOKENS.contains(&token) && self.index.contains_key(token)
     }
 
+    /// For each id of this vocabulary, the id of the same gene in `target`; special tokens and
+    /// genes `target` lacks map to `None` (a shard set's ids in a model's vocabulary).
+    pub fn id_map(&self, target: &GeneVocab) -> Vec<Option<u32>> {
+        self.tokens.iter().map(|t| if SPECIAL_TOKENS.contains(&t.as_str()) { None } else { target.get(t) }).collect()
+    }
+
     /// `{token: id}` JSON in id order, the original's format.
     pub fn to_json(&self) -> String {
         let mut out = String::with_capacity(self.tokens.len() * 16);

@@ -8,7 +8,7 @@
 //! averages per-rank means, which weights ranks with few targets more).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -63,6 +63,9 @@ struct StepLosses {
 
 const TERMS: [&str; 5] = ["gep", "gepc", "cell_prompt", "ecs", "cce"];
 
+/// A micro-batch's loss terms in `TERMS` order, detached; absent terms are `None`.
+type Terms = [Option<Tensor<1>>; 5];
+
 pub struct Trainer {
     cfg: TrainConfig,
     device: Device,
@@ -78,8 +81,8 @@ pub struct Trainer {
     labelled: Option<LabelledSet>,
     total_steps: u64,
     collate: CollateOptions,
-    stop: Arc<AtomicBool>,
-    stop_signal: Arc<std::sync::atomic::AtomicI32>,
+    /// The signal (SIGTERM / SIGINT) that asked the run to stop, 0 if none.
+    stop_signal: Arc<AtomicI32>,
     quiet: bool,
 }
 
@@ -114,11 +117,6 @@ fn rss_bytes() -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
-}
-
-/// Maps each set's ids to the model vocabulary by gene name (identical vocabularies map 1:1).
-fn vocab_map(set: &GeneVocab, model: &GeneVocab) -> Vec<Option<u32>> {
-    set.tokens().iter().map(|t| if set.is_gene(t) { model.get(t) } else { None }).collect()
 }
 
 /// A stored cell in the model's vocabulary: genes the model lacks and zero values dropped.
@@ -207,7 +205,7 @@ impl Trainer {
         let rank = comm.rank();
         let world = comm.world();
         let lead = rank == 0;
-        let local_rank = std::env::var("LOCAL_RANK").ok().or_else(|| std::env::var("SLURM_LOCALID").ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let local_rank = scgpt_dist::RankInfo::from_env().map(|i| i.local_rank).unwrap_or(0);
         let mut plain = crate::device::select(&cfg.run.device, local_rank)?;
         crate::device::configure_precision(&mut plain, &cfg.train.precision)?;
         let device = plain.autodiff();
@@ -256,7 +254,7 @@ impl Trainer {
                 (init.model, init.vocab, adam, TrainState::default())
             }
         };
-        let set_maps: Vec<Vec<Option<u32>>> = sets.iter().map(|s| vocab_map(&s.vocab, &vocab)).collect();
+        let set_maps: Vec<Vec<Option<u32>>> = sets.iter().map(|s| s.vocab.id_map(&vocab)).collect();
         for (s, m) in sets.iter().zip(&set_maps) {
             let genes = s.vocab.tokens().iter().filter(|t| s.vocab.is_gene(t)).count();
             let matched = m.iter().filter(|x| x.is_some()).count();
@@ -337,15 +335,13 @@ impl Trainer {
                 eprintln!("scgpt-train: {n}");
             }
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop_signal = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let stop_signal = Arc::new(AtomicI32::new(0));
         for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
             let s = stop_signal.clone();
-            // Record which signal arrived; the loop checkpoints and exits at the next step.
+            // Only an atomic store in the handler; the loop checkpoints and exits at the next step.
             unsafe {
                 signal_hook::low_level::register(sig, move || s.store(sig, Ordering::SeqCst))?;
             }
-            signal_hook::flag::register(sig, stop.clone())?;
         }
         let mut trainer = Trainer {
             cfg,
@@ -362,7 +358,6 @@ impl Trainer {
             labelled,
             total_steps,
             collate,
-            stop,
             stop_signal,
             quiet: false,
         };
@@ -445,8 +440,8 @@ impl Trainer {
         let mut consecutive_skips = 0u32;
         let mut epoch_done = false;
         while self.state.step < self.total_steps {
-            if self.stop.load(Ordering::SeqCst) || stop_at == Some(self.state.step) {
-                let signal = self.stop_signal.load(Ordering::SeqCst);
+            let signal = self.stop_signal.load(Ordering::SeqCst);
+            if signal != 0 || stop_at == Some(self.state.step) {
                 self.save_checkpoint()?;
                 bar.abandon_with_message(format!("signal {signal}: checkpoint written at step {}", self.state.step));
                 return Ok(RunEnd::Interrupted { steps: self.state.step, signal });
@@ -617,6 +612,7 @@ impl Trainer {
         let mut model = self.model.take().expect("model");
         let mut acc = GradientsAccumulator::<TransformerModel>::new();
         let mut losses = StepLosses { tokens: 0.0, ..Default::default() };
+        let mut terms: Terms = Default::default();
         for (mi, (batch, _, _)) in micro.iter().enumerate() {
             // Dropout draws: fixed by (seed, step, micro-batch, rank), so a resume replays them.
             self.device.seed(mix64(self.cfg.run.seed ^ mix64(step) ^ mix64((mi as u64) << 20 | self.comm.rank() as u64) ^ hash_str("dropout")));
@@ -624,13 +620,23 @@ impl Trainer {
                 Collated::Generative(b) => self.generative_loss(&model, b, world / tokens)?,
                 Collated::Mlm(b) => self.mlm_loss(&model, b, world / tokens, world / (accum * world))?,
             };
-            for k in 0..5 {
-                losses.sums[k] += sums[k];
+            for (acc, term) in terms.iter_mut().zip(sums) {
+                *acc = match (acc.take(), term) {
+                    (Some(a), Some(t)) => Some(a + t),
+                    (a, t) => a.or(t),
+                };
             }
             losses.tokens += batch.tokens() as f64;
             losses.batches += 1.0;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             acc.accumulate(&model, grads);
+        }
+        // The loss terms reach the host once per step (each read is a device sync).
+        let zero = || Tensor::<1>::zeros([1], &self.device);
+        let read = Tensor::cat(terms.into_iter().map(|t| t.unwrap_or_else(zero)).collect(), 0);
+        let read: Vec<f32> = read.into_data().convert::<f32>().try_to_vec::<f32>().expect("floats");
+        for (sum, v) in losses.sums.iter_mut().zip(read) {
+            *sum = v as f64;
         }
         let mut grads = acc.grads();
         let mut comm_s = 0.0;
@@ -657,7 +663,7 @@ impl Trainer {
 
     /// Pass 1 (gene-prompted: GEP + GEPC on gen tokens) and pass 2 (cell-prompted, `<cls>`
     /// input replaced by pass 1's detached cell embedding: GEP on gen tokens).
-    fn generative_loss(&self, model: &TransformerModel, b: &GenerativeBatch, scale: f64) -> anyhow::Result<(Tensor<1>, [f64; 5])> {
+    fn generative_loss(&self, model: &TransformerModel, b: &GenerativeBatch, scale: f64) -> anyhow::Result<(Tensor<1>, Terms)> {
         let d = &self.device;
         let (n, p, g) = (b.batch, b.pcpt_len, b.gen_len);
         let input = generative_input(b, d);
@@ -667,24 +673,24 @@ impl Trainer {
         let out = model.generative_forward(input.clone(), ForwardFlags { mvc, ..Default::default() })?;
         let gep = masked_sq_sum(out.gen_preds.clone().expect("gen preds"), target.clone(), keep.clone());
         let mut total = gep.clone();
-        let mut sums = [scalar(&gep), 0.0, 0.0, 0.0, 0.0];
+        let mut sums: Terms = [Some(gep.clone().detach()), None, None, None, None];
         if let Some(m) = out.mvc_output.clone() {
             let gepc = masked_sq_sum(m.slice([0..n, p..p + g]), target.clone(), keep.clone());
-            sums[1] = scalar(&gepc);
+            sums[1] = Some(gepc.clone().detach());
             total = total + gepc;
         }
         if self.cfg.train.cell_prompt_pass {
             let second = GenerativeInput { input_cell_emb: Some(out.cell_emb.detach()), ..input };
             let out2 = model.generative_forward(second, ForwardFlags::default())?;
             let gen = masked_sq_sum(out2.gen_preds.expect("gen preds"), target, keep);
-            sums[2] = scalar(&gen);
+            sums[2] = Some(gen.clone().detach());
             total = total + gen;
         }
         Ok((total.mul_scalar(scale), sums))
     }
 
     /// GEP (+ GEPC) on masked positions, optional ECS and CCE (per-batch means).
-    fn mlm_loss(&mut self, model: &TransformerModel, b: &MlmBatch, scale: f64, batch_scale: f64) -> anyhow::Result<(Tensor<1>, [f64; 5])> {
+    fn mlm_loss(&mut self, model: &TransformerModel, b: &MlmBatch, scale: f64, batch_scale: f64) -> anyhow::Result<(Tensor<1>, Terms)> {
         let d = &self.device;
         let t = self.cfg.train.clone();
         let (n, l) = (b.batch, b.len);
@@ -698,16 +704,16 @@ impl Trainer {
         let keep = bools(&b.masked, n, l, d).float();
         let out = model.forward(input, ForwardFlags { mvc: model.config.do_mvc, ecs: t.ecs, cce: t.cce, ..Default::default() })?;
         let gep = masked_sq_sum(out.mlm_output, target.clone(), keep.clone());
-        let mut sums = [scalar(&gep), 0.0, 0.0, 0.0, 0.0];
+        let mut sums: Terms = [Some(gep.clone().detach()), None, None, None, None];
         let mut total = gep;
         if let Some(m) = out.mvc_output {
             let gepc = masked_sq_sum(m, target, keep);
-            sums[1] = scalar(&gepc);
+            sums[1] = Some(gepc.clone().detach());
             total = total + gepc;
         }
         let mut total = total.mul_scalar(scale);
         if let Some(ecs) = out.loss_ecs {
-            sums[3] = scalar(&ecs);
+            sums[3] = Some(ecs.clone().detach());
             total = total + ecs.mul_scalar(t.ecs_weight * batch_scale);
         }
         if let Some(local) = out.loss_cce {
@@ -717,7 +723,7 @@ impl Trainer {
                 Some((c1, c2)) if self.comm.world() > 1 => (self.gathered_cce(c1, c2)?, self.comm.world() as f64),
                 _ => (local, 1.0),
             };
-            sums[4] = scalar(&cce);
+            sums[4] = Some(cce.clone().detach());
             total = total + cce.mul_scalar(t.cce_weight * batch_scale * factor);
         }
         Ok((total, sums))
@@ -908,40 +914,22 @@ impl Trainer {
     }
 }
 
-/// Unit-norm `<cls>` embeddings of cells (deterministic tokenisation: lowest tied bin, the
-/// most expressed genes of long cells), as `scgpt embed --deterministic`.
+/// Unit-norm `<cls>` embeddings of cells, tokenised as `scgpt embed --deterministic` (lowest
+/// tied bin, the most expressed genes of long cells).
 pub fn embed_cells(model: &TransformerModel, cells: &[Cell], opt: &CollateOptions, batch: usize, dev: &Device) -> anyhow::Result<Vec<Vec<f32>>> {
+    use scgpt_data::tokenize::{collate, tokenize, Scratch, TokenizeOptions};
+    let topt = TokenizeOptions { max_seq_len: opt.max_seq_len, cls_id: opt.cls_id, pad_value: opt.pad_value, seed: None };
+    let mut scratch = Scratch::default();
     let mut out = Vec::with_capacity(cells.len());
-    let mut binner = scgpt_data::binning::Binner::new();
-    let mut bins = Vec::new();
     for chunk in cells.chunks(batch.max(1)) {
-        let len = chunk.iter().map(|c| (c.genes.len() + 1).min(opt.max_seq_len)).max().unwrap_or(1);
-        let n = chunk.len();
-        let mut genes = vec![opt.pad_id as i64; n * len];
-        let mut values = vec![opt.pad_value; n * len];
-        let mut pad = vec![true; n * len];
-        for (i, c) in chunk.iter().enumerate() {
-            binner.bin_nonzero::<rand_chacha::ChaCha8Rng>(&c.values, scgpt_data::binning::DEFAULT_N_BINS, scgpt_data::binning::TieBreak::Lowest, &mut bins);
-            let mut order: Vec<usize> = (0..c.genes.len()).collect();
-            if order.len() + 1 > len {
-                order.sort_by(|&a, &b| c.values[b].total_cmp(&c.values[a]).then(a.cmp(&b)));
-                order.truncate(len - 1);
-                order.sort_unstable();
-            }
-            genes[i * len] = opt.cls_id as i64;
-            pad[i * len] = false;
-            for (j, &g) in order.iter().enumerate() {
-                genes[i * len + 1 + j] = c.genes[g] as i64;
-                values[i * len + 1 + j] = bins[g] as f32;
-                pad[i * len + 1 + j] = false;
-            }
-        }
+        let tokens: Vec<_> = chunk.iter().map(|c| tokenize(c.key, &c.genes, &c.values, &topt, &mut scratch)).collect();
+        let b = collate(&tokens.iter().collect::<Vec<_>>(), opt.pad_id, opt.pad_value);
         let o = model.forward(
-            ModelInput { src: ints(&genes, n, len, dev), values: floats(&values, n, len, dev), src_key_padding_mask: bools(&pad, n, len, dev), batch_labels: None },
+            ModelInput { src: ints(&b.ids, b.b, b.l, dev), values: floats(&b.values, b.b, b.l, dev), src_key_padding_mask: bools(&b.pad, b.b, b.l, dev), batch_labels: None },
             ForwardFlags::default(),
         )?;
         let emb: Vec<f32> = o.cell_emb.into_data().convert::<f32>().try_to_vec::<f32>().expect("floats");
-        let d = emb.len() / n;
+        let d = emb.len() / b.b;
         for row in emb.chunks(d) {
             let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
             out.push(row.iter().map(|x| x / norm).collect());
@@ -953,7 +941,7 @@ pub fn embed_cells(model: &TransformerModel, cells: &[Cell], opt: &CollateOption
 fn load_labelled(cfg: &TrainConfig, vocab: &GeneVocab) -> anyhow::Result<LabelledSet> {
     let dir = Path::new(&cfg.valid.label_set);
     let set = ShardSet::open(dir, 1.0).with_context(|| format!("valid.label_set = {}", dir.display()))?;
-    let map = vocab_map(&set.vocab, vocab);
+    let map = set.vocab.id_map(vocab);
     let mut cells = Vec::new();
     let mut raw_labels = Vec::new();
     'outer: for (path, _) in &set.shards {

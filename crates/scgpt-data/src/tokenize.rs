@@ -14,8 +14,8 @@
 //! the highest raw values (ties: the earlier input column wins), in input column order.
 
 use rand::Rng;
-use scgpt_data::binning::{Binner, TieBreak, DEFAULT_N_BINS};
-use scgpt_data::seed::{hash_str, rng_for};
+use crate::binning::{Binner, TieBreak, DEFAULT_N_BINS};
+use crate::seed::{hash_str, rng_for};
 
 #[derive(Debug, Clone, Copy)]
 pub struct TokenizeOptions {
