@@ -6,6 +6,7 @@ use scgpt_prep::cli::{Cli, Command};
 use scgpt_prep::{inspect, pipeline, simulate};
 
 fn main() -> ExitCode {
+    scgpt_data::alloc::tune_for_tensors();
     // scgpt-prep only reads its inputs and writes new files under temp names, so HDF5's file
     // locks buy nothing here and fail on many cluster filesystems (Lustre, NFS) and on files
     // whose lock another process inherited. The user's explicit setting wins.

@@ -78,7 +78,8 @@ pub struct EmbedArgs {
     /// --deterministic).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Compute device: cpu (burn's Flex backend).
+    /// Compute device: cpu (burn's Flex backend); cuda, wgpu or vulkan in GPU builds
+    /// (`--features cuda|wgpu|vulkan`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Worker threads (default: RAYON_NUM_THREADS, else all logical cores).
@@ -115,13 +116,15 @@ fn output_format(args: &EmbedArgs) -> anyhow::Result<Format> {
     })
 }
 
+/// `cpu` (Flex) in every build; `cuda` / `wgpu` / `vulkan` in builds with that feature (the
+/// same devices as `scgpt-train`'s `run.device`; `LOCAL_RANK` picks the GPU).
 fn device(name: &str) -> anyhow::Result<Device> {
-    match name.to_ascii_lowercase().as_str() {
-        "cpu" | "flex" => Ok(Device::flex()),
-        other => bail!(
-            "--device {other}: this build runs on the CPU only (burn's Flex backend); use --device cpu"
-        ),
-    }
+    let name = match name.to_ascii_lowercase().as_str() {
+        "flex" => "cpu".to_string(),
+        other => other.to_string(),
+    };
+    let local_rank = scgpt_dist::RankInfo::from_env().map(|i| i.local_rank).unwrap_or(0);
+    scgpt_engine::device::select(&name, local_rank).map_err(|e| anyhow::anyhow!("--device: {e}"))
 }
 
 fn validate(args: &EmbedArgs) -> anyhow::Result<()> {

@@ -38,6 +38,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    scgpt_data::alloc::tune_for_tensors();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Embed(args) => embed::run(&args),

@@ -8,6 +8,7 @@
 //! - [`loader`]: shuffled, resumable, prefetching batches over shard sets for training.
 //! - [`atomic`]: temp-file-plus-rename writes, so a crash never leaves a half file.
 
+pub mod alloc;
 pub mod atomic;
 pub mod binning;
 pub mod h5ad;

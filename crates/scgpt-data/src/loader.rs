@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
@@ -98,11 +97,13 @@ pub struct LoaderConfig {
     pub world: usize,
     /// Batches decoded ahead on the background thread.
     pub prefetch: usize,
+    /// Obs columns to carry with each cell (labels for a CLS objective); empty = none.
+    pub obs_cols: Vec<String>,
 }
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        LoaderConfig { seed: 0, batch_size: 32, valid_fraction: 0.003, shuffle_window: 8, rank: 0, world: 1, prefetch: 4 }
+        LoaderConfig { seed: 0, batch_size: 32, valid_fraction: 0.003, shuffle_window: 8, rank: 0, world: 1, prefetch: 4, obs_cols: Vec::new() }
     }
 }
 
@@ -203,17 +204,18 @@ fn produce(
 ) {
     let mut done = 0u64; // cells of the split handed out so far (all ranks)
     let mut batch_index = 0u64;
-    let mut pending = CellColumns::new(0);
+    let n_obs = cfg.obs_cols.len();
+    let mut pending = CellColumns::new(n_obs);
     let mut pending_sets = Vec::new();
     let window = if split == Split::Train { cfg.shuffle_window.max(1) } else { 1 };
     for (wi, chunk) in blocks.chunks(window).enumerate() {
         // Gather the window's cells of this split.
-        let mut cells = CellColumns::new(0);
+        let mut cells = CellColumns::new(n_obs);
         let mut origin = Vec::new();
         // Decoding is the loader's cost: the window's row groups decode in parallel.
         let decoded: Vec<anyhow::Result<CellColumns>> = chunk
             .par_iter()
-            .map(|b| read_row_group(&sets[b.set].shards[b.shard].0, b.group))
+            .map(|b| read_row_group(&sets[b.set].shards[b.shard].0, b.group, &cfg.obs_cols))
             .collect();
         for (b, group) in chunk.iter().zip(decoded) {
             let groups = &sets[b.set].shards[b.shard].1;
@@ -228,8 +230,7 @@ fn produce(
             for i in 0..group.len() {
                 let valid = is_valid_cell(cfg.seed, b.set, b.shard, first_row + i, cfg.valid_fraction);
                 if valid == (split == Split::Valid) {
-                    let (g, e, bins) = group.cell(i);
-                    cells.push(g, e, bins, group.n_counts[i], &group.cell_ids[i], &group.datasets[i], &[]);
+                    cells.push_from(&group, i);
                     origin.push(b.set);
                 }
             }
@@ -244,13 +245,12 @@ fn produce(
             if skip {
                 continue;
             }
-            let (g, e, bins) = cells.cell(i);
-            pending.push(g, e, bins, cells.n_counts[i], &cells.cell_ids[i], &cells.datasets[i], &[]);
+            pending.push_from(&cells, i);
             pending_sets.push(origin[i]);
             if pending.len() == cfg.batch_size {
                 let mine = batch_index % cfg.world as u64 == cfg.rank as u64;
                 batch_index += 1;
-                let full = std::mem::replace(&mut pending, CellColumns::new(0));
+                let full = std::mem::replace(&mut pending, CellColumns::new(n_obs));
                 let sets_of = std::mem::take(&mut pending_sets);
                 if mine {
                     let position = DataPosition { epoch: start.epoch, cells_done: done };
@@ -288,14 +288,4 @@ impl Iterator for BatchIter {
             }
         }
     }
-}
-
-/// Open a row group reader (kept here so the loader does not depend on arrow internals).
-pub(crate) fn row_group_reader(path: &Path, group: usize) -> anyhow::Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
-    let f = File::open(path).with_context(|| format!("{}: cannot open shard", path.display()))?;
-    Ok(ParquetRecordBatchReaderBuilder::try_new(f)
-        .with_context(|| format!("{}: not a readable Parquet shard", path.display()))?
-        .with_row_groups(vec![group])
-        .with_batch_size(crate::shard::ROW_GROUP_CELLS)
-        .build()?)
 }

@@ -18,7 +18,9 @@ use arrow_array::{
 };
 use arrow_buffer::OffsetBuffer;
 use arrow_schema::{DataType, Field, Schema};
+use anyhow::Context;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnChunk, ArrowRowGroupWriterFactory};
 use parquet::arrow::ArrowWriter;
 use parquet::file::writer::SerializedFileWriter;
@@ -64,10 +66,33 @@ impl CellColumns {
         self.len() == 0
     }
 
-    /// Gene ids, raw values and bins of cell `i`.
+    /// Gene ids, raw values and bins of cell `i` (bins empty when they were not read).
     pub fn cell(&self, i: usize) -> (&[i32], &[f32], &[u8]) {
         let (a, b) = (self.offsets[i] as usize, self.offsets[i + 1] as usize);
-        (&self.genes[a..b], &self.expressions[a..b], &self.bins[a..b])
+        (&self.genes[a..b], &self.expressions[a..b], self.bins.get(a..b).unwrap_or(&[]))
+    }
+
+    /// Appends cell `i` of `other`, with the columns `other` holds (a training read leaves
+    /// bins, cell ids and datasets out).
+    pub fn push_from(&mut self, other: &CellColumns, i: usize) {
+        let (g, e, b) = other.cell(i);
+        self.genes.extend_from_slice(g);
+        self.expressions.extend_from_slice(e);
+        self.bins.extend_from_slice(b);
+        self.offsets.push(self.genes.len() as i32);
+        self.n_counts.push(other.n_counts[i]);
+        if let Some(id) = other.cell_ids.get(i) {
+            self.cell_ids.push(id.clone());
+        }
+        if let Some(d) = other.datasets.get(i) {
+            self.datasets.push(d.clone());
+        }
+        if self.obs.len() < other.obs.len() {
+            self.obs.resize(other.obs.len(), Vec::new());
+        }
+        for (col, src) in self.obs.iter_mut().zip(&other.obs) {
+            col.push(src[i].clone());
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -303,12 +328,60 @@ pub fn write_shard(path: &Path, obs_names: &[String], cells: &CellColumns) -> an
     w.finish()
 }
 
-/// Read one row group of a shard (the loader's unit of I/O). Obs columns are not decoded.
-pub fn read_row_group(path: &Path, group: usize) -> anyhow::Result<CellColumns> {
-    let reader = crate::loader::row_group_reader(path, group)?;
-    let mut out = CellColumns::new(0);
+/// Read one row group of a shard for training (the loader's unit of I/O): gene ids, raw
+/// values, `n_counts`, cell ids and the named obs columns. The trainer bins in its own
+/// vocabulary each epoch, so the stored bins and dataset names are not decoded.
+pub fn read_row_group(path: &Path, group: usize, obs_cols: &[String]) -> anyhow::Result<CellColumns> {
+    let f = File::open(path).with_context(|| format!("{}: cannot open shard", path.display()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(f).with_context(|| format!("{}: not a readable Parquet shard", path.display()))?;
+    let names: Vec<String> = builder.schema().fields().iter().map(|f| f.name().clone()).collect();
+    let index = |name: &str| -> anyhow::Result<usize> {
+        names.iter().position(|n| n == name).with_context(|| {
+            format!("{}: no column `{name}` (it has {}); prepare the data with scgpt-prep --obs-cols {name}", path.display(), names.join(", "))
+        })
+    };
+    let mut roots = vec![index(COL_GENES)?, index(COL_EXPRESSIONS)?, index(COL_N_COUNTS)?, index(COL_CELL_ID)?];
+    for c in obs_cols {
+        roots.push(index(c)?);
+    }
+    let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+    let reader = builder.with_projection(mask).with_row_groups(vec![group]).with_batch_size(ROW_GROUP_CELLS).build()?;
+    let mut out = CellColumns::new(obs_cols.len());
     for batch in reader {
-        append_batch(&mut out, &batch?, path)?;
+        let batch = batch?;
+        append_values(&mut out, &batch, path)?;
+        let cell_id: &StringArray = column(&batch, COL_CELL_ID, path)?;
+        out.cell_ids.extend(cell_id.iter().map(|s| s.unwrap_or_default().to_string()));
+        for (col, name) in out.obs.iter_mut().zip(obs_cols) {
+            let arr = batch.column_by_name(name).expect("projected");
+            let strings = arrow_cast_dict(arr.as_ref())
+                .ok_or_else(|| anyhow::anyhow!("{}: obs column {name} is not a dictionary of strings", path.display()))?;
+            col.extend(strings);
+        }
+    }
+    Ok(out)
+}
+
+/// The distinct values of one obs column over a shard, in first-seen order.
+pub fn read_obs_values(path: &Path, name: &str) -> anyhow::Result<Vec<String>> {
+    let f = File::open(path).with_context(|| format!("{}: cannot open shard", path.display()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(f).with_context(|| format!("{}: not a readable Parquet shard", path.display()))?;
+    let names: Vec<String> = builder.schema().fields().iter().map(|f| f.name().clone()).collect();
+    let i = names.iter().position(|n| n == name).with_context(|| {
+        format!("{}: no obs column `{name}` (it has {}); prepare the data with scgpt-prep --obs-cols {name}", path.display(), names[6.min(names.len())..].join(", "))
+    })?;
+    let mask = ProjectionMask::roots(builder.parquet_schema(), [i]);
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for batch in builder.with_projection(mask).build()? {
+        let batch = batch?;
+        let values = arrow_cast_dict(batch.column(0).as_ref())
+            .ok_or_else(|| anyhow::anyhow!("{}: obs column {name} is not a dictionary of strings", path.display()))?;
+        for v in values {
+            if seen.insert(v.clone()) {
+                out.push(v);
+            }
+        }
     }
     Ok(out)
 }
@@ -346,22 +419,29 @@ fn list_values<'a, T: 'static>(batch: &'a RecordBatch, name: &str, path: &Path) 
     Ok((l, v))
 }
 
-fn append_batch(out: &mut CellColumns, batch: &RecordBatch, path: &Path) -> anyhow::Result<()> {
+/// Gene ids, raw values and `n_counts` of a record batch (the columns every read needs).
+/// Returns the value range `base..end` of the batch's list columns.
+fn append_values(out: &mut CellColumns, batch: &RecordBatch, path: &Path) -> anyhow::Result<(usize, usize)> {
     let (gl, genes) = list_values::<Int32Array>(batch, COL_GENES, path)?;
     let (_, expr) = list_values::<Float32Array>(batch, COL_EXPRESSIONS, path)?;
-    let (_, bins) = list_values::<UInt8Array>(batch, COL_BINS, path)?;
     let n_counts: &Float32Array = column(batch, COL_N_COUNTS, path)?;
-    let cell_id: &StringArray = column(batch, COL_CELL_ID, path)?;
-    let dataset: &StringArray = column(batch, COL_DATASET, path)?;
     let offs = gl.value_offsets();
     let base = offs[0] as usize;
     let end = offs[gl.len()] as usize;
     let shift = out.genes.len() as i32 - base as i32;
     out.genes.extend_from_slice(&genes.values()[base..end]);
     out.expressions.extend_from_slice(&expr.values()[base..end]);
-    out.bins.extend_from_slice(&bins.values()[base..end]);
     out.offsets.extend(offs[1..].iter().map(|&o| o + shift));
     out.n_counts.extend_from_slice(n_counts.values());
+    Ok((base, end))
+}
+
+fn append_batch(out: &mut CellColumns, batch: &RecordBatch, path: &Path) -> anyhow::Result<()> {
+    let (base, end) = append_values(out, batch, path)?;
+    let (_, bins) = list_values::<UInt8Array>(batch, COL_BINS, path)?;
+    let cell_id: &StringArray = column(batch, COL_CELL_ID, path)?;
+    let dataset: &StringArray = column(batch, COL_DATASET, path)?;
+    out.bins.extend_from_slice(&bins.values()[base..end]);
     out.cell_ids.extend(cell_id.iter().map(|s| s.unwrap_or_default().to_string()));
     out.datasets.extend(dataset.iter().map(|s| s.unwrap_or_default().to_string()));
     for (k, col) in out.obs.iter_mut().enumerate() {

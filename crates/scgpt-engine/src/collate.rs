@@ -77,6 +77,8 @@ pub struct MlmBatch {
     pub target: Vec<f32>,
     pub pad: Vec<bool>,
     pub masked: Vec<bool>,
+    /// Class ids of the cells for a CLS objective (empty = no CLS term); set by the trainer.
+    pub labels: Vec<i64>,
 }
 
 impl MlmBatch {
@@ -171,6 +173,7 @@ pub fn collate_mlm(cells: &[Cell], mask_ratio: f64, opt: &CollateOptions) -> Mlm
         target: vec![opt.pad_value; b * len],
         pad: vec![true; b * len],
         masked: vec![false; b * len],
+        labels: Vec::new(),
     };
     let mut binner = Binner::new();
     let mut bins = Vec::new();

@@ -135,6 +135,11 @@ pub struct TrainSection {
     pub ecs: bool,
     pub ecs_weight: f64,
     pub cce_weight: f64,
+    /// MLM extra: cell-type classification from the cell embedding (`ClsDecoder`, cross
+    /// entropy, the original's `CLS`), on the labels of obs column `cls_col` of every set.
+    pub cls: bool,
+    pub cls_col: String,
+    pub cls_weight: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -199,6 +204,8 @@ impl TrainConfig {
             t.gen_ratios
         );
         ensure!(t.mask_ratio > 0.0 && t.mask_ratio < 1.0, "train.mask_ratio = {} must be in (0, 1)", t.mask_ratio);
+        ensure!(!t.cls || t.objective == "mlm", "train.cls = true needs train.objective = \"mlm\" (the generative objective has no CLS term)");
+        ensure!(!t.cls || !t.cls_col.is_empty(), "train.cls = true needs train.cls_col, the obs column with the labels (scgpt-prep --obs-cols)");
         ensure!((0.0..1.0).contains(&t.betas[0]) && (0.0..1.0).contains(&t.betas[1]), "train.betas must be in [0, 1)");
         ensure!(m.max_seq_len >= 3, "model.max_seq_len = {} is too short (cls + at least 2 genes)", m.max_seq_len);
         ensure!(m.n_bins >= 3, "model.n_bins must be at least 3");
@@ -249,6 +256,7 @@ impl TrainConfig {
             "mask_ratio": if t.objective == "generative" { serde_json::json!(t.gen_ratios) } else { serde_json::json!(t.mask_ratio) },
             "USE_CCE": t.cce,
             "ECS": t.ecs,
+            "CLS": t.cls,
             "load_model": if self.model.init_from.is_empty() { serde_json::Value::Null } else { self.model.init_from.clone().into() },
             "fp16": false,
             "input_style": "binned",

@@ -31,7 +31,7 @@ pub fn select(name: &str, local_rank: usize) -> anyhow::Result<Device> {
         #[cfg(feature = "vulkan")]
         "vulkan" => Device::vulkan(scgpt_model::burn::tensor::DeviceKind::DiscreteGpu(local_rank)),
         other => bail!(
-            "run.device = {other:?}: this build has {}; GPU builds: `cargo build --release --features cuda` (clusters) or `--features vulkan`",
+            "device {other:?}: this build has {}; GPU builds: `cargo build --release --features cuda` (clusters) or `--features vulkan`",
             available().join(", ")
         ),
     };

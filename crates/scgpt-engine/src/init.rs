@@ -30,18 +30,24 @@ pub fn union_vocab(sets: &[&GeneVocab]) -> GeneVocab {
     v
 }
 
-fn apply_objective(cfg: &TrainConfig, mut c: ModelConfig) -> ModelConfig {
+/// What the run's objective decides about the architecture: the generative flag encoder, the
+/// dropout and, with a CLS objective, the classifier's width (`n_cls` = the run's classes).
+fn apply_objective(cfg: &TrainConfig, mut c: ModelConfig, n_cls: usize) -> ModelConfig {
     c.use_generative_training = cfg.train.objective == "generative";
     c.dropout = cfg.model.dropout;
+    if cfg.train.cls {
+        c.n_cls = n_cls;
+    }
     c
 }
 
-/// Builds the `[model]` section into a fresh model over `vocab`.
-pub fn fresh(cfg: &TrainConfig, vocab: GeneVocab, device: &Device) -> anyhow::Result<InitModel> {
+/// Builds the `[model]` section into a fresh model over `vocab` (`n_cls` classes when the
+/// run has a CLS objective).
+pub fn fresh(cfg: &TrainConfig, vocab: GeneVocab, n_cls: usize, device: &Device) -> anyhow::Result<InitModel> {
     let args = cfg.args_json();
     let config = ModelConfig::from_args_map(&args, vocab.len(), "config section [model]")?;
     let pad = vocab.pad_id().context("the model vocabulary has no <pad>")?;
-    let mut config = apply_objective(cfg, config).with_pad_token_id(pad as usize);
+    let mut config = apply_objective(cfg, config, n_cls).with_pad_token_id(pad as usize);
     config.identical_layer_init = cfg.model.identical_layer_init;
     config.validate().context("config section [model]")?;
     let model = config.init(device)?;
@@ -57,16 +63,18 @@ pub fn fresh(cfg: &TrainConfig, vocab: GeneVocab, device: &Device) -> anyhow::Re
 }
 
 /// Loads `init_from` (original folder or native checkpoint) and extends its vocabulary with
-/// the genes of `data_vocabs` it lacks.
-pub fn from_checkpoint(cfg: &TrainConfig, dir: &Path, data_vocabs: &[&GeneVocab], device: &Device) -> anyhow::Result<InitModel> {
+/// the genes of `data_vocabs` it lacks. A classifier of another width than `n_cls` starts
+/// fresh (its tensors do not match by shape and are skipped).
+pub fn from_checkpoint(cfg: &TrainConfig, dir: &Path, data_vocabs: &[&GeneVocab], n_cls: usize, device: &Device) -> anyhow::Result<InitModel> {
     let mut notes = Vec::new();
     let (mut model, mut vocab) = if dir.join("model.safetensors").is_file() {
         let ck = load_native(dir, device)?;
         let vocab = GeneVocab::from_json_str(&ck.vocab_json, &dir.join("vocab.json").display().to_string())?;
         let mut model = ck.model;
-        let want = apply_objective(cfg, model.config.clone());
-        if want.use_generative_training != model.config.use_generative_training {
-            // Rebuild with or without flag_encoder and copy every shared tensor by name.
+        let want = apply_objective(cfg, model.config.clone(), n_cls);
+        if want.use_generative_training != model.config.use_generative_training || want.n_cls != model.config.n_cls {
+            // Rebuild with or without flag_encoder (or another classifier width) and copy
+            // every tensor that matches by name and shape.
             let tmp = tempfile_dir()?;
             scgpt_model::export_original(&model, &model.config, &ck.vocab_json, &tmp)?;
             let mut rebuilt = want.init(device)?;
@@ -88,7 +96,7 @@ pub fn from_checkpoint(cfg: &TrainConfig, dir: &Path, data_vocabs: &[&GeneVocab]
         vocab.ensure_specials();
         let config = ModelConfig::from_args_json(dir.join("args.json"), vocab.len())?;
         let pad = vocab.get(&config.pad_token).with_context(|| format!("{}: pad_token {:?} is not in vocab.json", dir.join("args.json").display(), config.pad_token))?;
-        let mut config = apply_objective(cfg, config).with_pad_token_id(pad as usize);
+        let mut config = apply_objective(cfg, config, n_cls).with_pad_token_id(pad as usize);
         config.do_mvc = config.do_mvc || cfg.model.MVC;
         let mut model = config.init(device)?;
         let report = load_pretrained(&mut model, dir.join("best_model.pt"))?;

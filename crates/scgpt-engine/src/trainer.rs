@@ -54,17 +54,17 @@ pub enum RunEnd {
 /// Loss terms of one step, as sums and token counts (for exact averaging across ranks).
 #[derive(Debug, Clone, Copy, Default)]
 struct StepLosses {
-    /// gep (mse on gen / masked tokens), gepc (mvc), cell-prompt pass, ecs, cce.
-    sums: [f64; 5],
+    /// gep (mse on gen / masked tokens), gepc (mvc), cell-prompt pass, ecs, cce, cls.
+    sums: [f64; 6],
     tokens: f64,
-    /// Micro-batches contributing to ecs / cce (their per-batch means are averaged).
+    /// Micro-batches contributing to ecs / cce / cls (their per-batch means are averaged).
     batches: f64,
 }
 
-const TERMS: [&str; 5] = ["gep", "gepc", "cell_prompt", "ecs", "cce"];
+const TERMS: [&str; 6] = ["gep", "gepc", "cell_prompt", "ecs", "cce", "cls"];
 
 /// A micro-batch's loss terms in `TERMS` order, detached; absent terms are `None`.
-type Terms = [Option<Tensor<1>>; 5];
+type Terms = [Option<Tensor<1>>; 6];
 
 pub struct Trainer {
     cfg: TrainConfig,
@@ -84,6 +84,45 @@ pub struct Trainer {
     /// The signal (SIGTERM / SIGINT) that asked the run to stop, 0 if none.
     stop_signal: Arc<AtomicI32>,
     quiet: bool,
+    /// The CLS objective's classes (sorted labels of `train.cls_col`), when it is on.
+    classes: Option<Classes>,
+}
+
+/// Labels of a CLS objective: class `i` is `names[i]`.
+struct Classes {
+    names: Vec<String>,
+    index: std::collections::HashMap<String, i64>,
+}
+
+impl Classes {
+    /// The sorted union of the column's values over every shard of every set.
+    fn scan(sets: &[ShardSet], col: &str) -> anyhow::Result<Self> {
+        let mut all = std::collections::BTreeSet::new();
+        for set in sets {
+            for (path, _) in &set.shards {
+                all.extend(scgpt_data::shard::read_obs_values(path, col).with_context(|| format!("train.cls_col = {col:?}"))?);
+            }
+        }
+        anyhow::ensure!(all.len() >= 2, "train.cls_col = {col:?}: {} distinct label(s) in the data; a classifier needs at least 2", all.len());
+        Ok(Self::from_names(all.into_iter().collect()))
+    }
+
+    fn from_names(names: Vec<String>) -> Self {
+        let index = names.iter().enumerate().map(|(i, n)| (n.clone(), i as i64)).collect();
+        Classes { names, index }
+    }
+
+    /// Class ids of a batch's labels; a label outside the run's classes is an error.
+    fn ids(&self, labels: &[String], col: &str) -> anyhow::Result<Vec<i64>> {
+        labels
+            .iter()
+            .map(|l| {
+                self.index.get(l).copied().with_context(|| {
+                    format!("train.cls_col = {col:?}: label {l:?} is not one of the run's {} classes (classes.json); a resumed run must see the same label set", self.names.len())
+                })
+            })
+            .collect()
+    }
 }
 
 struct LabelledSet {
@@ -188,6 +227,13 @@ fn generative_input(b: &GenerativeBatch, d: &Device) -> GenerativeInput {
     }
 }
 
+/// Mean cross entropy of `[B, C]` logits against class ids (PyTorch's `CrossEntropyLoss`).
+fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+    let n = targets.dims()[0];
+    let logp = scgpt_model::burn::tensor::activation::log_softmax(logits, 1);
+    logp.gather(1, targets.reshape([n, 1])).mean().neg()
+}
+
 /// Σ ((pred − target)·m)² over the positions where `keep` holds.
 fn masked_sq_sum(pred: Tensor<2>, target: Tensor<2>, keep: Tensor<2>) -> Tensor<1> {
     ((pred - target) * keep).square().sum()
@@ -206,7 +252,7 @@ impl Trainer {
         let world = comm.world();
         let lead = rank == 0;
         let local_rank = scgpt_dist::RankInfo::from_env().map(|i| i.local_rank).unwrap_or(0);
-        let mut plain = crate::device::select(&cfg.run.device, local_rank)?;
+        let mut plain = crate::device::select(&cfg.run.device, local_rank).context("run.device")?;
         crate::device::configure_precision(&mut plain, &cfg.train.precision)?;
         let device = plain.autodiff();
         device.seed(mix64(cfg.run.seed ^ 0x1417));
@@ -224,12 +270,27 @@ impl Trainer {
 
         let resume = if cfg.run.no_resume { None } else { latest_checkpoint(&cfg.run.dir) };
         let mut notes = Vec::new();
+        let classes = if cfg.train.cls {
+            let saved = cfg.run.dir.join("classes.json");
+            let c = match (&resume, std::fs::read_to_string(&saved)) {
+                (Some(_), Ok(text)) => Classes::from_names(serde_json::from_str(&text).with_context(|| format!("{}: not a JSON list of labels", saved.display()))?),
+                _ => Classes::scan(&sets, &cfg.train.cls_col)?,
+            };
+            notes.push(format!("cls: {} classes of `{}` ({})", c.names.len(), cfg.train.cls_col, c.names.iter().take(8).cloned().collect::<Vec<_>>().join(", ")));
+            Some(c)
+        } else {
+            None
+        };
+        let n_cls = classes.as_ref().map_or(1, |c| c.names.len());
         let (model, vocab, adam, state) = match &resume {
             Some((step, dir)) => {
                 let ck = scgpt_model::load_native(dir.join("model"), &device).with_context(|| format!("resuming from {}", dir.display()))?;
                 let vocab = GeneVocab::from_json_str(&ck.vocab_json, "checkpoint vocab.json")?;
                 let text = std::fs::read_to_string(dir.join("state.json"))?;
                 let state: TrainState = serde_json::from_str(&text).with_context(|| format!("{}: state.json", dir.display()))?;
+                if ck.model.config.n_cls != n_cls {
+                    bail!("{}: the checkpoint's classifier has {} classes, the run's labels {n_cls}; start a new run.dir for another label set", dir.display(), ck.model.config.n_cls);
+                }
                 let params = list_params(&ck.model)?;
                 let adam = Adam::load(&dir.join("optimizer.bin"), &params, &device.clone().inner())?;
                 notes.push(format!("resuming from {} (step {step}, epoch {}, {} cells into it)", dir.display(), state.position.epoch, state.position.cells_done));
@@ -237,9 +298,9 @@ impl Trainer {
             }
             None => {
                 let init = if cfg.model.init_from.is_empty() {
-                    crate::init::fresh(&cfg, crate::init::union_vocab(&data_vocabs), &device)?
+                    crate::init::fresh(&cfg, crate::init::union_vocab(&data_vocabs), n_cls, &device)?
                 } else {
-                    crate::init::from_checkpoint(&cfg, Path::new(&cfg.model.init_from), &data_vocabs, &device)?
+                    crate::init::from_checkpoint(&cfg, Path::new(&cfg.model.init_from), &data_vocabs, n_cls, &device)?
                 };
                 notes.extend(init.notes);
                 let t = &cfg.train;
@@ -292,6 +353,7 @@ impl Trainer {
                 rank,
                 world,
                 prefetch: cfg.data.prefetch,
+                obs_cols: if cfg.train.cls { vec![cfg.train.cls_col.clone()] } else { Vec::new() },
             },
         )?;
         let collate = CollateOptions {
@@ -314,6 +376,9 @@ impl Trainer {
             scgpt_data::atomic::write_bytes(&cfg.run.dir.join("vocab.json"), vocab_json.as_bytes())?;
             let args = serde_json::to_string_pretty(&scgpt_model::checkpoint::original_args_json(&model.config))?;
             scgpt_data::atomic::write_bytes(&cfg.run.dir.join("args.json"), args.as_bytes())?;
+            if let Some(c) = &classes {
+                scgpt_data::atomic::write_bytes(&cfg.run.dir.join("classes.json"), serde_json::to_string_pretty(&c.names)?.as_bytes())?;
+            }
             let mut w = EventWriter::create(&cfg.run.dir.join("tensorboard"))?;
             // After a crash, points past the resumed step from the old files are superseded.
             w.session_start(state.step)?;
@@ -360,6 +425,7 @@ impl Trainer {
             collate,
             stop_signal,
             quiet: false,
+            classes,
         };
         if resume.is_none() && world > 1 {
             trainer.broadcast_parameters()?;
@@ -463,7 +529,9 @@ impl Trainer {
                         let c = if t.objective == "generative" {
                             Collated::Generative(collate_generative(&cells, ratio, &opt))
                         } else {
-                            Collated::Mlm(collate_mlm(&cells, t.mask_ratio, &opt))
+                            let mut b = collate_mlm(&cells, t.mask_ratio, &opt);
+                            b.labels = self.batch_labels(&batch)?;
+                            Collated::Mlm(b)
                         };
                         micro.push((c, batch.position, cells.len()));
                     }
@@ -511,8 +579,8 @@ impl Trainer {
             } else {
                 consecutive_skips = 0;
                 interval_norm += norm;
-                for k in 0..5 {
-                    interval.sums[k] += losses.sums[k];
+                for (acc, v) in interval.sums.iter_mut().zip(losses.sums) {
+                    *acc += v;
                 }
                 interval.tokens += losses.tokens;
                 interval.batches += losses.batches;
@@ -530,11 +598,17 @@ impl Trainer {
                         2 => t.objective == "generative" && t.cell_prompt_pass,
                         3 => t.objective == "mlm" && t.ecs,
                         4 => t.objective == "mlm" && t.cce,
+                        5 => t.objective == "mlm" && t.cls,
                         _ => true,
                     };
                     if active && denom > 0.0 {
                         let v = interval.sums[k] / denom;
-                        loss_total += v * if k == 3 { t.ecs_weight } else if k == 4 { t.cce_weight } else { 1.0 };
+                        loss_total += v * match k {
+                            3 => t.ecs_weight,
+                            4 => t.cce_weight,
+                            5 => t.cls_weight,
+                            _ => 1.0,
+                        };
                         scalars.push((format!("train/loss_{name}"), v));
                     }
                 }
@@ -645,9 +719,10 @@ impl Trainer {
             let mut flat = flatten_grads(&grads, &self.params);
             self.comm.all_reduce_mean(&mut flat)?;
             unflatten_grads(&mut grads, &self.params, &flat, &self.device.clone().inner());
-            let mut l = [losses.sums[0], losses.sums[1], losses.sums[2], losses.sums[3], losses.sums[4], losses.tokens, losses.batches];
+            let mut l: Vec<f64> = losses.sums.iter().copied().chain([losses.tokens, losses.batches]).collect();
             self.comm.all_reduce_sum_f64(&mut l)?;
-            losses = StepLosses { sums: [l[0], l[1], l[2], l[3], l[4]], tokens: l[5], batches: l[6] };
+            losses.sums.copy_from_slice(&l[..6]);
+            (losses.tokens, losses.batches) = (l[6], l[7]);
             comm_s = c.elapsed().as_secs_f64();
         }
         let norm = grad_sq_norm(&grads, &self.params).sqrt();
@@ -673,7 +748,7 @@ impl Trainer {
         let out = model.generative_forward(input.clone(), ForwardFlags { mvc, ..Default::default() })?;
         let gep = masked_sq_sum(out.gen_preds.clone().expect("gen preds"), target.clone(), keep.clone());
         let mut total = gep.clone();
-        let mut sums: Terms = [Some(gep.clone().detach()), None, None, None, None];
+        let mut sums: Terms = [Some(gep.clone().detach()), None, None, None, None, None];
         if let Some(m) = out.mvc_output.clone() {
             let gepc = masked_sq_sum(m.slice([0..n, p..p + g]), target.clone(), keep.clone());
             sums[1] = Some(gepc.clone().detach());
@@ -702,9 +777,10 @@ impl Trainer {
         };
         let target = floats(&b.target, n, l, d);
         let keep = bools(&b.masked, n, l, d).float();
-        let out = model.forward(input, ForwardFlags { mvc: model.config.do_mvc, ecs: t.ecs, cce: t.cce, ..Default::default() })?;
+        let cls = t.cls && !b.labels.is_empty();
+        let out = model.forward(input, ForwardFlags { mvc: model.config.do_mvc, ecs: t.ecs, cce: t.cce, cls, ..Default::default() })?;
         let gep = masked_sq_sum(out.mlm_output, target.clone(), keep.clone());
-        let mut sums: Terms = [Some(gep.clone().detach()), None, None, None, None];
+        let mut sums: Terms = [Some(gep.clone().detach()), None, None, None, None, None];
         let mut total = gep;
         if let Some(m) = out.mvc_output {
             let gepc = masked_sq_sum(m, target, keep);
@@ -726,7 +802,20 @@ impl Trainer {
             sums[4] = Some(cce.clone().detach());
             total = total + cce.mul_scalar(t.cce_weight * batch_scale * factor);
         }
+        if let Some(logits) = out.cls_output {
+            let ce = cross_entropy(logits, Tensor::from_data(TensorData::new(b.labels.clone(), [n]), &self.device));
+            sums[5] = Some(ce.clone().detach());
+            total = total + ce.mul_scalar(t.cls_weight * batch_scale);
+        }
         Ok((total, sums))
+    }
+
+    /// Class ids of a batch's cells for the CLS objective (empty when it is off).
+    fn batch_labels(&self, batch: &CellBatch) -> anyhow::Result<Vec<i64>> {
+        match (&self.classes, batch.cells.obs.first()) {
+            (Some(c), Some(labels)) => c.ids(labels, &self.cfg.train.cls_col),
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// CCE over every rank's cells: the other ranks' two views arrive as constants, this
@@ -772,6 +861,7 @@ impl Trainer {
         let t = self.cfg.train.clone();
         let mut sum = 0.0;
         let mut count = 0.0;
+        let (mut correct, mut classified) = (0.0, 0.0);
         let mut seen = 0usize;
         let loader = Loader::new(
             self.loader_sets(),
@@ -783,6 +873,7 @@ impl Trainer {
                 rank: self.comm.rank(),
                 world: self.comm.world(),
                 prefetch: 2,
+                obs_cols: if t.cls { vec![t.cls_col.clone()] } else { Vec::new() },
             },
         )?;
         let mut opt = self.collate;
@@ -810,21 +901,30 @@ impl Trainer {
             } else {
                 let b = collate_mlm(&cells, t.mask_ratio, &opt);
                 let (n, l) = (b.batch, b.len);
+                let labels = self.batch_labels(&batch)?;
                 let out = model.forward(
                     ModelInput { src: ints(&b.genes, n, l, &dev), values: floats(&b.values, n, l, &dev), src_key_padding_mask: bools(&b.pad, n, l, &dev), batch_labels: None },
-                    ForwardFlags::default(),
+                    ForwardFlags { cls: !labels.is_empty(), ..Default::default() },
                 )?;
+                if let Some(logits) = out.cls_output.clone() {
+                    let predicted: Vec<i64> = logits.argmax(1).into_data().convert::<i64>().try_to_vec::<i64>().expect("ints");
+                    correct += predicted.iter().zip(&labels).filter(|(p, l)| p == l).count() as f64;
+                    classified += labels.len() as f64;
+                }
                 sum += scalar(&masked_sq_sum(out.mlm_output, floats(&b.target, n, l, &dev), bools(&b.masked, n, l, &dev).float()));
                 count += b.masked_tokens() as f64;
             }
         }
-        let mut agg = [sum, count];
+        let mut agg = [sum, count, correct, classified];
         self.comm.all_reduce_sum_f64(&mut agg)?;
         let step = self.state.step;
         let mut scalars: Vec<(String, f64)> = Vec::new();
         let mse = (agg[1] > 0.0).then(|| agg[0] / agg[1]);
         if let Some(m) = mse {
             scalars.push(("valid/mse".into(), m));
+        }
+        if agg[3] > 0.0 {
+            scalars.push(("valid/cls_accuracy".into(), agg[2] / agg[3]));
         }
         if self.lead() {
             if let Some(set) = &self.labelled {

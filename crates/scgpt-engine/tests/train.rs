@@ -150,6 +150,59 @@ fn mlm_objective_with_ecs_trains() {
 }
 
 #[test]
+fn mlm_with_cls_learns_the_cell_types() {
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("pbmc");
+    prep("pbmc68k_reduced.h5ad", &shards, &["input.allow_non_integer=true", "output.obs_cols=[\"bulk_labels\"]"]);
+    let run = tmp.path().join("run");
+    let cfg = tiny(
+        &run,
+        &shards,
+        &[
+            "train.objective=\"mlm\"".into(),
+            "train.cls=true".into(),
+            "train.cls_col=\"bulk_labels\"".into(),
+            "train.max_steps=60".into(),
+            "train.log_every=10".into(),
+            "train.eval_every=60".into(),
+            "train.lr=3e-3".into(),
+            "data.valid_fraction=0.2".into(),
+            "valid.label_set=\"\"".into(),
+        ],
+    );
+    let mut t = Trainer::new(cfg, Box::new(scgpt_dist::Single::new())).unwrap().quiet();
+    t.run().unwrap();
+    // The classes are the data's 10 PBMC types, sorted (tests/data/README.md).
+    let classes: Vec<String> = serde_json::from_str(&std::fs::read_to_string(run.join("classes.json")).unwrap()).unwrap();
+    assert_eq!(classes.len(), 10, "{classes:?}");
+    assert!(classes.windows(2).all(|w| w[0] < w[1]) && classes.contains(&"Dendritic".to_string()), "{classes:?}");
+    assert_eq!(t.model().config.n_cls, 10);
+    let m = metrics(&run);
+    let cls: Vec<f64> = m.iter().filter_map(|l| l["train/loss_cls"].as_f64()).collect();
+    // An untrained head is near the uniform cross entropy ln 10 = 2.30; training must go well below.
+    assert!((1.6..3.2).contains(&cls[0]), "first cls loss {cls:?}");
+    assert!(cls[cls.len() - 1] < 0.7 * cls[0], "{cls:?}");
+    // Held-out cells: better than always answering the largest class (Dendritic, 240 of 700).
+    let acc = m.iter().filter_map(|l| l["valid/cls_accuracy"].as_f64()).last().expect("valid/cls_accuracy logged");
+    assert!(acc > 240.0 / 700.0 + 0.05, "held-out accuracy {acc}");
+    // The exported model carries the classifier under the original's names.
+    let args: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("best_model/args.json")).unwrap()).unwrap();
+    assert_eq!(args["n_cls"], 10);
+}
+
+#[test]
+fn cls_on_a_column_the_data_lacks_names_the_column_and_the_fix() {
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("wu");
+    prep("wu2020_200.h5ad", &shards, &[]);
+    let cfg = tiny(&tmp.path().join("run"), &shards, &["train.objective=\"mlm\"".into(), "train.cls=true".into(), "train.cls_col=\"cell_type\"".into(), "valid.label_set=\"\"".into()]);
+    let err = format!("{:#}", Trainer::new(cfg, Box::new(scgpt_dist::Single::new())).err().expect("an error"));
+    assert!(err.contains("cell_type") && err.contains("--obs-cols"), "{err}");
+}
+
+#[test]
 fn continual_pretraining_extends_the_vocabulary_and_keeps_old_rows() {
     let _turn = serial();
     let tmp = tempfile::tempdir().unwrap();

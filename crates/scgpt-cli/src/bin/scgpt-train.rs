@@ -28,6 +28,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    scgpt_data::alloc::tune_for_tensors();
     let cli = Cli::parse();
     match run(&cli) {
         Ok(RunEnd::Finished { steps }) => {
