@@ -6,6 +6,8 @@ use std::time::Instant;
 use scgpt_data::loader::{DataPosition, Loader, LoaderConfig, ShardSet};
 
 fn main() -> anyhow::Result<()> {
+    // As scgpt-train does at start.
+    scgpt_data::alloc::tune_for_tensors();
     let mut args = std::env::args().skip(1);
     let dir = args.next().expect("usage: loader_bench DIR [CELLS]");
     let limit: usize = args.next().map(|s| s.parse().expect("CELLS is a number")).unwrap_or(200_000);

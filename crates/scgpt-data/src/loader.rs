@@ -194,6 +194,43 @@ impl Loader {
     }
 }
 
+/// A window of row groups, as the decoding stage hands it to the batching stage.
+enum Window {
+    /// Entirely before the resume position: its cells of the split are only counted.
+    Skipped(u64),
+    /// The window's decoded row groups, and for each cell of the split its (row group, row)
+    /// and set: batches copy straight out of the decoded groups.
+    Cells { groups: Vec<CellColumns>, cells: Vec<(usize, usize)>, sets: Vec<usize> },
+}
+
+/// The rows of `b` that belong to `split` (the split is a hash of the cell's place, so this
+/// needs no decoding).
+fn split_rows(sets: &[ShardSet], cfg: &LoaderConfig, b: &Block, split: Split) -> impl Iterator<Item = usize> {
+    let groups = &sets[b.set].shards[b.shard].1;
+    let first_row: usize = groups[..b.group].iter().sum();
+    let (seed, fraction, set, shard) = (cfg.seed, cfg.valid_fraction, b.set, b.shard);
+    (0..b.rows).filter(move |i| is_valid_cell(seed, set, shard, first_row + i, fraction) == (split == Split::Valid))
+}
+
+/// Decodes a window's row groups in parallel and keeps the cells of `split`.
+fn decode_window(sets: &[ShardSet], cfg: &LoaderConfig, chunk: &[Block], split: Split) -> anyhow::Result<Window> {
+    let decoded: Vec<anyhow::Result<CellColumns>> = chunk
+        .par_iter()
+        .map(|b| read_row_group(&sets[b.set].shards[b.shard].0, b.group, &cfg.obs_cols))
+        .collect();
+    let mut groups = Vec::with_capacity(chunk.len());
+    let mut cells = Vec::new();
+    let mut origin = Vec::new();
+    for (gi, (b, group)) in chunk.iter().zip(decoded).enumerate() {
+        groups.push(group?);
+        for i in split_rows(sets, cfg, b, split) {
+            cells.push((gi, i));
+            origin.push(b.set);
+        }
+    }
+    Ok(Window::Cells { groups, cells, sets: origin })
+}
+
 fn produce(
     sets: &[ShardSet],
     cfg: &LoaderConfig,
@@ -202,39 +239,53 @@ fn produce(
     start: DataPosition,
     tx: &crossbeam_channel::Sender<anyhow::Result<CellBatch>>,
 ) {
+    let window = if split == Split::Train { cfg.shuffle_window.max(1) } else { 1 };
+    // Two stages: one thread decodes window k + 1 (its row groups in parallel) while this one
+    // shuffles window k and cuts it into batches. Windows wholly before the resume position
+    // are counted from the split hash and never read.
+    let (wtx, wrx) = crossbeam_channel::bounded::<anyhow::Result<Window>>(1);
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            let mut counted = 0u64;
+            for chunk in blocks.chunks(window) {
+                let n: u64 = chunk.iter().map(|b| split_rows(sets, cfg, b, split).count() as u64).sum();
+                let w = if counted + n <= start.cells_done { Ok(Window::Skipped(n)) } else { decode_window(sets, cfg, chunk, split) };
+                counted += n;
+                let failed = w.is_err();
+                if wtx.send(w).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        batch_windows(cfg, split, start, wrx, tx);
+    });
+}
+
+/// The batching stage: shuffles each window's cells and hands out this rank's batches.
+fn batch_windows(
+    cfg: &LoaderConfig,
+    split: Split,
+    start: DataPosition,
+    windows: crossbeam_channel::Receiver<anyhow::Result<Window>>,
+    tx: &crossbeam_channel::Sender<anyhow::Result<CellBatch>>,
+) {
     let mut done = 0u64; // cells of the split handed out so far (all ranks)
     let mut batch_index = 0u64;
     let n_obs = cfg.obs_cols.len();
     let mut pending = CellColumns::new(n_obs);
     let mut pending_sets = Vec::new();
-    let window = if split == Split::Train { cfg.shuffle_window.max(1) } else { 1 };
-    for (wi, chunk) in blocks.chunks(window).enumerate() {
-        // Gather the window's cells of this split.
-        let mut cells = CellColumns::new(n_obs);
-        let mut origin = Vec::new();
-        // Decoding is the loader's cost: the window's row groups decode in parallel.
-        let decoded: Vec<anyhow::Result<CellColumns>> = chunk
-            .par_iter()
-            .map(|b| read_row_group(&sets[b.set].shards[b.shard].0, b.group, &cfg.obs_cols))
-            .collect();
-        for (b, group) in chunk.iter().zip(decoded) {
-            let groups = &sets[b.set].shards[b.shard].1;
-            let first_row: usize = groups[..b.group].iter().sum();
-            let group = match group {
-                Ok(g) => g,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            for i in 0..group.len() {
-                let valid = is_valid_cell(cfg.seed, b.set, b.shard, first_row + i, cfg.valid_fraction);
-                if valid == (split == Split::Valid) {
-                    cells.push_from(&group, i);
-                    origin.push(b.set);
-                }
+    for (wi, w) in windows.into_iter().enumerate() {
+        let (groups, cells, origin) = match w {
+            Ok(Window::Skipped(n)) => {
+                done += n;
+                continue;
             }
-        }
+            Ok(Window::Cells { groups, cells, sets }) => (groups, cells, sets),
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
         let mut order: Vec<usize> = (0..cells.len()).collect();
         if split == Split::Train {
             order.shuffle(&mut rng_for(cfg.seed, 0x5EF1 ^ start.epoch, wi as u64));
@@ -245,7 +296,8 @@ fn produce(
             if skip {
                 continue;
             }
-            pending.push_from(&cells, i);
+            let (g, row) = cells[i];
+            pending.push_from(&groups[g], row);
             pending_sets.push(origin[i]);
             if pending.len() == cfg.batch_size {
                 let mine = batch_index % cfg.world as u64 == cfg.rank as u64;

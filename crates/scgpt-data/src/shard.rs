@@ -345,7 +345,7 @@ pub fn read_row_group(path: &Path, group: usize, obs_cols: &[String]) -> anyhow:
         roots.push(index(c)?);
     }
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
-    let reader = builder.with_projection(mask).with_row_groups(vec![group]).with_batch_size(ROW_GROUP_CELLS).build()?;
+    let reader = builder.with_projection(mask).with_row_groups(vec![group]).with_batch_size(128).build()?;
     let mut out = CellColumns::new(obs_cols.len());
     for batch in reader {
         let batch = batch?;

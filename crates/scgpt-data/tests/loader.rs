@@ -116,3 +116,38 @@ fn a_missing_shard_is_a_clear_error() {
     let err = ShardSet::open(&t.path().join("a"), 1.0).unwrap_err().to_string();
     assert!(err.contains("a.00001.parquet") && err.contains("missing"), "{err}");
 }
+
+#[test]
+fn obs_columns_travel_with_their_cells() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("l");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut c = CellColumns::new(1);
+    for i in 0..5_000usize {
+        c.push(&[(i % 50) as i32], &[(i % 13) as f32 + 1.0], &[1], 1.0, &format!("l-{i}"), "l", &[format!("type{}", i % 7)]);
+    }
+    write_shard(&dir.join("l.00000.parquet"), &["label".to_string()], &c).unwrap();
+    std::fs::write(dir.join("manifest.json"), serde_json::json!({"shards": [{"file": "l.00000.parquet"}]}).to_string()).unwrap();
+    let mut v = GeneVocab::from_tokens((0..50).map(|i| format!("g{i}")));
+    v.ensure_specials();
+    std::fs::write(dir.join("vocab.json"), v.to_json()).unwrap();
+    let set = ShardSet::open(&dir, 1.0).unwrap();
+    let loader = Loader::new(vec![set], LoaderConfig { obs_cols: vec!["label".into()], ..cfg(64) }).unwrap();
+    let mut seen = 0;
+    for b in loader.train_epoch(DataPosition::default()) {
+        let b = b.unwrap();
+        for (k, id) in b.cells.cell_ids.iter().enumerate() {
+            let i: usize = id[2..].parse().unwrap();
+            assert_eq!(b.cells.obs[0][k], format!("type{}", i % 7), "label of {id}");
+            let (g, e, _) = b.cells.cell(k);
+            assert_eq!((g, e), (&[(i % 50) as i32][..], &[(i % 13) as f32 + 1.0][..]), "values of {id}");
+            seen += 1;
+        }
+    }
+    assert!(seen > 4_000);
+    // A column the shards lack names itself and the fix.
+    let set = ShardSet::open(&dir, 1.0).unwrap();
+    let loader = Loader::new(vec![set], LoaderConfig { obs_cols: vec!["cell_type".into()], ..cfg(64) }).unwrap();
+    let err = format!("{:#}", loader.train_epoch(DataPosition::default()).next().unwrap().unwrap_err());
+    assert!(err.contains("cell_type") && err.contains("--obs-cols"), "{err}");
+}

@@ -195,6 +195,28 @@ impl Collated {
             Collated::Mlm(b) => b.masked_tokens(),
         }
     }
+    /// Floating-point operations of the encoder for one training step on this batch (forward
+    /// and backward = 3 × forward), on the padded shapes the device computes: per layer and
+    /// token 2·(4d² + 2d·d_hid) for the projections and feed-forward, plus 4d per attention
+    /// score (QKᵀ and the weighted sum of V). Generative: pcpt tokens attend to P keys, gen
+    /// tokens to P + 1, twice with the cell-prompted pass. Heads and embeddings are left out,
+    /// as model-FLOP counts usually do.
+    fn encoder_flops(&self, d: usize, d_hid: usize, layers: usize, cell_prompt_pass: bool) -> f64 {
+        let (d, d_hid, layers) = (d as f64, d_hid as f64, layers as f64);
+        let per_token = 2.0 * (4.0 * d * d + 2.0 * d * d_hid);
+        let (tokens, scores, passes) = match self {
+            Collated::Generative(b) => {
+                let (n, p, g) = (b.batch as f64, b.pcpt_len as f64, b.gen_len as f64);
+                (n * (p + g), n * (p * p + g * (p + 1.0)), if cell_prompt_pass { 2.0 } else { 1.0 })
+            }
+            Collated::Mlm(b) => {
+                let (n, l) = (b.batch as f64, b.len as f64);
+                (n * l, n * l * l, 1.0)
+            }
+        };
+        3.0 * passes * layers * (tokens * per_token + scores * 4.0 * d)
+    }
+
     fn input_tokens(&self) -> usize {
         match self {
             Collated::Generative(b) => b.pcpt_pad.iter().chain(&b.gen_pad).filter(|p| !**p).count(),
@@ -500,6 +522,7 @@ impl Trainer {
         let mut interval_steps = 0u64;
         let mut interval_cells = 0u64;
         let mut interval_tokens = 0u64;
+        let mut interval_flops = 0.0f64;
         let mut interval_norm = 0.0;
         let mut interval_comm = 0.0f64;
         let mut clock = Instant::now();
@@ -565,6 +588,10 @@ impl Trainer {
             self.state.cells_seen += (cells * self.comm.world()) as u64;
             interval_cells += (cells * self.comm.world()) as u64;
             interval_tokens += (micro.iter().map(|(c, _, _)| c.input_tokens()).sum::<usize>() * self.comm.world()) as u64;
+            let mc = &self.model().config;
+            let (d, d_hid, layers) = (mc.d_model, mc.d_hid, mc.nlayers);
+            let prompt = t.objective == "generative" && t.cell_prompt_pass;
+            interval_flops += micro.iter().map(|(c, _, _)| c.encoder_flops(d, d_hid, layers, prompt)).sum::<f64>() * self.comm.world() as f64;
             interval_comm += comm_s;
             bar.set_position(self.state.step);
             if skipped {
@@ -617,6 +644,7 @@ impl Trainer {
                 scalars.push(("train/grad_norm".into(), interval_norm / interval_steps.max(1) as f64));
                 scalars.push(("train/cells_per_s".into(), interval_cells as f64 / secs));
                 scalars.push(("train/tokens_per_s".into(), interval_tokens as f64 / secs));
+                scalars.push(("train/model_tflops".into(), interval_flops / secs / 1e12));
                 scalars.push(("train/comm_share".into(), interval_comm / secs));
                 scalars.push(("train/epoch".into(), self.state.position.epoch as f64));
                 if let Some(rss) = rss_bytes() {
@@ -624,9 +652,10 @@ impl Trainer {
                 }
                 if lead {
                     let msg = format!(
-                        "loss {loss_total:.4} (gep {:.4}) lr {lr:.2e} | {:.1} cells/s",
+                        "loss {loss_total:.4} (gep {:.4}) lr {lr:.2e} | {:.1} cells/s, {:.3} TFLOP/s",
                         interval.sums[0] / interval.tokens.max(1.0),
-                        interval_cells as f64 / secs
+                        interval_cells as f64 / secs,
+                        interval_flops / secs / 1e12
                     );
                     bar.set_message(msg.clone());
                     if bar.is_hidden() {
@@ -638,6 +667,7 @@ impl Trainer {
                 interval_steps = 0;
                 interval_cells = 0;
                 interval_tokens = 0;
+                interval_flops = 0.0;
                 interval_norm = 0.0;
                 interval_comm = 0.0;
                 clock = Instant::now();
@@ -1066,4 +1096,33 @@ fn load_labelled(cfg: &TrainConfig, vocab: &GeneVocab) -> anyhow::Result<Labelle
         bail!("valid.label_col = {:?} of {} has {} distinct label(s); kNN/ASW need at least 2", cfg.valid.label_col, dir.display(), names.len());
     }
     Ok(LabelledSet { cells, labels, names })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoder_flops_count_projections_feed_forward_and_scores() {
+        let mlm = Collated::Mlm(MlmBatch { batch: 2, len: 10, genes: vec![], values: vec![], target: vec![], pad: vec![], masked: vec![], labels: vec![] });
+        // d 4, d_hid 8, 1 layer: 2·(4·16 + 2·32) = 256 per token × 20 tokens, 4·4 per score ×
+        // 2·10² scores, × 3 for forward + backward.
+        assert_eq!(mlm.encoder_flops(4, 8, 1, true), 3.0 * (20.0 * 256.0 + 200.0 * 16.0));
+        let gen = Collated::Generative(GenerativeBatch {
+            batch: 1,
+            pcpt_len: 3,
+            gen_len: 2,
+            gen_ratio: 0.5,
+            pcpt_genes: vec![],
+            pcpt_values: vec![],
+            pcpt_pad: vec![],
+            gen_genes: vec![],
+            gen_target: vec![],
+            gen_pad: vec![],
+        });
+        // 5 tokens; 3² pcpt scores + 2 gen queries × (3 + 1) keys = 17; two passes, 2 layers.
+        let one_pass = 5.0 * 256.0 + 17.0 * 16.0;
+        assert_eq!(gen.encoder_flops(4, 8, 2, true), 3.0 * 2.0 * 2.0 * one_pass);
+        assert_eq!(gen.encoder_flops(4, 8, 2, false), 3.0 * 2.0 * one_pass);
+    }
 }

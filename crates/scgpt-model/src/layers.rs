@@ -353,6 +353,31 @@ pub struct SelfAttention {
 /// masked gives a uniform average instead of NaN; any real score is far above it.
 const MASKED_SCORE: f32 = -1.0e30;
 
+/// softmax(QKᵀ/√dh)·V without the fused kernel, a few cells at a time so the score tensor
+/// stays near 256 MB.
+fn explicit_inference_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Option<Tensor<4, Bool>>, dh: usize) -> Tensor<4> {
+    let [b, h, lq, _] = q.dims();
+    let lk = k.dims()[2];
+    let per_cell = h * lq * lk * 4;
+    let step = ((256usize << 20) / per_cell.max(1)).clamp(1, b);
+    let mut outs = Vec::new();
+    for s0 in (0..b).step_by(step) {
+        let s1 = (s0 + step).min(b);
+        let qs = q.clone().slice([s0..s1]);
+        let ks = k.clone().slice([s0..s1]);
+        let vs = v.clone().slice([s0..s1]);
+        let mut scores = qs.matmul(ks.swap_dims(2, 3)).mul_scalar(1.0 / (dh as f64).sqrt());
+        if let Some(m) = &mask {
+            let m = m.clone().slice([s0..s1]);
+            let [mb, mh, _, _] = m.dims();
+            let _ = (mb, mh);
+            scores = scores.mask_fill(m.expand([s1 - s0, h, lq, lk]), MASKED_SCORE);
+        }
+        outs.push(softmax(scores, 3).matmul(vs));
+    }
+    Tensor::cat(outs, 0)
+}
+
 impl SelfAttention {
     pub fn new(d: usize, nhead: usize, p: f64, device: &Device) -> Self {
         Self {
@@ -406,6 +431,9 @@ impl SelfAttention {
                 let heads = if autodiff || m.dims()[1] != 1 { h } else { 1 };
                 m.expand([b, heads, lq, lk])
             });
+            if std::env::var_os("SCGPT_EXPLICIT_ATTN").is_some() {
+                return explicit_inference_attention(q, k, v, mask, dh);
+            }
             return attention(q, k, v, mask, None, AttentionModuleOptions::default());
         }
         let mask = mask.map(|m| m.expand([b, h, lq, lk]));
