@@ -353,31 +353,6 @@ pub struct SelfAttention {
 /// masked gives a uniform average instead of NaN; any real score is far above it.
 const MASKED_SCORE: f32 = -1.0e30;
 
-/// softmax(QKᵀ/√dh)·V without the fused kernel, a few cells at a time so the score tensor
-/// stays near 256 MB.
-fn explicit_inference_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Option<Tensor<4, Bool>>, dh: usize) -> Tensor<4> {
-    let [b, h, lq, _] = q.dims();
-    let lk = k.dims()[2];
-    let per_cell = h * lq * lk * 4;
-    let step = ((256usize << 20) / per_cell.max(1)).clamp(1, b);
-    let mut outs = Vec::new();
-    for s0 in (0..b).step_by(step) {
-        let s1 = (s0 + step).min(b);
-        let qs = q.clone().slice([s0..s1]);
-        let ks = k.clone().slice([s0..s1]);
-        let vs = v.clone().slice([s0..s1]);
-        let mut scores = qs.matmul(ks.swap_dims(2, 3)).mul_scalar(1.0 / (dh as f64).sqrt());
-        if let Some(m) = &mask {
-            let m = m.clone().slice([s0..s1]);
-            let [mb, mh, _, _] = m.dims();
-            let _ = (mb, mh);
-            scores = scores.mask_fill(m.expand([s1 - s0, h, lq, lk]), MASKED_SCORE);
-        }
-        outs.push(softmax(scores, 3).matmul(vs));
-    }
-    Tensor::cat(outs, 0)
-}
-
 impl SelfAttention {
     pub fn new(d: usize, nhead: usize, p: f64, device: &Device) -> Self {
         Self {
@@ -431,9 +406,6 @@ impl SelfAttention {
                 let heads = if autodiff || m.dims()[1] != 1 { h } else { 1 };
                 m.expand([b, heads, lq, lk])
             });
-            if std::env::var_os("SCGPT_EXPLICIT_ATTN").is_some() {
-                return explicit_inference_attention(q, k, v, mask, dh);
-            }
             return attention(q, k, v, mask, None, AttentionModuleOptions::default());
         }
         let mask = mask.map(|m| m.expand([b, h, lq, lk]));
@@ -462,7 +434,14 @@ impl SelfAttention {
 
     /// Standard self-attention over one sequence. `key_padding_mask`: `[B, L]`, true = pad.
     pub fn forward(&self, x: Tensor<3>, key_padding_mask: Option<Tensor<2, Bool>>) -> Tensor<3> {
-        let [q, k, v] = self.split_heads(self.Wqkv.forward(x));
+        let device = x.device();
+        let qkv = self.Wqkv.forward(x);
+        if !dropout_active(&self.dropout, &qkv) && !device.is_autodiff() && device == Device::flex() && qkv.dtype() == DType::F32 {
+            // Inference on the CPU: our kernel on the packed projections (cpu_attention.rs).
+            let ctx = crate::cpu_attention::attention_packed(qkv, self.nhead, key_padding_mask, &device);
+            return self.out_proj.forward(ctx);
+        }
+        let [q, k, v] = self.split_heads(qkv);
         let mask = key_padding_mask.map(|m| m.unsqueeze_dims::<4>(&[1, 2]));
         self.out_proj
             .forward(Self::merge_heads(self.attend(q, k, v, mask)))

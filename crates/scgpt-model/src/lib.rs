@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod config;
+mod cpu_attention;
 pub mod error;
 pub mod generative;
 pub mod layers;
