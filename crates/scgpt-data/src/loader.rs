@@ -286,6 +286,12 @@ fn batch_windows(
                 return;
             }
         };
+        // Batches are sized from the window's mean cell length, so assembling one never regrows.
+        let per_cell = groups.iter().map(|g| g.genes.len()).sum::<usize>() / groups.iter().map(CellColumns::len).sum::<usize>().max(1);
+        let fresh = || CellColumns::with_capacity(n_obs, cfg.batch_size, cfg.batch_size * (per_cell + per_cell / 4));
+        if pending.is_empty() {
+            pending = fresh();
+        }
         let mut order: Vec<usize> = (0..cells.len()).collect();
         if split == Split::Train {
             order.shuffle(&mut rng_for(cfg.seed, 0x5EF1 ^ start.epoch, wi as u64));
@@ -302,7 +308,7 @@ fn batch_windows(
             if pending.len() == cfg.batch_size {
                 let mine = batch_index % cfg.world as u64 == cfg.rank as u64;
                 batch_index += 1;
-                let full = std::mem::replace(&mut pending, CellColumns::new(n_obs));
+                let full = std::mem::replace(&mut pending, fresh());
                 let sets_of = std::mem::take(&mut pending_sets);
                 if mine {
                     let position = DataPosition { epoch: start.epoch, cells_done: done };
