@@ -54,7 +54,7 @@ fn setup() -> Setup {
         .unwrap()
         .with_pad_token_id(97);
     assert!(config.use_generative_training);
-    let device = Device::flex();
+    let device = common::test_device();
     let mut model = config.init(&device).unwrap();
     let report = load_pretrained(&mut model, dir.join("generative.pt")).unwrap();
     assert!(report.skipped.is_empty(), "{report}");

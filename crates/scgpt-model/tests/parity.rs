@@ -35,7 +35,7 @@ fn load(name: &str) -> Fixture {
     let config = ModelConfig::from_args_json(dir.join(format!("{name}.args.json")), ntoken)
         .unwrap()
         .with_pad_token_id(pad);
-    let device = Device::flex();
+    let device = common::test_device();
     let mut model = config.init(&device).unwrap();
     let report = load_pretrained(&mut model, dir.join(format!("{name}.pt"))).unwrap();
     Fixture {

@@ -124,7 +124,7 @@ fn assert_close<const D: usize>(
 
 fn load(name: &str) -> (Value, TransformerGenerator, Device) {
     let json = fixture_json(name);
-    let device = Device::flex();
+    let device = common::test_device();
     let mut model = config_from_ctor(&json).init(&device).unwrap();
     let report = model.load_checkpoint(data(&format!("{name}.pt"))).unwrap();
     assert!(report.missing.is_empty(), "{report}");
@@ -279,7 +279,7 @@ fn parity_perturbation_zero_probs_mvc_adaptive_bias() {
 
 #[test]
 fn perturbation_inputs_are_checked() {
-    let device = Device::flex();
+    let device = common::test_device();
     let config = PerturbationConfig::new(NTOKEN, 16, 2, 24, 1).with_pad_token_id(PAD_ID);
     let model = config.init(&device).unwrap();
     let src = Tensor::<2, Int>::from_data([[1i64, 2, 3]], &device);

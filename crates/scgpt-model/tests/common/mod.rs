@@ -14,8 +14,13 @@ use serde_json::Value;
 pub const NTOKEN: usize = 100;
 pub const PAD_ID: usize = 97;
 
+/// The fixtures; `SCGPT_TEST_DATA` overrides the build-time path (test binaries carried to
+/// another machine by `launch/gpu_selftest.sh`).
 pub fn data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/model")
+    match std::env::var_os("SCGPT_TEST_DATA") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/model"),
+    }
 }
 
 pub fn data(name: &str) -> PathBuf {
@@ -239,4 +244,20 @@ pub fn randomise<M: ModuleSnapshot>(m: &mut M, seed: u64) {
 
 pub fn device_of(m: &TransformerModel) -> Device {
     m.devices()[0].clone()
+}
+
+/// The device the parity tests run on: `SCGPT_TEST_DEVICE` = `cpu` (default, Flex), or
+/// `vulkan` / `wgpu` / `cuda` in a build with that feature (`launch/gpu_selftest.sh`).
+pub fn test_device() -> Device {
+    let name = std::env::var("SCGPT_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    match name.as_str() {
+        "cpu" | "flex" => Device::flex(),
+        #[cfg(feature = "vulkan")]
+        "vulkan" => Device::vulkan(scgpt_model::burn::tensor::DeviceKind::DiscreteGpu(0)),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Device::wgpu(scgpt_model::burn::tensor::DeviceKind::DiscreteGpu(0)),
+        #[cfg(feature = "cuda")]
+        "cuda" => Device::cuda(0),
+        other => panic!("SCGPT_TEST_DEVICE={other}: not in this build (build the tests with --features {other})"),
+    }
 }
