@@ -10,7 +10,7 @@
 # no download) plus the parity test binaries and the NCCL check, and packs them into
 # gpu-carry/bundle.tar.xz (ignored by git; the device tool carries at most 64 MiB). `run`
 # unpacks it and needs only the NVIDIA driver (Vulkan ICD, libcuda) and, for the NCCL check,
-# libnccl.so.2 on the loader path (e.g. from the `nvidia-nccl-cu12` wheel: see
+# libnccl.so on LD_LIBRARY_PATH (a link to libnccl.so.2, e.g. from the `nvidia-nccl-cu12` wheel: see
 # docs/distributed.md). Each check prints PASS or FAIL; the script exits non-zero on a FAIL.
 #
 # Environment: DEVICE (vulkan), STEPS (20), BATCH (32), CELLS (4096) for the pretraining run.
