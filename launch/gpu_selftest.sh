@@ -7,7 +7,8 @@
 #
 # Why two halves: burn's `cuda` feature downloads an LLVM bundle while it builds, so a GPU
 # machine without network cannot build it. `pack` builds the Vulkan variant (wgpu on Vulkan,
-# no download) plus the parity test binaries and the NCCL check, and packs them into
+# no download) of scgpt-train and scgpt-prep, the parity and generative test binaries and the
+# NCCL check, and packs them into
 # gpu-carry/bundle.tar.xz (ignored by git; the device tool carries at most 64 MiB). `run`
 # unpacks it and needs only the NVIDIA driver (Vulkan ICD, libcuda) and, for the NCCL check,
 # libnccl.so on LD_LIBRARY_PATH (a link to libnccl.so.2, e.g. from the `nvidia-nccl-cu12` wheel: see
@@ -32,10 +33,11 @@ import json, sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"] \
-       and m["target"]["name"] in ("parity", "generative", "perturbation"):
+       and m["target"]["name"] in ("parity", "generative"):
         print(m["target"]["name"], m["executable"])' > "$TD/parity-tests.txt"
   rm -rf "$CARRY/stage" && mkdir -p "$CARRY/stage/bin"
-  cp "$TD/release/scgpt" "$TD/release/scgpt-train" "$TD/release/scgpt-prep" "$TD/release/examples/nccl_check" "$CARRY/stage/bin/"
+  # scgpt-train alone is ~20 MB compressed (burn + wgpu): the bundle holds what the checks run.
+  cp "$TD/release/scgpt-train" "$TD/release/scgpt-prep" "$TD/release/examples/nccl_check" "$CARRY/stage/bin/"
   while read -r name exe; do cp "$exe" "$CARRY/stage/bin/test-$name"; done < "$TD/parity-tests.txt"
   strip "$CARRY"/stage/bin/* 2>/dev/null || true
   XZ_OPT="-9 -T0" tar -C "$CARRY/stage" -cJf "$CARRY/bundle.tar.xz" bin
