@@ -343,14 +343,8 @@ pub fn write_shard(path: &Path, obs_names: &[String], cells: &CellColumns) -> an
 /// values, `n_counts`, cell ids and the named obs columns. The trainer bins in its own
 /// vocabulary each epoch, so the stored bins and dataset names are not decoded.
 pub fn read_row_group(path: &Path, group: usize, obs_cols: &[String]) -> anyhow::Result<CellColumns> {
-    let f = File::open(path).with_context(|| format!("{}: cannot open shard", path.display()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(f).with_context(|| format!("{}: not a readable Parquet shard", path.display()))?;
-    let names: Vec<String> = builder.schema().fields().iter().map(|f| f.name().clone()).collect();
-    let index = |name: &str| -> anyhow::Result<usize> {
-        names.iter().position(|n| n == name).with_context(|| {
-            format!("{}: no column `{name}` (it has {}); prepare the data with scgpt-prep --obs-cols {name}", path.display(), names.join(", "))
-        })
-    };
+    let (builder, names) = open_shard(path)?;
+    let index = |name: &str| root_index(&names, name, path);
     let mut roots = vec![index(COL_GENES)?, index(COL_EXPRESSIONS)?, index(COL_N_COUNTS)?, index(COL_CELL_ID)?];
     for c in obs_cols {
         roots.push(index(c)?);
@@ -370,10 +364,7 @@ pub fn read_row_group(path: &Path, group: usize, obs_cols: &[String]) -> anyhow:
         let cell_id: &StringArray = column(&batch, COL_CELL_ID, path)?;
         out.cell_ids.extend(cell_id.iter().map(|s| s.unwrap_or_default().to_string()));
         for (col, name) in out.obs.iter_mut().zip(obs_cols) {
-            let arr = batch.column_by_name(name).expect("projected");
-            let strings = arrow_cast_dict(arr.as_ref())
-                .ok_or_else(|| anyhow::anyhow!("{}: obs column {name} is not a dictionary of strings", path.display()))?;
-            col.extend(strings);
+            col.extend(obs_strings(batch.column_by_name(name).expect("projected").as_ref(), name, path)?);
         }
     }
     Ok(out)
@@ -381,20 +372,14 @@ pub fn read_row_group(path: &Path, group: usize, obs_cols: &[String]) -> anyhow:
 
 /// The distinct values of one obs column over a shard, in first-seen order.
 pub fn read_obs_values(path: &Path, name: &str) -> anyhow::Result<Vec<String>> {
-    let f = File::open(path).with_context(|| format!("{}: cannot open shard", path.display()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(f).with_context(|| format!("{}: not a readable Parquet shard", path.display()))?;
-    let names: Vec<String> = builder.schema().fields().iter().map(|f| f.name().clone()).collect();
-    let i = names.iter().position(|n| n == name).with_context(|| {
-        format!("{}: no obs column `{name}` (it has {}); prepare the data with scgpt-prep --obs-cols {name}", path.display(), names[6.min(names.len())..].join(", "))
-    })?;
+    let (builder, names) = open_shard(path)?;
+    let i = root_index(&names, name, path)?;
     let mask = ProjectionMask::roots(builder.parquet_schema(), [i]);
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for batch in builder.with_projection(mask).build()? {
         let batch = batch?;
-        let values = arrow_cast_dict(batch.column(0).as_ref())
-            .ok_or_else(|| anyhow::anyhow!("{}: obs column {name} is not a dictionary of strings", path.display()))?;
-        for v in values {
+        for v in obs_strings(batch.column(0).as_ref(), name, path)? {
             if seen.insert(v.clone()) {
                 out.push(v);
             }
@@ -461,14 +446,31 @@ fn append_batch(out: &mut CellColumns, batch: &RecordBatch, path: &Path) -> anyh
     out.bins.extend_from_slice(&bins.values()[base..end]);
     out.cell_ids.extend(cell_id.iter().map(|s| s.unwrap_or_default().to_string()));
     out.datasets.extend(dataset.iter().map(|s| s.unwrap_or_default().to_string()));
+    let schema = batch.schema();
     for (k, col) in out.obs.iter_mut().enumerate() {
-        let arr = batch.column(6 + k);
-        let strings = arrow_cast_dict(arr.as_ref()).ok_or_else(|| {
-            anyhow::anyhow!("{}: obs column {} is not a dictionary of strings", path.display(), batch.schema().field(6 + k).name())
-        })?;
-        col.extend(strings);
+        col.extend(obs_strings(batch.column(6 + k).as_ref(), schema.field(6 + k).name(), path)?);
     }
     Ok(())
+}
+
+/// A shard's reader and its top-level column names.
+fn open_shard(path: &Path) -> anyhow::Result<(ParquetRecordBatchReaderBuilder<File>, Vec<String>)> {
+    let f = File::open(path).with_context(|| format!("{}: cannot open shard", path.display()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(f).with_context(|| format!("{}: not a readable Parquet shard", path.display()))?;
+    let names = builder.schema().fields().iter().map(|f| f.name().clone()).collect();
+    Ok((builder, names))
+}
+
+/// The position of top-level column `name`; missing, an error naming it and the fix.
+fn root_index(names: &[String], name: &str, path: &Path) -> anyhow::Result<usize> {
+    names.iter().position(|n| n == name).with_context(|| {
+        format!("{}: no column `{name}` (it has {}); prepare the data with scgpt-prep --obs-cols {name}", path.display(), names.join(", "))
+    })
+}
+
+/// An obs column's values as strings (they are dictionary-encoded in every shard).
+fn obs_strings(arr: &dyn Array, name: &str, path: &Path) -> anyhow::Result<Vec<String>> {
+    arrow_cast_dict(arr).ok_or_else(|| anyhow::anyhow!("{}: obs column {name} is not a dictionary of strings", path.display()))
 }
 
 fn arrow_cast_dict(arr: &dyn Array) -> Option<Vec<String>> {
