@@ -338,8 +338,9 @@ impl Prep {
         let file_key = hash_str(stem);
         let block_cells = self.cfg.run.block_cells;
         let shard_cells = self.cfg.output.shard_cells;
+        let gene_table: Vec<u32> = gene_ids.iter().map(|g| g.unwrap_or(NO_GENE)).collect();
         let binning = CellBinning {
-            gene_ids: &gene_ids,
+            gene_ids: &gene_table,
             keep_cell: &keep_cell,
             min_genes: self.cfg.filter.min_genes_per_cell,
             allow_non_integer: self.cfg.input.allow_non_integer,
@@ -547,6 +548,9 @@ fn crash_point_for_tests() {
     }
 }
 
+/// Marks an input gene that is not in the vocabulary or was filtered out.
+const NO_GENE: u32 = u32::MAX;
+
 /// Cells handed to one rayon task: enough to amortise scheduling, small enough to balance.
 const CHUNK_CELLS: usize = 128;
 
@@ -563,7 +567,8 @@ struct BinnedChunk {
 
 /// Everything a worker needs to turn raw rows into binned cells.
 struct CellBinning<'a> {
-    gene_ids: &'a [Option<u32>],
+    /// Vocabulary id per input column, [`NO_GENE`] for dropped genes.
+    gene_ids: &'a [u32],
     keep_cell: &'a [bool],
     min_genes: usize,
     allow_non_integer: bool,
@@ -579,6 +584,12 @@ struct CellBinning<'a> {
 impl CellBinning<'_> {
     fn bin_chunk(&self, binner: &mut Binner, block: &RowBlock, rows: &[usize]) -> anyhow::Result<BinnedChunk> {
         let mut out = BinnedChunk { offsets: vec![0], ..Default::default() };
+        if let (Some(&first), Some(&last)) = (rows.first(), rows.last()) {
+            let values = block.indptr[last + 1] - block.indptr[first];
+            out.genes.reserve(values);
+            out.values.reserve(values);
+            out.bins.reserve(values);
+        }
         let mut bins = Vec::new();
         for &i in rows {
             let row = block.start + i;
@@ -588,14 +599,21 @@ impl CellBinning<'_> {
             let start = out.genes.len();
             let (cols, vals) = block.row(i);
             for (&c, &v) in cols.iter().zip(vals) {
-                if let Some(id) = self.gene_ids[c as usize] {
-                    let v = clean_value(v, self.allow_non_integer).map_err(|why| {
+                let id = self.gene_ids[c as usize];
+                if id == NO_GENE {
+                    continue;
+                }
+                // Exact integer counts (the common case) skip the rounding and its checks.
+                let v = if v >= 0.0 && v < 16_777_216.0 && (v as u32) as f32 == v {
+                    v
+                } else {
+                    clean_value(v, self.allow_non_integer).map_err(|why| {
                         value_error(self.path, &reader_path_hint(self.cell_ids, row), &self.names[c as usize], v, why)
-                    })?;
-                    if v != 0.0 {
-                        out.genes.push(id as i32);
-                        out.values.push(v);
-                    }
+                    })?
+                };
+                if v != 0.0 {
+                    out.genes.push(id as i32);
+                    out.values.push(v);
                 }
             }
             let n = out.genes.len() - start;

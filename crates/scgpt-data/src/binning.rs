@@ -61,10 +61,18 @@ impl Binner {
         let mut ties = ties;
         if self.prepare_small_ints(values, n_bins) {
             let lut = &self.lut;
-            out.extend(values.iter().map(|&v| {
-                let (l, r) = lut[v as usize];
-                resolve(l as usize, r as usize, &mut ties)
-            }));
+            out.reserve(values.len());
+            // One loop per tie rule, so the common untied value is a lookup and a compare.
+            match &mut ties {
+                TieBreak::Lowest => out.extend(values.iter().map(|&v| {
+                    let (l, r) = lut[v as usize];
+                    if l == r { l } else { r + 1 }
+                })),
+                TieBreak::Random(rng) => out.extend(values.iter().map(|&v| {
+                    let (l, r) = lut[v as usize];
+                    if l == r { l } else { l - draw(*rng, (l - r) as u32) as u8 }
+                })),
+            }
             return;
         }
         self.sorted.clear();
@@ -74,16 +82,19 @@ impl Binner {
         out.extend(values.iter().map(|&v| digit(v as f64, edges, &mut ties)));
     }
 
-    /// For integer values in 1..SMALL_INT_LIMIT: counting sort instead of a comparison sort, and
-    /// one (l, r) lookup per distinct value instead of two binary searches per gene. Same
-    /// edges and digits as the general path.
+    /// For integer values in 1..SMALL_INT_LIMIT: a histogram instead of a sort (order
+    /// statistics read off the cumulative counts), and one (l, r) lookup per distinct value
+    /// instead of two binary searches per gene. Same edges and digits as the general path.
     fn prepare_small_ints(&mut self, values: &[f32], n_bins: usize) -> bool {
-        let mut max = 0f32;
+        let mut max = 0u32;
         for &v in values {
-            if !(v >= 1.0 && v < SMALL_INT_LIMIT && v == v.trunc()) {
+            // The cast truncates (and saturates NaN to 0), so this is "v is an integer in range"
+            // without a libm call.
+            let u = v as u32;
+            if !(u >= 1 && (u as f32) < SMALL_INT_LIMIT && u as f32 == v) {
                 return false;
             }
-            max = max.max(v);
+            max = max.max(u);
         }
         let max = max as usize;
         self.hist.clear();
@@ -91,13 +102,15 @@ impl Binner {
         for &v in values {
             self.hist[v as usize] += 1;
         }
-        self.sorted.clear();
-        for (v, &c) in self.hist.iter().enumerate() {
-            for _ in 0..c {
-                self.sorted.push(v as f32);
-            }
+        // hist becomes cumulative: hist[v] = number of values <= v.
+        let mut total = 0u32;
+        for c in self.hist.iter_mut() {
+            total += *c;
+            *c = total;
         }
-        quantile_edges_into(&self.sorted, n_bins - 1, &mut self.edges);
+        let cum = &self.hist;
+        let at = |k: usize| cum.partition_point(|&c| c as usize <= k) as f32;
+        quantile_edges_with(values.len(), n_bins - 1, at, &mut self.edges);
         self.lut.clear();
         let (mut l, mut r) = (0usize, 0usize);
         for v in 0..=max {
@@ -122,8 +135,12 @@ impl Binner {
 /// `np.quantile(x, np.linspace(0, 1, n_edges))` with the default "linear" method, for sorted
 /// float32 `x` as the original sees it: numpy takes `b - a` in float32 and the rest in float64.
 pub fn quantile_edges_into(sorted: &[f32], n_edges: usize, edges: &mut Vec<f64>) {
+    quantile_edges_with(sorted.len(), n_edges, |i| sorted[i], edges)
+}
+
+/// [`quantile_edges_into`] over `n` values whose `i`-th smallest is `at(i)`.
+fn quantile_edges_with(n: usize, n_edges: usize, at: impl Fn(usize) -> f32, edges: &mut Vec<f64>) {
     edges.clear();
-    let n = sorted.len();
     let step = 1.0 / (n_edges as f64 - 1.0);
     for i in 0..n_edges {
         // np.linspace: i * step, with the endpoint set exactly.
@@ -132,14 +149,14 @@ pub fn quantile_edges_into(sorted: &[f32], n_edges: usize, edges: &mut Vec<f64>)
         // differ in the last bit; the reference fixtures come from numpy 2).
         let virt = (n - 1) as f64 * q;
         let value = if virt >= (n - 1) as f64 {
-            sorted[n - 1] as f64
+            at(n - 1) as f64
         } else if virt < 0.0 {
-            sorted[0] as f64
+            at(0) as f64
         } else {
             let prev = virt.floor();
             let gamma = virt - prev;
-            let a = sorted[prev as usize];
-            let b = sorted[prev as usize + 1];
+            let a = at(prev as usize);
+            let b = at(prev as usize + 1);
             lerp(a, b, gamma)
         };
         edges.push(value);
@@ -172,13 +189,16 @@ fn resolve<R: Rng>(l: usize, r: usize, ties: &mut TieBreak<'_, R>) -> u8 {
     }
     match ties {
         TieBreak::Lowest => (r + 1) as u8,
-        TieBreak::Random(rng) => {
-            // ceil(l - u (l - r)) = l - floor(u (l - r)) for u in [0, 1): integer arithmetic
-            // after one multiply, without a libm call.
-            let u: f64 = rng.random();
-            (l - (u * (l - r) as f64) as usize) as u8
-        }
+        TieBreak::Random(rng) => (l - draw(*rng, (l - r) as u32) as usize) as u8,
     }
+}
+
+/// Uniform in `0..span` from one 32-bit draw by multiply-shift: the original's
+/// `ceil(l - u (l - r))` is `l - floor(u (l - r))`, and `floor(u span)` for a 32-bit fixed-point
+/// `u` is `(x * span) >> 32` (bias below span / 2^32, ~1e-8 for 50 bins).
+#[inline]
+fn draw<R: Rng>(rng: &mut R, span: u32) -> u32 {
+    ((rng.next_u32() as u64 * span as u64) >> 32) as u32
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod alloc;
 pub mod atomic;
 pub mod binning;
 pub mod h5ad;
+pub mod list_pages;
 pub mod loader;
 pub mod seed;
 pub mod shard;

@@ -3,7 +3,9 @@
 //! Columns: `genes: list<int32>` (vocab ids of the nonzero genes), `expressions: list<float32>`
 //! (raw values), `bins: list<uint8>` (1..50), `n_counts: float32`, `cell_id: string`,
 //! `dataset: string`, then one dictionary-encoded string column per requested obs column.
-//! zstd-compressed, row groups of [`ROW_GROUP_CELLS`]; written through a temp file and renamed,
+//! The lists are bit-packed (delta gene ids, dictionary bins and expressions; see
+//! [`crate::list_pages`]), the per-cell columns zstd-compressed; row groups of
+//! [`ROW_GROUP_CELLS`]; written through a temp file and renamed,
 //! with a SHA-256 of the bytes.
 
 use std::fs::File;
@@ -16,7 +18,6 @@ use arrow_array::types::Int32Type;
 use arrow_array::{
     Array, ArrayRef, Float32Array, Int32Array, ListArray, RecordBatch, StringArray, UInt8Array,
 };
-use arrow_buffer::OffsetBuffer;
 use arrow_schema::{DataType, Field, Schema};
 use anyhow::Context;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -30,6 +31,7 @@ use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 use sha2::{Digest, Sha256};
 
+use crate::list_pages::{self, ListChunk};
 use crate::vocab::hex;
 
 pub const COL_GENES: &str = "genes";
@@ -72,6 +74,18 @@ impl CellColumns {
 
     pub fn len(&self) -> usize {
         self.offsets.len() - 1
+    }
+
+    /// No cells, capacity kept.
+    pub fn clear(&mut self) {
+        self.offsets.truncate(1);
+        self.genes.clear();
+        self.expressions.clear();
+        self.bins.clear();
+        self.n_counts.clear();
+        self.cell_ids.clear();
+        self.datasets.clear();
+        self.obs.iter_mut().for_each(Vec::clear);
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -143,16 +157,10 @@ pub fn schema(obs_names: &[String]) -> Arc<Schema> {
     Arc::new(Schema::new(fields))
 }
 
-fn to_batch(schema: &Arc<Schema>, cells: CellColumns) -> parquet::errors::Result<RecordBatch> {
-    let offsets = OffsetBuffer::new(cells.offsets.into());
-    let list = |dt: DataType, values: ArrayRef| -> ArrayRef {
-        Arc::new(ListArray::new(Arc::new(Field::new("item", dt, false)), offsets.clone(), values, None))
-    };
+/// The per-cell columns (everything after the three lists) as one record batch.
+fn scalar_batch(schema: &Arc<Schema>, cells: &CellColumns) -> parquet::errors::Result<RecordBatch> {
     let mut columns: Vec<ArrayRef> = vec![
-        list(DataType::Int32, Arc::new(Int32Array::from(cells.genes))),
-        list(DataType::Float32, Arc::new(Float32Array::from(cells.expressions))),
-        list(DataType::UInt8, Arc::new(UInt8Array::from(cells.bins))),
-        Arc::new(Float32Array::from(cells.n_counts)),
+        Arc::new(Float32Array::from(cells.n_counts.clone())),
         Arc::new(StringArray::from_iter_values(&cells.cell_ids)),
         Arc::new(StringArray::from_iter_values(&cells.datasets)),
     ];
@@ -195,12 +203,15 @@ pub struct ShardInfo {
     pub sha256: String,
 }
 
+/// genes, expressions, bins: the first three columns of every shard.
+const LIST_COLUMNS: usize = 3;
+
 /// Rows per Parquet row group: small enough for cheap random block access when training.
 pub const ROW_GROUP_CELLS: usize = 2048;
 
 fn writer_properties(obs_names: &[String]) -> anyhow::Result<WriterProperties> {
-    // Dictionary encoding of the per-gene lists costs more CPU than it saves after zstd; keep it
-    // for the low-cardinality string columns only.
+    // These settings cover the per-cell columns; the three lists are encoded by list_pages
+    // (the encodings set here for them document the fallback and are not used).
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
         .set_max_row_group_row_count(Some(ROW_GROUP_CELLS))
@@ -209,8 +220,6 @@ fn writer_properties(obs_names: &[String]) -> anyhow::Result<WriterProperties> {
     for name in obs_names.iter().map(String::as_str).chain([COL_DATASET]) {
         b = b.set_column_dictionary_enabled(ColumnPath::from(name), true);
     }
-    // Bit-packed deltas for gene ids and byte-split floats hand zstd fewer, more regular bytes:
-    // smaller shards and less time in the compressor, its costliest step.
     let item = |col: &str| ColumnPath::from(vec![col.to_string(), "list".to_string(), "item".to_string()]);
     b = b
         .set_column_encoding(item(COL_GENES), Encoding::DELTA_BINARY_PACKED)
@@ -219,13 +228,14 @@ fn writer_properties(obs_names: &[String]) -> anyhow::Result<WriterProperties> {
 }
 
 /// Streams cells into one shard file: each row group is encoded as it fills, its columns in
-/// parallel on the rayon pool (zstd is the costliest step of data-prep), so memory stays at one
+/// parallel on the rayon pool, so memory stays at one
 /// row group whatever the shard size. The file appears under its name only on `finish`;
 /// dropping an unfinished writer removes the temp file.
 pub struct ShardWriter {
     path: PathBuf,
     tmp: PathBuf,
-    schema: Arc<Schema>,
+    /// The fields after the three lists, which the Arrow writer encodes.
+    scalar_schema: Arc<Schema>,
     file: Option<SerializedFileWriter<HashingWriter<BufWriter<File>>>>,
     factory: ArrowRowGroupWriterFactory,
     row_groups: usize,
@@ -241,10 +251,11 @@ impl ShardWriter {
         let hw = HashingWriter { inner: BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new(), bytes: 0 };
         let writer = ArrowWriter::try_new(hw, schema.clone(), Some(writer_properties(obs_names)?))?;
         let (file, factory) = writer.into_serialized_writer()?;
+        let scalar_schema = Arc::new(Schema::new(schema.fields()[LIST_COLUMNS..].to_vec()));
         Ok(ShardWriter {
             path: path.to_path_buf(),
             tmp,
-            schema,
+            scalar_schema,
             file: Some(file),
             factory,
             row_groups: 0,
@@ -272,28 +283,48 @@ impl ShardWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let n_obs = self.buf.obs.len();
-        let cells = std::mem::replace(&mut self.buf, CellColumns::new(n_obs));
-        let batch = to_batch(&self.schema, cells)?;
-        let writers = self.factory.create_column_writers(self.row_groups)?;
-        // One leaf per top-level column (lists of primitives, primitives, strings).
-        let chunks: Vec<ArrowColumnChunk> = writers
-            .into_par_iter()
-            .zip(self.schema.fields().par_iter().zip(batch.columns().par_iter()))
-            .map(|(mut w, (field, column))| {
-                for leaf in compute_leaves(field, column)? {
-                    w.write(&leaf)?;
-                }
-                w.close()
-            })
-            .collect::<parquet::errors::Result<_>>()?;
+        let cells = &self.buf;
         let file = self.file.as_mut().expect("open until finish");
+        // Leaves 0..3 are the list items (genes, expressions, bins): encoded by hand
+        // (list_pages); the per-cell columns go through the parquet crate's Arrow writer.
+        let leaf = |i: usize| file.schema_descr().column(i);
+        let (genes, expressions, bins) = (leaf(0), leaf(1), leaf(2));
+        let scalars = scalar_batch(&self.scalar_schema, cells)?;
+        let writers: Vec<_> = self.factory.create_column_writers(self.row_groups)?.into_iter().skip(LIST_COLUMNS).collect();
+        let c = cells;
+        let (lists, scalar_chunks) = rayon::join(
+            || -> parquet::errors::Result<Vec<ListChunk>> {
+                let tasks: [&(dyn Fn() -> parquet::errors::Result<ListChunk> + Sync); LIST_COLUMNS] = [
+                    &|| list_pages::encode_delta_i32(genes.clone(), &c.offsets, &c.genes),
+                    &|| list_pages::encode_f32(expressions.clone(), &c.offsets, &c.expressions),
+                    &|| list_pages::encode_identity_dictionary_u8(bins.clone(), &c.offsets, &c.bins),
+                ];
+                tasks.par_iter().map(|t| t()).collect()
+            },
+            || -> parquet::errors::Result<Vec<ArrowColumnChunk>> {
+                writers
+                    .into_par_iter()
+                    .zip(self.scalar_schema.fields().par_iter().zip(scalars.columns().par_iter()))
+                    .map(|(mut w, (field, column))| {
+                        for leaf in compute_leaves(field, column)? {
+                            w.write(&leaf)?;
+                        }
+                        w.close()
+                    })
+                    .collect()
+            },
+        );
         let mut rg = file.next_row_group()?;
-        for chunk in chunks {
+        for chunk in lists? {
+            rg.append_column(&chunk.bytes, chunk.close)?;
+        }
+        for chunk in scalar_chunks? {
             chunk.append_to_row_group(&mut rg)?;
         }
         rg.close()?;
         self.row_groups += 1;
+        // Kept with its capacity: the next row group fills the same buffers without regrowing.
+        self.buf.clear();
         Ok(())
     }
 
@@ -497,5 +528,66 @@ mod tests {
         let (names, back) = read_shard(&p).unwrap();
         assert_eq!(names, vec!["cell_type"]);
         assert_eq!(back, c);
+    }
+
+    /// Cells of random lengths (empty ones included) over several row groups and pages, with
+    /// gene ids that make the 32-bit deltas wrap and expressions of the given kind.
+    fn random_cells(seed: u64, cells: usize, float_values: bool) -> CellColumns {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut c = CellColumns::new(0);
+        for i in 0..cells {
+            let n = match i % 7 {
+                0 => 0,
+                1 => 1,
+                _ => rng.random_range(2..600),
+            };
+            let genes: Vec<i32> = (0..n)
+                .map(|k| match (i + k) % 97 {
+                    0 => i32::MIN,
+                    1 => i32::MAX,
+                    _ => rng.random_range(0..60_697),
+                })
+                .collect();
+            let expressions: Vec<f32> = (0..n)
+                .map(|_| if float_values { rng.random::<f32>() * 10.0 } else { (rng.random::<f64>().powi(3) * 300.0).floor() as f32 + 1.0 })
+                .collect();
+            let bins: Vec<u8> = (0..n).map(|_| rng.random_range(0..=50)).collect();
+            c.push(&genes, &expressions, &bins, expressions.iter().sum(), &format!("c{i}"), "ds", &[]);
+        }
+        c
+    }
+
+    #[test]
+    fn hand_encoded_lists_read_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        // 3 row groups, ~600k values in each full one: more than one page per column chunk.
+        for (seed, float_values) in [(1, false), (2, true)] {
+            let c = random_cells(seed, 2 * ROW_GROUP_CELLS + 300, float_values);
+            let p = dir.path().join(format!("s{seed}.parquet"));
+            write_shard(&p, &[], &c).unwrap();
+            let (_, back) = read_shard(&p).unwrap();
+            assert_eq!(back, c, "float values: {float_values}");
+            let meta = ParquetRecordBatchReaderBuilder::try_new(File::open(&p).unwrap()).unwrap().metadata().clone();
+            let encodings = |leaf: usize| meta.row_group(0).column(leaf).encodings().collect::<Vec<_>>();
+            assert!(encodings(0).contains(&Encoding::DELTA_BINARY_PACKED));
+            assert!(encodings(2).contains(&Encoding::RLE_DICTIONARY));
+            // Over 65,536 distinct floats in a chunk fall back to byte-split floats.
+            let expr = if float_values { Encoding::BYTE_STREAM_SPLIT } else { Encoding::RLE_DICTIONARY };
+            assert!(encodings(1).contains(&expr), "{:?}", encodings(1));
+        }
+    }
+
+    #[test]
+    fn float_dictionary_keeps_bit_patterns_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("z.parquet");
+        let mut c = CellColumns::new(0);
+        let odd = [0.0f32, -0.0, 1.0, 1.5, 4096.0, 5000.0, f32::MAX, f32::MIN_POSITIVE, 1e-30];
+        c.push(&[1; 9], &odd, &[1; 9], 0.0, "a", "ds", &[]);
+        write_shard(&p, &[], &c).unwrap();
+        let (_, back) = read_shard(&p).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&back.expressions), bits(&odd));
     }
 }
