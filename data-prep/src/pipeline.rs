@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use scgpt_data::atomic;
 use scgpt_data::binning::{Binner, TieBreak};
 use scgpt_data::h5ad::{H5adReader, MatrixChoice, RowBlock};
-use scgpt_data::seed::{hash_str, rng_for};
+use scgpt_data::seed::{hash_str, SplitMix64};
 use scgpt_data::shard::{ShardInfo, ShardWriter};
 use scgpt_data::vocab::{hex, match_genes, EnsemblTable, GeneMatch, GeneVocab};
 
@@ -462,23 +462,38 @@ impl Prep {
         let mut totals = vec![0f64; reader.n_vars()];
         let n = reader.n_obs();
         let block_cells = self.cfg.run.block_cells;
-        let mut s = 0;
-        while s < n {
-            let e = (s + block_cells).min(n);
-            let b = reader.read_rows(s, e)?;
-            for i in 0..b.n_rows() {
-                let (cols, vals) = b.row(i);
-                for (&c, &v) in cols.iter().zip(vals) {
-                    // Bad values are refused here even in genes the filter drops.
-                    if !v.is_finite() || v < 0.0 {
-                        let why = clean_value(v, true).expect_err("non-finite or negative");
-                        return Err(value_error(reader.path(), &reader_path_hint(cell_ids, b.start + i), &names[c as usize], v, why));
+        let path = reader.path().to_path_buf();
+        // Reading (HDF5, one thread at a time) overlaps with summing the previous block.
+        std::thread::scope(|scope| -> anyhow::Result<()> {
+            let (tx, rx) = crossbeam_channel::bounded::<Result<RowBlock, scgpt_data::h5ad::H5adError>>(2);
+            scope.spawn(move || {
+                let mut s = 0;
+                while s < n {
+                    let e = (s + block_cells).min(n);
+                    let b = reader.read_rows(s, e);
+                    let failed = b.is_err();
+                    if tx.send(b).is_err() || failed {
+                        return;
                     }
-                    totals[c as usize] += v as f64;
+                    s = e;
+                }
+            });
+            for b in rx {
+                let b = b?;
+                for i in 0..b.n_rows() {
+                    let (cols, vals) = b.row(i);
+                    for (&c, &v) in cols.iter().zip(vals) {
+                        // Bad values are refused here even in genes the filter drops.
+                        if !v.is_finite() || v < 0.0 {
+                            let why = clean_value(v, true).expect_err("non-finite or negative");
+                            return Err(value_error(&path, &reader_path_hint(cell_ids, b.start + i), &names[c as usize], v, why));
+                        }
+                        totals[c as usize] += v as f64;
+                    }
                 }
             }
-            s = e;
-        }
+            Ok(())
+        })?;
         Ok(gm.ids.iter().zip(&totals).map(|(id, &t)| if t >= threshold && t > 0.0 { *id } else { None }).collect())
     }
 
@@ -598,22 +613,34 @@ impl CellBinning<'_> {
             }
             let start = out.genes.len();
             let (cols, vals) = block.row(i);
-            for (&c, &v) in cols.iter().zip(vals) {
-                let id = self.gene_ids[c as usize];
-                if id == NO_GENE {
-                    continue;
+            // Exact integer counts (the common case) take a branch-free copy of the kept genes;
+            // anything else is checked value by value and rounded or refused.
+            let exact = vals.iter().fold(true, |ok, &v| ok & (v >= 0.0 && v < 16_777_216.0 && (v as u32) as f32 == v));
+            if exact {
+                out.genes.resize(start + cols.len(), 0);
+                out.values.resize(start + cols.len(), 0.0);
+                let mut k = start;
+                for (&c, &v) in cols.iter().zip(vals) {
+                    let id = self.gene_ids[c as usize];
+                    out.genes[k] = id as i32;
+                    out.values[k] = v;
+                    k += (id != NO_GENE && v != 0.0) as usize;
                 }
-                // Exact integer counts (the common case) skip the rounding and its checks.
-                let v = if v >= 0.0 && v < 16_777_216.0 && (v as u32) as f32 == v {
-                    v
-                } else {
-                    clean_value(v, self.allow_non_integer).map_err(|why| {
+                out.genes.truncate(k);
+                out.values.truncate(k);
+            } else {
+                for (&c, &v) in cols.iter().zip(vals) {
+                    let id = self.gene_ids[c as usize];
+                    if id == NO_GENE {
+                        continue;
+                    }
+                    let v = clean_value(v, self.allow_non_integer).map_err(|why| {
                         value_error(self.path, &reader_path_hint(self.cell_ids, row), &self.names[c as usize], v, why)
-                    })?
-                };
-                if v != 0.0 {
-                    out.genes.push(id as i32);
-                    out.values.push(v);
+                    })?;
+                    if v != 0.0 {
+                        out.genes.push(id as i32);
+                        out.values.push(v);
+                    }
                 }
             }
             let n = out.genes.len() - start;
@@ -626,7 +653,7 @@ impl CellBinning<'_> {
             match self.seed {
                 None => binner.bin_nonzero::<rand_chacha::ChaCha8Rng>(values, self.n_bins, TieBreak::Lowest, &mut bins),
                 Some(seed) => {
-                    let mut rng = rng_for(seed, self.file_key, row as u64);
+                    let mut rng = SplitMix64::for_item(seed, self.file_key, row as u64);
                     binner.bin_nonzero(values, self.n_bins, TieBreak::Random(&mut rng), &mut bins)
                 }
             }

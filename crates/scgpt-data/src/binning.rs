@@ -26,7 +26,8 @@ pub struct Binner {
     edges: Vec<f64>,
     /// Counting-sort histogram and per-value (l, r) digits for small integer counts.
     hist: Vec<u32>,
-    lut: Vec<(u8, u8)>,
+    lut_l: Vec<u8>,
+    lut_r: Vec<u8>,
 }
 
 /// Counts below this use the counting-sort and lookup-table path (the common case for UMI data).
@@ -60,17 +61,18 @@ impl Binner {
         }
         let mut ties = ties;
         if self.prepare_small_ints(values, n_bins) {
-            let lut = &self.lut;
+            let (lut_l, lut_r) = (&self.lut_l, &self.lut_r);
             out.reserve(values.len());
-            // One loop per tie rule, so the common untied value is a lookup and a compare.
+            // One loop per tie rule, branch-free: a tied value's range is random per cell, so a
+            // branch on it mispredicts about half the time.
             match &mut ties {
                 TieBreak::Lowest => out.extend(values.iter().map(|&v| {
-                    let (l, r) = lut[v as usize];
+                    let (l, r) = (lut_l[v as usize], lut_r[v as usize]);
                     if l == r { l } else { r + 1 }
                 })),
                 TieBreak::Random(rng) => out.extend(values.iter().map(|&v| {
-                    let (l, r) = lut[v as usize];
-                    if l == r { l } else { l - draw(*rng, (l - r) as u32) as u8 }
+                    let (l, r) = (lut_l[v as usize], lut_r[v as usize]);
+                    l - draw(*rng, (l - r) as u32) as u8
                 })),
             }
             return;
@@ -86,22 +88,35 @@ impl Binner {
     /// statistics read off the cumulative counts), and one (l, r) lookup per distinct value
     /// instead of two binary searches per gene. Same edges and digits as the general path.
     fn prepare_small_ints(&mut self, values: &[f32], n_bins: usize) -> bool {
-        let mut max = 0u32;
+        let (mut ok, mut max) = (true, 0u32);
         for &v in values {
             // The cast truncates (and saturates NaN to 0), so this is "v is an integer in range"
-            // without a libm call.
+            // without a libm call; no early exit, so the loop vectorises.
             let u = v as u32;
-            if !(u >= 1 && (u as f32) < SMALL_INT_LIMIT && u as f32 == v) {
-                return false;
-            }
+            ok &= u >= 1 && (u as f32) < SMALL_INT_LIMIT && u as f32 == v;
             max = max.max(u);
         }
-        let max = max as usize;
-        self.hist.clear();
-        self.hist.resize(max + 1, 0);
-        for &v in values {
-            self.hist[v as usize] += 1;
+        if !ok {
+            return false;
         }
+        let max = max as usize;
+        // Two interleaved histograms: runs of equal counts (most genes are 1 or 2) would
+        // otherwise chain every increment on the previous store to the same slot.
+        self.hist.clear();
+        self.hist.resize(2 * (max + 1), 0);
+        let (h0, h1) = self.hist.split_at_mut(max + 1);
+        let mut pairs = values.chunks_exact(2);
+        for p in &mut pairs {
+            h0[p[0] as usize] += 1;
+            h1[p[1] as usize] += 1;
+        }
+        for &v in pairs.remainder() {
+            h0[v as usize] += 1;
+        }
+        for (a, b) in h0.iter_mut().zip(h1.iter()) {
+            *a += b;
+        }
+        self.hist.truncate(max + 1);
         // hist becomes cumulative: hist[v] = number of values <= v.
         let mut total = 0u32;
         for c in self.hist.iter_mut() {
@@ -111,18 +126,19 @@ impl Binner {
         let cum = &self.hist;
         let at = |k: usize| cum.partition_point(|&c| c as usize <= k) as f32;
         quantile_edges_with(values.len(), n_bins - 1, at, &mut self.edges);
-        self.lut.clear();
-        let (mut l, mut r) = (0usize, 0usize);
-        for v in 0..=max {
-            let x = v as f64;
-            while l < self.edges.len() && self.edges[l] <= x {
-                l += 1;
+        // l(v) = #edges <= v and r(v) = #edges < v are step functions of the integer v that
+        // step at ceil(edge) and floor(edge) + 1: filled segment by segment.
+        let fill = |lut: &mut Vec<u8>, step_at: &dyn Fn(f64) -> f64| {
+            lut.clear();
+            lut.resize(max + 1, 0);
+            // Edges ascend, so segment j (count j + 1) runs from edge j's step to edge j+1's.
+            let at = |j: usize| self.edges.get(j).map_or(max + 1, |&e| step_at(e).clamp(0.0, (max + 1) as f64) as usize);
+            for j in 0..self.edges.len() {
+                lut[at(j)..at(j + 1)].fill(j as u8 + 1);
             }
-            while r < self.edges.len() && self.edges[r] < x {
-                r += 1;
-            }
-            self.lut.push((l as u8, r as u8));
-        }
+        };
+        fill(&mut self.lut_l, &|e| e.ceil());
+        fill(&mut self.lut_r, &|e| e.floor() + 1.0);
         true
     }
 
@@ -184,11 +200,9 @@ fn digit<R: Rng>(x: f64, edges: &[f64], ties: &mut TieBreak<'_, R>) -> u8 {
 /// The bin for a value with `l` edges <= it and `r` edges < it.
 #[inline]
 fn resolve<R: Rng>(l: usize, r: usize, ties: &mut TieBreak<'_, R>) -> u8 {
-    if l == r {
-        return l as u8;
-    }
     match ties {
-        TieBreak::Lowest => (r + 1) as u8,
+        TieBreak::Lowest => if l == r { l as u8 } else { (r + 1) as u8 },
+        // Drawn for untied values too (span 0 gives 0): the same stream as the lookup path.
         TieBreak::Random(rng) => (l - draw(*rng, (l - r) as u32) as usize) as u8,
     }
 }

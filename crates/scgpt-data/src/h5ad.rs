@@ -378,18 +378,41 @@ impl H5adReader {
         }
         let (a, b) = (a as usize, b as usize);
         let vals: Vec<f32> = read_range(&data, a, b).map_err(self.err(&format!("{}/data", self.matrix_path)))?;
-        let idx: Vec<i64> = read_range(&indices, a, b).map_err(self.err(&format!("{}/indices", self.matrix_path)))?;
-        let mut cols = Vec::with_capacity(idx.len());
-        for &c in &idx {
-            if c < 0 || c as usize >= self.n_vars {
-                return Err(self.invalid(
-                    &format!("{}/indices", self.matrix_path),
-                    format!("column index {c} outside 0..{}", self.n_vars),
-                ));
-            }
-            cols.push(c as u32);
-        }
+        let field = format!("{}/indices", self.matrix_path);
+        let cols = self.read_column_indices(&indices, a, b).map_err(self.err(&field))?.map_err(|c| {
+            self.invalid(&field, format!("column index {c} outside 0..{}", self.n_vars))
+        })?;
         Ok(RowBlock { start, indptr: ptr.iter().map(|&p| p as usize - a).collect(), indices: cols, data: vals })
+    }
+
+    /// Column indices `a..b` as u32, read in the file's own integer type when it is 32-bit
+    /// (scanpy and CELLxGENE write int32: no conversion by HDF5, half the bytes); `Err(c)`
+    /// names the first index outside `0..n_vars`.
+    fn read_column_indices(&self, ds: &Dataset, a: usize, b: usize) -> hdf5::Result<std::result::Result<Vec<u32>, i64>> {
+        use hdf5::types::{IntSize, TypeDescriptor};
+        let n = self.n_vars as u64;
+        let checked = |idx: Vec<u32>, first_bad: &dyn Fn(&[u32]) -> i64| {
+            if idx.iter().fold(true, |ok, &c| ok & ((c as u64) < n)) { Ok(idx) } else { Err(first_bad(&idx)) }
+        };
+        match ds.dtype()?.to_descriptor()? {
+            TypeDescriptor::Integer(IntSize::U4) => {
+                let idx: Vec<i32> = read_range(ds, a, b)?;
+                // Negative i32 become huge u32 and fail the same range check.
+                let as_u32: Vec<u32> = idx.into_iter().map(|c| c as u32).collect(); // in place
+                Ok(checked(as_u32, &|v| v.iter().map(|&c| c as i32 as i64).find(|&c| c < 0 || c as u64 >= n).unwrap_or(0)))
+            }
+            TypeDescriptor::Unsigned(IntSize::U4) => {
+                let idx: Vec<u32> = read_range(ds, a, b)?;
+                Ok(checked(idx, &|v| v.iter().map(|&c| c as i64).find(|&c| c as u64 >= n).unwrap_or(0)))
+            }
+            _ => {
+                let idx: Vec<i64> = read_range(ds, a, b)?;
+                if let Some(&c) = idx.iter().find(|&&c| c < 0 || c as u64 >= n) {
+                    return Ok(Err(c));
+                }
+                Ok(Ok(idx.iter().map(|&c| c as u32).collect()))
+            }
+        }
     }
 
     fn read_dense_rows(&self, start: usize, end: usize) -> Result<RowBlock> {

@@ -26,3 +26,50 @@ pub fn hash_str(s: &str) -> u64 {
 pub fn rng_for(seed: u64, stream: u64, index: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(mix64(mix64(seed ^ mix64(stream)) ^ index))
 }
+
+/// SplitMix64 as a generator: one add and three mixing steps per 64 bits, for draws that are
+/// many and cheap (binning ties, about one per expressed gene in UMI data), where ChaCha's
+/// block refills were a tenth of data-prep's time. Passes BigCrush; keyed like [`rng_for`].
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn for_item(seed: u64, stream: u64, index: u64) -> Self {
+        SplitMix64(mix64(mix64(seed ^ mix64(stream)) ^ index))
+    }
+}
+
+impl rand::RngCore for SplitMix64 {
+    #[inline]
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    #[inline]
+    fn next_u32(&mut self) -> u32 {
+        (self.next_u64() >> 32) as u32
+    }
+    fn fill_bytes(&mut self, dst: &mut [u8]) {
+        for chunk in dst.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::RngCore;
+
+    #[test]
+    fn splitmix_matches_the_reference_sequence() {
+        // Reference values of SplitMix64 seeded with 1234567 (Vigna's splitmix64.c).
+        let mut r = SplitMix64(1_234_567);
+        assert_eq!(r.next_u64(), 6_457_827_717_110_365_317);
+        assert_eq!(r.next_u64(), 3_203_168_211_198_807_973);
+    }
+}
