@@ -28,6 +28,9 @@ pub struct Binner {
     hist: Vec<u32>,
     lut_l: Vec<u8>,
     lut_r: Vec<u8>,
+    /// One 32-bit draw per value for random tie-breaking, drawn in bulk (a draw per call kept
+    /// the generator's state in memory: a store-to-load chain through every value).
+    draws: Vec<u32>,
 }
 
 /// Counts below this use the counting-sort and lookup-table path (the common case for UMI data).
@@ -47,10 +50,32 @@ impl Binner {
             out.resize(row.len(), 0);
             return;
         }
+        let n = self.sorted.len();
         self.prepare_edges(n_bins);
-        let edges = &self.edges;
-        let mut ties = ties;
-        out.extend(row.iter().map(|&v| if v == 0.0 { 0 } else { digit(v as f64, edges, &mut ties) }));
+        let random = self.take_draws(ties, n);
+        let (edges, draws) = (&self.edges, &self.draws);
+        let mut k = 0;
+        out.extend(row.iter().map(|&v| {
+            if v == 0.0 {
+                return 0;
+            }
+            let (l, r) = digits(v as f64, edges);
+            k += 1;
+            if random { pick(l, r, draws[k - 1]) } else { lowest(l, r) }
+        }));
+    }
+
+    /// Fills `draws` with `n` draws for random ties; false for [`TieBreak::Lowest`].
+    fn take_draws<R: Rng>(&mut self, ties: TieBreak<'_, R>, n: usize) -> bool {
+        match ties {
+            TieBreak::Lowest => false,
+            TieBreak::Random(rng) => {
+                self.draws.clear();
+                self.draws.resize(n, 0);
+                rng.fill(&mut self.draws[..]);
+                true
+            }
+        }
     }
 
     /// Bin values that are all nonzero (the shard layout stores only expressed genes).
@@ -59,29 +84,37 @@ impl Binner {
         if values.is_empty() {
             return;
         }
-        let mut ties = ties;
+        let random_ties = matches!(ties, TieBreak::Random(_));
         if self.prepare_small_ints(values, n_bins) {
-            let (lut_l, lut_r) = (&self.lut_l, &self.lut_r);
+            self.take_draws(ties, values.len());
+            const N: usize = SMALL_INT_LIMIT as usize;
+            fn table(t: &[u8]) -> &[u8; N] {
+                t[..N].try_into().expect("tables are SMALL_INT_LIMIT long")
+            }
+            let (lut_l, lut_r, draws) = (table(&self.lut_l), table(&self.lut_r), &self.draws[..]);
+            // SAFETY: prepare_small_ints checked every value is an integer in 1..SMALL_INT_LIMIT,
+            // so the conversion is exact and in range of u32; the mask keeps the index in range
+            // of the tables (SMALL_INT_LIMIT entries) without a bounds check.
+            let index = |v: f32| (unsafe { v.to_int_unchecked::<u32>() } as usize) & (N - 1);
             out.reserve(values.len());
-            // One loop per tie rule, branch-free: a tied value's range is random per cell, so a
-            // branch on it mispredicts about half the time.
-            match &mut ties {
-                TieBreak::Lowest => out.extend(values.iter().map(|&v| {
-                    let (l, r) = (lut_l[v as usize], lut_r[v as usize]);
-                    if l == r { l } else { r + 1 }
-                })),
-                TieBreak::Random(rng) => out.extend(values.iter().map(|&v| {
-                    let (l, r) = (lut_l[v as usize], lut_r[v as usize]);
-                    l - draw(*rng, (l - r) as u32) as u8
-                })),
+            // Branch-free: whether a value is tied is random per cell, so a branch on it
+            // mispredicts about half the time.
+            if random_ties {
+                out.extend(values.iter().zip(draws).map(|(&v, &x)| pick(lut_l[index(v)], lut_r[index(v)], x)));
+            } else {
+                out.extend(values.iter().map(|&v| lowest(lut_l[index(v)], lut_r[index(v)])));
             }
             return;
         }
         self.sorted.clear();
         self.sorted.extend_from_slice(values);
         self.prepare_edges(n_bins);
-        let edges = &self.edges;
-        out.extend(values.iter().map(|&v| digit(v as f64, edges, &mut ties)));
+        let random = self.take_draws(ties, values.len());
+        let (edges, draws) = (&self.edges, &self.draws);
+        out.extend(values.iter().enumerate().map(|(i, &v)| {
+            let (l, r) = digits(v as f64, edges);
+            if random { pick(l, r, draws[i]) } else { lowest(l, r) }
+        }));
     }
 
     /// For integer values in 1..SMALL_INT_LIMIT: a histogram instead of a sort (order
@@ -129,10 +162,11 @@ impl Binner {
         // l(v) = #edges <= v and r(v) = #edges < v are step functions of the integer v that
         // step at ceil(edge) and floor(edge) + 1: filled segment by segment.
         let fill = |lut: &mut Vec<u8>, step_at: &dyn Fn(f64) -> f64| {
-            lut.clear();
-            lut.resize(max + 1, 0);
+            // Full size (so a masked index needs no bounds check); only 0..=max is read.
+            lut.resize(SMALL_INT_LIMIT as usize, 0);
             // Edges ascend, so segment j (count j + 1) runs from edge j's step to edge j+1's.
             let at = |j: usize| self.edges.get(j).map_or(max + 1, |&e| step_at(e).clamp(0.0, (max + 1) as f64) as usize);
+            lut[..at(0)].fill(0);
             for j in 0..self.edges.len() {
                 lut[at(j)..at(j + 1)].fill(j as u8 + 1);
             }
@@ -189,30 +223,25 @@ fn lerp(a: f32, b: f32, t: f64) -> f64 {
     }
 }
 
+/// `(l, r)`: the number of edges <= x and < x. `np.digitize(x, edges)` is l and
+/// `np.digitize(x, edges, right=True)` is r; they differ when x sits on tied edges.
 #[inline]
-fn digit<R: Rng>(x: f64, edges: &[f64], ties: &mut TieBreak<'_, R>) -> u8 {
-    // np.digitize(x, edges) = #edges <= x ; np.digitize(x, edges, right=True) = #edges < x.
-    let l = edges.partition_point(|&e| e <= x);
-    let r = edges.partition_point(|&e| e < x);
-    resolve(l, r, ties)
+fn digits(x: f64, edges: &[f64]) -> (u8, u8) {
+    (edges.partition_point(|&e| e <= x) as u8, edges.partition_point(|&e| e < x) as u8)
 }
 
-/// The bin for a value with `l` edges <= it and `r` edges < it.
+/// The lowest bin of a tied range, else the one bin.
 #[inline]
-fn resolve<R: Rng>(l: usize, r: usize, ties: &mut TieBreak<'_, R>) -> u8 {
-    match ties {
-        TieBreak::Lowest => if l == r { l as u8 } else { (r + 1) as u8 },
-        // Drawn for untied values too (span 0 gives 0): the same stream as the lookup path.
-        TieBreak::Random(rng) => (l - draw(*rng, (l - r) as u32) as usize) as u8,
-    }
+fn lowest(l: u8, r: u8) -> u8 {
+    if l == r { l } else { r + 1 }
 }
 
-/// Uniform in `0..span` from one 32-bit draw by multiply-shift: the original's
-/// `ceil(l - u (l - r))` is `l - floor(u (l - r))`, and `floor(u span)` for a 32-bit fixed-point
-/// `u` is `(x * span) >> 32` (bias below span / 2^32, ~1e-8 for 50 bins).
+/// The original's `ceil(l - u (l - r))` for a uniform `u` in [0, 1), which is
+/// `l - floor(u (l - r))`; with `u` a 32-bit fixed-point draw `x`, `floor(u span)` is
+/// `(x * span) >> 32` (bias below span / 2^32, ~1e-8 for 50 bins). Untied values (l = r) get l.
 #[inline]
-fn draw<R: Rng>(rng: &mut R, span: u32) -> u32 {
-    ((rng.next_u32() as u64 * span as u64) >> 32) as u32
+fn pick(l: u8, r: u8, x: u32) -> u8 {
+    l - ((x as u64 * (l - r) as u64) >> 32) as u8
 }
 
 #[cfg(test)]
@@ -264,8 +293,11 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let mut fast = Binner::new();
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        for n in [1usize, 2, 7, 50, 51, 300, 2000] {
-            let values: Vec<f32> = (0..n).map(|_| (rng.random::<f64>().powi(4) * 300.0).floor() as f32 + 1.0).collect();
+        // Reused binner, cells whose smallest value rises and falls: stale table entries from an
+        // earlier cell would show.
+        let offsets = [0.0f32, 0.0, 40.0, 0.0, 7.0, 0.0, 200.0, 3.0, 0.0];
+        for (k, n) in [1usize, 2, 7, 50, 51, 300, 2000, 64, 33].into_iter().enumerate() {
+            let values: Vec<f32> = (0..n).map(|_| (rng.random::<f64>().powi(4) * 300.0).floor() as f32 + 1.0 + offsets[k]).collect();
             fast.bin_nonzero::<ChaCha8Rng>(&values, DEFAULT_N_BINS, TieBreak::Lowest, &mut a);
             // Force the general path through bin_row (which never uses the lookup table).
             Binner::new().bin_row::<ChaCha8Rng>(&values, DEFAULT_N_BINS, TieBreak::Lowest, &mut b);
