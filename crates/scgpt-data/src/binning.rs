@@ -8,6 +8,8 @@
 
 use rand::Rng;
 
+use crate::small_int;
+
 /// The original hard-codes 51 bins in its collators: values 1..=50 for nonzero genes.
 pub const DEFAULT_N_BINS: usize = 51;
 
@@ -92,10 +94,9 @@ impl Binner {
                 t[..N].try_into().expect("tables are SMALL_INT_LIMIT long")
             }
             let (lut_l, lut_r, draws) = (table(&self.lut_l), table(&self.lut_r), &self.draws[..]);
-            // SAFETY: prepare_small_ints checked every value is an integer in 1..SMALL_INT_LIMIT,
-            // so the conversion is exact and in range of u32; the mask keeps the index in range
-            // of the tables (SMALL_INT_LIMIT entries) without a bounds check.
-            let index = |v: f32| (unsafe { v.to_int_unchecked::<u32>() } as usize) & (N - 1);
+            // prepare_small_ints checked every value is an integer in 1..SMALL_INT_LIMIT; the
+            // mask keeps the index inside the tables without a bounds check.
+            let index = |v: f32| small_int::value(v) as usize & (N - 1);
             out.reserve(values.len());
             // Branch-free: whether a value is tied is random per cell, so a branch on it
             // mispredicts about half the time.
@@ -121,18 +122,12 @@ impl Binner {
     /// statistics read off the cumulative counts), and one (l, r) lookup per distinct value
     /// instead of two binary searches per gene. Same edges and digits as the general path.
     fn prepare_small_ints(&mut self, values: &[f32], n_bins: usize) -> bool {
-        let (mut ok, mut max) = (true, 0u32);
-        for &v in values {
-            // The cast truncates (and saturates NaN to 0), so this is "v is an integer in range"
-            // without a libm call; no early exit, so the loop vectorises.
-            let u = v as u32;
-            ok &= u >= 1 && (u as f32) < SMALL_INT_LIMIT && u as f32 == v;
-            max = max.max(u);
-        }
+        // No early exit, so the check vectorises.
+        let ok = values.iter().fold(true, |ok, &v| ok & small_int::is_int_in(v, 1.0, SMALL_INT_LIMIT));
         if !ok {
             return false;
         }
-        let max = max as usize;
+        let max = small_int::value(values.iter().copied().fold(0.0, f32::max)) as usize;
         // Two interleaved histograms: runs of equal counts (most genes are 1 or 2) would
         // otherwise chain every increment on the previous store to the same slot.
         self.hist.clear();
@@ -140,11 +135,11 @@ impl Binner {
         let (h0, h1) = self.hist.split_at_mut(max + 1);
         let mut pairs = values.chunks_exact(2);
         for p in &mut pairs {
-            h0[p[0] as usize] += 1;
-            h1[p[1] as usize] += 1;
+            h0[small_int::value(p[0]) as usize] += 1;
+            h1[small_int::value(p[1]) as usize] += 1;
         }
         for &v in pairs.remainder() {
-            h0[v as usize] += 1;
+            h0[small_int::value(v) as usize] += 1;
         }
         for (a, b) in h0.iter_mut().zip(h1.iter()) {
             *a += b;

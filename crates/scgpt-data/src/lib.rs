@@ -16,5 +16,6 @@ pub mod list_pages;
 pub mod loader;
 pub mod seed;
 pub mod shard;
+pub mod small_int;
 pub mod tokenize;
 pub mod vocab;

@@ -28,6 +28,8 @@ use parquet::file::metadata::ColumnChunkMetaData;
 use parquet::file::writer::{SerializedPageWriter, TrackedWrite};
 use parquet::schema::types::ColumnDescPtr;
 
+use crate::small_int;
+
 /// Values per data page, at most (pages end at the first cell boundary past it).
 const PAGE_VALUES: usize = 1 << 18;
 
@@ -71,9 +73,25 @@ pub fn encode_identity_dictionary_u8(descr: ColumnDescPtr, offsets: &[i32], valu
 /// Expressions: `RLE_DICTIONARY` over the distinct values, uncompressed; `BYTE_STREAM_SPLIT`
 /// with zstd when there are too many of them.
 pub fn encode_f32(descr: ColumnDescPtr, offsets: &[i32], values: &[f32]) -> parquet::errors::Result<ListChunk> {
+    if let Some((dict, rank)) = small_integer_dictionary(values) {
+        // Every value is an integer in 0..SMALL_INTS (checked); the mask bounds the index.
+        let index = |v: &f32| rank[small_int::value(*v) as usize & (SMALL_INTS - 1)];
+        return encode_f32_dictionary(descr, offsets, &dict, |range| values[range].iter().map(index));
+    }
     let Some((dict, indices)) = float_dictionary(values) else {
         return encode_byte_stream_split_zstd(descr, offsets, values);
     };
+    encode_f32_dictionary(descr, offsets, &dict, |range| indices[range].iter().copied())
+}
+
+/// Dictionary page of `dict`, then data pages of the indices that `page_indices` yields for a
+/// range of values.
+fn encode_f32_dictionary<I: Iterator<Item = u32>>(
+    descr: ColumnDescPtr,
+    offsets: &[i32],
+    dict: &[f32],
+    page_indices: impl Fn(std::ops::Range<usize>) -> I,
+) -> parquet::errors::Result<ListChunk> {
     let mut chunk = ChunkBuilder::new(descr, Compression::UNCOMPRESSED)?;
     let plain: Vec<u8> = dict.iter().flat_map(|v| v.to_le_bytes()).collect();
     chunk.dictionary_page(plain, dict.len())?;
@@ -81,10 +99,37 @@ pub fn encode_f32(descr: ColumnDescPtr, offsets: &[i32], values: &[f32]) -> parq
     for (a, b) in page_ranges(offsets) {
         let (va, vb) = (offsets[a] as usize, offsets[b] as usize);
         let mut buf = chunk.levels(&offsets[a..=b]);
-        dictionary_indices(indices[va..vb].iter().copied(), vb - va, width, &mut buf);
+        dictionary_indices(page_indices(va..vb), vb - va, width, &mut buf);
         chunk.data_page(buf, Encoding::RLE_DICTIONARY, &offsets[a..=b])?;
     }
     chunk.finish()
+}
+
+/// Values below this that are integers (UMI counts) get the table path.
+const SMALL_INTS: usize = 1 << 12;
+
+/// When every value is an integer in `0..SMALL_INTS`: the distinct values ascending and a
+/// value → index table. Branch-free passes instead of a lookup-and-insert per value.
+fn small_integer_dictionary(values: &[f32]) -> Option<(Vec<f32>, Vec<u32>)> {
+    // -0.0 and NaN fall to the general path, which keeps bit patterns apart.
+    let small = values.iter().fold(true, |ok, &v| ok & small_int::is_plain_int_below(v, SMALL_INTS as f32));
+    if !small {
+        return None;
+    }
+    let mut present = vec![false; SMALL_INTS];
+    for &v in values {
+        present[small_int::value(v) as usize & (SMALL_INTS - 1)] = true;
+    }
+    let mut rank = vec![0u32; SMALL_INTS];
+    let mut dict = Vec::new();
+    for (v, _) in present.iter().enumerate().filter(|(_, p)| **p) {
+        rank[v] = dict.len() as u32;
+        dict.push(v as f32);
+    }
+    if dict.is_empty() {
+        dict.push(0.0);
+    }
+    Some((dict, rank))
 }
 
 fn encode_byte_stream_split_zstd(descr: ColumnDescPtr, offsets: &[i32], values: &[f32]) -> parquet::errors::Result<ListChunk> {
@@ -106,7 +151,7 @@ fn encode_byte_stream_split_zstd(descr: ColumnDescPtr, offsets: &[i32], values: 
 }
 
 /// Distinct values in first-seen order and each value's index, or `None` past the limit.
-/// Small non-negative integers (UMI counts) skip the hash map.
+/// Small non-negative integers skip the hash map.
 fn float_dictionary(values: &[f32]) -> Option<(Vec<f32>, Vec<u32>)> {
     const DIRECT: usize = 1 << 12;
     let mut direct = vec![u32::MAX; DIRECT];
@@ -330,14 +375,15 @@ fn dictionary_indices(indices: impl Iterator<Item = u32>, n: usize, width: u8, b
     }
     let groups = n.div_ceil(8);
     uleb128(((groups as u64) << 1) | 1, buf);
-    let mut packer = BitPacker::new(buf, width);
+    let mut bits = Bits::with_capacity(groups * 8 * width as usize);
     for v in indices {
-        packer.put(v as u64);
+        bits.put(v as u64, width);
     }
+    // The run is whole groups of 8 values: zero padding.
     for _ in n..groups * 8 {
-        packer.put(0);
+        bits.put(0, width);
     }
-    packer.finish();
+    bits.append_to(buf);
 }
 
 /// `DELTA_BINARY_PACKED` with blocks of 128 values in 4 miniblocks of 32, deltas in wrapping
@@ -349,6 +395,10 @@ fn delta_binary_packed(values: &[i32], buf: &mut Vec<u8>) {
     uleb128((BLOCK / MINI) as u64, buf);
     uleb128(values.len() as u64, buf);
     uleb128(zigzag(values.first().copied().unwrap_or(0) as i64), buf);
+    // Miniblocks are 32 values, so every block starts on a byte: its header bytes go into the
+    // same bit stream as 8-bit values.
+    let mut bits = Bits::with_capacity(values.len() * 12 + 64);
+    let mut header = Vec::with_capacity(16);
     let mut deltas = [0i32; BLOCK];
     let mut prev = values.first().copied().unwrap_or(0);
     for block in values.get(1..).unwrap_or(&[]).chunks(BLOCK) {
@@ -358,55 +408,57 @@ fn delta_binary_packed(values: &[i32], buf: &mut Vec<u8>) {
             prev = v;
             min = min.min(*d);
         }
-        uleb128(zigzag(min as i64), buf);
-        let minis = block.len().div_ceil(MINI);
+        // The last block is padded with deltas equal to min (they pack to zero bits).
+        deltas[block.len()..].fill(min);
         let mut widths = [0u8; BLOCK / MINI];
+        let minis = block.len().div_ceil(MINI);
         for (m, w) in widths.iter_mut().enumerate().take(minis) {
-            let part = &deltas[m * MINI..((m + 1) * MINI).min(block.len())];
-            let max = part.iter().map(|&d| d.wrapping_sub(min) as u32).max().unwrap_or(0);
+            let max = deltas[m * MINI..(m + 1) * MINI].iter().fold(0u32, |a, &d| a.max(d.wrapping_sub(min) as u32));
             *w = bit_width(max as u64);
         }
-        buf.extend_from_slice(&widths);
+        header.clear();
+        uleb128(zigzag(min as i64), &mut header);
+        header.extend_from_slice(&widths);
+        for &b in &header {
+            bits.put(b as u64, 8);
+        }
         for (m, &w) in widths.iter().enumerate().take(minis) {
-            let end = ((m + 1) * MINI).min(block.len());
-            let mut packer = BitPacker::new(buf, w);
-            for i in m * MINI..(m + 1) * MINI {
-                // The last miniblock is padded to 32 values with zeros.
-                packer.put(if i < end { deltas[i].wrapping_sub(min) as u32 as u64 } else { 0 });
+            for &d in &deltas[m * MINI..(m + 1) * MINI] {
+                bits.put(d.wrapping_sub(min) as u32 as u64, w);
             }
-            packer.finish();
         }
     }
+    bits.append_to(buf);
 }
 
-/// Little-endian bit packing (least significant bit first), as Parquet's bit-packed runs.
-struct BitPacker<'a> {
-    out: &'a mut Vec<u8>,
-    width: u8,
+/// A little-endian bit stream (least significant bit first, Parquet's bit-packed layout),
+/// flushed 32 bits at a time from a 64-bit accumulator.
+struct Bits {
+    out: Vec<u8>,
     acc: u64,
-    bits: u8,
+    bits: u32,
 }
 
-impl<'a> BitPacker<'a> {
-    fn new(out: &'a mut Vec<u8>, width: u8) -> Self {
-        BitPacker { out, width, acc: 0, bits: 0 }
+impl Bits {
+    fn with_capacity(bits: usize) -> Self {
+        Bits { out: Vec::with_capacity(bits / 8 + 8), acc: 0, bits: 0 }
     }
+
+    /// Appends the low `width` bits of `v` (`v` < 2^width, width <= 32).
     #[inline]
-    fn put(&mut self, v: u64) {
-        if self.width == 0 {
-            return;
-        }
+    fn put(&mut self, v: u64, width: u8) {
         self.acc |= v << self.bits;
-        self.bits += self.width;
+        self.bits += width as u32;
         if self.bits >= 32 {
             self.out.extend_from_slice(&(self.acc as u32).to_le_bytes());
             self.acc >>= 32;
             self.bits -= 32;
         }
     }
-    fn finish(self) {
-        let bytes = (self.bits as usize).div_ceil(8);
-        self.out.extend_from_slice(&self.acc.to_le_bytes()[..bytes]);
+
+    fn append_to(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.out);
+        out.extend_from_slice(&self.acc.to_le_bytes()[..(self.bits as usize).div_ceil(8)]);
     }
 }
 
@@ -437,13 +489,29 @@ mod tests {
     #[test]
     fn bit_packing_matches_the_format_examples() {
         // Parquet's Encodings.md: 0..=7 at width 3 packs to 10001000 11000110 11111010.
-        let mut out = Vec::new();
-        let mut p = BitPacker::new(&mut out, 3);
+        let mut bits = Bits::with_capacity(0);
         for v in 0..8 {
-            p.put(v);
+            bits.put(v, 3);
         }
-        p.finish();
+        let mut out = Vec::new();
+        bits.append_to(&mut out);
         assert_eq!(out, vec![0b1000_1000, 0b1100_0110, 0b1111_1010]);
+        // Every width, values crossing word boundaries, read back by a plain bit reader.
+        for w in 0..=32u8 {
+            let vals: Vec<u64> = (0..100u64).map(|i| (i * 2_654_435_761) & ((1u64 << w) - 1)).collect();
+            let mut bits = Bits::with_capacity(0);
+            for &v in &vals {
+                bits.put(v, w);
+            }
+            let mut out = Vec::new();
+            bits.append_to(&mut out);
+            assert_eq!(out.len(), (100 * w as usize).div_ceil(8));
+            let bit = |k: usize| (out[k / 8] >> (k % 8)) & 1;
+            for (i, &v) in vals.iter().enumerate() {
+                let back = (0..w as usize).fold(0u64, |acc, b| acc | (bit(i * w as usize + b) as u64) << b);
+                assert_eq!(back, v, "width {w}, value {i}");
+            }
+        }
     }
 
     #[test]
