@@ -13,6 +13,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::h5_direct::{DirectDataset, Elem};
+
 use hdf5::types::{TypeDescriptor, VarLenAscii, VarLenUnicode};
 use hdf5::{Dataset, Group, Location};
 
@@ -78,6 +80,8 @@ pub struct H5adReader {
     n_vars: usize,
     /// CSC matrices are transposed once into CSR on first use.
     csc_as_csr: Option<RowBlock>,
+    /// CSR `data` and `indices` when both can be read with plain preads (no filters).
+    direct: Option<(DirectDataset, DirectDataset)>,
 }
 
 const HDF5_MAGIC: &[u8; 8] = b"\x89HDF\r\n\x1a\n";
@@ -137,8 +141,16 @@ impl H5adReader {
             n_obs: 0,
             n_vars: 0,
             csc_as_csr: None,
+            direct: None,
         };
         me.inspect_matrix()?;
+        if me.layout == Layout::Csr {
+            let (data, indices, _) = me.sparse_parts()?;
+            me.direct = match (DirectDataset::open(path, &data), DirectDataset::open(path, &indices)) {
+                (Some(d), Some(i)) if d.elem == Elem::F32 && i.elem != Elem::F32 && d.len() == i.len() => Some((d, i)),
+                _ => None,
+            };
+        }
         Ok(me)
     }
 
@@ -377,11 +389,36 @@ impl H5adReader {
             return Err(self.invalid(&field, format!("is not monotone within [0, {nnz_total}] around rows {start}..{end}")));
         }
         let (a, b) = (a as usize, b as usize);
-        let vals: Vec<f32> = read_range(&data, a, b).map_err(self.err(&format!("{}/data", self.matrix_path)))?;
         let field = format!("{}/indices", self.matrix_path);
-        let cols = self.read_column_indices(&indices, a, b).map_err(self.err(&field))?.map_err(|c| {
-            self.invalid(&field, format!("column index {c} outside 0..{}", self.n_vars))
-        })?;
+        let bad_index = |c: i64| self.invalid(&field, format!("column index {c} outside 0..{}", self.n_vars));
+        let (vals, cols) = if let Some((d, i)) = &self.direct {
+            // Straight into their buffers. (Reading the two at once on the rayon pool was
+            // slower: the reader thread is outside the pool and the workers are binning.)
+            let vals = (|| -> std::io::Result<Vec<f32>> {
+                let mut w = Vec::new();
+                d.read_words(a, b, &mut w)?;
+                Ok(w.into_iter().map(f32::from_bits).collect()) // in place
+            })();
+            let words = (|| -> std::io::Result<Vec<u32>> {
+                let mut w = Vec::new();
+                i.read_words(a, b, &mut w)?;
+                Ok(w)
+            })();
+            let io = |field: String| move |e: std::io::Error| H5adError::Invalid { path: self.path.clone(), field: field.clone(), message: e.to_string() };
+            let vals = vals.map_err(io(format!("{}/data", self.matrix_path)))?;
+            let words = words.map_err(io(field.clone()))?;
+            // Negative int32 indices read as words >= 2^31, past any n_vars: one range check.
+            let n = self.n_vars as u64;
+            if !words.iter().fold(true, |ok, &c| ok & ((c as u64) < n)) {
+                let c = words.iter().find(|&&c| c as u64 >= n).copied().unwrap_or(0);
+                return Err(bad_index(if i.elem == Elem::I32 { c as i32 as i64 } else { c as i64 }));
+            }
+            (vals, words)
+        } else {
+            let vals: Vec<f32> = read_range(&data, a, b).map_err(self.err(&format!("{}/data", self.matrix_path)))?;
+            let cols = self.read_column_indices(&indices, a, b).map_err(self.err(&field))?.map_err(bad_index)?;
+            (vals, cols)
+        };
         Ok(RowBlock { start, indptr: ptr.iter().map(|&p| p as usize - a).collect(), indices: cols, data: vals })
     }
 

@@ -11,6 +11,7 @@
 pub mod alloc;
 pub mod atomic;
 pub mod binning;
+pub mod h5_direct;
 pub mod h5ad;
 pub mod list_pages;
 pub mod loader;
