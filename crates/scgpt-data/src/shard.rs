@@ -26,7 +26,7 @@ use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnChunk, ArrowRowGro
 use parquet::arrow::ArrowWriter;
 use parquet::file::writer::SerializedFileWriter;
 use rayon::prelude::*;
-use parquet::basic::{Compression, Encoding, ZstdLevel};
+use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 use sha2::{Digest, Sha256};
@@ -210,8 +210,7 @@ const LIST_COLUMNS: usize = 3;
 pub const ROW_GROUP_CELLS: usize = 2048;
 
 fn writer_properties(obs_names: &[String]) -> anyhow::Result<WriterProperties> {
-    // These settings cover the per-cell columns; the three lists are encoded by list_pages
-    // (the encodings set here for them document the fallback and are not used).
+    // These settings cover the per-cell columns; the three lists are encoded by list_pages.
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
         .set_max_row_group_row_count(Some(ROW_GROUP_CELLS))
@@ -220,10 +219,6 @@ fn writer_properties(obs_names: &[String]) -> anyhow::Result<WriterProperties> {
     for name in obs_names.iter().map(String::as_str).chain([COL_DATASET]) {
         b = b.set_column_dictionary_enabled(ColumnPath::from(name), true);
     }
-    let item = |col: &str| ColumnPath::from(vec![col.to_string(), "list".to_string(), "item".to_string()]);
-    b = b
-        .set_column_encoding(item(COL_GENES), Encoding::DELTA_BINARY_PACKED)
-        .set_column_encoding(item(COL_EXPRESSIONS), Encoding::BYTE_STREAM_SPLIT);
     Ok(b.build())
 }
 
@@ -513,6 +508,7 @@ fn arrow_cast_dict(arr: &dyn Array) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use parquet::basic::Encoding;
 
     #[test]
     fn shard_roundtrip() {
