@@ -463,19 +463,22 @@ impl Prep {
         let n = reader.n_obs();
         let block_cells = self.cfg.run.block_cells;
         let path = reader.path().to_path_buf();
-        // Reading (HDF5, one thread at a time) overlaps with summing the previous block.
+        // Reading overlaps with summing the previous block. Blocks go last to first: sums do
+        // not care about order, and a file larger than the page cache then has its *first*
+        // rows cached when the main pass starts reading from the top (read forward twice, LRU
+        // evicts every page just before it is needed again).
         std::thread::scope(|scope| -> anyhow::Result<()> {
             let (tx, rx) = crossbeam_channel::bounded::<Result<RowBlock, scgpt_data::h5ad::H5adError>>(2);
             scope.spawn(move || {
-                let mut s = 0;
-                while s < n {
-                    let e = (s + block_cells).min(n);
+                let mut e = n;
+                while e > 0 {
+                    let s = e.saturating_sub(block_cells);
                     let b = reader.read_rows(s, e);
                     let failed = b.is_err();
                     if tx.send(b).is_err() || failed {
                         return;
                     }
-                    s = e;
+                    e = s;
                 }
             });
             for b in rx {
