@@ -463,22 +463,19 @@ impl Prep {
         let n = reader.n_obs();
         let block_cells = self.cfg.run.block_cells;
         let path = reader.path().to_path_buf();
-        // Reading overlaps with summing the previous block. Blocks go last to first: sums do
-        // not care about order, and a file larger than the page cache then has its *first*
-        // rows cached when the main pass starts reading from the top (read forward twice, LRU
-        // evicts every page just before it is needed again).
+        // Reading (HDF5, one thread at a time) overlaps with summing the previous block.
         std::thread::scope(|scope| -> anyhow::Result<()> {
             let (tx, rx) = crossbeam_channel::bounded::<Result<RowBlock, scgpt_data::h5ad::H5adError>>(2);
             scope.spawn(move || {
-                let mut e = n;
-                while e > 0 {
-                    let s = e.saturating_sub(block_cells);
+                let mut s = 0;
+                while s < n {
+                    let e = (s + block_cells).min(n);
                     let b = reader.read_rows(s, e);
                     let failed = b.is_err();
                     if tx.send(b).is_err() || failed {
                         return;
                     }
-                    e = s;
+                    s = e;
                 }
             });
             for b in rx {
