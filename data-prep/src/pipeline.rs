@@ -26,6 +26,7 @@ use scgpt_data::binning::{Binner, TieBreak};
 use scgpt_data::h5ad::{H5adReader, MatrixChoice, RowBlock};
 use scgpt_data::seed::{hash_str, SplitMix64};
 use scgpt_data::shard::{ShardInfo, ShardWriter};
+use scgpt_data::small_int;
 use scgpt_data::vocab::{hex, match_genes, EnsemblTable, GeneMatch, GeneVocab};
 
 use crate::config::PrepConfig;
@@ -480,24 +481,19 @@ impl Prep {
             });
             for b in rx {
                 let b = b?;
-                // Values are checked in one branch-free pass; only a block with a bad value is
-                // walked row by row to name it.
-                if b.data.iter().fold(true, |ok, &v| ok & (v >= 0.0 && v.is_finite())) {
-                    for (&c, &v) in b.indices.iter().zip(&b.data) {
-                        totals[c as usize] += v as f64;
-                    }
-                    continue;
-                }
-                for i in 0..b.n_rows() {
-                    let (cols, vals) = b.row(i);
-                    for (&c, &v) in cols.iter().zip(vals) {
-                        // Bad values are refused here even in genes the filter drops.
-                        if !v.is_finite() || v < 0.0 {
+                // Bad values are refused here even in genes the filter drops. One branch-free
+                // check per block; only a block with a bad value is walked to name it.
+                if !b.data.iter().fold(true, |ok, &v| ok & (v >= 0.0 && v.is_finite())) {
+                    for i in 0..b.n_rows() {
+                        let (cols, vals) = b.row(i);
+                        if let Some((&c, &v)) = cols.iter().zip(vals).find(|(_, v)| !(**v >= 0.0 && v.is_finite())) {
                             let why = clean_value(v, true).expect_err("non-finite or negative");
                             return Err(value_error(&path, &reader_path_hint(cell_ids, b.start + i), &names[c as usize], v, why));
                         }
-                        totals[c as usize] += v as f64;
                     }
+                }
+                for (&c, &v) in b.indices.iter().zip(&b.data) {
+                    totals[c as usize] += v as f64;
                 }
             }
             Ok(())
@@ -623,7 +619,7 @@ impl CellBinning<'_> {
             let (cols, vals) = block.row(i);
             // Exact integer counts (the common case) take a branch-free copy of the kept genes;
             // anything else is checked value by value and rounded or refused.
-            let exact = vals.iter().fold(true, |ok, &v| ok & scgpt_data::small_int::is_int_in(v, 0.0, 8_388_608.0));
+            let exact = vals.iter().fold(true, |ok, &v| ok & small_int::is_int_in(v, 0.0, small_int::LIMIT));
             if exact {
                 out.genes.resize(start + cols.len(), 0);
                 out.values.resize(start + cols.len(), 0.0);
@@ -667,15 +663,8 @@ impl CellBinning<'_> {
             }
             out.bins.extend_from_slice(&bins);
             out.n_counts.push(if exact {
-                // Integers sum exactly in f64 in any order: four chains instead of one.
-                let mut lanes = [0f64; 4];
-                let mut quads = values.chunks_exact(4);
-                for q in &mut quads {
-                    for (l, &v) in lanes.iter_mut().zip(q) {
-                        *l += v as f64;
-                    }
-                }
-                (lanes.iter().sum::<f64>() + quads.remainder().iter().map(|&v| v as f64).sum::<f64>()) as f32
+                // Integer counts: an exact integer sum, with no chain of dependent float adds.
+                values.iter().map(|&v| small_int::value(v) as u64).sum::<u64>() as f32
             } else {
                 values.iter().map(|&v| v as f64).sum::<f64>() as f32
             });

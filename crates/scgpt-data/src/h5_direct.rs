@@ -85,29 +85,27 @@ impl DirectDataset {
         self.len == 0
     }
 
-    /// Reads elements `a..b` as raw little-endian 4-byte words into `out`.
-    pub fn read_words(&self, a: usize, b: usize, out: &mut Vec<u32>) -> std::io::Result<()> {
-        out.clear();
+    /// Elements `a..b` as raw 4-byte words.
+    pub fn read_words(&self, a: usize, b: usize) -> std::io::Result<Vec<u32>> {
         if b <= a {
-            return Ok(());
+            return Ok(Vec::new());
         }
         if b > self.len {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("range {a}..{b} past the dataset's {} elements", self.len)));
         }
-        out.resize(b - a, 0);
+        let mut out = vec![0u32; b - a];
         let mut i = a;
         while i < b {
             let k = i / self.chunk_elems;
             let end = ((k + 1) * self.chunk_elems).min(b);
             let at = self.chunk_offsets[k] + ((i - k * self.chunk_elems) * ELEM_BYTES) as u64;
-            let dst = &mut out[i - a..end - a];
-            self.file.read_exact_at(as_bytes_mut(dst), at)?;
+            self.file.read_exact_at(as_bytes_mut(&mut out[i - a..end - a]), at)?;
             i = end;
         }
         if cfg!(target_endian = "big") {
             out.iter_mut().for_each(|w| *w = u32::from_le(*w));
         }
-        Ok(())
+        Ok(out)
     }
 }
 
@@ -152,13 +150,12 @@ mod tests {
         assert_eq!((contiguous.elem, chunked.elem), (Elem::F32, Elem::I32));
         assert!(DirectDataset::open(&path, &f.dataset("lzf").unwrap()).is_none(), "filtered data goes through HDF5");
         assert!(DirectDataset::open(&path, &f.dataset("wide").unwrap()).is_none(), "8-byte elements go through HDF5");
-        let mut w = Vec::new();
         for (a, b) in [(0, n), (999, 1001), (1000, 2000), (5, 6), (9_990, n), (3, 3)] {
-            contiguous.read_words(a, b, &mut w).unwrap();
+            let w = contiguous.read_words(a, b).unwrap();
             assert_eq!(w.iter().map(|&x| f32::from_bits(x)).collect::<Vec<_>>(), floats[a..b]);
-            chunked.read_words(a, b, &mut w).unwrap();
+            let w = chunked.read_words(a, b).unwrap();
             assert_eq!(w.iter().map(|&x| x as i32).collect::<Vec<_>>(), ints[a..b]);
         }
-        assert!(chunked.read_words(0, n + 1, &mut w).is_err(), "a range past the end is an error");
+        assert!(chunked.read_words(0, n + 1).is_err(), "a range past the end is an error");
     }
 }

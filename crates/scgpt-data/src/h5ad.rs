@@ -392,28 +392,11 @@ impl H5adReader {
         let field = format!("{}/indices", self.matrix_path);
         let bad_index = |c: i64| self.invalid(&field, format!("column index {c} outside 0..{}", self.n_vars));
         let (vals, cols) = if let Some((d, i)) = &self.direct {
-            // Straight into their buffers. (Reading the two at once on the rayon pool was
-            // slower: the reader thread is outside the pool and the workers are binning.)
-            let vals = (|| -> std::io::Result<Vec<f32>> {
-                let mut w = Vec::new();
-                d.read_words(a, b, &mut w)?;
-                Ok(w.into_iter().map(f32::from_bits).collect()) // in place
-            })();
-            let words = (|| -> std::io::Result<Vec<u32>> {
-                let mut w = Vec::new();
-                i.read_words(a, b, &mut w)?;
-                Ok(w)
-            })();
             let io = |field: String| move |e: std::io::Error| H5adError::Invalid { path: self.path.clone(), field: field.clone(), message: e.to_string() };
-            let vals = vals.map_err(io(format!("{}/data", self.matrix_path)))?;
-            let words = words.map_err(io(field.clone()))?;
-            // Negative int32 indices read as words >= 2^31, past any n_vars: one range check.
-            let n = self.n_vars as u64;
-            if !words.iter().fold(true, |ok, &c| ok & ((c as u64) < n)) {
-                let c = words.iter().find(|&&c| c as u64 >= n).copied().unwrap_or(0);
-                return Err(bad_index(if i.elem == Elem::I32 { c as i32 as i64 } else { c as i64 }));
-            }
-            (vals, words)
+            let words = d.read_words(a, b).map_err(io(format!("{}/data", self.matrix_path)))?;
+            let vals: Vec<f32> = words.into_iter().map(f32::from_bits).collect(); // in place
+            let words = i.read_words(a, b).map_err(io(field.clone()))?;
+            (vals, self.checked_indices(words, i.elem == Elem::I32).map_err(bad_index)?)
         } else {
             let vals: Vec<f32> = read_range(&data, a, b).map_err(self.err(&format!("{}/data", self.matrix_path)))?;
             let cols = self.read_column_indices(&indices, a, b).map_err(self.err(&field))?.map_err(bad_index)?;
@@ -427,29 +410,33 @@ impl H5adReader {
     /// names the first index outside `0..n_vars`.
     fn read_column_indices(&self, ds: &Dataset, a: usize, b: usize) -> hdf5::Result<std::result::Result<Vec<u32>, i64>> {
         use hdf5::types::{IntSize, TypeDescriptor};
-        let n = self.n_vars as u64;
-        let checked = |idx: Vec<u32>, first_bad: &dyn Fn(&[u32]) -> i64| {
-            if idx.iter().fold(true, |ok, &c| ok & ((c as u64) < n)) { Ok(idx) } else { Err(first_bad(&idx)) }
-        };
         match ds.dtype()?.to_descriptor()? {
             TypeDescriptor::Integer(IntSize::U4) => {
                 let idx: Vec<i32> = read_range(ds, a, b)?;
-                // Negative i32 become huge u32 and fail the same range check.
-                let as_u32: Vec<u32> = idx.into_iter().map(|c| c as u32).collect(); // in place
-                Ok(checked(as_u32, &|v| v.iter().map(|&c| c as i32 as i64).find(|&c| c < 0 || c as u64 >= n).unwrap_or(0)))
+                Ok(self.checked_indices(idx.into_iter().map(|c| c as u32).collect(), true)) // in place
             }
-            TypeDescriptor::Unsigned(IntSize::U4) => {
-                let idx: Vec<u32> = read_range(ds, a, b)?;
-                Ok(checked(idx, &|v| v.iter().map(|&c| c as i64).find(|&c| c as u64 >= n).unwrap_or(0)))
-            }
+            TypeDescriptor::Unsigned(IntSize::U4) => Ok(self.checked_indices(read_range(ds, a, b)?, false)),
             _ => {
                 let idx: Vec<i64> = read_range(ds, a, b)?;
+                let n = self.n_vars as u64;
                 if let Some(&c) = idx.iter().find(|&&c| c < 0 || c as u64 >= n) {
                     return Ok(Err(c));
                 }
                 Ok(Ok(idx.iter().map(|&c| c as u32).collect()))
             }
         }
+    }
+
+    /// 32-bit column indices checked against `n_vars` in one branch-free pass; `signed` when
+    /// they came from int32, whose negatives read as words >= 2^31 and fail the same check.
+    /// `Err(c)` names the first bad index as the file holds it.
+    fn checked_indices(&self, words: Vec<u32>, signed: bool) -> std::result::Result<Vec<u32>, i64> {
+        let n = self.n_vars as u64;
+        if words.iter().fold(true, |ok, &c| ok & ((c as u64) < n)) {
+            return Ok(words);
+        }
+        let c = words.iter().find(|&&c| c as u64 >= n).copied().unwrap_or(0);
+        Err(if signed { c as i32 as i64 } else { c as i64 })
     }
 
     fn read_dense_rows(&self, start: usize, end: usize) -> Result<RowBlock> {

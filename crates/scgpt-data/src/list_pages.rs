@@ -57,17 +57,8 @@ pub fn encode_delta_i32(descr: ColumnDescPtr, offsets: &[i32], values: &[i32]) -
 /// Bins: `RLE_DICTIONARY` over the identity dictionary `0..=max(bins)`, uncompressed.
 pub fn encode_identity_dictionary_u8(descr: ColumnDescPtr, offsets: &[i32], values: &[u8]) -> parquet::errors::Result<ListChunk> {
     let size = values.iter().copied().max().map_or(1, |m| m as usize + 1);
-    let mut chunk = ChunkBuilder::new(descr, Compression::UNCOMPRESSED)?;
-    let dict: Vec<u8> = (0..size as i32).flat_map(i32::to_le_bytes).collect();
-    chunk.dictionary_page(dict, size)?;
-    let width = bit_width(size as u64 - 1);
-    for (a, b) in page_ranges(offsets) {
-        let (va, vb) = (offsets[a] as usize, offsets[b] as usize);
-        let mut buf = chunk.levels(&offsets[a..=b]);
-        dictionary_indices(values[va..vb].iter().map(|&v| v as u32), vb - va, width, &mut buf);
-        chunk.data_page(buf, Encoding::RLE_DICTIONARY, &offsets[a..=b])?;
-    }
-    chunk.finish()
+    let plain: Vec<u8> = (0..size as i32).flat_map(i32::to_le_bytes).collect();
+    encode_dictionary(descr, offsets, plain, size, |range| values[range].iter().map(|&v| v as u32))
 }
 
 /// Expressions: `RLE_DICTIONARY` over the distinct values, uncompressed; `BYTE_STREAM_SPLIT`
@@ -76,26 +67,26 @@ pub fn encode_f32(descr: ColumnDescPtr, offsets: &[i32], values: &[f32]) -> parq
     if let Some((dict, rank)) = small_integer_dictionary(values) {
         // Every value is an integer in 0..SMALL_INTS (checked); the mask bounds the index.
         let index = |v: &f32| rank[small_int::value(*v) as usize & (SMALL_INTS - 1)];
-        return encode_f32_dictionary(descr, offsets, &dict, |range| values[range].iter().map(index));
+        return encode_dictionary(descr, offsets, plain_f32(&dict), dict.len(), |range| values[range].iter().map(index));
     }
     let Some((dict, indices)) = float_dictionary(values) else {
         return encode_byte_stream_split_zstd(descr, offsets, values);
     };
-    encode_f32_dictionary(descr, offsets, &dict, |range| indices[range].iter().copied())
+    encode_dictionary(descr, offsets, plain_f32(&dict), dict.len(), |range| indices[range].iter().copied())
 }
 
-/// Dictionary page of `dict`, then data pages of the indices that `page_indices` yields for a
-/// range of values.
-fn encode_f32_dictionary<I: Iterator<Item = u32>>(
+/// A dictionary page (`plain`, `entries` values in PLAIN encoding), then data pages of the
+/// indices that `page_indices` yields for a range of values.
+fn encode_dictionary<I: Iterator<Item = u32>>(
     descr: ColumnDescPtr,
     offsets: &[i32],
-    dict: &[f32],
+    plain: Vec<u8>,
+    entries: usize,
     page_indices: impl Fn(std::ops::Range<usize>) -> I,
 ) -> parquet::errors::Result<ListChunk> {
     let mut chunk = ChunkBuilder::new(descr, Compression::UNCOMPRESSED)?;
-    let plain: Vec<u8> = dict.iter().flat_map(|v| v.to_le_bytes()).collect();
-    chunk.dictionary_page(plain, dict.len())?;
-    let width = bit_width(dict.len() as u64 - 1);
+    chunk.dictionary_page(plain, entries)?;
+    let width = bit_width(entries as u64 - 1);
     for (a, b) in page_ranges(offsets) {
         let (va, vb) = (offsets[a] as usize, offsets[b] as usize);
         let mut buf = chunk.levels(&offsets[a..=b]);
@@ -103,6 +94,10 @@ fn encode_f32_dictionary<I: Iterator<Item = u32>>(
         chunk.data_page(buf, Encoding::RLE_DICTIONARY, &offsets[a..=b])?;
     }
     chunk.finish()
+}
+
+fn plain_f32(dict: &[f32]) -> Vec<u8> {
+    dict.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 /// Values below this that are integers (UMI counts) get the table path.
@@ -151,29 +146,21 @@ fn encode_byte_stream_split_zstd(descr: ColumnDescPtr, offsets: &[i32], values: 
 }
 
 /// Distinct values in first-seen order and each value's index, or `None` past the limit.
-/// Small non-negative integers skip the hash map.
 fn float_dictionary(values: &[f32]) -> Option<(Vec<f32>, Vec<u32>)> {
-    const DIRECT: usize = 1 << 12;
-    let mut direct = vec![u32::MAX; DIRECT];
-    let mut other: HashMap<u32, u32> = HashMap::new();
+    // Keyed by bit pattern, so -0.0 and NaN payloads keep their own entries.
+    let mut slots: HashMap<u32, u32> = HashMap::new();
     let mut dict = Vec::new();
     let mut indices = Vec::with_capacity(values.len());
     for &v in values {
-        let small = v as u32 as usize;
-        // Bit equality, so -0.0 and NaN payloads keep their own entries.
-        let slot = if small < DIRECT && (small as f32).to_bits() == v.to_bits() {
-            &mut direct[small]
-        } else {
-            other.entry(v.to_bits()).or_insert(u32::MAX)
-        };
-        if *slot == u32::MAX {
+        let next = dict.len() as u32;
+        let slot = *slots.entry(v.to_bits()).or_insert(next);
+        if slot == next {
             if dict.len() == MAX_FLOAT_DICTIONARY {
                 return None;
             }
-            *slot = dict.len() as u32;
             dict.push(v);
         }
-        indices.push(*slot);
+        indices.push(slot);
     }
     if dict.is_empty() {
         dict.push(0.0);

@@ -42,11 +42,10 @@ impl SplitMix64 {
 impl rand::RngCore for SplitMix64 {
     #[inline]
     fn next_u64(&mut self) -> u64 {
+        // mix64 adds the increment itself: output n is mix64(state + n·increment).
+        let out = mix64(self.0);
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        out
     }
     #[inline]
     fn next_u32(&mut self) -> u32 {

@@ -7,6 +7,9 @@
 
 const MAGIC: f32 = 8_388_608.0; // 2^23
 
+/// The largest `hi` the tests below accept: 2^23.
+pub const LIMIT: f32 = MAGIC;
+
 /// `v` is an integer in `[lo, hi)`, with `0 <= lo` and `hi <= 2^23`. False for NaN; true for
 /// -0.0 when `lo` is 0 (use [`is_plain_int_below`] where the sign bit matters).
 #[inline]
