@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::h5_direct::{DirectDataset, Elem};
+use crate::h5_direct::{DirectDataset, Elem, OffsetVec};
 
 use hdf5::types::{TypeDescriptor, VarLenAscii, VarLenUnicode};
 use hdf5::{Dataset, Group, Location};
@@ -55,8 +55,8 @@ pub enum Layout {
 pub struct RowBlock {
     pub start: usize,
     pub indptr: Vec<usize>,
-    pub indices: Vec<u32>,
-    pub data: Vec<f32>,
+    pub indices: OffsetVec<u32>,
+    pub data: OffsetVec<f32>,
 }
 
 impl RowBlock {
@@ -217,6 +217,17 @@ impl H5adReader {
         Ok(())
     }
 
+    /// Reads the CSR arrays with `O_DIRECT`, bypassing the page cache, where the file's layout
+    /// and file system allow it; returns whether both arrays will be. Faster for files read
+    /// cold (the usual corpus build), slower for one already cached.
+    pub fn use_direct_io(&mut self) -> bool {
+        let path = self.path.clone();
+        match &mut self.direct {
+            Some((d, i)) => d.use_direct_io(&path) & i.use_direct_io(&path),
+            None => false,
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -366,8 +377,8 @@ impl H5adReader {
                 Ok(RowBlock {
                     start,
                     indptr: all.indptr[start..=end].iter().map(|p| p - a).collect(),
-                    indices: all.indices[a..b].to_vec(),
-                    data: all.data[a..b].to_vec(),
+                    indices: all.indices[a..b].to_vec().into(),
+                    data: all.data[a..b].to_vec().into(),
                 })
             }
         }
@@ -393,14 +404,18 @@ impl H5adReader {
         let bad_index = |c: i64| self.invalid(&field, format!("column index {c} outside 0..{}", self.n_vars));
         let (vals, cols) = if let Some((d, i)) = &self.direct {
             let io = |field: String| move |e: std::io::Error| H5adError::Invalid { path: self.path.clone(), field: field.clone(), message: e.to_string() };
-            let words = d.read_words(a, b).map_err(io(format!("{}/data", self.matrix_path)))?;
-            let vals: Vec<f32> = words.into_iter().map(f32::from_bits).collect(); // in place
-            let words = i.read_words(a, b).map_err(io(field.clone()))?;
+            // Both arrays at once: two requests in flight read faster than one (1.6 vs 1.3 GB/s).
+            let (words, vals) = std::thread::scope(|s| {
+                let vals = s.spawn(|| d.read_words(a, b));
+                (i.read_words(a, b), vals.join().expect("read thread panicked"))
+            });
+            let vals = vals.map_err(io(format!("{}/data", self.matrix_path)))?.cast();
+            let words = words.map_err(io(field.clone()))?;
             (vals, self.checked_indices(words, i.elem == Elem::I32).map_err(bad_index)?)
         } else {
             let vals: Vec<f32> = read_range(&data, a, b).map_err(self.err(&format!("{}/data", self.matrix_path)))?;
             let cols = self.read_column_indices(&indices, a, b).map_err(self.err(&field))?.map_err(bad_index)?;
-            (vals, cols)
+            (vals.into(), cols)
         };
         Ok(RowBlock { start, indptr: ptr.iter().map(|&p| p as usize - a).collect(), indices: cols, data: vals })
     }
@@ -408,21 +423,21 @@ impl H5adReader {
     /// Column indices `a..b` as u32, read in the file's own integer type when it is 32-bit
     /// (scanpy and CELLxGENE write int32: no conversion by HDF5, half the bytes); `Err(c)`
     /// names the first index outside `0..n_vars`.
-    fn read_column_indices(&self, ds: &Dataset, a: usize, b: usize) -> hdf5::Result<std::result::Result<Vec<u32>, i64>> {
+    fn read_column_indices(&self, ds: &Dataset, a: usize, b: usize) -> hdf5::Result<std::result::Result<OffsetVec<u32>, i64>> {
         use hdf5::types::{IntSize, TypeDescriptor};
         match ds.dtype()?.to_descriptor()? {
             TypeDescriptor::Integer(IntSize::U4) => {
                 let idx: Vec<i32> = read_range(ds, a, b)?;
-                Ok(self.checked_indices(idx.into_iter().map(|c| c as u32).collect(), true)) // in place
+                Ok(self.checked_indices(idx.into_iter().map(|c| c as u32).collect::<Vec<_>>().into(), true)) // in place
             }
-            TypeDescriptor::Unsigned(IntSize::U4) => Ok(self.checked_indices(read_range(ds, a, b)?, false)),
+            TypeDescriptor::Unsigned(IntSize::U4) => Ok(self.checked_indices(read_range::<u32>(ds, a, b)?.into(), false)),
             _ => {
                 let idx: Vec<i64> = read_range(ds, a, b)?;
                 let n = self.n_vars as u64;
                 if let Some(&c) = idx.iter().find(|&&c| c < 0 || c as u64 >= n) {
                     return Ok(Err(c));
                 }
-                Ok(Ok(idx.iter().map(|&c| c as u32).collect()))
+                Ok(Ok(idx.iter().map(|&c| c as u32).collect::<Vec<_>>().into()))
             }
         }
     }
@@ -430,7 +445,7 @@ impl H5adReader {
     /// 32-bit column indices checked against `n_vars` in one branch-free pass; `signed` when
     /// they came from int32, whose negatives read as words >= 2^31 and fail the same check.
     /// `Err(c)` names the first bad index as the file holds it.
-    fn checked_indices(&self, words: Vec<u32>, signed: bool) -> std::result::Result<Vec<u32>, i64> {
+    fn checked_indices(&self, words: OffsetVec<u32>, signed: bool) -> std::result::Result<OffsetVec<u32>, i64> {
         let n = self.n_vars as u64;
         if words.iter().fold(true, |ok, &c| ok & ((c as u64) < n)) {
             return Ok(words);
@@ -441,7 +456,7 @@ impl H5adReader {
 
     fn read_dense_rows(&self, start: usize, end: usize) -> Result<RowBlock> {
         let ds = self.file.dataset(&self.matrix_path).map_err(self.err(&self.matrix_path))?;
-        let mut block = RowBlock { start, indptr: vec![0], ..Default::default() };
+        let (mut indptr, mut indices, mut data) = (vec![0], Vec::new(), Vec::new());
         if end > start {
             let arr = ds
                 .read_slice_2d::<f32, _>(ndarray::s![start..end, ..])
@@ -449,14 +464,14 @@ impl H5adReader {
             for row in arr.rows() {
                 for (j, &v) in row.iter().enumerate() {
                     if v != 0.0 {
-                        block.indices.push(j as u32);
-                        block.data.push(v);
+                        indices.push(j as u32);
+                        data.push(v);
                     }
                 }
-                block.indptr.push(block.data.len());
+                indptr.push(data.len());
             }
         }
-        Ok(block)
+        Ok(RowBlock { start, indptr, indices: indices.into(), data: data.into() })
     }
 
     /// CSC to CSR in column chunks (two passes: count per row, then fill).
@@ -504,7 +519,7 @@ impl H5adReader {
             }
             pos = end;
         }
-        Ok(RowBlock { start: 0, indptr: counts, indices: out_idx, data: out_val })
+        Ok(RowBlock { start: 0, indptr: counts, indices: out_idx.into(), data: out_val.into() })
     }
 }
 

@@ -7,10 +7,12 @@
 //! - [`tokenize`]: one cell to model input as the original's `embed_data` (seeded or deterministic).
 //! - [`loader`]: shuffled, resumable, prefetching batches over shard sets for training.
 //! - [`atomic`]: temp-file-plus-rename writes, so a crash never leaves a half file.
+//! - [`direct_io`], [`h5_direct`]: reads and writes past the page cache and HDF5's lock.
 
 pub mod alloc;
 pub mod atomic;
 pub mod binning;
+pub mod direct_io;
 pub mod h5_direct;
 pub mod h5ad;
 pub mod list_pages;
@@ -20,3 +22,4 @@ pub mod shard;
 pub mod small_int;
 pub mod tokenize;
 pub mod vocab;
+pub mod words;

@@ -52,9 +52,15 @@ impl rand::RngCore for SplitMix64 {
         (self.next_u64() >> 32) as u32
     }
     fn fill_bytes(&mut self, dst: &mut [u8]) {
-        for chunk in dst.chunks_mut(8) {
+        // Whole 8-byte chunks as single stores (a copy of variable length is a memmove call).
+        let mut chunks = dst.chunks_exact_mut(8);
+        for chunk in &mut chunks {
+            chunk.copy_from_slice(&self.next_u64().to_le_bytes());
+        }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
             let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
+            rest.copy_from_slice(&v[..rest.len()]);
         }
     }
 }
@@ -70,5 +76,17 @@ mod tests {
         let mut r = SplitMix64(1_234_567);
         assert_eq!(r.next_u64(), 6_457_827_717_110_365_317);
         assert_eq!(r.next_u64(), 3_203_168_211_198_807_973);
+    }
+
+    #[test]
+    fn fill_bytes_is_the_little_endian_stream_of_next_u64() {
+        for n in [0usize, 1, 7, 8, 9, 23, 64] {
+            let mut a = SplitMix64::for_item(3, 4, 5);
+            let mut b = a.clone();
+            let mut got = vec![0u8; n];
+            a.fill_bytes(&mut got);
+            let want: Vec<u8> = (0..n.div_ceil(8)).flat_map(|_| b.next_u64().to_le_bytes()).take(n).collect();
+            assert_eq!(got, want, "{n} bytes");
+        }
     }
 }

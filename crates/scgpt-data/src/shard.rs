@@ -9,7 +9,6 @@
 //! with a SHA-256 of the bytes.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -29,8 +28,8 @@ use rayon::prelude::*;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
-use sha2::{Digest, Sha256};
 
+use crate::direct_io::HashedFileWriter;
 use crate::list_pages::{self, ListChunk};
 use crate::vocab::hex;
 
@@ -174,25 +173,6 @@ fn scalar_batch(schema: &Arc<Schema>, cells: &CellColumns) -> parquet::errors::R
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
-/// Counts bytes and hashes them on their way to the file.
-struct HashingWriter<W: Write> {
-    inner: W,
-    hasher: Sha256,
-    bytes: u64,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// What a finished shard file holds.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ShardInfo {
@@ -231,7 +211,7 @@ pub struct ShardWriter {
     tmp: PathBuf,
     /// The fields after the three lists, which the Arrow writer encodes.
     scalar_schema: Arc<Schema>,
-    file: Option<SerializedFileWriter<HashingWriter<BufWriter<File>>>>,
+    file: Option<SerializedFileWriter<HashedFileWriter>>,
     factory: ArrowRowGroupWriterFactory,
     row_groups: usize,
     buf: CellColumns,
@@ -242,9 +222,8 @@ impl ShardWriter {
     pub fn create(path: &Path, obs_names: &[String]) -> anyhow::Result<Self> {
         let schema = schema(obs_names);
         let tmp = crate::atomic::temp_path_for(path);
-        let file = File::create(&tmp).map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", tmp.display()))?;
-        let hw = HashingWriter { inner: BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new(), bytes: 0 };
-        let writer = ArrowWriter::try_new(hw, schema.clone(), Some(writer_properties(obs_names)?))?;
+        let out = HashedFileWriter::create(&tmp).map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", tmp.display()))?;
+        let writer = ArrowWriter::try_new(out, schema.clone(), Some(writer_properties(obs_names)?))?;
         let (file, factory) = writer.into_serialized_writer()?;
         let scalar_schema = Arc::new(Schema::new(schema.fields()[LIST_COLUMNS..].to_vec()));
         Ok(ShardWriter {
@@ -328,18 +307,15 @@ impl ShardWriter {
         self.flush()?;
         let file = self.file.take().expect("open until finish");
         let ctx = |e: &dyn std::fmt::Display| anyhow::anyhow!("writing shard {}: {e}", self.path.display());
-        let mut hw = file.into_inner().map_err(|e| ctx(&e))?;
-        hw.flush().map_err(|e| ctx(&e))?;
-        let HashingWriter { inner, hasher, bytes } = hw;
-        let f = inner.into_inner().map_err(|e| ctx(&e))?;
-        f.sync_all().map_err(|e| ctx(&e))?;
+        let out = file.into_inner().map_err(|e| ctx(&e))?;
+        let (f, bytes, sha256) = out.finish().map_err(|e| ctx(&e))?;
         drop(f);
         std::fs::rename(&self.tmp, &self.path).map_err(|e| ctx(&e))?;
         Ok(ShardInfo {
             file: self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             rows: self.rows,
             bytes,
-            sha256: hex(&hasher.finalize()),
+            sha256: hex(&sha256),
         })
     }
 }
