@@ -442,12 +442,13 @@ impl H5adReader {
         }
     }
 
-    /// 32-bit column indices checked against `n_vars` in one branch-free pass; `signed` when
-    /// they came from int32, whose negatives read as words >= 2^31 and fail the same check.
-    /// `Err(c)` names the first bad index as the file holds it.
+    /// 32-bit column indices checked against `n_vars` by their maximum (a reduction the
+    /// compiler vectorises; a fold of comparisons it did not); `signed` when they came from
+    /// int32, whose negatives read as words >= 2^31 and fail the same check. `Err(c)` names
+    /// the first bad index as the file holds it.
     fn checked_indices(&self, words: OffsetVec<u32>, signed: bool) -> std::result::Result<OffsetVec<u32>, i64> {
         let n = self.n_vars as u64;
-        if words.iter().fold(true, |ok, &c| ok & ((c as u64) < n)) {
+        if words.iter().copied().max().is_none_or(|m| (m as u64) < n) {
             return Ok(words);
         }
         let c = words.iter().find(|&&c| c as u64 >= n).copied().unwrap_or(0);
