@@ -475,7 +475,10 @@ impl Prep {
         let threshold = per_10k / 10_000.0 * reader.n_obs() as f64;
         let mut totals = vec![0f64; reader.n_vars()];
         let n = reader.n_obs();
-        let block_cells = self.cfg.run.block_cells;
+        // This pass only reads and sums, so it is bound by the disk, which delivers in
+        // proportion to the bytes in flight: blocks of 4x the binning pass's cells took the
+        // 3.3 GB file from ~5 s to ~3.2 s, for the memory of the binning pass's blocks.
+        let block_cells = self.cfg.run.block_cells * GENE_FILTER_BLOCK_FACTOR;
         let path = reader.path().to_path_buf();
         // Reading (HDF5, one thread at a time) overlaps with summing the previous block.
         std::thread::scope(|scope| -> anyhow::Result<()> {
@@ -511,6 +514,8 @@ impl Prep {
             }
             Ok(())
         })?;
+        // The binning pass's blocks are a quarter of the size: give the large buffers back.
+        scgpt_data::words::clear_pool();
         Ok(gm.ids.iter().zip(&totals).map(|(id, &t)| if t >= threshold && t > 0.0 { *id } else { None }).collect())
     }
 
@@ -595,6 +600,9 @@ const POSITIVE_INFINITY_BITS: u32 = 0x7f80_0000;
 
 /// Marks an input gene that is not in the vocabulary or was filtered out.
 const NO_GENE: u32 = u32::MAX;
+
+/// The gene-filter pass reads blocks this many times larger than the binning pass.
+const GENE_FILTER_BLOCK_FACTOR: usize = 4;
 
 /// Cells handed to one rayon task: enough to amortise scheduling, small enough to balance.
 const CHUNK_CELLS: usize = 128;

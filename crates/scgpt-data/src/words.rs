@@ -25,25 +25,35 @@ const POOLED_MIN_WORDS: usize = 1 << 18;
 /// was in use at the peak.
 const POOL_MAX: usize = 16;
 
-static POOL: Mutex<Vec<Vec<u32>>> = Mutex::new(Vec::new());
+/// Large buffers waiting for reuse.
+struct Pool(Mutex<Vec<Vec<u32>>>);
 
-/// An empty buffer with room for at least `words`, from the pool when one fits. New buffers get
-/// an eighth more room, so blocks of slightly different sizes can reuse each other's.
-pub fn take_buffer(words: usize) -> Vec<u32> {
-    if words >= POOLED_MIN_WORDS {
-        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = pool.iter().position(|v| v.capacity() >= words) {
-            return pool.swap_remove(i);
-        }
-        return Vec::with_capacity(words + words / 8);
+static POOL: Pool = Pool(Mutex::new(Vec::new()));
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u32>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
-    Vec::with_capacity(words)
-}
 
-fn recycle(mut v: Vec<u32>) {
-    if v.capacity() >= POOLED_MIN_WORDS {
+    /// An empty buffer with room for at least `words`, pooled when one fits. New buffers get
+    /// an eighth more room, so blocks of slightly different sizes can reuse each other's.
+    fn take(&self, words: usize) -> Vec<u32> {
+        if words < POOLED_MIN_WORDS {
+            return Vec::with_capacity(words);
+        }
+        let mut pool = self.lock();
+        match pool.iter().position(|v| v.capacity() >= words) {
+            Some(i) => pool.swap_remove(i),
+            None => Vec::with_capacity(words + words / 8),
+        }
+    }
+
+    fn put(&self, mut v: Vec<u32>) {
+        if v.capacity() < POOLED_MIN_WORDS {
+            return;
+        }
         v.clear();
-        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pool = self.lock();
         if pool.len() == POOL_MAX {
             // Keep the larger buffers: they fit any request the smaller ones do.
             let smallest = (0..pool.len()).min_by_key(|&i| pool[i].capacity()).expect("full pool");
@@ -54,6 +64,21 @@ fn recycle(mut v: Vec<u32>) {
         }
         pool.push(v);
     }
+}
+
+/// An empty buffer with room for at least `words`, from the pool when one fits.
+pub fn take_buffer(words: usize) -> Vec<u32> {
+    POOL.take(words)
+}
+
+/// Frees every pooled buffer: after a phase with larger blocks, so the next one's smaller
+/// buffers do not sit beside idle large ones.
+pub fn clear_pool() {
+    POOL.lock().clear();
+}
+
+fn recycle(v: Vec<u32>) {
+    POOL.put(v);
 }
 
 /// The same allocation seen as another 4-byte word type.
@@ -129,20 +154,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn views_skip_the_head_and_buffers_come_back() {
-        let mut v = take_buffer(POOLED_MIN_WORDS);
-        v.extend((0..POOLED_MIN_WORDS as u32 + 3).map(|i| i * 2));
-        let ptr = v.as_ptr() as usize;
-        let w = OffsetVec::new(v, 3);
-        assert_eq!((w.len(), w[0], w[1]), (POOLED_MIN_WORDS, 6, 8));
+    fn views_skip_the_head_and_casts_keep_the_bits() {
+        let w = OffsetVec::new((0..10u32).map(|i| i * 2).collect(), 3);
+        assert_eq!((w.len(), w[0], w[1]), (7, 6, 8));
         let f: OffsetVec<f32> = w.cast();
         assert_eq!(f[0].to_bits(), 6, "the bits are reinterpreted, not converted");
-        drop(f);
-        // Other tests may take from the pool concurrently; look for ours among what is there.
-        let back = POOL.lock().unwrap().iter().any(|b| b.as_ptr() as usize == ptr && b.is_empty());
-        assert!(back, "a dropped large buffer waits in the pool, emptied");
-        let small = OffsetVec::from(vec![1u32, 2, 3]);
-        drop(small); // small buffers are freed, not pooled
-        assert!(POOL.lock().unwrap().iter().all(|b| b.capacity() >= POOLED_MIN_WORDS));
+        assert_eq!(f, OffsetVec::from(vec![6u32, 8, 10, 12, 14, 16, 18]).cast::<f32>());
+    }
+
+    #[test]
+    fn the_pool_reuses_large_buffers_and_keeps_the_largest() {
+        let pool = Pool(Mutex::new(Vec::new())); // a private pool: the global one is shared by tests
+        let mut v = pool.take(POOLED_MIN_WORDS);
+        assert!(v.capacity() >= POOLED_MIN_WORDS + POOLED_MIN_WORDS / 8, "new buffers get headroom");
+        v.extend(0..100u32);
+        let ptr = v.as_ptr();
+        pool.put(v);
+        let again = pool.take(POOLED_MIN_WORDS + 10);
+        assert_eq!((again.as_ptr(), again.len()), (ptr, 0), "the same memory, emptied");
+        pool.put(Vec::with_capacity(10));
+        assert!(pool.lock().is_empty(), "small buffers are freed, not pooled");
+        for k in 0..POOL_MAX + 3 {
+            pool.put(Vec::with_capacity(POOLED_MIN_WORDS + k));
+        }
+        let caps: Vec<usize> = pool.lock().iter().map(|b| b.capacity()).collect();
+        assert_eq!(caps.len(), POOL_MAX);
+        assert!(caps.iter().all(|&c| c >= POOLED_MIN_WORDS + 3), "a full pool drops its smallest: {caps:?}");
     }
 }
