@@ -169,29 +169,29 @@ impl DiskWriter {
             if want == 0 {
                 debug_assert!(last, "only the last block is partial");
                 // A partial block at the end: O_DIRECT cannot write it, the page cache can.
-                self.set_direct(false)?;
+                self.stop_direct()?;
                 continue;
             }
             match self.file.write(&bytes[done..done + want]) {
                 Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "the disk took no bytes")),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => self.set_direct(false)?,
+                Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => self.stop_direct()?,
                 Err(e) => return Err(e),
             }
         }
         Ok(())
     }
 
-    fn set_direct(&mut self, on: bool) -> io::Result<()> {
+    /// Switches the descriptor to ordinary writes, for a partial block or a refusing device.
+    fn stop_direct(&mut self) -> io::Result<()> {
         let fd = self.file.as_raw_fd();
         // SAFETY: plain fcntl calls on a descriptor this struct owns.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        let flags = if on { flags | libc::O_DIRECT } else { flags & !libc::O_DIRECT };
-        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        self.direct = on;
+        self.direct = false;
         Ok(())
     }
 }

@@ -77,10 +77,6 @@ pub fn clear_pool() {
     POOL.lock().clear();
 }
 
-fn recycle(v: Vec<u32>) {
-    POOL.put(v);
-}
-
 /// The same allocation seen as another 4-byte word type.
 fn cast<A: Word, B: Word>(v: Vec<A>) -> Vec<B> {
     const { assert!(std::mem::size_of::<A>() == 4 && std::mem::align_of::<A>() == 4) };
@@ -126,7 +122,7 @@ impl<T: Word> From<Vec<T>> for OffsetVec<T> {
 
 impl<T: Word> Drop for OffsetVec<T> {
     fn drop(&mut self) {
-        recycle(cast(std::mem::take(&mut self.vec)));
+        POOL.put(cast(std::mem::take(&mut self.vec)));
     }
 }
 
