@@ -24,10 +24,9 @@ fn main() -> ExitCode {
 }
 
 fn init_threads(workers: usize) {
-    if workers > 0 {
-        // Fails only if a pool already exists, which cannot happen this early.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(workers).build_global();
-    }
+    // Named, so per-thread CPU (top -H, perf) shows which stage bounds a run. Fails only if a
+    // pool already exists, which cannot happen this early; 0 threads = one per core.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(workers).thread_name(|i| format!("prep-bin-{i}")).build_global();
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

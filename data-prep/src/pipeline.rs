@@ -367,29 +367,39 @@ impl Prep {
             stats: stats.clone(),
         };
 
-        // Three stages overlap: a reader thread (HDF5 serialises reads anyway), rayon workers
-        // binning a block, and a writer thread encoding Parquet (zstd is the costliest step).
+        // The stages overlap: reader threads (several blocks in flight), rayon workers binning
+        // a block, a writer thread encoding Parquet, and a thread finishing full shards.
         let (shards, cells_written) = std::thread::scope(|scope| -> anyhow::Result<(Vec<ShardRecord>, usize)> {
             let (block_tx, block_rx) = crossbeam_channel::bounded::<anyhow::Result<RowBlock>>(2);
             let (chunk_tx, chunk_rx) = crossbeam_channel::bounded::<Vec<BinnedChunk>>(2);
             let reader_ref = &mut reader;
             scope.spawn(move || {
-                let mut s = start_row;
-                while s < n_obs {
-                    let e = (s + block_cells).min(n_obs);
-                    let block = reader_ref.read_rows(s, e).map_err(anyhow::Error::from);
-                    let failed = block.is_err();
-                    if block_tx.send(block).is_err() || failed {
-                        return;
-                    }
-                    s = e;
-                }
+                reader_ref.stream_rows(start_row, n_obs, block_cells, BINNING_READ_AHEAD, |block| block_tx.send(block.map_err(anyhow::Error::from)).is_ok());
             });
+            // Finishing a shard (its last row group, the disk thread's tail, fsync, rename) took
+            // 0.1-0.8 s: on the writer thread it stalled the whole pipeline, ~10% of the run.
+            let (finish_tx, finish_rx) = crossbeam_channel::bounded::<(ShardWriter, usize, bool)>(1);
             let rec = &mut rec;
-            let (obs_values, cell_ids) = (&obs_values, &cell_ids);
-            let writer = scope.spawn(move || -> anyhow::Result<(Vec<ShardRecord>, usize)> {
+            let next_shard = shards.len();
+            let finisher = std::thread::Builder::new().name("shard-finisher".into()).spawn_scoped(scope, move || -> anyhow::Result<(Vec<ShardRecord>, usize)> {
                 let mut shards = shards;
                 let mut written = cells_before;
+                for (w, row_end, last) in finish_rx {
+                    let info = w.finish()?;
+                    written += info.rows;
+                    shards.push(ShardRecord { info, row_end });
+                    // The last shard is recorded with the finished file's record.
+                    if !last {
+                        rec.shards = shards.clone();
+                        self.save_record(rec)?;
+                        crash_point_for_tests();
+                    }
+                }
+                Ok((shards, written))
+            })?;
+            let (obs_values, cell_ids) = (&obs_values, &cell_ids);
+            let writer = std::thread::Builder::new().name("shard-writer".into()).spawn_scoped(scope, move || -> anyhow::Result<()> {
+                let mut next_shard = next_shard;
                 let mut open: Option<ShardWriter> = None;
                 let mut obs_row: Vec<String> = Vec::with_capacity(obs_values.len());
                 for chunks in chunk_rx {
@@ -400,49 +410,66 @@ impl Prep {
                             obs_row.clear();
                             obs_row.extend(obs_values.iter().map(|c| c[row].clone()));
                             if open.is_none() {
-                                let path = self.out.join(shard_name(stem, shards.len()));
+                                let path = self.out.join(shard_name(stem, next_shard));
                                 open = Some(ShardWriter::create(&path, &self.cfg.output.obs_cols)?);
+                                next_shard += 1;
                             }
                             let w = open.as_mut().expect("just opened");
                             w.push(&chunk.genes[a..b], &chunk.values[a..b], &chunk.bins[a..b], chunk.n_counts[k], &cell_ids[row], stem, &obs_row)?;
-                            if w.rows() == shard_cells {
-                                let info = open.take().expect("open").finish()?;
-                                written += info.rows;
-                                shards.push(ShardRecord { info, row_end: row + 1 });
-                                rec.shards = shards.clone();
-                                self.save_record(rec)?;
-                                crash_point_for_tests();
+                            if w.rows() == shard_cells && finish_tx.send((open.take().expect("open"), row + 1, false)).is_err() {
+                                return Ok(()); // the finisher failed; its error is reported below
                             }
                         }
                     }
                 }
                 if let Some(w) = open.take() {
-                    let info = w.finish()?;
-                    written += info.rows;
-                    shards.push(ShardRecord { info, row_end: n_obs });
-                }
-                Ok((shards, written))
-            });
-            let binned = (|| -> anyhow::Result<()> {
-                for block in block_rx {
-                    let block = block?;
-                    let chunks: Vec<BinnedChunk> = (0..block.n_rows())
-                        .collect::<Vec<_>>()
-                        .par_chunks(CHUNK_CELLS)
-                        .map_init(Binner::new, |binner, rows| binning.bin_chunk(binner, &block, rows))
-                        .collect::<anyhow::Result<_>>()?;
-                    if chunk_tx.send(chunks).is_err() {
-                        break; // the writer failed; its error is reported below
-                    }
-                    bar.inc(block.n_rows() as u64);
-                    processed.fetch_add(block.n_rows() as u64, Ordering::Relaxed);
+                    let _ = finish_tx.send((w, n_obs, true));
                 }
                 Ok(())
-            })();
+            })?;
+            // Blocks are binned two at a time, so the cores do not idle while the last chunk of
+            // a block finishes (that tail was ~10% of the binning pass).
+            let binning = &binning;
+            let binned = rayon::in_place_scope(|s| -> anyhow::Result<()> {
+                let forward = |rx: crossbeam_channel::Receiver<(anyhow::Result<Vec<BinnedChunk>>, usize)>| -> anyhow::Result<bool> {
+                    let (chunks, n) = rx.recv().expect("a binning task always answers");
+                    if chunk_tx.send(chunks?).is_err() {
+                        return Ok(false); // the writer failed; its error is reported below
+                    }
+                    bar.inc(n as u64);
+                    processed.fetch_add(n as u64, Ordering::Relaxed);
+                    Ok(true)
+                };
+                let mut pending = std::collections::VecDeque::new();
+                for block in block_rx {
+                    let block = block?;
+                    let (tx, rx) = crossbeam_channel::bounded(1);
+                    s.spawn(move |_| {
+                        let chunks = (0..block.n_rows())
+                            .collect::<Vec<_>>()
+                            .par_chunks(CHUNK_CELLS)
+                            .map_init(Binner::new, |binner, rows| binning.bin_chunk(binner, &block, rows))
+                            .collect::<anyhow::Result<_>>();
+                        let _ = tx.send((chunks, block.n_rows()));
+                    });
+                    pending.push_back(rx);
+                    if pending.len() == BLOCKS_BINNING && !forward(pending.pop_front().expect("non-empty"))? {
+                        return Ok(());
+                    }
+                }
+                while let Some(rx) = pending.pop_front() {
+                    if !forward(rx)? {
+                        break;
+                    }
+                }
+                Ok(())
+            });
             drop(chunk_tx);
-            let written = writer.join().map_err(|_| anyhow::anyhow!("shard writer thread panicked"))?;
+            let wrote = writer.join().map_err(|_| anyhow::anyhow!("shard writer thread panicked"))?;
+            let finished = finisher.join().map_err(|_| anyhow::anyhow!("shard finisher thread panicked"))?;
+            wrote?;
             binned?;
-            written
+            finished
         })?;
         let cells_before = cells_written;
         stats.cells_out = cells_before;
@@ -476,30 +503,33 @@ impl Prep {
         let mut totals = vec![0f64; reader.n_vars()];
         let n = reader.n_obs();
         // This pass only reads and sums, so it is bound by the disk, which delivers in
-        // proportion to the bytes in flight: blocks of 4x the binning pass's cells took the
-        // 3.3 GB file from ~5 s to ~3.2 s, for the memory of the binning pass's blocks.
-        let block_cells = self.cfg.run.block_cells * GENE_FILTER_BLOCK_FACTOR;
+        // proportion to the bytes in flight: many blocks are requested at once.
+        let block_cells = self.cfg.run.block_cells;
         let path = reader.path().to_path_buf();
-        // Reading (HDF5, one thread at a time) overlaps with summing the previous block.
+        // Reading (several blocks in flight) overlaps with summing the previous block.
         std::thread::scope(|scope| -> anyhow::Result<()> {
-            let (tx, rx) = crossbeam_channel::bounded::<Result<RowBlock, scgpt_data::h5ad::H5adError>>(2);
-            scope.spawn(move || {
-                let mut s = 0;
-                while s < n {
-                    let e = (s + block_cells).min(n);
-                    let b = reader.read_rows(s, e);
-                    let failed = b.is_err();
-                    if tx.send(b).is_err() || failed {
-                        return;
-                    }
-                    s = e;
-                }
-            });
+            let (tx, rx) = crossbeam_channel::bounded::<Result<RowBlock, scgpt_data::h5ad::H5adError>>(1);
+            scope.spawn(move || reader.stream_rows(0, n, block_cells, GENE_FILTER_READ_AHEAD, |b| tx.send(b).is_ok()));
             for b in rx {
                 let b = b?;
-                // Bad values are refused here even in genes the filter drops. One branch-free
-                // check per block; only a block with a bad value is walked to name it.
-                if b.data.iter().map(|v| nonnegative_finite_key(*v)).max().is_some_and(|k| k >= POSITIVE_INFINITY_BITS) {
+                // Summed on all cores (one thread could not keep up with the disk), in fixed
+                // pieces added in order, so the totals are the same on every run. Bad values
+                // are refused here even in genes the filter drops: one branch-free check per
+                // piece; only a block with a bad value is walked to name it.
+                let n_vars = totals.len();
+                let pieces: Vec<(Vec<f64>, u32)> = b
+                    .indices
+                    .par_chunks(SUM_PIECE)
+                    .zip(b.data.par_chunks(SUM_PIECE))
+                    .map(|(cols, vals)| {
+                        let mut t = vec![0f64; n_vars];
+                        for (&c, &v) in cols.iter().zip(vals) {
+                            t[c as usize] += v as f64;
+                        }
+                        (t, vals.iter().map(|v| nonnegative_finite_key(*v)).max().unwrap_or(0))
+                    })
+                    .collect();
+                if pieces.iter().any(|p| p.1 >= POSITIVE_INFINITY_BITS) {
                     for i in 0..b.n_rows() {
                         let (cols, vals) = b.row(i);
                         if let Some((&c, &v)) = cols.iter().zip(vals).find(|(_, v)| !(**v >= 0.0 && v.is_finite())) {
@@ -508,13 +538,13 @@ impl Prep {
                         }
                     }
                 }
-                for (&c, &v) in b.indices.iter().zip(b.data.iter()) {
-                    totals[c as usize] += v as f64;
+                for (t, _) in pieces {
+                    totals.iter_mut().zip(t).for_each(|(a, b)| *a += b);
                 }
             }
             Ok(())
         })?;
-        // The binning pass's blocks are a quarter of the size: give the large buffers back.
+        // The binning pass holds fewer blocks at once: give the spare buffers back.
         scgpt_data::words::clear_pool();
         Ok(gm.ids.iter().zip(&totals).map(|(id, &t)| if t >= threshold && t > 0.0 { *id } else { None }).collect())
     }
@@ -601,8 +631,17 @@ const POSITIVE_INFINITY_BITS: u32 = 0x7f80_0000;
 /// Marks an input gene that is not in the vocabulary or was filtered out.
 const NO_GENE: u32 = u32::MAX;
 
-/// The gene-filter pass reads blocks this many times larger than the binning pass.
-const GENE_FILTER_BLOCK_FACTOR: usize = 4;
+/// Bytes requested at once by the gene-filter pass, which only sums, so the disk bounds it.
+const GENE_FILTER_READ_AHEAD: usize = 256 << 20;
+/// Bytes requested at once by the binning pass, bound by the cores: enough to keep them fed,
+/// few enough that the shard writes are not queued behind a long line of reads.
+const BINNING_READ_AHEAD: usize = 48 << 20;
+
+/// Row blocks being binned at once.
+const BLOCKS_BINNING: usize = 2;
+
+/// Values summed by one task of the gene-filter pass.
+const SUM_PIECE: usize = 1 << 19;
 
 /// Cells handed to one rayon task: enough to amortise scheduling, small enough to balance.
 const CHUNK_CELLS: usize = 128;

@@ -184,10 +184,13 @@ fn a_killed_run_resumes_to_identical_shards() {
     assert!(!crashed.status.success(), "the run was killed");
     assert!(!killed.join("manifest.json").exists(), "no manifest before the run finishes");
     let visible: Vec<String> = std::fs::read_dir(&killed).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    let shards = visible.iter().filter(|n| n.ends_with(".parquet")).count();
+    // Shards being written or finished when the run died are hidden temp files.
+    let shards = visible.iter().filter(|n| n.ends_with(".parquet") && !n.starts_with('.')).count();
     assert_eq!(shards, 3, "exactly the finished shards are visible: {visible:?}");
     let rerun = ok(prep(&args(&killed).iter().map(String::as_str).collect::<Vec<_>>()));
     assert!(rerun.contains("1 file(s) processed"), "{rerun}");
+    let left: Vec<String> = std::fs::read_dir(&killed).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(left.iter().all(|n| !n.starts_with(".tmp-")), "the rerun removes the dead run's temp files: {left:?}");
     assert_eq!(shard_digests(&full), shard_digests(&killed));
     let again = ok(prep(&args(&killed).iter().map(String::as_str).collect::<Vec<_>>()));
     assert!(again.contains("0 file(s) processed, 1 already done"), "finished files are skipped: {again}");

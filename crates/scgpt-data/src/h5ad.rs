@@ -84,6 +84,9 @@ pub struct H5adReader {
     direct: Option<(DirectDataset, DirectDataset)>,
 }
 
+/// Reader threads of [`H5adReader::stream_rows`], at most.
+const MAX_READ_AHEAD: usize = 16;
+
 const HDF5_MAGIC: &[u8; 8] = b"\x89HDF\r\n\x1a\n";
 
 fn is_hdf5(path: &Path) -> std::io::Result<bool> {
@@ -382,6 +385,69 @@ impl H5adReader {
                 })
             }
         }
+    }
+
+    /// Rows `start..end` in blocks of `block_rows`, handed to `sink` in order until it returns
+    /// false or a read fails (the error is handed over, then reading stops). Directly read CSR
+    /// files have several blocks in flight, about `in_flight_bytes` in all: this project's
+    /// disk, like most network storage, delivers in proportion to the bytes requested at once
+    /// (`dd iflag=direct`: 0.9 GB/s with 64 MB in flight, 1.6–2.4 GB/s with 256 MB).
+    pub fn stream_rows(&mut self, start: usize, end: usize, block_rows: usize, in_flight_bytes: usize, mut sink: impl FnMut(Result<RowBlock>) -> bool) {
+        let (end, block_rows) = (end.min(self.n_obs), block_rows.max(1));
+        let blocks: Vec<(usize, usize)> = (start..end).step_by(block_rows).map(|a| (a, (a + block_rows).min(end))).collect();
+        let depth = self.read_ahead_depth(block_rows, in_flight_bytes);
+        if depth <= 1 {
+            for &(a, b) in &blocks {
+                let r = self.read_rows(a, b);
+                let failed = r.is_err();
+                if !sink(r) || failed {
+                    return;
+                }
+            }
+            return;
+        }
+        let this = &*self;
+        std::thread::scope(|s| {
+            // Worker w reads blocks w, w + depth, ...; each hands its block over before reading
+            // the next (rendezvous channels), so at most `depth` blocks are held besides the
+            // sink's, and the blocks come out in order.
+            let receivers: Vec<_> = (0..depth)
+                .map(|w| {
+                    let (tx, rx) = crossbeam_channel::bounded::<Result<RowBlock>>(0);
+                    let mine: Vec<(usize, usize)> = blocks.iter().copied().skip(w).step_by(depth).collect();
+                    let read = move || {
+                        for (a, b) in mine {
+                            let r = this.read_csr_rows(a, b);
+                            let failed = r.is_err();
+                            if tx.send(r).is_err() || failed {
+                                return;
+                            }
+                        }
+                    };
+                    std::thread::Builder::new().name(format!("h5-read-{w}")).spawn_scoped(s, read).expect("spawning a reader thread");
+                    rx
+                })
+                .collect();
+            for k in 0..blocks.len() {
+                let r = receivers[k % depth].recv().expect("a reader stops only after an error or its last block");
+                let failed = r.is_err();
+                if !sink(r) || failed {
+                    break; // dropping the receivers ends the workers at their next send
+                }
+            }
+            drop(receivers);
+        });
+    }
+
+    /// Blocks read at once by [`Self::stream_rows`]: 1 unless CSR is read directly (HDF5
+    /// serialises its own reads, and dense or CSC input is not read this way).
+    fn read_ahead_depth(&self, block_rows: usize, in_flight_bytes: usize) -> usize {
+        if self.layout != Layout::Csr || self.direct.is_none() || self.n_obs == 0 {
+            return 1;
+        }
+        let nnz = self.direct.as_ref().map_or(0, |(d, _)| d.len());
+        let block_bytes = (nnz as f64 / self.n_obs as f64 * block_rows as f64 * 8.0).max(1.0);
+        ((in_flight_bytes as f64 / block_bytes) as usize).clamp(1, MAX_READ_AHEAD)
     }
 
     fn sparse_parts(&self) -> Result<(Dataset, Dataset, Dataset)> {
@@ -841,6 +907,66 @@ mod tests {
         assert_eq!(b.row(1), (&[2u32][..], &[7.0f32][..]));
         let err = r.var_names(Some("gene_symbols")).unwrap_err().to_string();
         assert!(err.contains("gene_symbols") && err.contains("feature_name"), "{err}");
+    }
+
+    /// A CSR file of `n` rows over 50 genes, row i holding i % 9 genes; `bad_row` gets a column
+    /// index past the genes.
+    fn rows_file(dir: &Path, n: usize, bad_row: Option<usize>) -> PathBuf {
+        let p = dir.join(format!("rows{n}-{bad_row:?}.h5ad"));
+        let mut w = H5adWriter::create(&p, 50).unwrap();
+        let (mut indptr, mut indices, mut data) = (vec![0usize], vec![], vec![]);
+        for i in 0..n {
+            for k in 0..i % 9 {
+                indices.push(if Some(i) == bad_row { 99 } else { ((i * 7 + k * 5) % 50) as u32 });
+                data.push((i * 10 + k) as f32);
+            }
+            indptr.push(indices.len());
+        }
+        w.append_rows(&indptr, &indices, &data).unwrap();
+        let obs = Frame { index: (0..n).map(|i| format!("c{i}")).collect(), columns: vec![] };
+        let var = Frame { index: (0..50).map(|g| format!("G{g}")).collect(), columns: vec![] };
+        w.finish(&obs, &var).unwrap();
+        p
+    }
+
+    #[test]
+    fn streamed_blocks_arrive_in_order_with_many_in_flight_and_errors_end_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = H5adReader::open(&rows_file(dir.path(), 1000, None), MatrixChoice::X).unwrap();
+        let whole = r.read_rows(0, 1000).unwrap();
+        assert!(r.read_ahead_depth(37, 1 << 30) > 1 && r.read_ahead_depth(37, 1) == 1, "the test covers both paths");
+        for in_flight in [1, 1 << 30] {
+            let mut starts = vec![];
+            let (mut cols, mut vals) = (vec![], vec![]);
+            r.stream_rows(5, 1000, 37, in_flight, |b| {
+                let b = b.unwrap();
+                starts.push(b.start);
+                for i in 0..b.n_rows() {
+                    let (c, v) = b.row(i);
+                    cols.extend_from_slice(c);
+                    vals.extend_from_slice(v);
+                }
+                true
+            });
+            assert_eq!(starts, (5..1000).step_by(37).collect::<Vec<_>>(), "in order, in_flight {in_flight}");
+            let a = whole.indptr[5];
+            assert_eq!((&cols[..], &vals[..]), (&whole.indices[a..], &whole.data[a..]));
+            let mut seen = 0;
+            r.stream_rows(0, 1000, 10, in_flight, |_| {
+                seen += 1;
+                seen < 3
+            });
+            assert_eq!(seen, 3, "a sink that stops ends the stream");
+        }
+        let mut r = H5adReader::open(&rows_file(dir.path(), 1000, Some(601)), MatrixChoice::X).unwrap();
+        let mut got = vec![];
+        r.stream_rows(0, 1000, 50, 1 << 30, |b| {
+            got.push(b.map(|b| b.start).map_err(|e| e.to_string()));
+            true
+        });
+        let last = got.pop().unwrap().unwrap_err();
+        assert!(last.contains("indices") && last.contains("99"), "{last}");
+        assert_eq!(got, (0..600).step_by(50).map(Ok).collect::<Vec<_>>(), "the blocks before the bad one, then its error");
     }
 
     #[test]

@@ -21,9 +21,9 @@ mod sealed {
 
 /// Buffers smaller than this (in words) are simply freed.
 const POOLED_MIN_WORDS: usize = 1 << 18;
-/// Enough for the blocks in flight of two files at once; the pool never holds more memory than
-/// was in use at the peak.
-const POOL_MAX: usize = 16;
+/// Enough for the gene-filter pass's blocks in flight (two arrays of up to 19 blocks); the pool
+/// never holds more memory than was in use at the peak.
+const POOL_MAX: usize = 40;
 
 /// Large buffers waiting for reuse.
 struct Pool(Mutex<Vec<Vec<u32>>>);
