@@ -205,7 +205,7 @@ impl Prep {
         // and reports its error when processed.
         let total: u64 = inputs
             .iter()
-            .map(|(p, _)| H5adReader::open(p, matrix_choice(&self.cfg)).map(|r| r.n_obs() as u64).unwrap_or(0))
+            .map(|(p, _)| H5adReader::count_cells(p, matrix_choice(&self.cfg)).map(|n| n as u64).unwrap_or(0))
             .sum();
         let bar = progress_bar(total, self.cfg.run.progress);
         let processed = AtomicU64::new(0);
