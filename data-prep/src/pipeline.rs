@@ -1,7 +1,7 @@
 //! The sharding pipeline: h5ad files in, binned Parquet shards plus a manifest out.
 //!
 //! Per file: match genes to the vocabulary, evaluate obs filters, count genes (the per-file gene
-//! filter; the same pass validates every value), then stream row blocks from a reader thread
+//! filter; the same pass validates every value), then stream row blocks from reader threads
 //! while rayon bins cells, cutting shards of `shard_cells` kept cells. Every cell draws its
 //! tie-breaking from its own RNG stream keyed by (seed, file, row), so the output does not depend
 //! on threads, block size, or where a resumed run picked up.
