@@ -500,7 +500,8 @@ impl Prep {
         }
         // The original filters on all cells of the partition, before any obs filter.
         let threshold = per_10k / 10_000.0 * reader.n_obs() as f64;
-        let mut totals = vec![0f64; reader.n_vars()];
+        let n_vars = reader.n_vars();
+        let mut partials: Vec<Vec<f64>> = Vec::new();
         let n = reader.n_obs();
         // This pass only reads and sums, so it is bound by the disk, which delivers in
         // proportion to the bytes in flight: many blocks are requested at once.
@@ -512,24 +513,27 @@ impl Prep {
             scope.spawn(move || reader.stream_rows(0, n, block_cells, GENE_FILTER_READ_AHEAD, |b| tx.send(b).is_ok()));
             for b in rx {
                 let b = b?;
-                // Summed on all cores (one thread could not keep up with the disk), in fixed
-                // pieces added in order, so the totals are the same on every run. Bad values
+                // Summed on all cores (one thread could not keep up with the disk): piece i of
+                // every block adds into partial sum i, kept across blocks, and the partials are
+                // added in order at the end, so the totals are the same on every run. Bad values
                 // are refused here even in genes the filter drops: one branch-free check per
                 // piece; only a block with a bad value is walked to name it.
-                let n_vars = totals.len();
-                let pieces: Vec<(Vec<f64>, u32)> = b
-                    .indices
-                    .par_chunks(SUM_PIECE)
-                    .zip(b.data.par_chunks(SUM_PIECE))
-                    .map(|(cols, vals)| {
-                        let mut t = vec![0f64; n_vars];
+                let pieces = b.data.len().div_ceil(SUM_PIECE);
+                if partials.len() < pieces {
+                    partials.resize_with(pieces, || vec![0f64; n_vars]);
+                }
+                let worst = partials[..pieces]
+                    .par_iter_mut()
+                    .zip(b.indices.par_chunks(SUM_PIECE).zip(b.data.par_chunks(SUM_PIECE)))
+                    .map(|(t, (cols, vals))| {
                         for (&c, &v) in cols.iter().zip(vals) {
                             t[c as usize] += v as f64;
                         }
-                        (t, vals.iter().map(|v| nonnegative_finite_key(*v)).max().unwrap_or(0))
+                        vals.iter().map(|v| nonnegative_finite_key(*v)).max().unwrap_or(0)
                     })
-                    .collect();
-                if pieces.iter().any(|p| p.1 >= POSITIVE_INFINITY_BITS) {
+                    .max()
+                    .unwrap_or(0);
+                if worst >= POSITIVE_INFINITY_BITS {
                     for i in 0..b.n_rows() {
                         let (cols, vals) = b.row(i);
                         if let Some((&c, &v)) = cols.iter().zip(vals).find(|(_, v)| !(**v >= 0.0 && v.is_finite())) {
@@ -538,14 +542,15 @@ impl Prep {
                         }
                     }
                 }
-                for (t, _) in pieces {
-                    totals.iter_mut().zip(t).for_each(|(a, b)| *a += b);
-                }
             }
             Ok(())
         })?;
         // The binning pass holds fewer blocks at once: give the spare buffers back.
         scgpt_data::words::clear_pool();
+        let mut totals = vec![0f64; n_vars];
+        for t in &partials {
+            totals.iter_mut().zip(t).for_each(|(a, b)| *a += b);
+        }
         Ok(gm.ids.iter().zip(&totals).map(|(id, &t)| if t >= threshold && t > 0.0 { *id } else { None }).collect())
     }
 
@@ -640,7 +645,7 @@ const BINNING_READ_AHEAD: usize = 48 << 20;
 /// Row blocks being binned at once.
 const BLOCKS_BINNING: usize = 2;
 
-/// Values summed by one task of the gene-filter pass.
+/// Values summed by one task of the gene-filter pass (one partial sum per piece of a block).
 const SUM_PIECE: usize = 1 << 19;
 
 /// Cells handed to one rayon task: enough to amortise scheduling, small enough to balance.
