@@ -355,22 +355,28 @@ impl RunWriter {
 }
 
 /// Dictionary indices of a data page: one byte of bit width, then a single bit-packed run.
-fn dictionary_indices(indices: impl Iterator<Item = u32>, n: usize, width: u8, buf: &mut Vec<u8>) {
+fn dictionary_indices(mut indices: impl Iterator<Item = u32>, n: usize, width: u8, buf: &mut Vec<u8>) {
     buf.push(width);
     if n == 0 {
         return;
     }
     let groups = n.div_ceil(8);
     uleb128(((groups as u64) << 1) | 1, buf);
-    let mut bits = Bits::with_capacity(groups * 8 * width as usize);
-    for v in indices {
-        bits.put(v as u64, width);
+    buf.reserve(groups * width as usize + PACK_SLACK);
+    // Staged a stretch at a time, so the packer sees whole groups of 8 in a slice.
+    let mut stage = [0u32; 1024];
+    let mut left = n;
+    while left > 0 {
+        let take = left.min(stage.len());
+        for (slot, v) in stage[..take].iter_mut().zip(indices.by_ref()) {
+            *slot = v;
+        }
+        // The run is whole groups of 8 values: the last one is padded with zeros.
+        let padded = take.div_ceil(8) * 8;
+        stage[take..padded].fill(0);
+        pack(&stage[..padded], width, buf);
+        left -= take;
     }
-    // The run is whole groups of 8 values: zero padding.
-    for _ in n..groups * 8 {
-        bits.put(0, width);
-    }
-    bits.append_to(buf);
 }
 
 /// `DELTA_BINARY_PACKED` with blocks of 128 values in 4 miniblocks of 32, deltas in wrapping
@@ -382,11 +388,10 @@ fn delta_binary_packed(values: &[i32], buf: &mut Vec<u8>) {
     uleb128((BLOCK / MINI) as u64, buf);
     uleb128(values.len() as u64, buf);
     uleb128(zigzag(values.first().copied().unwrap_or(0) as i64), buf);
-    // Miniblocks are 32 values, so every block starts on a byte: its header bytes go into the
-    // same bit stream as 8-bit values.
-    let mut bits = Bits::with_capacity(values.len() * 12 + 64);
-    let mut header = Vec::with_capacity(16);
+    // A reservation, not a limit: gene-id deltas (vocabularies below 2^16) fit in 2 bytes.
+    buf.reserve(values.len() * 2 + PACK_SLACK);
     let mut deltas = [0i32; BLOCK];
+    let mut packed = [0u32; BLOCK];
     let mut prev = values.first().copied().unwrap_or(0);
     for block in values.get(1..).unwrap_or(&[]).chunks(BLOCK) {
         let mut min = i32::MAX;
@@ -397,56 +402,65 @@ fn delta_binary_packed(values: &[i32], buf: &mut Vec<u8>) {
         }
         // The last block is padded with deltas equal to min (they pack to zero bits).
         deltas[block.len()..].fill(min);
+        for (p, &d) in packed.iter_mut().zip(&deltas) {
+            *p = d.wrapping_sub(min) as u32;
+        }
         let mut widths = [0u8; BLOCK / MINI];
         let minis = block.len().div_ceil(MINI);
         for (m, w) in widths.iter_mut().enumerate().take(minis) {
-            let max = deltas[m * MINI..(m + 1) * MINI].iter().fold(0u32, |a, &d| a.max(d.wrapping_sub(min) as u32));
-            *w = bit_width(max as u64);
+            *w = bit_width(packed[m * MINI..(m + 1) * MINI].iter().fold(0, |a, &p| a | p) as u64);
         }
-        header.clear();
-        uleb128(zigzag(min as i64), &mut header);
-        header.extend_from_slice(&widths);
-        for &b in &header {
-            bits.put(b as u64, 8);
-        }
+        // Miniblocks are 32 values, so the block header and every miniblock start on a byte.
+        uleb128(zigzag(min as i64), buf);
+        buf.extend_from_slice(&widths);
         for (m, &w) in widths.iter().enumerate().take(minis) {
-            for &d in &deltas[m * MINI..(m + 1) * MINI] {
-                bits.put(d.wrapping_sub(min) as u32 as u64, w);
+            pack(&packed[m * MINI..(m + 1) * MINI], w, buf);
+        }
+    }
+}
+
+/// Spare bytes the packer may write past its output (whole 32-byte words, then truncated).
+const PACK_SLACK: usize = 32;
+
+/// Appends `values` (each below 2^width, width <= 32, a multiple of 8 of them) bit-packed least
+/// significant bit first, Parquet's layout: exactly `values.len() / 8 * width` bytes.
+fn pack(values: &[u32], width: u8, out: &mut Vec<u8>) {
+    debug_assert!(values.len() % 8 == 0 && width <= 32);
+    macro_rules! widths {
+        ($($w:literal)*) => {
+            match width {
+                0 => {}
+                $($w => pack_width::<$w>(values, out),)*
+                _ => unreachable!("bit width {width} above 32"),
+            }
+        };
+    }
+    widths!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32);
+}
+
+/// [`pack`] at a width known at compile time: each group of 8 values is W bytes whose bit
+/// positions are constants, so a group is a few shifts and ors with no data-dependent
+/// branches (a running bit count made every value wait on the one before).
+fn pack_width<const W: usize>(values: &[u32], out: &mut Vec<u8>) {
+    let start = out.len();
+    let len = values.len() / 8 * W;
+    out.resize(start + len + PACK_SLACK, 0);
+    let dst = &mut out[start..];
+    for (g, group) in values.chunks_exact(8).enumerate() {
+        let mut words = [0u64; 4];
+        for (i, &v) in group.iter().enumerate() {
+            let (word, shift) = (i * W / 64, i * W % 64);
+            words[word] |= (v as u64) << shift;
+            if shift + W > 64 {
+                words[word + 1] |= (v as u64) >> (64 - shift);
             }
         }
-    }
-    bits.append_to(buf);
-}
-
-/// A little-endian bit stream (least significant bit first, Parquet's bit-packed layout),
-/// flushed 32 bits at a time from a 64-bit accumulator.
-struct Bits {
-    out: Vec<u8>,
-    acc: u64,
-    bits: u32,
-}
-
-impl Bits {
-    fn with_capacity(bits: usize) -> Self {
-        Bits { out: Vec::with_capacity(bits / 8 + 8), acc: 0, bits: 0 }
-    }
-
-    /// Appends the low `width` bits of `v` (`v` < 2^width, width <= 32).
-    #[inline]
-    fn put(&mut self, v: u64, width: u8) {
-        self.acc |= v << self.bits;
-        self.bits += width as u32;
-        if self.bits >= 32 {
-            self.out.extend_from_slice(&(self.acc as u32).to_le_bytes());
-            self.acc >>= 32;
-            self.bits -= 32;
+        let at = g * W;
+        for (k, w) in words.iter().enumerate().take(W.div_ceil(8)) {
+            dst[at + 8 * k..at + 8 * k + 8].copy_from_slice(&w.to_le_bytes());
         }
     }
-
-    fn append_to(self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.out);
-        out.extend_from_slice(&self.acc.to_le_bytes()[..(self.bits as usize).div_ceil(8)]);
-    }
+    out.truncate(start + len);
 }
 
 fn bit_width(max: u64) -> u8 {
@@ -476,26 +490,18 @@ mod tests {
     #[test]
     fn bit_packing_matches_the_format_examples() {
         // Parquet's Encodings.md: 0..=7 at width 3 packs to 10001000 11000110 11111010.
-        let mut bits = Bits::with_capacity(0);
-        for v in 0..8 {
-            bits.put(v, 3);
-        }
-        let mut out = Vec::new();
-        bits.append_to(&mut out);
-        assert_eq!(out, vec![0b1000_1000, 0b1100_0110, 0b1111_1010]);
+        let mut out = vec![0xAA];
+        pack(&[0, 1, 2, 3, 4, 5, 6, 7], 3, &mut out);
+        assert_eq!(out, vec![0xAA, 0b1000_1000, 0b1100_0110, 0b1111_1010]);
         // Every width, values crossing word boundaries, read back by a plain bit reader.
         for w in 0..=32u8 {
-            let vals: Vec<u64> = (0..100u64).map(|i| (i * 2_654_435_761) & ((1u64 << w) - 1)).collect();
-            let mut bits = Bits::with_capacity(0);
-            for &v in &vals {
-                bits.put(v, w);
-            }
-            let mut out = Vec::new();
-            bits.append_to(&mut out);
-            assert_eq!(out.len(), (100 * w as usize).div_ceil(8));
-            let bit = |k: usize| (out[k / 8] >> (k % 8)) & 1;
+            let vals: Vec<u32> = (0..104u64).map(|i| ((i * 2_654_435_761) & ((1u64 << w) - 1)) as u32).collect();
+            let mut out = vec![7u8];
+            pack(&vals, w, &mut out);
+            assert_eq!(out.len(), 1 + 104 * w as usize / 8);
+            let bit = |k: usize| (out[1 + k / 8] >> (k % 8)) & 1;
             for (i, &v) in vals.iter().enumerate() {
-                let back = (0..w as usize).fold(0u64, |acc, b| acc | (bit(i * w as usize + b) as u64) << b);
+                let back = (0..w as usize).fold(0u32, |acc, b| acc | (bit(i * w as usize + b) as u32) << b);
                 assert_eq!(back, v, "width {w}, value {i}");
             }
         }
