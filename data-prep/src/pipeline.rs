@@ -12,7 +12,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use anyhow::{bail, Context};
@@ -500,57 +501,19 @@ impl Prep {
         }
         // The original filters on all cells of the partition, before any obs filter.
         let threshold = per_10k / 10_000.0 * reader.n_obs() as f64;
-        let n_vars = reader.n_vars();
-        let mut partials: Vec<Vec<f64>> = Vec::new();
         let n = reader.n_obs();
         // This pass only reads and sums, so it is bound by the disk, which delivers in
         // proportion to the bytes in flight: many blocks are requested at once.
         let block_cells = self.cfg.run.block_cells;
         let path = reader.path().to_path_buf();
-        // Reading (several blocks in flight) overlaps with summing the previous block.
-        std::thread::scope(|scope| -> anyhow::Result<()> {
+        let sums = GeneSums { n_vars: reader.n_vars(), failed_block: AtomicUsize::new(usize::MAX), path: &path, names, cell_ids };
+        let totals = std::thread::scope(|scope| {
             let (tx, rx) = crossbeam_channel::bounded::<Result<RowBlock, scgpt_data::h5ad::H5adError>>(1);
             scope.spawn(move || reader.stream_rows(0, n, block_cells, GENE_FILTER_READ_AHEAD, |b| tx.send(b).is_ok()));
-            for b in rx {
-                let b = b?;
-                // Summed on all cores (one thread could not keep up with the disk): piece i of
-                // every block adds into partial sum i, kept across blocks, and the partials are
-                // added in order at the end, so the totals are the same on every run. Bad values
-                // are refused here even in genes the filter drops: one branch-free check per
-                // piece; only a block with a bad value is walked to name it.
-                let pieces = b.data.len().div_ceil(SUM_PIECE);
-                if partials.len() < pieces {
-                    partials.resize_with(pieces, || vec![0f64; n_vars]);
-                }
-                let worst = partials[..pieces]
-                    .par_iter_mut()
-                    .zip(b.indices.par_chunks(SUM_PIECE).zip(b.data.par_chunks(SUM_PIECE)))
-                    .map(|(t, (cols, vals))| {
-                        for (&c, &v) in cols.iter().zip(vals) {
-                            t[c as usize] += v as f64;
-                        }
-                        vals.iter().map(|v| nonnegative_finite_key(*v)).max().unwrap_or(0)
-                    })
-                    .max()
-                    .unwrap_or(0);
-                if worst >= POSITIVE_INFINITY_BITS {
-                    for i in 0..b.n_rows() {
-                        let (cols, vals) = b.row(i);
-                        if let Some((&c, &v)) = cols.iter().zip(vals).find(|(_, v)| !(**v >= 0.0 && v.is_finite())) {
-                            let why = clean_value(v, true).expect_err("non-finite or negative");
-                            return Err(value_error(&path, &reader_path_hint(cell_ids, b.start + i), &names[c as usize], v, why));
-                        }
-                    }
-                }
-            }
-            Ok(())
+            sums.totals(rx.into_iter().map(|b| b.map_err(anyhow::Error::from)))
         })?;
         // The binning pass holds fewer blocks at once: give the spare buffers back.
         scgpt_data::words::clear_pool();
-        let mut totals = vec![0f64; n_vars];
-        for t in &partials {
-            totals.iter_mut().zip(t).for_each(|(a, b)| *a += b);
-        }
         Ok(gm.ids.iter().zip(&totals).map(|(id, &t)| if t >= threshold && t > 0.0 { *id } else { None }).collect())
     }
 
@@ -645,8 +608,119 @@ const BINNING_READ_AHEAD: usize = 48 << 20;
 /// Row blocks being binned at once.
 const BLOCKS_BINNING: usize = 2;
 
-/// Values summed by one task of the gene-filter pass (one partial sum per piece of a block).
-const SUM_PIECE: usize = 1 << 19;
+/// Threads summing gene totals. A fixed number, not one per core: summing one value is a
+/// nanosecond, so two lanes outrun any disk, and a fixed split keeps float totals (non-integer
+/// input) the same on every machine.
+const SUM_LANES: usize = 2;
+
+/// Values in one piece of the gene-filter pass: piece k of the file (counted over all its
+/// values, whatever the blocks) is summed by lane k mod [`SUM_LANES`].
+const SUM_PIECE: usize = 1 << 16;
+
+/// The gene-filter pass: totals per input column, summed by lanes that each keep one table
+/// (hot in their core's cache) over the whole file, and the check of every value.
+struct GeneSums<'a> {
+    n_vars: usize,
+    /// The first block in which a lane found a bad value; later blocks need not be read.
+    failed_block: AtomicUsize,
+    path: &'a Path,
+    names: &'a [String],
+    cell_ids: &'a [String],
+}
+
+/// A bad value: its block, its position in the block's values, and the error naming it.
+type BadValue = (usize, usize, anyhow::Error);
+
+impl GeneSums<'_> {
+    /// Totals per input column over `blocks` (a file's rows in order), or the first bad value
+    /// in file order.
+    fn totals(&self, blocks: impl Iterator<Item = anyhow::Result<RowBlock>>) -> anyhow::Result<Vec<f64>> {
+        std::thread::scope(|scope| {
+            let mut to_lanes = Vec::new();
+            let mut lanes = Vec::new();
+            for lane in 0..SUM_LANES {
+                let (tx, rx) = crossbeam_channel::bounded::<(usize, usize, Arc<RowBlock>)>(2);
+                to_lanes.push(tx);
+                lanes.push(std::thread::Builder::new().name(format!("gene-sum-{lane}")).spawn_scoped(scope, move || self.lane(lane, rx))?);
+            }
+            let mut first_value = 0;
+            let mut read_error = None;
+            for (index, b) in blocks.enumerate() {
+                if index > self.failed_block.load(Ordering::Relaxed) {
+                    break; // a bad value was found in an earlier block
+                }
+                let b = match b {
+                    Ok(b) => Arc::new(b),
+                    Err(e) => {
+                        read_error = Some(e);
+                        break;
+                    }
+                };
+                let values = b.data.len();
+                for tx in &to_lanes {
+                    let _ = tx.send((index, first_value, b.clone()));
+                }
+                first_value += values;
+            }
+            drop(to_lanes);
+            let mut totals = vec![0f64; self.n_vars];
+            let mut first_bad: Option<BadValue> = None;
+            // Lanes are added in a fixed order, so the totals are the same on every run.
+            for lane in lanes {
+                match lane.join().map_err(|_| anyhow::anyhow!("gene-sum thread panicked"))? {
+                    Ok(t) => totals.iter_mut().zip(&t).for_each(|(a, b)| *a += b),
+                    Err(e) if first_bad.as_ref().is_none_or(|f| (e.0, e.1) < (f.0, f.1)) => first_bad = Some(e),
+                    Err(_) => {}
+                }
+            }
+            // A bad value comes before a read error in a later block.
+            match (first_bad, read_error) {
+                (Some((_, _, e)), _) | (None, Some(e)) => Err(e),
+                (None, None) => Ok(totals),
+            }
+        })
+    }
+
+    /// Sums this lane's pieces of every block (block index, file position of its first value,
+    /// block) until the channel closes, or until the first bad value in its pieces.
+    fn lane(&self, lane: usize, blocks: crossbeam_channel::Receiver<(usize, usize, Arc<RowBlock>)>) -> Result<Vec<f64>, BadValue> {
+        let mut totals = vec![0f64; self.n_vars];
+        for (index, first_value, b) in blocks {
+            if index > self.failed_block.load(Ordering::Relaxed) {
+                continue; // drain: a bad value in an earlier block ends the pass
+            }
+            let end = first_value + b.data.len();
+            let mut piece = first_value / SUM_PIECE;
+            piece += (lane + SUM_LANES - piece % SUM_LANES) % SUM_LANES;
+            while piece * SUM_PIECE < end {
+                let range = (piece * SUM_PIECE).max(first_value) - first_value..((piece + 1) * SUM_PIECE).min(end) - first_value;
+                let (cols, vals) = (&b.indices[range.clone()], &b.data[range.clone()]);
+                // A slice, not the Vec: through the Vec its data pointer was reloaded per value.
+                // (Indices were checked against n_vars by the reader.)
+                let t = totals.as_mut_slice();
+                for (&c, &v) in cols.iter().zip(vals) {
+                    t[c as usize] += v as f64;
+                }
+                // Bad values are refused here even in genes the filter drops: one branch-free
+                // check per piece; only a piece with a bad value is walked to name it.
+                if vals.iter().map(|v| nonnegative_finite_key(*v)).max().unwrap_or(0) >= POSITIVE_INFINITY_BITS {
+                    let at = range.start + vals.iter().position(|v| !(*v >= 0.0 && v.is_finite())).expect("a bad value");
+                    self.failed_block.fetch_min(index, Ordering::Relaxed);
+                    return Err((index, at, self.bad_value(&b, at)));
+                }
+                piece += SUM_LANES;
+            }
+        }
+        Ok(totals)
+    }
+
+    fn bad_value(&self, b: &RowBlock, at: usize) -> anyhow::Error {
+        let row = b.start + b.indptr.partition_point(|&p| p <= at) - 1;
+        let (c, v) = (b.indices[at] as usize, b.data[at]);
+        let why = clean_value(v, true).expect_err("non-finite or negative");
+        value_error(self.path, &reader_path_hint(self.cell_ids, row), &self.names[c], v, why)
+    }
+}
 
 /// Cells handed to one rayon task: enough to amortise scheduling, small enough to balance.
 const CHUNK_CELLS: usize = 128;
@@ -875,6 +949,61 @@ mod tests {
             let ok = v >= 0.0 && v.is_finite();
             assert_eq!(nonnegative_finite_key(v) < POSITIVE_INFINITY_BITS, ok, "{v:e} ({:#x})", v.to_bits());
         }
+    }
+
+    /// Rows of `per_row` values over `n_vars` columns, cut into blocks of the given sizes.
+    fn blocks_of(values: &[f32], per_row: usize, n_vars: usize, block_rows: &[usize]) -> Vec<anyhow::Result<RowBlock>> {
+        let rows = values.len() / per_row;
+        let mut out = Vec::new();
+        let mut start = 0;
+        for &n in block_rows.iter().cycle() {
+            if start >= rows {
+                break;
+            }
+            let end = (start + n).min(rows);
+            let (a, b) = (start * per_row, end * per_row);
+            let indices: Vec<u32> = (a..b).map(|k| ((k % per_row) * 7 % n_vars) as u32).collect();
+            let indptr = (0..=end - start).map(|r| r * per_row).collect();
+            out.push(Ok(RowBlock { start, indptr, indices: indices.into(), data: values[a..b].to_vec().into() }));
+            start = end;
+        }
+        out
+    }
+
+    #[test]
+    fn gene_sums_are_exact_independent_of_blocks_and_name_the_first_bad_value() {
+        let (per_row, n_vars) = (100, 53);
+        let names: Vec<String> = (0..n_vars).map(|g| format!("g{g}")).collect();
+        let cell_ids: Vec<String> = (0..3000).map(|c| format!("c{c}")).collect();
+        let path = Path::new("x.h5ad");
+        let sums = || GeneSums { n_vars, failed_block: AtomicUsize::new(usize::MAX), path, names: &names, cell_ids: &cell_ids };
+        // 300,000 values: pieces of both lanes in every block layout below.
+        let counts: Vec<f32> = (0..300_000u32).map(|k| (k.wrapping_mul(2_654_435_761) >> 28) as f32).collect();
+        let mut naive = vec![0f64; n_vars];
+        for (k, &v) in counts.iter().enumerate() {
+            naive[(k % per_row) * 7 % n_vars] += v as f64;
+        }
+        for layout in [&[3000][..], &[1, 999, 7, 650], &[1000, 0, 1000]] {
+            let blocks = blocks_of(&counts, per_row, n_vars, layout).into_iter();
+            assert_eq!(sums().totals(blocks).unwrap(), naive, "integer counts sum exactly, layout {layout:?}");
+        }
+        // Float values: the lanes' order does not follow the blocks, so totals agree to the bit.
+        let floats: Vec<f32> = counts.iter().map(|v| v * 0.37 + 1e-3).collect();
+        let a = sums().totals(blocks_of(&floats, per_row, n_vars, &[3000]).into_iter()).unwrap();
+        let b = sums().totals(blocks_of(&floats, per_row, n_vars, &[13, 1000, 1]).into_iter()).unwrap();
+        assert_eq!(a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), b.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        // A NaN in lane 1's piece (value 70,000: row 700) comes before a negative value in lane
+        // 0's (value 150,000): the NaN is reported, whichever lane finishes first.
+        let mut bad = counts.clone();
+        bad[70_000] = f32::NAN;
+        bad[150_000] = -2.0;
+        for layout in [&[3000][..], &[500], &[1]] {
+            let e = sums().totals(blocks_of(&bad, per_row, n_vars, layout).into_iter()).unwrap_err().to_string();
+            assert!(e.contains("x.h5ad") && e.contains("row 700 (cell `c700`)") && e.contains("not a finite number"), "{layout:?}: {e}");
+        }
+        bad[70_000] = 1.0;
+        let e = sums().totals(blocks_of(&bad, per_row, n_vars, &[500]).into_iter()).unwrap_err().to_string();
+        assert!(e.contains("row 1500 (cell `c1500`)") && e.contains("negative"), "{e}");
     }
 
     #[test]
