@@ -79,10 +79,11 @@ impl DirectDataset {
                 return None;
             }
             let n = len.div_ceil(chunk);
-            let mut offsets = Vec::with_capacity(n);
-            for k in 0..n {
-                offsets.push(chunk_address(ds, (k * chunk) as u64, chunk)?);
-            }
+            let offsets = match walked_chunk_offsets(&file, ds, n, chunk) {
+                Some(offsets) => offsets,
+                // Another chunk index: one HDF5 lookup per chunk (quadratic in HDF5 1.10).
+                None => (0..n).map(|k| chunk_address(ds, (k * chunk) as u64, chunk)).collect::<Option<Vec<u64>>>()?,
+            };
             (chunk, offsets)
         };
         // Every byte must be inside the file (a truncated file falls back to HDF5's errors).
@@ -234,6 +235,27 @@ fn from_le(mut w: OffsetVec<u32>) -> OffsetVec<u32> {
 }
 
 /// The file address of the chunk starting at element `start`, if it is allocated and whole.
+/// The offsets of the `n` chunks of `chunk` elements, from one walk of the chunk index
+/// ([`crate::h5_chunks`]), if it is one the walker reads and every chunk is stored whole and
+/// unfiltered. The first and last are checked against HDF5's own lookup.
+fn walked_chunk_offsets(file: &File, ds: &Dataset, n: usize, chunk: usize) -> Option<Vec<u64>> {
+    let mut info = hdf5_sys::h5o::H5O_info1_t::default();
+    #[allow(deprecated)] // H5Oget_info1 is the call every supported HDF5 version has
+    let status = hdf5::sync::sync(|| unsafe { hdf5_sys::h5o::H5Oget_info1(ds.id(), &mut info) });
+    if status < 0 {
+        return None;
+    }
+    let entries = crate::h5_chunks::chunk_entries(file, info.addr)?;
+    let whole = entries.len() == n
+        && entries.iter().enumerate().all(|(k, e)| e.start == (k * chunk) as u64 && e.size as usize == chunk * ELEM_BYTES && e.filter_mask == 0);
+    if !whole || n == 0 {
+        return None;
+    }
+    let offsets: Vec<u64> = entries.iter().map(|e| e.addr).collect();
+    let agrees = |k: usize| chunk_address(ds, (k * chunk) as u64, chunk) == Some(offsets[k]);
+    (agrees(0) && agrees(n - 1)).then_some(offsets)
+}
+
 fn chunk_address(ds: &Dataset, start: u64, chunk: usize) -> Option<u64> {
     use hdf5_sys::h5d::H5Dget_chunk_info_by_coord;
     let coord = [start];
@@ -275,6 +297,41 @@ mod tests {
             assert_eq!(w.iter().map(|&x| x as i32).collect::<Vec<_>>(), ints[a..b]);
         }
         assert!(chunked.read_words(0, n + 1).is_err(), "a range past the end is an error");
+    }
+
+    #[test]
+    fn the_chunk_index_walk_finds_what_hdf5_finds_in_every_file_format() {
+        use hdf5::file::LibraryVersion;
+        let dir = tempfile::tempdir().unwrap();
+        // 700 chunks: a B-tree of several levels (64 entries per node by default).
+        let (n, chunk) = (700 * 64 + 5, 64usize);
+        let ints: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+        let formats = [("earliest", LibraryVersion::Earliest, true), ("v18", LibraryVersion::V18, true), ("latest", LibraryVersion::latest(), false)];
+        for (name, low, walkable) in formats {
+            let path = dir.path().join(format!("{name}.h5"));
+            {
+                let f = hdf5::File::with_options().with_fapl(|p| p.libver_bounds(low, LibraryVersion::latest())).create(&path).unwrap();
+                // Attributes and a second dataset first, so the header holds more than the layout.
+                f.new_attr::<i32>().create("note").unwrap().write_scalar(&7).unwrap();
+                f.new_dataset::<u32>().chunk(chunk).shape(n).create("other").unwrap().write(&ints).unwrap();
+                let ds = f.new_dataset::<u32>().chunk(chunk).shape(0..).create("x").unwrap();
+                ds.resize(n).unwrap();
+                ds.write(&ints).unwrap();
+                ds.new_attr::<u64>().create("shape").unwrap().write_scalar(&(n as u64)).unwrap();
+            }
+            let f = hdf5::File::open(&path).unwrap();
+            let ds = f.dataset("x").unwrap();
+            let file = File::open(&path).unwrap();
+            let n_chunks = n.div_ceil(chunk);
+            let walked = walked_chunk_offsets(&file, &ds, n_chunks, chunk);
+            assert_eq!(walked.is_some(), walkable, "{name}");
+            if let Some(offsets) = walked {
+                let looked_up: Vec<u64> = (0..n_chunks).map(|k| chunk_address(&ds, (k * chunk) as u64, chunk).unwrap()).collect();
+                assert_eq!(offsets, looked_up, "{name}");
+            }
+            let direct = DirectDataset::open(&path, &ds).expect("unfiltered chunks are direct");
+            assert_eq!(&direct.read_words(0, n).unwrap()[..], &ints[..], "{name}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod alloc;
 pub mod atomic;
 pub mod binning;
 pub mod direct_io;
+pub mod h5_chunks;
 pub mod h5_direct;
 pub mod h5ad;
 pub mod list_pages;
