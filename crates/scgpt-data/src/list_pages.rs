@@ -44,7 +44,7 @@ pub struct ListChunk {
 
 /// Gene ids: `DELTA_BINARY_PACKED`, uncompressed.
 pub fn encode_delta_i32(descr: ColumnDescPtr, offsets: &[i32], values: &[i32]) -> parquet::errors::Result<ListChunk> {
-    let mut chunk = ChunkBuilder::new(descr, Compression::UNCOMPRESSED)?;
+    let mut chunk = ChunkBuilder::new(descr, Compression::UNCOMPRESSED, offsets)?;
     for (a, b) in page_ranges(offsets) {
         let (va, vb) = (offsets[a] as usize, offsets[b] as usize);
         let mut buf = chunk.levels(&offsets[a..=b]);
@@ -84,7 +84,7 @@ fn encode_dictionary<I: Iterator<Item = u32>>(
     entries: usize,
     page_indices: impl Fn(std::ops::Range<usize>) -> I,
 ) -> parquet::errors::Result<ListChunk> {
-    let mut chunk = ChunkBuilder::new(descr, Compression::UNCOMPRESSED)?;
+    let mut chunk = ChunkBuilder::new(descr, Compression::UNCOMPRESSED, offsets)?;
     chunk.dictionary_page(plain, entries)?;
     let width = bit_width(entries as u64 - 1);
     for (a, b) in page_ranges(offsets) {
@@ -129,7 +129,7 @@ fn small_integer_dictionary(values: &[f32]) -> Option<(Vec<f32>, Vec<u32>)> {
 
 fn encode_byte_stream_split_zstd(descr: ColumnDescPtr, offsets: &[i32], values: &[f32]) -> parquet::errors::Result<ListChunk> {
     let level = ZstdLevel::try_new(1)?;
-    let mut chunk = ChunkBuilder::new(descr, Compression::ZSTD(level))?;
+    let mut chunk = ChunkBuilder::new(descr, Compression::ZSTD(level), offsets)?;
     let mut zstd = zstd::bulk::Compressor::new(level.compression_level()).map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
     for (a, b) in page_ranges(offsets) {
         let (va, vb) = (offsets[a] as usize, offsets[b] as usize);
@@ -203,7 +203,9 @@ struct ChunkBuilder {
 }
 
 impl ChunkBuilder {
-    fn new(descr: ColumnDescPtr, codec: Compression) -> parquet::errors::Result<Self> {
+    /// `offsets` are the chunk's cells: the page buffer is sized for them up front, as growing
+    /// it by doubling copied every page written so far (1% of a prep run).
+    fn new(descr: ColumnDescPtr, codec: Compression, offsets: &[i32]) -> parquet::errors::Result<Self> {
         if descr.max_def_level() != 1 || descr.max_rep_level() != 1 {
             return Err(parquet::errors::ParquetError::General(format!(
                 "column {}: expected a required list of required items (levels 1/1), got {}/{}",
@@ -215,7 +217,9 @@ impl ChunkBuilder {
         Ok(ChunkBuilder {
             descr,
             codec,
-            sink: TrackedWrite::new(Vec::new()),
+            // At most 2 bytes per value in every encoding here (16-bit deltas and dictionary
+            // indices; byte-split floats are compressed), plus levels and headers.
+            sink: TrackedWrite::new(Vec::with_capacity(2 * (offsets[offsets.len() - 1] - offsets[0]) as usize + 16 * offsets.len() + 4096)),
             encodings: vec![Encoding::RLE],
             values: 0,
             uncompressed: 0,
