@@ -26,7 +26,7 @@ use scgpt_data::atomic;
 use scgpt_data::binning::{Binner, TieBreak};
 use scgpt_data::h5ad::{H5adReader, MatrixChoice, RowBlock};
 use scgpt_data::seed::{hash_str, SplitMix64};
-use scgpt_data::shard::{ShardInfo, ShardWriter};
+use scgpt_data::shard::{CellLists, ShardInfo, ShardWriter};
 use scgpt_data::small_int;
 use scgpt_data::vocab::{hex, match_genes, EnsemblTable, GeneMatch, GeneVocab};
 
@@ -407,7 +407,6 @@ impl Prep {
                     for chunk in &chunks {
                         for k in 0..chunk.rows.len() {
                             let row = chunk.rows[k];
-                            let (a, b) = (chunk.offsets[k], chunk.offsets[k + 1]);
                             obs_row.clear();
                             obs_row.extend(obs_values.iter().map(|c| c[row].clone()));
                             if open.is_none() {
@@ -416,7 +415,7 @@ impl Prep {
                                 next_shard += 1;
                             }
                             let w = open.as_mut().expect("just opened");
-                            w.push(&chunk.genes[a..b], &chunk.values[a..b], &chunk.bins[a..b], chunk.n_counts[k], &cell_ids[row], stem, &obs_row)?;
+                            w.push(&chunk.lists, k, chunk.n_counts[k], &cell_ids[row], stem, &obs_row)?;
                             if w.rows() == shard_cells && finish_tx.send((open.take().expect("open"), row + 1, false)).is_err() {
                                 return Ok(()); // the finisher failed; its error is reported below
                             }
@@ -725,14 +724,11 @@ impl GeneSums<'_> {
 /// Cells handed to one rayon task: enough to amortise scheduling, small enough to balance.
 const CHUNK_CELLS: usize = 128;
 
-/// Kept cells of a chunk of rows, flat.
-#[derive(Default)]
+/// Kept cells of a chunk of rows: their lists (shared with the shard writer until their row
+/// group is encoded), source rows and totals.
 struct BinnedChunk {
     rows: Vec<usize>,
-    offsets: Vec<usize>,
-    genes: Vec<i32>,
-    values: Vec<f32>,
-    bins: Vec<u8>,
+    lists: Arc<CellLists>,
     n_counts: Vec<f32>,
 }
 
@@ -754,11 +750,12 @@ struct CellBinning<'a> {
 
 impl CellBinning<'_> {
     fn bin_chunk(&self, binner: &mut Binner, block: &RowBlock, rows: &[usize]) -> anyhow::Result<BinnedChunk> {
-        let mut out = BinnedChunk { offsets: vec![0], ..Default::default() };
+        let mut out = CellLists { offsets: vec![0], ..Default::default() };
+        let (mut kept_rows, mut n_counts) = (Vec::new(), Vec::new());
         if let (Some(&first), Some(&last)) = (rows.first(), rows.last()) {
             let values = block.indptr[last + 1] - block.indptr[first];
             out.genes.reserve(values);
-            out.values.reserve(values);
+            out.expressions.reserve(values);
             out.bins.reserve(values);
         }
         let mut bins = Vec::new();
@@ -775,8 +772,8 @@ impl CellBinning<'_> {
             if exact {
                 // Written into spare capacity: zero-filling first (resize) was 2% of the run.
                 out.genes.reserve(cols.len());
-                out.values.reserve(cols.len());
-                let (genes, values) = (&mut out.genes.spare_capacity_mut()[..cols.len()], &mut out.values.spare_capacity_mut()[..cols.len()]);
+                out.expressions.reserve(cols.len());
+                let (genes, values) = (&mut out.genes.spare_capacity_mut()[..cols.len()], &mut out.expressions.spare_capacity_mut()[..cols.len()]);
                 let mut k = 0;
                 for (&c, &v) in cols.iter().zip(vals) {
                     let id = self.gene_ids[c as usize];
@@ -787,7 +784,7 @@ impl CellBinning<'_> {
                 // SAFETY: slots start..start + k were written just above (k <= cols.len()).
                 unsafe {
                     out.genes.set_len(start + k);
-                    out.values.set_len(start + k);
+                    out.expressions.set_len(start + k);
                 }
             } else {
                 for (&c, &v) in cols.iter().zip(vals) {
@@ -800,17 +797,17 @@ impl CellBinning<'_> {
                     })?;
                     if v != 0.0 {
                         out.genes.push(id as i32);
-                        out.values.push(v);
+                        out.expressions.push(v);
                     }
                 }
             }
             let n = out.genes.len() - start;
             if n == 0 || n < self.min_genes {
                 out.genes.truncate(start);
-                out.values.truncate(start);
+                out.expressions.truncate(start);
                 continue;
             }
-            let values = &out.values[start..];
+            let values = &out.expressions[start..];
             match self.seed {
                 None => binner.bin_nonzero::<rand_chacha::ChaCha8Rng>(values, self.n_bins, TieBreak::Lowest, &mut bins),
                 Some(seed) => {
@@ -819,16 +816,16 @@ impl CellBinning<'_> {
                 }
             }
             out.bins.extend_from_slice(&bins);
-            out.n_counts.push(if exact {
+            n_counts.push(if exact {
                 // Integer counts: an exact integer sum, with no chain of dependent float adds.
                 values.iter().map(|&v| small_int::value(v) as u64).sum::<u64>() as f32
             } else {
                 values.iter().map(|&v| v as f64).sum::<f64>() as f32
             });
-            out.rows.push(row);
+            kept_rows.push(row);
             out.offsets.push(out.genes.len());
         }
-        Ok(out)
+        Ok(BinnedChunk { rows: kept_rows, lists: Arc::new(out), n_counts })
     }
 }
 

@@ -49,9 +49,9 @@ fn main() -> anyhow::Result<()> {
                     let offsets: Vec<i32> = list.value_offsets().iter().map(|o| o - list.value_offsets()[0]).collect();
                     let v = list.values();
                     let chunk = match v.data_type() {
-                        arrow_schema::DataType::Int32 => scgpt_data::list_pages::encode_delta_i32(descr.clone(), &offsets, v.as_primitive::<arrow_array::types::Int32Type>().values()),
-                        arrow_schema::DataType::UInt8 => scgpt_data::list_pages::encode_identity_dictionary_u8(descr.clone(), &offsets, v.as_primitive::<arrow_array::types::UInt8Type>().values()),
-                        _ => scgpt_data::list_pages::encode_f32(descr.clone(), &offsets, v.as_primitive::<arrow_array::types::Float32Type>().values()),
+                        arrow_schema::DataType::Int32 => scgpt_data::list_pages::encode_delta_i32(descr.clone(), &offsets, &v.as_primitive::<arrow_array::types::Int32Type>().values()[..].into()),
+                        arrow_schema::DataType::UInt8 => scgpt_data::list_pages::encode_identity_dictionary_u8(descr.clone(), &offsets, &v.as_primitive::<arrow_array::types::UInt8Type>().values()[..].into()),
+                        _ => scgpt_data::list_pages::encode_f32(descr.clone(), &offsets, &v.as_primitive::<arrow_array::types::Float32Type>().values()[..].into()),
                     }?;
                     bytes += chunk.bytes.len();
                 }

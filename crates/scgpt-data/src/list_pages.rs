@@ -42,55 +42,119 @@ pub struct ListChunk {
     pub close: ColumnCloseResult,
 }
 
+/// A column's values in consecutive parts (the binned chunks of a row group), encoded as one
+/// sequence without first being copied together: that copy was 7.5% of a prep run's binning
+/// pass, on the one writer thread.
+pub struct Segments<'a, T> {
+    parts: Vec<&'a [T]>,
+    /// Index of each part's first value.
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl<'a, T: Copy> Segments<'a, T> {
+    pub fn new(parts: impl IntoIterator<Item = &'a [T]>) -> Self {
+        let parts: Vec<&[T]> = parts.into_iter().filter(|p| !p.is_empty()).collect();
+        let mut starts = Vec::with_capacity(parts.len());
+        let mut len = 0;
+        for p in &parts {
+            starts.push(len);
+            len += p.len();
+        }
+        Segments { parts, starts, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn parts(&self) -> &[&'a [T]] {
+        &self.parts
+    }
+
+    /// Values `a..b`: borrowed when one part holds them, else gathered into `scratch`.
+    fn slice<'s>(&'s self, a: usize, b: usize, scratch: &'s mut Vec<T>) -> &'s [T] {
+        if a >= b {
+            return &[];
+        }
+        let first = self.starts.partition_point(|&s| s <= a) - 1;
+        let local = a - self.starts[first];
+        if local + (b - a) <= self.parts[first].len() {
+            return &self.parts[first][local..local + (b - a)];
+        }
+        scratch.clear();
+        for (p, &s) in self.parts[first..].iter().zip(&self.starts[first..]) {
+            if s >= b {
+                break;
+            }
+            scratch.extend_from_slice(&p[a.max(s) - s..b.min(s + p.len()) - s]);
+        }
+        scratch
+    }
+}
+
+impl<'a, T: Copy> From<&'a [T]> for Segments<'a, T> {
+    fn from(values: &'a [T]) -> Self {
+        Segments::new([values])
+    }
+}
+
 /// Gene ids: `DELTA_BINARY_PACKED`, uncompressed.
-pub fn encode_delta_i32(descr: ColumnDescPtr, offsets: &[i32], values: &[i32]) -> parquet::errors::Result<ListChunk> {
+pub fn encode_delta_i32(descr: ColumnDescPtr, offsets: &[i32], values: &Segments<i32>) -> parquet::errors::Result<ListChunk> {
     let mut chunk = ChunkBuilder::new(descr, Compression::UNCOMPRESSED, offsets)?;
+    let mut scratch = Vec::new();
     for (a, b) in page_ranges(offsets) {
         let (va, vb) = (offsets[a] as usize, offsets[b] as usize);
         let mut buf = chunk.levels(&offsets[a..=b]);
-        delta_binary_packed(&values[va..vb], &mut buf);
+        delta_binary_packed(values.slice(va, vb, &mut scratch), &mut buf);
         chunk.data_page(buf, Encoding::DELTA_BINARY_PACKED, &offsets[a..=b])?;
     }
     chunk.finish()
 }
 
 /// Bins: `RLE_DICTIONARY` over the identity dictionary `0..=max(bins)`, uncompressed.
-pub fn encode_identity_dictionary_u8(descr: ColumnDescPtr, offsets: &[i32], values: &[u8]) -> parquet::errors::Result<ListChunk> {
-    let size = values.iter().copied().max().map_or(1, |m| m as usize + 1);
+pub fn encode_identity_dictionary_u8(descr: ColumnDescPtr, offsets: &[i32], values: &Segments<u8>) -> parquet::errors::Result<ListChunk> {
+    let size = values.parts().iter().filter_map(|p| p.iter().copied().max()).max().map_or(1, |m| m as usize + 1);
     let plain: Vec<u8> = (0..size as i32).flat_map(i32::to_le_bytes).collect();
-    encode_dictionary(descr, offsets, plain, size, |range| values[range].iter().map(|&v| v as u32))
+    encode_dictionary(descr, offsets, plain, size, values, |v| v as u32)
 }
 
 /// Expressions: `RLE_DICTIONARY` over the distinct values, uncompressed; `BYTE_STREAM_SPLIT`
 /// with zstd when there are too many of them.
-pub fn encode_f32(descr: ColumnDescPtr, offsets: &[i32], values: &[f32]) -> parquet::errors::Result<ListChunk> {
+pub fn encode_f32(descr: ColumnDescPtr, offsets: &[i32], values: &Segments<f32>) -> parquet::errors::Result<ListChunk> {
     if let Some((dict, rank)) = small_integer_dictionary(values) {
         // Every value is an integer in 0..SMALL_INTS (checked); the mask bounds the index.
-        let index = |v: &f32| rank[small_int::value(*v) as usize & (SMALL_INTS - 1)];
-        return encode_dictionary(descr, offsets, plain_f32(&dict), dict.len(), |range| values[range].iter().map(index));
+        let index = |v: f32| rank[small_int::value(v) as usize & (SMALL_INTS - 1)];
+        return encode_dictionary(descr, offsets, plain_f32(&dict), dict.len(), values, index);
     }
     let Some((dict, indices)) = float_dictionary(values) else {
         return encode_byte_stream_split_zstd(descr, offsets, values);
     };
-    encode_dictionary(descr, offsets, plain_f32(&dict), dict.len(), |range| indices[range].iter().copied())
+    encode_dictionary(descr, offsets, plain_f32(&dict), dict.len(), &Segments::from(&indices[..]), |i| i)
 }
 
 /// A dictionary page (`plain`, `entries` values in PLAIN encoding), then data pages of the
-/// indices that `page_indices` yields for a range of values.
-fn encode_dictionary<I: Iterator<Item = u32>>(
+/// dictionary indices `index` gives for `values`.
+fn encode_dictionary<V: Copy>(
     descr: ColumnDescPtr,
     offsets: &[i32],
     plain: Vec<u8>,
     entries: usize,
-    page_indices: impl Fn(std::ops::Range<usize>) -> I,
+    values: &Segments<V>,
+    index: impl Fn(V) -> u32,
 ) -> parquet::errors::Result<ListChunk> {
     let mut chunk = ChunkBuilder::new(descr, Compression::UNCOMPRESSED, offsets)?;
     chunk.dictionary_page(plain, entries)?;
     let width = bit_width(entries as u64 - 1);
+    let mut scratch = Vec::new();
     for (a, b) in page_ranges(offsets) {
         let (va, vb) = (offsets[a] as usize, offsets[b] as usize);
         let mut buf = chunk.levels(&offsets[a..=b]);
-        dictionary_indices(page_indices(va..vb), vb - va, width, &mut buf);
+        dictionary_indices(values.slice(va, vb, &mut scratch).iter().map(|&v| index(v)), vb - va, width, &mut buf);
         chunk.data_page(buf, Encoding::RLE_DICTIONARY, &offsets[a..=b])?;
     }
     chunk.finish()
@@ -105,14 +169,14 @@ const SMALL_INTS: usize = 1 << 12;
 
 /// When every value is an integer in `0..SMALL_INTS`: the distinct values ascending and a
 /// value → index table. Branch-free passes instead of a lookup-and-insert per value.
-fn small_integer_dictionary(values: &[f32]) -> Option<(Vec<f32>, Vec<u32>)> {
+fn small_integer_dictionary(values: &Segments<f32>) -> Option<(Vec<f32>, Vec<u32>)> {
     // -0.0 and NaN fall to the general path, which keeps bit patterns apart.
-    let small = values.iter().fold(true, |ok, &v| ok & small_int::is_plain_int_below(v, SMALL_INTS as f32));
-    if !small {
+    let small = |p: &[f32]| p.iter().fold(true, |ok, &v| ok & small_int::is_plain_int_below(v, SMALL_INTS as f32));
+    if !values.parts().iter().all(|p| small(p)) {
         return None;
     }
     let mut present = vec![false; SMALL_INTS];
-    for &v in values {
+    for &v in values.parts().iter().flat_map(|p| p.iter()) {
         present[small_int::value(v) as usize & (SMALL_INTS - 1)] = true;
     }
     let mut rank = vec![0u32; SMALL_INTS];
@@ -127,14 +191,15 @@ fn small_integer_dictionary(values: &[f32]) -> Option<(Vec<f32>, Vec<u32>)> {
     Some((dict, rank))
 }
 
-fn encode_byte_stream_split_zstd(descr: ColumnDescPtr, offsets: &[i32], values: &[f32]) -> parquet::errors::Result<ListChunk> {
+fn encode_byte_stream_split_zstd(descr: ColumnDescPtr, offsets: &[i32], values: &Segments<f32>) -> parquet::errors::Result<ListChunk> {
     let level = ZstdLevel::try_new(1)?;
     let mut chunk = ChunkBuilder::new(descr, Compression::ZSTD(level), offsets)?;
     let mut zstd = zstd::bulk::Compressor::new(level.compression_level()).map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
+    let mut scratch = Vec::new();
     for (a, b) in page_ranges(offsets) {
         let (va, vb) = (offsets[a] as usize, offsets[b] as usize);
         let mut buf = chunk.levels(&offsets[a..=b]);
-        let page = &values[va..vb];
+        let page = values.slice(va, vb, &mut scratch);
         for byte in 0..4 {
             buf.extend(page.iter().map(|v| v.to_le_bytes()[byte]));
         }
@@ -146,12 +211,12 @@ fn encode_byte_stream_split_zstd(descr: ColumnDescPtr, offsets: &[i32], values: 
 }
 
 /// Distinct values in first-seen order and each value's index, or `None` past the limit.
-fn float_dictionary(values: &[f32]) -> Option<(Vec<f32>, Vec<u32>)> {
+fn float_dictionary(values: &Segments<f32>) -> Option<(Vec<f32>, Vec<u32>)> {
     // Keyed by bit pattern, so -0.0 and NaN payloads keep their own entries.
     let mut slots: HashMap<u32, u32> = HashMap::new();
     let mut dict = Vec::new();
     let mut indices = Vec::with_capacity(values.len());
-    for &v in values {
+    for &v in values.parts().iter().flat_map(|p| p.iter()) {
         let next = dict.len() as u32;
         let slot = *slots.entry(v.to_bits()).or_insert(next);
         if slot == next {
@@ -509,6 +574,23 @@ mod tests {
                 assert_eq!(back, v, "width {w}, value {i}");
             }
         }
+    }
+
+    #[test]
+    fn segments_read_as_one_sequence() {
+        let parts: [&[u32]; 5] = [&[0, 1, 2], &[], &[3], &[4, 5, 6, 7], &[]];
+        let seg = Segments::new(parts);
+        assert_eq!((seg.len(), seg.parts().len()), (8, 3));
+        let mut scratch = vec![99];
+        for a in 0..=8 {
+            for b in a..=8 {
+                assert_eq!(seg.slice(a, b, &mut scratch), (a as u32..b as u32).collect::<Vec<_>>(), "{a}..{b}");
+            }
+        }
+        // Inside one part nothing is copied.
+        scratch.clear();
+        assert_eq!(seg.slice(4, 7, &mut scratch).as_ptr(), parts[3][0..].as_ptr());
+        assert!(scratch.is_empty());
     }
 
     #[test]

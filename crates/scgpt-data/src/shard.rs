@@ -30,7 +30,7 @@ use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 
 use crate::direct_io::HashedFileWriter;
-use crate::list_pages::{self, ListChunk};
+use crate::list_pages::{self, ListChunk, Segments};
 use crate::vocab::hex;
 
 pub const COL_GENES: &str = "genes";
@@ -125,12 +125,39 @@ impl CellColumns {
         self.expressions.extend_from_slice(expressions);
         self.bins.extend_from_slice(bins);
         self.offsets.push(self.genes.len() as i32);
+        self.push_scalars(n_counts, cell_id, dataset, obs);
+    }
+
+    /// The per-cell columns of one cell (the lists are kept elsewhere, as by [`ShardWriter`]).
+    fn push_scalars(&mut self, n_counts: f32, cell_id: &str, dataset: &str, obs: &[String]) {
         self.n_counts.push(n_counts);
         self.cell_ids.push(cell_id.to_string());
         self.datasets.push(dataset.to_string());
         for (col, v) in self.obs.iter_mut().zip(obs) {
             col.push(v.clone());
         }
+    }
+}
+
+/// Binned cells with their lists flat, as the binning stage produces them. The shard writer
+/// keeps a shared reference until the row group holding them is encoded, instead of copying
+/// the lists into a row-group buffer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CellLists {
+    /// Offsets into the three lists, one more than there are cells, from 0.
+    pub offsets: Vec<usize>,
+    pub genes: Vec<i32>,
+    pub expressions: Vec<f32>,
+    pub bins: Vec<u8>,
+}
+
+impl CellLists {
+    pub fn len(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -214,7 +241,11 @@ pub struct ShardWriter {
     file: Option<SerializedFileWriter<HashedFileWriter>>,
     factory: ArrowRowGroupWriterFactory,
     row_groups: usize,
-    buf: CellColumns,
+    /// The buffered cells' lists: runs of consecutive cells `a..b` of shared chunks.
+    runs: Vec<(Arc<CellLists>, usize, usize)>,
+    /// The buffered cells' per-cell columns (its own lists stay empty).
+    scalars: CellColumns,
+    buffered: usize,
     rows: usize,
 }
 
@@ -233,7 +264,9 @@ impl ShardWriter {
             file: Some(file),
             factory,
             row_groups: 0,
-            buf: CellColumns::new(obs_names.len()),
+            runs: Vec::new(),
+            scalars: CellColumns::new(obs_names.len()),
+            buffered: 0,
             rows: 0,
         })
     }
@@ -243,21 +276,39 @@ impl ShardWriter {
         self.rows
     }
 
+    /// Appends cell `cell` of `lists` with its per-cell columns. Consecutive cells of the same
+    /// lists are referenced as one run, not copied.
     #[allow(clippy::too_many_arguments)]
-    pub fn push(&mut self, genes: &[i32], expressions: &[f32], bins: &[u8], n_counts: f32, cell_id: &str, dataset: &str, obs: &[String]) -> anyhow::Result<()> {
-        self.buf.push(genes, expressions, bins, n_counts, cell_id, dataset, obs);
+    pub fn push(&mut self, lists: &Arc<CellLists>, cell: usize, n_counts: f32, cell_id: &str, dataset: &str, obs: &[String]) -> anyhow::Result<()> {
+        anyhow::ensure!(cell < lists.len(), "cell {cell} of a chunk of {} cells", lists.len());
+        match self.runs.last_mut() {
+            Some((l, _, end)) if Arc::ptr_eq(l, lists) && *end == cell => *end += 1,
+            _ => self.runs.push((lists.clone(), cell, cell + 1)),
+        }
+        self.scalars.push_scalars(n_counts, cell_id, dataset, obs);
+        self.buffered += 1;
         self.rows += 1;
-        if self.buf.len() >= ROW_GROUP_CELLS {
+        if self.buffered >= ROW_GROUP_CELLS {
             self.flush()?;
         }
         Ok(())
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
-        if self.buf.is_empty() {
+        if self.buffered == 0 {
             return Ok(());
         }
-        let cells = &self.buf;
+        let mut offsets: Vec<i32> = Vec::with_capacity(self.buffered + 1);
+        offsets.push(0);
+        for (l, a, b) in &self.runs {
+            let (base, at) = (l.offsets[*a], *offsets.last().expect("starts at 0"));
+            offsets.extend(l.offsets[a + 1..=*b].iter().map(|&o| at + (o - base) as i32));
+        }
+        let part = |(l, a, b): &(Arc<CellLists>, usize, usize)| l.offsets[*a]..l.offsets[*b];
+        let genes_in = Segments::new(self.runs.iter().map(|r| &r.0.genes[part(r)]));
+        let expressions_in = Segments::new(self.runs.iter().map(|r| &r.0.expressions[part(r)]));
+        let bins_in = Segments::new(self.runs.iter().map(|r| &r.0.bins[part(r)]));
+        let cells = &self.scalars;
         let file = self.file.as_mut().expect("open until finish");
         // Leaves 0..3 are the list items (genes, expressions, bins): encoded by hand
         // (list_pages); the per-cell columns go through the parquet crate's Arrow writer.
@@ -265,13 +316,12 @@ impl ShardWriter {
         let (genes, expressions, bins) = (leaf(0), leaf(1), leaf(2));
         let scalars = scalar_batch(&self.scalar_schema, cells)?;
         let writers: Vec<_> = self.factory.create_column_writers(self.row_groups)?.into_iter().skip(LIST_COLUMNS).collect();
-        let c = cells;
         let (lists, scalar_chunks) = rayon::join(
             || -> parquet::errors::Result<Vec<ListChunk>> {
                 let tasks: [&(dyn Fn() -> parquet::errors::Result<ListChunk> + Sync); LIST_COLUMNS] = [
-                    &|| list_pages::encode_delta_i32(genes.clone(), &c.offsets, &c.genes),
-                    &|| list_pages::encode_f32(expressions.clone(), &c.offsets, &c.expressions),
-                    &|| list_pages::encode_identity_dictionary_u8(bins.clone(), &c.offsets, &c.bins),
+                    &|| list_pages::encode_delta_i32(genes.clone(), &offsets, &genes_in),
+                    &|| list_pages::encode_f32(expressions.clone(), &offsets, &expressions_in),
+                    &|| list_pages::encode_identity_dictionary_u8(bins.clone(), &offsets, &bins_in),
                 ];
                 tasks.par_iter().map(|t| t()).collect()
             },
@@ -298,7 +348,9 @@ impl ShardWriter {
         rg.close()?;
         self.row_groups += 1;
         // Kept with its capacity: the next row group fills the same buffers without regrowing.
-        self.buf.clear();
+        self.scalars.clear();
+        self.runs.clear();
+        self.buffered = 0;
         Ok(())
     }
 
@@ -331,12 +383,17 @@ impl Drop for ShardWriter {
 /// Write `cells` as one shard at `path`, atomically.
 pub fn write_shard(path: &Path, obs_names: &[String], cells: &CellColumns) -> anyhow::Result<ShardInfo> {
     let mut w = ShardWriter::create(path, obs_names)?;
+    let lists = Arc::new(CellLists {
+        offsets: cells.offsets.iter().map(|&o| o as usize).collect(),
+        genes: cells.genes.clone(),
+        expressions: cells.expressions.clone(),
+        bins: cells.bins.clone(),
+    });
     let mut obs = Vec::with_capacity(cells.obs.len());
     for i in 0..cells.len() {
-        let (g, e, b) = cells.cell(i);
         obs.clear();
         obs.extend(cells.obs.iter().map(|c| c[i].clone()));
-        w.push(g, e, b, cells.n_counts[i], &cells.cell_ids[i], &cells.datasets[i], &obs)?;
+        w.push(&lists, i, cells.n_counts[i], &cells.cell_ids[i], &cells.datasets[i], &obs)?;
     }
     w.finish()
 }
@@ -547,6 +604,39 @@ mod tests {
             // Over 65,536 distinct floats in a chunk fall back to byte-split floats.
             let expr = if float_values { Encoding::BYTE_STREAM_SPLIT } else { Encoding::RLE_DICTIONARY };
             assert!(encodings(1).contains(&expr), "{:?}", encodings(1));
+        }
+    }
+
+    #[test]
+    fn cells_pushed_from_many_chunks_give_the_same_bytes_as_from_one() {
+        let dir = tempfile::tempdir().unwrap();
+        for (seed, float_values) in [(3, false), (4, true)] {
+            let c = random_cells(seed, 2 * ROW_GROUP_CELLS + 300, float_values);
+            let whole = dir.path().join(format!("whole{seed}.parquet"));
+            write_shard(&whole, &[], &c).unwrap();
+            // The same cells in chunks of 1..=300 cells, as the binning stage hands them over.
+            let pieced = dir.path().join(format!("pieced{seed}.parquet"));
+            let mut w = ShardWriter::create(&pieced, &[]).unwrap();
+            let (mut i, mut size) = (0, 1);
+            while i < c.len() {
+                let n = size.min(c.len() - i);
+                let base = c.offsets[i] as usize;
+                let (a, b) = (base, c.offsets[i + n] as usize);
+                let lists = Arc::new(CellLists {
+                    offsets: c.offsets[i..=i + n].iter().map(|&o| o as usize - base).collect(),
+                    genes: c.genes[a..b].to_vec(),
+                    expressions: c.expressions[a..b].to_vec(),
+                    bins: c.bins[a..b].to_vec(),
+                });
+                for k in 0..n {
+                    w.push(&lists, k, c.n_counts[i + k], &c.cell_ids[i + k], "ds", &[]).unwrap();
+                }
+                i += n;
+                size = size * 7 % 301 + 1;
+            }
+            assert!(w.push(&Arc::new(CellLists::default()), 0, 0.0, "x", "ds", &[]).is_err(), "a cell past the chunk is refused");
+            w.finish().unwrap();
+            assert_eq!(std::fs::read(&pieced).unwrap(), std::fs::read(&whole).unwrap(), "float values: {float_values}");
         }
     }
 
