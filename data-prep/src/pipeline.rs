@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 
 use scgpt_data::atomic;
 use scgpt_data::binning::{Binner, TieBreak};
-use scgpt_data::h5ad::{H5adReader, MatrixChoice, RowBlock};
+use scgpt_data::h5ad::{H5adReader, MatrixChoice, ObsNames, RowBlock};
 use scgpt_data::seed::{hash_str, SplitMix64};
 use scgpt_data::shard::{CellLists, ShardInfo, ShardWriter};
 use scgpt_data::small_int;
@@ -314,10 +314,11 @@ impl Prep {
         }
         let obs_values: Vec<Vec<String>> =
             self.cfg.output.obs_cols.iter().map(|c| reader.obs_column(c)).collect::<Result<_, _>>()?;
-        let cell_ids = reader.obs_names()?;
+        let cell_ids = reader.obs_index()?;
+        let hint = |row: usize| reader_path_hint(&cell_ids, row);
 
         let filter_start = std::time::Instant::now();
-        let gene_ids = self.gene_filter(&mut reader, &gm, &names, &cell_ids)?;
+        let gene_ids = self.gene_filter(&mut reader, &gm, &names, &hint)?;
         let filter_secs = filter_start.elapsed().as_secs_f64();
         let binning_start = std::time::Instant::now();
         let mut stats = FileStats {
@@ -357,7 +358,7 @@ impl Prep {
             file_key,
             path,
             names: &names,
-            cell_ids: &cell_ids,
+            hint: &hint,
         };
         let mut rec = FileRecord {
             dataset: stem.to_string(),
@@ -399,6 +400,7 @@ impl Prep {
                 Ok((shards, written))
             })?;
             let (obs_values, cell_ids) = (&obs_values, &cell_ids);
+            let mut ids: (usize, Vec<String>) = (0, Vec::new());
             let writer = std::thread::Builder::new().name("shard-writer".into()).spawn_scoped(scope, move || -> anyhow::Result<()> {
                 let mut next_shard = next_shard;
                 let mut open: Option<ShardWriter> = None;
@@ -415,7 +417,10 @@ impl Prep {
                                 next_shard += 1;
                             }
                             let w = open.as_mut().expect("just opened");
-                            w.push(&chunk.lists, k, chunk.n_counts[k], &cell_ids[row], stem, &obs_row)?;
+                            if !(ids.0..ids.0 + ids.1.len()).contains(&row) {
+                                ids = (row, cell_ids.read(row..row + CELL_ID_WINDOW)?);
+                            }
+                            w.push(&chunk.lists, k, chunk.n_counts[k], &ids.1[row - ids.0], stem, &obs_row)?;
                             if w.rows() == shard_cells && finish_tx.send((open.take().expect("open"), row + 1, false)).is_err() {
                                 return Ok(()); // the finisher failed; its error is reported below
                             }
@@ -493,7 +498,7 @@ impl Prep {
     }
 
     /// Vocabulary id per input column after the per-file gene filter; also validates values.
-    fn gene_filter(&self, reader: &mut H5adReader, gm: &GeneMatch, names: &[String], cell_ids: &[String]) -> anyhow::Result<Vec<Option<u32>>> {
+    fn gene_filter(&self, reader: &mut H5adReader, gm: &GeneMatch, names: &[String], hint: &CellHint) -> anyhow::Result<Vec<Option<u32>>> {
         let per_10k = self.cfg.filter.gene_min_counts_per_10k_cells;
         if per_10k <= 0.0 {
             return Ok(gm.ids.clone());
@@ -505,7 +510,7 @@ impl Prep {
         // proportion to the bytes in flight: many blocks are requested at once.
         let block_cells = self.cfg.run.block_cells;
         let path = reader.path().to_path_buf();
-        let sums = GeneSums { n_vars: reader.n_vars(), failed_block: AtomicUsize::new(usize::MAX), path: &path, names, cell_ids };
+        let sums = GeneSums { n_vars: reader.n_vars(), failed_block: AtomicUsize::new(usize::MAX), path: &path, names, hint };
         let totals = std::thread::scope(|scope| {
             let (tx, rx) = crossbeam_channel::bounded::<Result<RowBlock, scgpt_data::h5ad::H5adError>>(1);
             scope.spawn(move || reader.stream_rows(0, n, block_cells, GENE_FILTER_READ_AHEAD, |b| tx.send(b).is_ok()));
@@ -624,8 +629,11 @@ struct GeneSums<'a> {
     failed_block: AtomicUsize,
     path: &'a Path,
     names: &'a [String],
-    cell_ids: &'a [String],
+    hint: &'a CellHint<'a>,
 }
+
+/// Names a source row in an error message: its index and cell id.
+type CellHint<'a> = dyn Fn(usize) -> String + Sync + 'a;
 
 /// A bad value: its block, its position in the block's values, and the error naming it.
 type BadValue = (usize, usize, anyhow::Error);
@@ -717,7 +725,7 @@ impl GeneSums<'_> {
         let row = b.start + b.indptr.partition_point(|&p| p <= at) - 1;
         let (c, v) = (b.indices[at] as usize, b.data[at]);
         let why = clean_value(v, true).expect_err("non-finite or negative");
-        value_error(self.path, &reader_path_hint(self.cell_ids, row), &self.names[c], v, why)
+        value_error(self.path, &(self.hint)(row), &self.names[c], v, why)
     }
 }
 
@@ -745,7 +753,7 @@ struct CellBinning<'a> {
     file_key: u64,
     path: &'a Path,
     names: &'a [String],
-    cell_ids: &'a [String],
+    hint: &'a CellHint<'a>,
 }
 
 impl CellBinning<'_> {
@@ -793,7 +801,7 @@ impl CellBinning<'_> {
                         continue;
                     }
                     let v = clean_value(v, self.allow_non_integer).map_err(|why| {
-                        value_error(self.path, &reader_path_hint(self.cell_ids, row), &self.names[c as usize], v, why)
+                        value_error(self.path, &(self.hint)(row), &self.names[c as usize], v, why)
                     })?;
                     if v != 0.0 {
                         out.genes.push(id as i32);
@@ -885,9 +893,13 @@ fn clean_value(v: f32, allow_non_integer: bool) -> Result<f32, &'static str> {
     }
 }
 
-fn reader_path_hint(cell_ids: &[String], row: usize) -> String {
-    format!("row {row} (cell `{}`)", cell_ids.get(row).map(String::as_str).unwrap_or("?"))
+fn reader_path_hint(cell_ids: &ObsNames, row: usize) -> String {
+    let id = cell_ids.read(row..row + 1).ok().and_then(|ids| ids.into_iter().next());
+    format!("row {row} (cell `{}`)", id.as_deref().unwrap_or("?"))
 }
+
+/// Cells read from the obs index per window, as the writer walks the rows in order.
+const CELL_ID_WINDOW: usize = 16_384;
 
 fn value_error(path: &Path, at: &str, gene: &str, v: f32, why: &str) -> anyhow::Error {
     anyhow::anyhow!("{}: expression value {v} at {at}, gene `{gene}` {why}", path.display())
@@ -971,9 +983,9 @@ mod tests {
     fn gene_sums_are_exact_independent_of_blocks_and_name_the_first_bad_value() {
         let (per_row, n_vars) = (100, 53);
         let names: Vec<String> = (0..n_vars).map(|g| format!("g{g}")).collect();
-        let cell_ids: Vec<String> = (0..3000).map(|c| format!("c{c}")).collect();
+        let hint = |row: usize| format!("row {row} (cell `c{row}`)");
         let path = Path::new("x.h5ad");
-        let sums = || GeneSums { n_vars, failed_block: AtomicUsize::new(usize::MAX), path, names: &names, cell_ids: &cell_ids };
+        let sums = || GeneSums { n_vars, failed_block: AtomicUsize::new(usize::MAX), path, names: &names, hint: &hint };
         // 300,000 values: pieces of both lanes in every block layout below.
         let counts: Vec<f32> = (0..300_000u32).map(|k| (k.wrapping_mul(2_654_435_761) >> 28) as f32).collect();
         let mut naive = vec![0f64; n_vars];

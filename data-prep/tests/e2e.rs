@@ -237,6 +237,7 @@ fn bad_inputs_give_errors_naming_file_and_field() {
     write_h5ad(&nan, &[1.0, f32::NAN, 3.0]);
     let e = run(&nan, &[]);
     assert!(e.contains("nan.h5ad") && e.contains("not a finite number"), "{e}");
+    assert!(e.contains("row 0 (cell `c0`)") && e.contains("gene `EGFR`"), "the error names the cell and the gene: {e}");
 
     let good = t.path().join("good.h5ad");
     write_h5ad(&good, &[1.0, 2.0, 3.0]);

@@ -298,12 +298,18 @@ impl H5adReader {
 
     /// The obs index (cell ids).
     pub fn obs_names(&self) -> Result<Vec<String>> {
+        self.obs_index()?.read(0..self.n_obs)
+    }
+
+    /// The cell ids, to be read a range at a time.
+    pub fn obs_index(&self) -> Result<ObsNames> {
         let obs = self.group_at("obs")?;
-        let names = read_index(&obs, "obs", &self.path)?;
-        if names.len() != self.n_obs {
-            return Err(self.invalid("obs", format!("has {} cells but the matrix has {} rows", names.len(), self.n_obs)));
+        let (ds, field) = index_dataset(&obs, "obs", &self.path)?;
+        let len = if ds.ndim() == 1 { ds.shape()[0] } else { usize::MAX };
+        if len != self.n_obs {
+            return Err(self.invalid("obs", format!("has an index of shape {:?} but the matrix has {} rows", ds.shape(), self.n_obs)));
         }
-        Ok(names)
+        Ok(ObsNames { ds, field, path: self.path.clone(), len })
     }
 
     pub fn obs_columns(&self) -> Result<Vec<String>> {
@@ -357,7 +363,7 @@ impl H5adReader {
         if is_group {
             let cg = g.group(col).map_err(self.err(&field))?;
             if cg.link_exists("codes") && cg.link_exists("categories") {
-                let cats = read_strings(&cg.dataset("categories").map_err(self.err(&field))?, &field, &self.path)?;
+                let cats = read_strings(&cg.dataset("categories").map_err(self.err(&field))?, &field, &self.path, None)?;
                 let codes: Vec<i64> = cg.dataset("codes").and_then(|d| d.read_raw()).map_err(self.err(&field))?;
                 return decode_categorical(&codes, &cats, &field, &self.path);
             }
@@ -368,12 +374,12 @@ impl H5adReader {
         if ds.attr_names().map(|a| a.iter().any(|n| n == "categories")).unwrap_or(false) {
             let cat_path = format!("__categories/{col}");
             if g.link_exists(&cat_path) {
-                let cats = read_strings(&g.dataset(&cat_path).map_err(self.err(&field))?, &field, &self.path)?;
+                let cats = read_strings(&g.dataset(&cat_path).map_err(self.err(&field))?, &field, &self.path, None)?;
                 let codes: Vec<i64> = ds.read_raw().map_err(self.err(&field))?;
                 return decode_categorical(&codes, &cats, &field, &self.path);
             }
         }
-        read_any_as_strings(&ds, &field, &self.path)
+        read_any_as_strings(&ds, &field, &self.path, None)
     }
 
     /// Rows `start..end` as a CSR block, values as f32.
@@ -643,7 +649,8 @@ fn int_array_attr(loc: &Location, name: &str) -> Option<Vec<i64>> {
     loc.attr(name).ok()?.read_raw::<i64>().ok()
 }
 
-fn read_index(g: &Group, gpath: &str, path: &Path) -> Result<Vec<String>> {
+/// The index dataset of a dataframe group and its field name.
+fn index_dataset(g: &Group, gpath: &str, path: &Path) -> Result<(Dataset, String)> {
     let name = string_attr(g, "_index").unwrap_or_else(|| "_index".into());
     let field = format!("{gpath}/{name}");
     if !g.link_exists(&name) {
@@ -654,18 +661,31 @@ fn read_index(g: &Group, gpath: &str, path: &Path) -> Result<Vec<String>> {
         });
     }
     let ds = g.dataset(&name).map_err(|source| H5adError::Hdf5 { path: path.into(), field: field.clone(), source })?;
-    read_any_as_strings(&ds, &field, path)
+    Ok((ds, field))
 }
 
-fn read_strings(ds: &Dataset, field: &str, path: &Path) -> Result<Vec<String>> {
+fn read_index(g: &Group, gpath: &str, path: &Path) -> Result<Vec<String>> {
+    let (ds, field) = index_dataset(g, gpath, path)?;
+    read_any_as_strings(&ds, &field, path, None)
+}
+
+/// All of a 1-D dataset, or rows `rows` of it.
+fn read_rows<T: hdf5::H5Type + Clone>(ds: &Dataset, rows: Option<std::ops::Range<usize>>) -> hdf5::Result<Vec<T>> {
+    match rows {
+        None => ds.read_raw::<T>(),
+        Some(r) => Ok(ds.read_slice_1d::<T, _>(r)?.into_raw_vec_and_offset().0),
+    }
+}
+
+fn read_strings(ds: &Dataset, field: &str, path: &Path, rows: Option<std::ops::Range<usize>>) -> Result<Vec<String>> {
     let hdf = |source| H5adError::Hdf5 { path: path.into(), field: field.into(), source };
     let desc = ds.dtype().and_then(|t| t.to_descriptor()).map_err(hdf)?;
     match desc {
         TypeDescriptor::VarLenUnicode => {
-            Ok(ds.read_raw::<VarLenUnicode>().map_err(hdf)?.iter().map(|s| s.as_str().to_string()).collect())
+            Ok(read_rows::<VarLenUnicode>(ds, rows).map_err(hdf)?.iter().map(|s| s.as_str().to_string()).collect())
         }
         TypeDescriptor::VarLenAscii => {
-            Ok(ds.read_raw::<VarLenAscii>().map_err(hdf)?.iter().map(|s| s.as_str().to_string()).collect())
+            Ok(read_rows::<VarLenAscii>(ds, rows).map_err(hdf)?.iter().map(|s| s.as_str().to_string()).collect())
         }
         other => Err(H5adError::Invalid {
             path: path.into(),
@@ -675,23 +695,51 @@ fn read_strings(ds: &Dataset, field: &str, path: &Path) -> Result<Vec<String>> {
     }
 }
 
-fn read_any_as_strings(ds: &Dataset, field: &str, path: &Path) -> Result<Vec<String>> {
+fn read_any_as_strings(ds: &Dataset, field: &str, path: &Path, rows: Option<std::ops::Range<usize>>) -> Result<Vec<String>> {
     let hdf = |source| H5adError::Hdf5 { path: path.into(), field: field.into(), source };
     let desc = ds.dtype().and_then(|t| t.to_descriptor()).map_err(hdf)?;
     match desc {
-        TypeDescriptor::VarLenUnicode | TypeDescriptor::VarLenAscii => read_strings(ds, field, path),
+        TypeDescriptor::VarLenUnicode | TypeDescriptor::VarLenAscii => read_strings(ds, field, path, rows),
         TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_) => {
-            Ok(ds.read_raw::<i64>().map_err(hdf)?.iter().map(|v| v.to_string()).collect())
+            Ok(read_rows::<i64>(ds, rows).map_err(hdf)?.iter().map(|v| v.to_string()).collect())
         }
-        TypeDescriptor::Float(_) => Ok(ds.read_raw::<f64>().map_err(hdf)?.iter().map(|v| v.to_string()).collect()),
+        TypeDescriptor::Float(_) => Ok(read_rows::<f64>(ds, rows).map_err(hdf)?.iter().map(|v| v.to_string()).collect()),
         TypeDescriptor::Boolean | TypeDescriptor::Enum(_) => {
-            Ok(ds.read_raw::<bool>().map_err(hdf)?.iter().map(|v| v.to_string()).collect())
+            Ok(read_rows::<bool>(ds, rows).map_err(hdf)?.iter().map(|v| v.to_string()).collect())
         }
         other => Err(H5adError::Invalid {
             path: path.into(),
             field: field.into(),
             message: format!("unsupported column type {other:?}"),
         }),
+    }
+}
+
+/// The cell ids (obs index) of a file, read a range at a time: held whole, a 1M-cell file's
+/// ids were ~150 MB of the prep run's peak memory, growing with the file.
+pub struct ObsNames {
+    ds: Dataset,
+    field: String,
+    path: PathBuf,
+    len: usize,
+}
+
+impl ObsNames {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The ids of cells `rows` (clamped to the file).
+    pub fn read(&self, rows: std::ops::Range<usize>) -> Result<Vec<String>> {
+        let rows = rows.start.min(self.len)..rows.end.min(self.len);
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        read_any_as_strings(&self.ds, &self.field, &self.path, Some(rows))
     }
 }
 
