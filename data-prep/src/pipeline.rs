@@ -347,7 +347,7 @@ impl Prep {
         let file_key = hash_str(stem);
         let block_cells = self.cfg.run.block_cells;
         let shard_cells = self.cfg.output.shard_cells;
-        let gene_table: Vec<u32> = gene_ids.iter().map(|g| g.unwrap_or(NO_GENE)).collect();
+        let gene_table = GeneTable::new(&gene_ids, self.vocab.len());
         let binning = CellBinning {
             gene_ids: &gene_table,
             keep_cell: &keep_cell,
@@ -600,8 +600,43 @@ fn nonnegative_finite_key(v: f32) -> u32 {
 }
 const POSITIVE_INFINITY_BITS: u32 = 0x7f80_0000;
 
-/// Marks an input gene that is not in the vocabulary or was filtered out.
-const NO_GENE: u32 = u32::MAX;
+/// Vocabulary id per input column, [`GeneId::NONE`] for dropped genes, in 16 bits when the
+/// vocabulary allows: looked up for every value, and the whole-human vocabulary's 60,697 ids
+/// as u32 (240 KB at CELLxGENE's 60k columns) missed the first-level cache twice as often.
+enum GeneTable {
+    Narrow(Vec<u16>),
+    Wide(Vec<u32>),
+}
+
+impl GeneTable {
+    fn new(ids: &[Option<u32>], vocab_len: usize) -> Self {
+        if vocab_len < u16::NONE as usize {
+            GeneTable::Narrow(ids.iter().map(|g| g.map_or(u16::NONE, |id| id as u16)).collect())
+        } else {
+            GeneTable::Wide(ids.iter().map(|g| g.unwrap_or(u32::NONE)).collect())
+        }
+    }
+}
+
+trait GeneId: Copy + Eq {
+    /// Marks an input gene that is not in the vocabulary or was filtered out.
+    const NONE: Self;
+    fn id(self) -> i32;
+}
+
+impl GeneId for u16 {
+    const NONE: u16 = u16::MAX;
+    fn id(self) -> i32 {
+        self as i32
+    }
+}
+
+impl GeneId for u32 {
+    const NONE: u32 = u32::MAX;
+    fn id(self) -> i32 {
+        self as i32
+    }
+}
 
 /// Bytes requested at once by the gene-filter pass, which only sums, so the disk bounds it.
 const GENE_FILTER_READ_AHEAD: usize = 256 << 20;
@@ -742,8 +777,7 @@ struct BinnedChunk {
 
 /// Everything a worker needs to turn raw rows into binned cells.
 struct CellBinning<'a> {
-    /// Vocabulary id per input column, [`NO_GENE`] for dropped genes.
-    gene_ids: &'a [u32],
+    gene_ids: &'a GeneTable,
     keep_cell: &'a [bool],
     min_genes: usize,
     allow_non_integer: bool,
@@ -758,6 +792,13 @@ struct CellBinning<'a> {
 
 impl CellBinning<'_> {
     fn bin_chunk(&self, binner: &mut Binner, block: &RowBlock, rows: &[usize]) -> anyhow::Result<BinnedChunk> {
+        match self.gene_ids {
+            GeneTable::Narrow(t) => self.bin_chunk_with(t, binner, block, rows),
+            GeneTable::Wide(t) => self.bin_chunk_with(t, binner, block, rows),
+        }
+    }
+
+    fn bin_chunk_with<G: GeneId>(&self, gene_ids: &[G], binner: &mut Binner, block: &RowBlock, rows: &[usize]) -> anyhow::Result<BinnedChunk> {
         let mut out = CellLists { offsets: vec![0], ..Default::default() };
         let (mut kept_rows, mut n_counts) = (Vec::new(), Vec::new());
         if let (Some(&first), Some(&last)) = (rows.first(), rows.last()) {
@@ -784,10 +825,10 @@ impl CellBinning<'_> {
                 let (genes, values) = (&mut out.genes.spare_capacity_mut()[..cols.len()], &mut out.expressions.spare_capacity_mut()[..cols.len()]);
                 let mut k = 0;
                 for (&c, &v) in cols.iter().zip(vals) {
-                    let id = self.gene_ids[c as usize];
-                    genes[k].write(id as i32);
+                    let id = gene_ids[c as usize];
+                    genes[k].write(id.id());
                     values[k].write(v);
-                    k += (id != NO_GENE && v != 0.0) as usize;
+                    k += (id != G::NONE && v != 0.0) as usize;
                 }
                 // SAFETY: slots start..start + k were written just above (k <= cols.len()).
                 unsafe {
@@ -796,15 +837,15 @@ impl CellBinning<'_> {
                 }
             } else {
                 for (&c, &v) in cols.iter().zip(vals) {
-                    let id = self.gene_ids[c as usize];
-                    if id == NO_GENE {
+                    let id = gene_ids[c as usize];
+                    if id == G::NONE {
                         continue;
                     }
                     let v = clean_value(v, self.allow_non_integer).map_err(|why| {
                         value_error(self.path, &(self.hint)(row), &self.names[c as usize], v, why)
                     })?;
                     if v != 0.0 {
-                        out.genes.push(id as i32);
+                        out.genes.push(id.id());
                         out.expressions.push(v);
                     }
                 }
@@ -1013,6 +1054,39 @@ mod tests {
         bad[70_000] = 1.0;
         let e = sums().totals(blocks_of(&bad, per_row, n_vars, &[500]).into_iter()).unwrap_err().to_string();
         assert!(e.contains("row 1500 (cell `c1500`)") && e.contains("negative"), "{e}");
+    }
+
+    #[test]
+    fn narrow_and_wide_gene_tables_bin_alike() {
+        let (per_row, n_vars) = (40, 53);
+        // Integer counts (the exact path) and one non-integer row (the checked path), with
+        // explicit zeros and genes outside the vocabulary.
+        let mut values: Vec<f32> = (0..400u32).map(|k| (k.wrapping_mul(2_654_435_761) >> 29) as f32).collect();
+        values[200..240].iter_mut().for_each(|v| *v += 0.000_1);
+        let block = blocks_of(&values, per_row, n_vars, &[10]).pop().unwrap().unwrap();
+        let ids: Vec<Option<u32>> = (0..n_vars as u32).map(|g| (g % 5 != 0).then_some(g * 1000)).collect();
+        let (narrow, wide) = (GeneTable::new(&ids, 60_697), GeneTable::new(&ids, 70_000));
+        assert!(matches!(narrow, GeneTable::Narrow(_)) && matches!(wide, GeneTable::Wide(_)));
+        let keep = vec![true; 10];
+        let hint = |row: usize| format!("row {row}");
+        let binning = |gene_ids| CellBinning {
+            gene_ids,
+            keep_cell: &keep,
+            min_genes: 1,
+            allow_non_integer: false,
+            n_bins: 51,
+            seed: Some(7),
+            file_key: 1,
+            path: Path::new("x.h5ad"),
+            names: &[],
+            hint: &hint,
+        };
+        let rows: Vec<usize> = (0..10).collect();
+        let a = binning(&narrow).bin_chunk(&mut Binner::new(), &block, &rows).unwrap();
+        let b = binning(&wide).bin_chunk(&mut Binner::new(), &block, &rows).unwrap();
+        assert_eq!((&a.rows, &a.n_counts, &*a.lists), (&b.rows, &b.n_counts, &*b.lists));
+        assert!(a.lists.genes.iter().all(|g| g % 1000 == 0 && (g / 1000) % 5 != 0), "dropped genes are left out");
+        assert!(a.lists.genes.iter().any(|&g| g == 52_000), "the vocabulary's ids, not the columns'");
     }
 
     #[test]
