@@ -176,8 +176,12 @@ fn small_integer_dictionary(values: &Segments<f32>) -> Option<(Vec<f32>, Vec<u32
         return None;
     }
     let mut present = vec![false; SMALL_INTS];
-    for &v in values.parts().iter().flat_map(|p| p.iter()) {
-        present[small_int::value(v) as usize & (SMALL_INTS - 1)] = true;
+    // Part by part: through a flattening iterator, its end-of-part test per value was half
+    // this function's time.
+    for part in values.parts() {
+        for &v in *part {
+            present[small_int::value(v) as usize & (SMALL_INTS - 1)] = true;
+        }
     }
     let mut rank = vec![0u32; SMALL_INTS];
     let mut dict = Vec::new();
