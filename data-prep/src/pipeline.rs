@@ -766,7 +766,9 @@ impl GeneSums<'_> {
 }
 
 /// Cells handed to one rayon task: enough to amortise scheduling, small enough to balance.
-const CHUNK_CELLS: usize = 128;
+/// 256 cells (~512k values) rather than 128: a 2^18-value page then spans two chunks about
+/// half the time instead of always, so fewer pages are gathered (-3% CPU, four A/B runs).
+const CHUNK_CELLS: usize = 256;
 
 /// Kept cells of a chunk of rows: their lists (shared with the shard writer until their row
 /// group is encoded), source rows and totals.
@@ -808,7 +810,6 @@ impl CellBinning<'_> {
             out.expressions.reserve(values);
             out.bins.reserve(values);
         }
-        let mut bins = Vec::new();
         for &i in rows {
             let row = block.start + i;
             if !self.keep_cell[row] {
@@ -859,13 +860,12 @@ impl CellBinning<'_> {
             }
             let values = &out.expressions[start..];
             match self.seed {
-                None => binner.bin_nonzero::<rand_chacha::ChaCha8Rng>(values, self.n_bins, TieBreak::Lowest, &mut bins),
+                None => binner.append_nonzero_bins::<rand_chacha::ChaCha8Rng>(values, self.n_bins, TieBreak::Lowest, &mut out.bins),
                 Some(seed) => {
                     let mut rng = SplitMix64::for_item(seed, self.file_key, row as u64);
-                    binner.bin_nonzero(values, self.n_bins, TieBreak::Random(&mut rng), &mut bins)
+                    binner.append_nonzero_bins(values, self.n_bins, TieBreak::Random(&mut rng), &mut out.bins)
                 }
             }
-            out.bins.extend_from_slice(&bins);
             n_counts.push(if exact {
                 // Integer counts: an exact integer sum, with no chain of dependent float adds.
                 values.iter().map(|&v| small_int::value(v) as u64).sum::<u64>() as f32

@@ -83,6 +83,11 @@ impl Binner {
     /// Bin values that are all nonzero (the shard layout stores only expressed genes).
     pub fn bin_nonzero<R: Rng>(&mut self, values: &[f32], n_bins: usize, ties: TieBreak<'_, R>, out: &mut Vec<u8>) {
         out.clear();
+        self.append_nonzero_bins(values, n_bins, ties, out);
+    }
+
+    /// [`Binner::bin_nonzero`], appending the bins to `out` (a chunk's bins, written in place).
+    pub fn append_nonzero_bins<R: Rng>(&mut self, values: &[f32], n_bins: usize, ties: TieBreak<'_, R>, out: &mut Vec<u8>) {
         if values.is_empty() {
             return;
         }
