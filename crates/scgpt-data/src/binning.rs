@@ -157,7 +157,19 @@ impl Binner {
             *c = total;
         }
         let cum = &self.hist;
-        let at = |k: usize| cum.partition_point(|&c| c as usize <= k) as f32;
+        // The k-th smallest value is the first v with cum[v] > k. The edges ask for ascending k
+        // (each edge's k and k + 1, so a step back of at most one): a cursor walks the histogram
+        // once instead of a binary search per lookup.
+        let mut v = 0usize;
+        let at = |k: usize| {
+            while v > 0 && cum[v - 1] as usize > k {
+                v -= 1;
+            }
+            while cum[v] as usize <= k {
+                v += 1;
+            }
+            v as f32
+        };
         quantile_edges_with(values.len(), n_bins - 1, at, &mut self.edges);
         // l(v) = #edges <= v and r(v) = #edges < v are step functions of the integer v that
         // step at ceil(edge) and floor(edge) + 1: filled segment by segment.
@@ -189,7 +201,7 @@ pub fn quantile_edges_into(sorted: &[f32], n_edges: usize, edges: &mut Vec<f64>)
 }
 
 /// [`quantile_edges_into`] over `n` values whose `i`-th smallest is `at(i)`.
-fn quantile_edges_with(n: usize, n_edges: usize, at: impl Fn(usize) -> f32, edges: &mut Vec<f64>) {
+fn quantile_edges_with(n: usize, n_edges: usize, mut at: impl FnMut(usize) -> f32, edges: &mut Vec<f64>) {
     edges.clear();
     let step = 1.0 / (n_edges as f64 - 1.0);
     for i in 0..n_edges {
