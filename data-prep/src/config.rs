@@ -85,6 +85,11 @@ pub struct RunConfig {
     /// the benchmark VM: 3 s of kernel time instead of 73 s); off can win only for a file
     /// already in the page cache.
     pub direct_io: bool,
+    /// Seconds between syncs of finished shards (fsync, then the progress record that names
+    /// them); 0 = after every shard. Each sync is a device flush, which on the benchmark VM
+    /// stalled all reads for 0.3-1.5 s: once per shard it cost 1-11 s of a 25 s run. A killed
+    /// run resumes at the last sync and rewrites the shards after it.
+    pub sync_every_s: f64,
     pub progress: bool,
 }
 
@@ -98,6 +103,11 @@ impl PrepConfig {
             self.binning.n_bins
         );
         anyhow::ensure!(self.output.shard_cells > 0, "output.shard_cells must be positive");
+        anyhow::ensure!(
+            self.run.sync_every_s >= 0.0 && self.run.sync_every_s.is_finite(),
+            "run.sync_every_s = {} must be a number of seconds >= 0",
+            self.run.sync_every_s
+        );
         anyhow::ensure!(self.run.block_cells > 0, "run.block_cells must be positive");
         anyhow::ensure!(
             matches!(self.input.matrix.as_str(), "auto" | "x"),

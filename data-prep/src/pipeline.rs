@@ -386,17 +386,39 @@ impl Prep {
             let finisher = std::thread::Builder::new().name("shard-finisher".into()).spawn_scoped(scope, move || -> anyhow::Result<(Vec<ShardRecord>, usize)> {
                 let mut shards = shards;
                 let mut written = cells_before;
+                // Shards are made durable (and then recorded) at most every sync_every_s: each
+                // sync is a device flush that stalls every read for a while.
+                let sync_every = std::time::Duration::from_secs_f64(self.cfg.run.sync_every_s);
+                let mut unsynced: Vec<(std::fs::File, PathBuf)> = Vec::new();
+                let mut last_sync = std::time::Instant::now();
+                let sync = |unsynced: &mut Vec<(std::fs::File, PathBuf)>| -> anyhow::Result<()> {
+                    for (f, path) in unsynced.drain(..) {
+                        f.sync_all().with_context(|| format!("{}: cannot sync shard", path.display()))?;
+                    }
+                    atomic::sync_dir(&self.out);
+                    Ok(())
+                };
                 for (w, row_end, last) in finish_rx {
-                    let info = w.finish()?;
+                    let path = w.path().to_path_buf();
+                    let (info, file) = w.finish_unsynced()?;
                     written += info.rows;
                     shards.push(ShardRecord { info, row_end });
+                    unsynced.push((file, path));
                     // The last shard is recorded with the finished file's record.
-                    if !last {
+                    if last {
+                        sync(&mut unsynced)?;
+                    } else if last_sync.elapsed() >= sync_every {
+                        sync(&mut unsynced)?;
+                        last_sync = std::time::Instant::now();
                         rec.shards = shards.clone();
                         self.save_record(rec)?;
+                    }
+                    if !last {
                         crash_point_for_tests();
                     }
                 }
+                // A file whose cells fill its last shard exactly has no `last` message.
+                sync(&mut unsynced)?;
                 Ok((shards, written))
             })?;
             let (obs_values, cell_ids) = (&obs_values, &cell_ids);

@@ -170,30 +170,44 @@ fn a_killed_run_resumes_to_identical_shards() {
     let t = tempfile::tempdir().unwrap();
     let h5 = t.path().join("sim.h5ad");
     simulate(&h5, 2000);
-    let (full, killed) = (t.path().join("full"), t.path().join("killed"));
-    let args = |dir: &Path| -> Vec<String> {
-        ["--input", s(&h5), "--out", s(dir), "--shard-cells", "300", "--seed", "9"].iter().map(|a| a.to_string()).collect()
+    let full = t.path().join("full");
+    let args = |dir: &Path, sync_every: &str| -> Vec<String> {
+        let sync = format!("run.sync_every_s={sync_every}");
+        ["--input", s(&h5), "--out", s(dir), "--shard-cells", "300", "--seed", "9", "--set", &sync].iter().map(|a| a.to_string()).collect()
     };
-    ok(prep(&args(&full).iter().map(String::as_str).collect::<Vec<_>>()));
-    let crashed = Command::new(env!("CARGO_BIN_EXE_scgpt-prep"))
-        .args(args(&killed))
-        .arg("--quiet")
-        .env("SCGPT_PREP_ABORT_AFTER_SHARDS", "3")
-        .output()
-        .unwrap();
-    assert!(!crashed.status.success(), "the run was killed");
-    assert!(!killed.join("manifest.json").exists(), "no manifest before the run finishes");
-    let visible: Vec<String> = std::fs::read_dir(&killed).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    // Shards being written or finished when the run died are hidden temp files.
-    let shards = visible.iter().filter(|n| n.ends_with(".parquet") && !n.starts_with('.')).count();
-    assert_eq!(shards, 3, "exactly the finished shards are visible: {visible:?}");
-    let rerun = ok(prep(&args(&killed).iter().map(String::as_str).collect::<Vec<_>>()));
-    assert!(rerun.contains("1 file(s) processed"), "{rerun}");
-    let left: Vec<String> = std::fs::read_dir(&killed).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    assert!(left.iter().all(|n| !n.starts_with(".tmp-")), "the rerun removes the dead run's temp files: {left:?}");
-    assert_eq!(shard_digests(&full), shard_digests(&killed));
-    let again = ok(prep(&args(&killed).iter().map(String::as_str).collect::<Vec<_>>()));
-    assert!(again.contains("0 file(s) processed, 1 already done"), "finished files are skipped: {again}");
+    let run = |a: Vec<String>| ok(prep(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    run(args(&full, "30"));
+    // Synced after every shard, the rerun resumes after the third; synced every 30 s (the
+    // default), nothing was recorded before the kill and the rerun redoes the file, overwriting
+    // the unrecorded shards the dead run left.
+    for (sync_every, recorded) in [("0", true), ("30", false)] {
+        let killed = t.path().join(format!("killed-{sync_every}"));
+        let crashed = Command::new(env!("CARGO_BIN_EXE_scgpt-prep"))
+            .args(args(&killed, sync_every))
+            .arg("--quiet")
+            .env("SCGPT_PREP_ABORT_AFTER_SHARDS", "3")
+            .output()
+            .unwrap();
+        assert!(!crashed.status.success(), "the run was killed");
+        assert!(!killed.join("manifest.json").exists(), "no manifest before the run finishes");
+        let visible: Vec<String> = std::fs::read_dir(&killed).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        // Shards being written or finished when the run died are hidden temp files.
+        let shards = visible.iter().filter(|n| n.ends_with(".parquet") && !n.starts_with('.')).count();
+        assert_eq!(shards, 3, "exactly the finished shards are visible: {visible:?}");
+        let record = killed.join(".progress/sim.json");
+        assert_eq!(record.exists(), recorded, "progress recorded before the kill (sync every {sync_every} s)");
+        if recorded {
+            let rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+            assert_eq!(rec["shards"].as_array().unwrap().len(), 3, "{rec}");
+        }
+        let rerun = run(args(&killed, sync_every));
+        assert!(rerun.contains("1 file(s) processed"), "{rerun}");
+        let left: Vec<String> = std::fs::read_dir(&killed).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(left.iter().all(|n| !n.starts_with(".tmp-")), "the rerun removes the dead run's temp files: {left:?}");
+        assert_eq!(shard_digests(&full), shard_digests(&killed), "sync every {sync_every} s");
+        let again = run(args(&killed, sync_every));
+        assert!(again.contains("0 file(s) processed, 1 already done"), "finished files are skipped: {again}");
+    }
 }
 
 fn write_h5ad(path: &Path, data: &[f32]) {

@@ -36,10 +36,7 @@ where
         Ok(()) => {
             std::fs::rename(&tmp, path)?;
             if let Some(dir) = path.parent() {
-                // Persist the rename itself; ignore platforms where directories cannot be opened.
-                if let Ok(d) = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) {
-                    let _ = d.sync_all();
-                }
+                sync_dir(dir);
             }
             Ok(())
         }
@@ -47,6 +44,14 @@ where
             let _ = std::fs::remove_file(&tmp);
             Err(e)
         }
+    }
+}
+
+/// Persists renames in `dir` (its entries); platforms where a directory cannot be opened are
+/// left as they are.
+pub fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) {
+        let _ = d.sync_all();
     }
 }
 

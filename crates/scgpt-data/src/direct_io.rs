@@ -109,15 +109,18 @@ impl HashedFileWriter {
         }
     }
 
-    /// Writes what is buffered, fsyncs, and returns the file, its length and SHA-256.
-    pub fn finish(mut self) -> io::Result<(File, u64, [u8; 32])> {
+    /// Writes what is buffered and returns the file, its length and SHA-256; with `sync`, fsyncs
+    /// it first.
+    pub fn finish(mut self, sync: bool) -> io::Result<(File, u64, [u8; 32])> {
         let block = std::mem::replace(&mut self.block, AlignedBlock { mem: Vec::new(), start: 0, len: 0 });
         let sent = self.to_disk.take().is_some_and(|tx| tx.send((block, true)).is_ok());
         let (file, hash) = self.join_disk()?;
         if !sent {
             return Err(io::Error::other("shard disk thread stopped before the end"));
         }
-        file.sync_all()?;
+        if sync {
+            file.sync_all()?;
+        }
         Ok((file, self.bytes, hash))
     }
 }
@@ -214,7 +217,7 @@ mod tests {
             for piece in data.chunks(10_007) {
                 w.write_all(piece).unwrap();
             }
-            let (_, bytes, hash) = w.finish().unwrap();
+            let (_, bytes, hash) = w.finish(true).unwrap();
             assert_eq!(bytes, n as u64);
             assert_eq!(std::fs::read(&path).unwrap(), data, "{n} bytes, direct {direct}");
             assert_eq!(hash, <[u8; 32]>::from(Sha256::digest(&data)), "{n} bytes");

@@ -271,6 +271,11 @@ impl ShardWriter {
         })
     }
 
+    /// Where the finished shard will be.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Cells written so far, including those still buffered.
     pub fn rows(&self) -> usize {
         self.rows
@@ -355,20 +360,30 @@ impl ShardWriter {
     }
 
     /// Encode the rest, write the footer, fsync, and move the file into place.
-    pub fn finish(mut self) -> anyhow::Result<ShardInfo> {
+    pub fn finish(self) -> anyhow::Result<ShardInfo> {
+        self.finish_with(true).map(|(info, _)| info)
+    }
+
+    /// [`ShardWriter::finish`] without the fsync: the shard is in place but durable only once
+    /// the caller syncs the returned file and then the directory (for the rename).
+    pub fn finish_unsynced(self) -> anyhow::Result<(ShardInfo, File)> {
+        self.finish_with(false)
+    }
+
+    fn finish_with(mut self, sync: bool) -> anyhow::Result<(ShardInfo, File)> {
         self.flush()?;
         let file = self.file.take().expect("open until finish");
         let ctx = |e: &dyn std::fmt::Display| anyhow::anyhow!("writing shard {}: {e}", self.path.display());
         let out = file.into_inner().map_err(|e| ctx(&e))?;
-        let (f, bytes, sha256) = out.finish().map_err(|e| ctx(&e))?;
-        drop(f);
+        let (f, bytes, sha256) = out.finish(sync).map_err(|e| ctx(&e))?;
         std::fs::rename(&self.tmp, &self.path).map_err(|e| ctx(&e))?;
-        Ok(ShardInfo {
+        let info = ShardInfo {
             file: self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             rows: self.rows,
             bytes,
             sha256: hex(&sha256),
-        })
+        };
+        Ok((info, f))
     }
 }
 
