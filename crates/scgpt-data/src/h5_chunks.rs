@@ -131,12 +131,18 @@ fn find_message_v2(file: &File, header: u64, kind: u16) -> Option<Vec<u8>> {
     // 4-byte checksum. Chunk 0 follows the prefix; others start with "OCHK".
     let mut blocks = vec![(header + (i + width) as u64, size)];
     let mut first = true;
+    let mut seen_blocks = 0;
     while let Some((at, len)) = blocks.pop() {
-        let len = usize::try_from(len).ok().filter(|&l| l <= 1 << 24)?;
-        let (at, len) = if first { (at, len) } else { (at + 4, len.checked_sub(8)?) };
-        if !first && read_at(file, at - 4, 4)? != b"OCHK" {
+        // Continuations that point back at each other in a damaged file end here.
+        seen_blocks += 1;
+        if seen_blocks > 1 << 12 {
             return None;
         }
+        let len = usize::try_from(len).ok().filter(|&l| l <= 1 << 24)?;
+        if !first && read_at(file, at, 4)? != b"OCHK" {
+            return None;
+        }
+        let (at, len) = if first { (at, len) } else { (at.checked_add(4)?, len.checked_sub(8)?) };
         first = false;
         let block = read_at(file, at, len)?;
         let prefix = if creation_order { 6 } else { 4 };
