@@ -405,19 +405,18 @@ impl Prep {
                     shards.push(ShardRecord { info, row_end });
                     unsynced.push((file, path));
                     // The last shard is recorded with the finished file's record.
-                    if last {
-                        sync(&mut unsynced)?;
-                    } else if last_sync.elapsed() >= sync_every {
-                        sync(&mut unsynced)?;
-                        last_sync = std::time::Instant::now();
-                        rec.shards = shards.clone();
-                        self.save_record(rec)?;
-                    }
                     if !last {
+                        if last_sync.elapsed() >= sync_every {
+                            sync(&mut unsynced)?;
+                            last_sync = std::time::Instant::now();
+                            rec.shards = shards.clone();
+                            self.save_record(rec)?;
+                        }
                         crash_point_for_tests();
                     }
                 }
-                // A file whose cells fill its last shard exactly has no `last` message.
+                // The rest (the last shard at least) is made durable before the file's record
+                // names it.
                 sync(&mut unsynced)?;
                 Ok((shards, written))
             })?;
