@@ -21,7 +21,7 @@ fi
 
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup) first" >&2; exit 1; }
 
-if ! .venv/bin/python -c "import anndata, pyarrow, h5py, scipy, tensorboard" 2>/dev/null; then
+if ! .venv/bin/python -c "import anndata, pyarrow, h5py, scipy, tensorboard, blake3" 2>/dev/null; then
   echo "setup: creating .venv with the Python test readers"
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/py/requirements.txt

@@ -71,7 +71,7 @@ fn shard_digests(dir: &Path) -> Vec<(String, String)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| (s["file"].as_str().unwrap().to_string(), s["sha256"].as_str().unwrap().to_string()))
+        .map(|s| (s["file"].as_str().unwrap().to_string(), s["blake3"].as_str().unwrap().to_string()))
         .collect()
 }
 

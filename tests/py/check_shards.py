@@ -9,12 +9,12 @@ to its lowest bin under --deterministic. Exits non-zero with a message on the fi
 """
 import argparse
 import gzip
-import hashlib
 import json
 import os
 import sys
 
 import anndata as ad
+import blake3
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -107,8 +107,8 @@ def main():
     obs_cols = manifest["obs_cols"]
     for s in manifest["shards"]:
         path = os.path.join(a.shards, s["file"])
-        digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
-        if digest != s["sha256"] or os.path.getsize(path) != s["bytes"]:
+        digest = blake3.blake3(open(path, "rb").read()).hexdigest()
+        if digest != s["blake3"] or os.path.getsize(path) != s["bytes"]:
             fail(f"{s['file']}: checksum or size differs from the manifest")
         if pq.ParquetFile(path).metadata.num_rows != s["rows"]:
             fail(f"{s['file']}: row count differs from the manifest")

@@ -11,7 +11,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
 
 /// `O_DIRECT` needs buffer addresses, file offsets and lengths in multiples of the device's
 /// logical block; 4 KiB covers every common disk.
@@ -25,7 +24,7 @@ pub fn open_read(path: &Path) -> Option<File> {
     OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok()
 }
 
-/// A new file that counts and SHA-256-hashes its bytes and writes them in aligned 4 MiB blocks
+/// A new file that counts and BLAKE3-hashes its bytes and writes them in aligned 4 MiB blocks
 /// with `O_DIRECT`; where that is refused it falls back to ordinary writes of the same blocks.
 /// Hashing and writing run on a thread of their own, so the producer only copies bytes into a
 /// block: a shard writer never waits for the disk or the hash unless two blocks are queued.
@@ -78,13 +77,13 @@ impl HashedFileWriter {
         let (to_disk, queued) = crossbeam_channel::bounded::<(AlignedBlock, bool)>(1);
         let (give_back, free) = crossbeam_channel::bounded(BLOCKS);
         let disk = std::thread::Builder::new().name("shard-disk".into()).spawn(move || {
-            let mut disk = DiskWriter { file, direct, hasher: Sha256::new() };
+            let mut disk = DiskWriter { file, direct, hasher: blake3::Hasher::new() };
             for (block, last) in queued {
                 disk.hasher.update(block.bytes());
                 disk.write(block.bytes(), last)?;
                 let _ = give_back.try_send(block);
             }
-            Ok((disk.file, disk.hasher.finalize().into()))
+            Ok((disk.file, *disk.hasher.finalize().as_bytes()))
         })?;
         Ok(HashedFileWriter { block: AlignedBlock::new(), to_disk: Some(to_disk), free, disk: Some(disk), bytes: 0 })
     }
@@ -109,7 +108,7 @@ impl HashedFileWriter {
         }
     }
 
-    /// Writes what is buffered and returns the file, its length and SHA-256; with `sync`, fsyncs
+    /// Writes what is buffered and returns the file, its length and BLAKE3 hash; with `sync`, fsyncs
     /// it first.
     pub fn finish(mut self, sync: bool) -> io::Result<(File, u64, [u8; 32])> {
         let block = std::mem::replace(&mut self.block, AlignedBlock { mem: Vec::new(), start: 0, len: 0 });
@@ -161,7 +160,7 @@ impl Drop for HashedFileWriter {
 struct DiskWriter {
     file: File,
     direct: bool,
-    hasher: Sha256,
+    hasher: blake3::Hasher,
 }
 
 impl DiskWriter {
@@ -220,7 +219,13 @@ mod tests {
             let (_, bytes, hash) = w.finish(true).unwrap();
             assert_eq!(bytes, n as u64);
             assert_eq!(std::fs::read(&path).unwrap(), data, "{n} bytes, direct {direct}");
-            assert_eq!(hash, <[u8; 32]>::from(Sha256::digest(&data)), "{n} bytes");
+            assert_eq!(hash, *blake3::hash(&data).as_bytes(), "{n} bytes");
         }
+        // The published test vector: BLAKE3("abc"), as `b3sum` and Python's `blake3` print it.
+        let path = dir.path().join("abc");
+        let mut w = HashedFileWriter::create_with(&path, true).unwrap();
+        w.write_all(b"abc").unwrap();
+        let (_, _, hash) = w.finish(false).unwrap();
+        assert_eq!(crate::vocab::hex(&hash), "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85");
     }
 }

@@ -207,7 +207,8 @@ pub struct ShardInfo {
     pub file: String,
     pub rows: usize,
     pub bytes: u64,
-    pub sha256: String,
+    /// BLAKE3 of the file's bytes, hex (`b3sum` prints the same).
+    pub blake3: String,
 }
 
 /// genes, expressions, bins: the first three columns of every shard.
@@ -375,13 +376,13 @@ impl ShardWriter {
         let file = self.file.take().expect("open until finish");
         let ctx = |e: &dyn std::fmt::Display| anyhow::anyhow!("writing shard {}: {e}", self.path.display());
         let out = file.into_inner().map_err(|e| ctx(&e))?;
-        let (f, bytes, sha256) = out.finish(sync).map_err(|e| ctx(&e))?;
+        let (f, bytes, blake3) = out.finish(sync).map_err(|e| ctx(&e))?;
         std::fs::rename(&self.tmp, &self.path).map_err(|e| ctx(&e))?;
         let info = ShardInfo {
             file: self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             rows: self.rows,
             bytes,
-            sha256: hex(&sha256),
+            blake3: hex(&blake3),
         };
         Ok((info, f))
     }
