@@ -82,8 +82,8 @@ pub struct RunConfig {
     /// Cells read from HDF5 per block: bounds memory whatever the file size.
     pub block_cells: usize,
     /// Read uncompressed CSR arrays with O_DIRECT, past the page cache (a cold 1M-cell file on
-    /// the benchmark VM: 3 s of kernel time instead of 73 s); off can win only for a file
-    /// already in the page cache.
+    /// the benchmark VM: 3 s of kernel time instead of 73 s), except the stretches the cache
+    /// already holds (a file just downloaded or written), which are copied from it.
     pub direct_io: bool,
     /// Seconds between syncs of finished shards (fsync, then the progress record that names
     /// them); 0 = after every shard. Each sync is a device flush, which on the benchmark VM

@@ -11,7 +11,8 @@
 //! past the page cache. Data-prep reads each file twice (gene filter, then binning) and a
 //! corpus file is rarely still cached by its second pass; through the cache, a cold 1M-cell
 //! file (16.6 GB) cost 73 s of kernel time on the benchmark VM, directly 3 s
-//! (docs/benchmarks.md).
+//! (docs/benchmarks.md). Stretches the page cache does hold are copied from it, not reread
+//! from the disk ([`crate::direct_io::PageCacheMap`]).
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
@@ -38,6 +39,8 @@ pub struct DirectDataset {
     file: File,
     /// The same file opened with `O_DIRECT`, when asked for.
     unbuffered: Option<File>,
+    /// Which of the file's pages the page cache holds: those are read from it instead.
+    cache: Option<crate::direct_io::PageCacheMap>,
     /// Cleared when the file system refuses an `O_DIRECT` read (alignment it does not accept).
     unbuffered_ok: AtomicBool,
     pub elem: Elem,
@@ -92,7 +95,7 @@ impl DirectDataset {
         if end > file_len {
             return None;
         }
-        Some(DirectDataset { file, unbuffered: None, unbuffered_ok: AtomicBool::new(true), elem, len, chunk_offsets, chunk_elems })
+        Some(DirectDataset { file, unbuffered: None, cache: None, unbuffered_ok: AtomicBool::new(true), elem, len, chunk_offsets, chunk_elems })
     }
 
     /// Reads this dataset with `O_DIRECT` from now on, if the file system allows it (tmpfs may
@@ -102,6 +105,7 @@ impl DirectDataset {
             return false;
         }
         self.unbuffered = crate::direct_io::open_read(path);
+        self.cache = self.unbuffered.as_ref().and_then(|_| crate::direct_io::PageCacheMap::new(&self.file));
         self.unbuffered.is_some()
     }
 
@@ -123,7 +127,8 @@ impl DirectDataset {
         }
         let runs = self.file_runs(a, b);
         if let Some(f) = self.unbuffered.as_ref().filter(|_| self.unbuffered_ok.load(Ordering::Relaxed)) {
-            match read_runs_unbuffered(f, &runs) {
+            let how = Unbuffered { direct: f, buffered: &self.file, cache: self.cache.as_ref() };
+            match read_runs_unbuffered(&how, &runs) {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.unbuffered_ok.store(false, Ordering::Relaxed),
                 r => return r.map(from_le),
             }
@@ -158,22 +163,35 @@ impl DirectDataset {
     }
 }
 
+/// The handles of an unbuffered read: `O_DIRECT`, ordinary (for pages already cached), and
+/// the residency map that picks between them.
+struct Unbuffered<'a> {
+    direct: &'a File,
+    buffered: &'a File,
+    cache: Option<&'a crate::direct_io::PageCacheMap>,
+}
+
 /// The runs read with `O_DIRECT`; the first lands in place, any later one is copied after it.
-fn read_runs_unbuffered(f: &File, runs: &[(u64, usize)]) -> std::io::Result<OffsetVec<u32>> {
+fn read_runs_unbuffered(how: &Unbuffered, runs: &[(u64, usize)]) -> std::io::Result<OffsetVec<u32>> {
     let later: usize = runs[1..].iter().map(|r| r.1).sum();
-    let mut out = read_unbuffered(f, runs[0].0, runs[0].1, later)?;
+    let mut out = read_unbuffered(how, runs[0].0, runs[0].1, later)?;
     for &(at, n) in &runs[1..] {
-        let more = read_unbuffered(f, at, n, 0)?;
+        let more = read_unbuffered(how, at, n, 0)?;
         out.extend_from_slice(&more);
     }
     Ok(out)
 }
 
+/// Above this many stretches of cached and uncached pages in one read, it all goes past the
+/// cache: a scattered cache would cost a system call per stretch.
+const MAX_CACHE_STRETCHES: usize = 32;
+
 /// `n` words at file offset `at` (a multiple of 4) through an `O_DIRECT` handle: the file range
 /// is widened to 4 KiB boundaries and read into a 4 KiB-aligned spot of one allocation, and
 /// the words asked for start `head` elements in, so nothing is copied after the read. `extra`
-/// words of room are left after them.
-fn read_unbuffered(f: &File, at: u64, n: usize, extra: usize) -> std::io::Result<OffsetVec<u32>> {
+/// words of room are left after them. Stretches of pages the page cache holds are copied from
+/// it with ordinary reads instead.
+fn read_unbuffered(how: &Unbuffered, at: u64, n: usize, extra: usize) -> std::io::Result<OffsetVec<u32>> {
     use crate::direct_io::ALIGN;
     let file_start = at & !(ALIGN as u64 - 1);
     let lead = (at - file_start) as usize; // bytes before the first word, a multiple of 4
@@ -181,24 +199,57 @@ fn read_unbuffered(f: &File, at: u64, n: usize, extra: usize) -> std::io::Result
     let mut vec = take_buffer(bytes / ELEM_BYTES + ALIGN / ELEM_BYTES + extra);
     let pad = vec.as_ptr().cast::<u8>().align_offset(ALIGN) / ELEM_BYTES;
     let head = pad + lead / ELEM_BYTES;
-    // SAFETY: the read stays inside the capacity (pad + bytes/4 words), the padding in front
-    // is zeroed, and `len` covers only words written by the read or the zeroing.
+    let len = lead + n * ELEM_BYTES;
+    let stretches = how.cache.map(|c| page_stretches(&c.resident(file_start, bytes))).filter(|s| s.len() <= MAX_CACHE_STRETCHES);
+    let stretches = stretches.unwrap_or_else(|| vec![(false, 0, bytes / ALIGN)]);
+    // SAFETY: every read stays inside the capacity (pad + bytes/4 words), the padding in front
+    // is zeroed, and `len` covers only words written by the reads (the stretches cover all
+    // pages) or the zeroing.
     unsafe {
         let base = vec.as_mut_ptr();
         std::ptr::write_bytes(base, 0, pad);
-        let (dst, len, fd) = (base.add(pad).cast::<u8>(), lead + n * ELEM_BYTES, f.as_raw_fd());
-        // A large read goes as two requests at once: the disk serves two in flight faster
-        // than one (3.3 GB in 3.3 s with four 8 MB streams, 3.9 s with one or two).
-        let split = if len >= SPLIT_BYTES { len / 2 / ALIGN * ALIGN } else { len };
-        let (dst_addr, rest) = (dst as usize, len - split);
-        std::thread::scope(|s| -> std::io::Result<()> {
-            let second = (rest > 0).then(|| s.spawn(move || pread_into(fd, (dst_addr + split) as *mut u8, rest, file_start + split as u64, ALIGN)));
-            pread_into(fd, dst, split, file_start, ALIGN)?;
-            second.map_or(Ok(()), |h| h.join().expect("read thread panicked"))
-        })?;
+        let dst = base.add(pad).cast::<u8>();
+        for (cached, first, pages) in stretches {
+            let (from, to) = (first * ALIGN, ((first + pages) * ALIGN).min(len));
+            if cached {
+                pread_into(how.buffered.as_raw_fd(), dst.add(from), to - from, file_start + from as u64, 1)?;
+            } else {
+                read_direct(how.direct.as_raw_fd(), dst.add(from), to - from, file_start + from as u64)?;
+            }
+        }
         vec.set_len(head + n);
     }
     Ok(OffsetVec::new(vec, head))
+}
+
+/// (cached, first page, pages) for each stretch of pages alike in `resident`.
+fn page_stretches(resident: &[bool]) -> Vec<(bool, usize, usize)> {
+    let mut out: Vec<(bool, usize, usize)> = Vec::new();
+    for (page, &r) in resident.iter().enumerate() {
+        match out.last_mut() {
+            Some((c, _, pages)) if *c == r => *pages += 1,
+            _ => out.push((r, page, 1)),
+        }
+    }
+    out
+}
+
+/// `len` bytes at `offset` (a multiple of [`crate::direct_io::ALIGN`]) through an `O_DIRECT`
+/// descriptor into aligned `dst`.
+///
+/// # Safety
+/// `dst` must be aligned and valid for writes of `len` rounded up to the alignment.
+unsafe fn read_direct(fd: i32, dst: *mut u8, len: usize, offset: u64) -> std::io::Result<()> {
+    use crate::direct_io::ALIGN;
+    // A large read goes as two requests at once: the disk serves two in flight faster
+    // than one (3.3 GB in 3.3 s with four 8 MB streams, 3.9 s with one or two).
+    let split = if len >= SPLIT_BYTES { len / 2 / ALIGN * ALIGN } else { len };
+    let (dst_addr, rest) = (dst as usize, len - split);
+    std::thread::scope(|s| -> std::io::Result<()> {
+        let second = (rest > 0).then(|| s.spawn(move || pread_into(fd, (dst_addr + split) as *mut u8, rest, offset + split as u64, ALIGN)));
+        pread_into(fd, dst, split, offset, ALIGN)?;
+        second.map_or(Ok(()), |h| h.join().expect("read thread panicked"))
+    })
 }
 
 /// Reads `len` bytes at `offset` into `dst`, asking for whole multiples of `block` bytes
@@ -357,6 +408,57 @@ mod tests {
         }
         assert!(!direct || ds.unbuffered_ok.load(Ordering::Relaxed), "no read fell back to the page cache");
         assert!(file_len % 4096 != 0 || ds.chunk_offsets[0] % 4096 != 0, "the test needs an unaligned layout");
+    }
+
+    #[test]
+    fn reads_take_cached_pages_from_the_cache_and_the_rest_past_it() {
+        use crate::direct_io::{PageCacheMap, ALIGN};
+        assert_eq!(page_stretches(&[true, true, false, true]), vec![(true, 0, 2), (false, 2, 1), (true, 3, 1)]);
+        assert_eq!(page_stretches(&[]), vec![]);
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap(); // a disk, not tmpfs
+        let path = dir.path().join("d.h5");
+        let n = 1_000_003usize;
+        let ints: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(2_654_435_761) ^ 0xa5a5).collect();
+        hdf5::File::create(&path).unwrap().new_dataset_builder().with_data(&ints).create("x").unwrap();
+        let f = hdf5::File::open(&path).unwrap();
+        let mut ds = DirectDataset::open(&path, &f.dataset("x").unwrap()).unwrap();
+        if !ds.use_direct_io(&path) {
+            eprintln!("O_DIRECT not available under {}: nothing to split", dir.path().display());
+            return;
+        }
+        // Evict the file, then cache alternate 64-page stretches of it with ordinary reads.
+        let file = File::open(&path).unwrap();
+        file.sync_all().unwrap();
+        let len = file.metadata().unwrap().len() as usize;
+        // SAFETY: plain fadvise and pread calls on a descriptor we own, into a buffer we own.
+        // (No readahead, or the reads below would cache the stretches between them too.)
+        unsafe {
+            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM);
+        }
+        let map = PageCacheMap::new(&file).unwrap();
+        let stretch = 64 * ALIGN;
+        let mut page = vec![0u8; stretch];
+        for at in (0..len).step_by(2 * stretch) {
+            unsafe { libc::pread(file.as_raw_fd(), page.as_mut_ptr().cast(), stretch, at as libc::off_t) };
+        }
+        let resident = map.resident(0, len);
+        let cached = resident.iter().filter(|r| **r).count();
+        if cached == 0 {
+            eprintln!("the kernel reports no page cache residency here: every read went past the cache");
+        } else {
+            let wanted: Vec<bool> = (0..resident.len()).map(|p| p / 64 % 2 == 0).collect();
+            assert_eq!(resident, wanted, "the stretches read are cached, the others not");
+        }
+        for (a, b) in [(0, n), (1, 70_000), (16_383, 16_385), (65_530, 200_000), (n - 33_000, n), (123_457, 987_653)] {
+            assert_eq!(&ds.read_words(a, b).unwrap()[..], &ints[a..b], "range {a}..{b} ({cached} pages cached)");
+        }
+        assert!(ds.unbuffered_ok.load(Ordering::Relaxed), "no read fell back to the page cache");
+        if cached > 0 {
+            assert_eq!(map.resident(0, len), resident, "the uncached stretches were read past the cache, not into it");
+        }
+        // Past the end of the file, pages are absent rather than an error.
+        assert!(map.resident(((len / ALIGN + 1) * ALIGN) as u64, 3 * ALIGN).iter().all(|r| !r));
     }
 
     #[test]

@@ -234,7 +234,7 @@ impl H5adReader {
 
     /// Reads the CSR arrays with `O_DIRECT`, bypassing the page cache, where the file's layout
     /// and file system allow it; returns whether both arrays will be. Faster for files read
-    /// cold (the usual corpus build), slower for one already cached.
+    /// cold (the usual corpus build); pages already cached are still read from the cache.
     pub fn use_direct_io(&mut self) -> bool {
         let path = self.path.clone();
         match &mut self.direct {
