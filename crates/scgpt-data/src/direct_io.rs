@@ -11,7 +11,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
-
 /// `O_DIRECT` needs buffer addresses, file offsets and lengths in multiples of the device's
 /// logical block; 4 KiB covers every common disk.
 pub const ALIGN: usize = 4096;
