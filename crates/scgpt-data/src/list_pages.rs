@@ -120,7 +120,7 @@ pub fn encode_delta_i32(descr: ColumnDescPtr, offsets: &[i32], values: &Segments
 pub fn encode_identity_dictionary_u8(descr: ColumnDescPtr, offsets: &[i32], values: &Segments<u8>) -> parquet::errors::Result<ListChunk> {
     let size = values.parts().iter().filter_map(|p| p.iter().copied().max()).max().map_or(1, |m| m as usize + 1);
     let plain: Vec<u8> = (0..size as i32).flat_map(i32::to_le_bytes).collect();
-    encode_dictionary(descr, offsets, plain, size, values, |v| v as u32)
+    encode_dictionary(descr, offsets, plain, size, values, byte_indices)
 }
 
 /// Expressions: `RLE_DICTIONARY` over the distinct values, uncompressed; `BYTE_STREAM_SPLIT`
@@ -129,23 +129,25 @@ pub fn encode_f32(descr: ColumnDescPtr, offsets: &[i32], values: &Segments<f32>)
     if let Some((dict, rank)) = small_integer_dictionary(values) {
         // Every value is an integer in 0..SMALL_INTS (checked); the mask bounds the index.
         let index = |v: f32| rank[small_int::value(v) as usize & (SMALL_INTS - 1)];
-        return encode_dictionary(descr, offsets, plain_f32(&dict), dict.len(), values, index);
+        let indices = |page: &[f32], width: u8, buf: &mut Vec<u8>| dictionary_indices(page.iter().map(|&v| index(v)), page.len(), width, buf);
+        return encode_dictionary(descr, offsets, plain_f32(&dict), dict.len(), values, indices);
     }
     let Some((dict, indices)) = float_dictionary(values) else {
         return encode_byte_stream_split_zstd(descr, offsets, values);
     };
-    encode_dictionary(descr, offsets, plain_f32(&dict), dict.len(), &Segments::from(&indices[..]), |i| i)
+    let copy = |page: &[u32], width: u8, buf: &mut Vec<u8>| dictionary_indices(page.iter().copied(), page.len(), width, buf);
+    encode_dictionary(descr, offsets, plain_f32(&dict), dict.len(), &Segments::from(&indices[..]), copy)
 }
 
 /// A dictionary page (`plain`, `entries` values in PLAIN encoding), then data pages of the
-/// dictionary indices `index` gives for `values`.
+/// dictionary indices of `values`, which `indices` writes for a page's values at a bit width.
 fn encode_dictionary<V: Copy>(
     descr: ColumnDescPtr,
     offsets: &[i32],
     plain: Vec<u8>,
     entries: usize,
     values: &Segments<V>,
-    index: impl Fn(V) -> u32,
+    indices: impl Fn(&[V], u8, &mut Vec<u8>),
 ) -> parquet::errors::Result<ListChunk> {
     let mut chunk = ChunkBuilder::new(descr, Compression::UNCOMPRESSED, offsets)?;
     chunk.dictionary_page(plain, entries)?;
@@ -154,7 +156,7 @@ fn encode_dictionary<V: Copy>(
     for (a, b) in page_ranges(offsets) {
         let (va, vb) = (offsets[a] as usize, offsets[b] as usize);
         let mut buf = chunk.levels(&offsets[a..=b]);
-        dictionary_indices(values.slice(va, vb, &mut scratch).iter().map(|&v| index(v)), vb - va, width, &mut buf);
+        indices(values.slice(va, vb, &mut scratch), width, &mut buf);
         chunk.data_page(buf, Encoding::RLE_DICTIONARY, &offsets[a..=b])?;
     }
     chunk.finish()
@@ -452,6 +454,57 @@ fn dictionary_indices(mut indices: impl Iterator<Item = u32>, n: usize, width: u
     }
 }
 
+/// [`dictionary_indices`] for byte values that are their own indices (the bins), `width` at
+/// most 8: eight values at a time in one 64-bit word, halved into place in three steps of
+/// masks and shifts instead of a shift and an or per value (the bins' packing was 5% of a prep
+/// run).
+fn byte_indices(values: &[u8], width: u8, buf: &mut Vec<u8>) {
+    macro_rules! widths {
+        ($($w:literal)*) => {
+            match width {
+                0 => dictionary_indices(std::iter::empty(), values.len(), 0, buf),
+                $($w => byte_indices_width::<$w>(values, buf),)*
+                _ => dictionary_indices(values.iter().map(|&v| v as u32), values.len(), width, buf),
+            }
+        };
+    }
+    widths!(1 2 3 4 5 6 7 8);
+}
+
+fn byte_indices_width<const W: u32>(values: &[u8], buf: &mut Vec<u8>) {
+    buf.push(W as u8);
+    if values.is_empty() {
+        return;
+    }
+    let groups = values.len().div_ceil(8);
+    uleb128(((groups as u64) << 1) | 1, buf);
+    let start = buf.len();
+    let len = groups * W as usize;
+    buf.resize(start + len + 8, 0);
+    let dst = &mut buf[start..];
+    // Eight values below 2^W in the bytes of x, packed into the low 8W bits.
+    let pack = |x: u64| {
+        let x = (x & 0x00FF_00FF_00FF_00FF) | ((x & 0xFF00_FF00_FF00_FF00) >> (8 - W));
+        let x = (x & 0x0000_FFFF_0000_FFFF) | ((x & 0xFFFF_0000_FFFF_0000) >> (16 - 2 * W));
+        (x & 0xFFFF_FFFF) | ((x >> 32) << (4 * W))
+    };
+    let mut groups_in = values.chunks_exact(8);
+    let mut at = 0;
+    for g in &mut groups_in {
+        let x = u64::from_le_bytes(g.try_into().expect("8 bytes"));
+        dst[at..at + 8].copy_from_slice(&pack(x).to_le_bytes());
+        at += W as usize;
+    }
+    let rest = groups_in.remainder();
+    if !rest.is_empty() {
+        // The run is whole groups of 8: the last one is padded with zeros.
+        let mut last = [0u8; 8];
+        last[..rest.len()].copy_from_slice(rest);
+        dst[at..at + 8].copy_from_slice(&pack(u64::from_le_bytes(last)).to_le_bytes());
+    }
+    buf.truncate(start + len);
+}
+
 /// `DELTA_BINARY_PACKED` with blocks of 128 values in 4 miniblocks of 32, deltas in wrapping
 /// 32-bit arithmetic as the format's INT32 type.
 fn delta_binary_packed(values: &[i32], buf: &mut Vec<u8>) {
@@ -576,6 +629,19 @@ mod tests {
             for (i, &v) in vals.iter().enumerate() {
                 let back = (0..w as usize).fold(0u32, |acc, b| acc | (bit(i * w as usize + b) as u32) << b);
                 assert_eq!(back, v, "width {w}, value {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn byte_indices_pack_as_the_general_path() {
+        for width in 0..=8u8 {
+            for n in [0usize, 1, 7, 8, 9, 16, 23, 1000] {
+                let vals: Vec<u8> = (0..n as u64).map(|i| ((i * 2_654_435_761 >> 7) & ((1u64 << width) - 1)) as u8).collect();
+                let (mut fast, mut general) = (vec![3u8], vec![3u8]);
+                byte_indices(&vals, width, &mut fast);
+                dictionary_indices(vals.iter().map(|&v| v as u32), n, width, &mut general);
+                assert_eq!(fast, general, "width {width}, {n} values");
             }
         }
     }
