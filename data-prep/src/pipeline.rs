@@ -1,8 +1,12 @@
 //! The sharding pipeline: h5ad files in, binned Parquet shards plus a manifest out.
 //!
-//! Per file: match genes to the vocabulary, evaluate obs filters, count genes (the per-file gene
-//! filter; the same pass validates every value), then stream row blocks from reader threads
-//! while rayon bins cells, cutting shards of `shard_cells` kept cells. Every cell draws its
+//! Per file: match genes to the vocabulary, evaluate obs filters, decide the per-file gene
+//! filter, then stream row blocks from reader threads while rayon bins cells, cutting shards of
+//! `shard_cells` kept cells. The gene filter reads only the column indices where it can (a gene
+//! stored in n cells totals at least n counts), plus the values of the genes stored in too few
+//! cells to settle that way; the binning pass then checks every stored value, and a value
+//! below 1 (an explicit zero, a fraction) has the file checked against exact totals and binned
+//! again if that changes any gene's fate. Non-integer input takes the exact totals directly. Every cell draws its
 //! tie-breaking from its own RNG stream keyed by (seed, file, row), so the output does not depend
 //! on threads, block size, or where a resumed run picked up.
 //!
@@ -84,6 +88,12 @@ pub struct FileRecord {
     pub shards: Vec<ShardRecord>,
     pub complete: bool,
     pub stats: FileStats,
+    /// The shards were binned with the gene filter from exact totals (see [`GeneRule`]).
+    #[serde(default)]
+    pub exact_gene_filter: bool,
+    /// A stored value below 1 was seen in the rows before the last recorded shard's end.
+    #[serde(default)]
+    pub values_below_one: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -319,19 +329,12 @@ impl Prep {
         let cell_ids = reader.obs_index()?;
         let hint = |row: usize| reader_path_hint(&cell_ids, row);
 
+        let exact_only = previous.as_ref().is_some_and(|r| r.exact_gene_filter);
+        let resumed_below_one = previous.as_ref().is_some_and(|r| r.values_below_one);
         let filter_start = std::time::Instant::now();
-        let gene_ids = self.gene_filter(&mut reader, &gm, &names, &hint)?;
+        let (mut gene_ids, rule) = self.gene_filter(&mut reader, &gm, &names, &hint, exact_only)?;
         let filter_secs = filter_start.elapsed().as_secs_f64();
         let binning_start = std::time::Instant::now();
-        let mut stats = FileStats {
-            cells_in: n_obs,
-            genes_in: names.len(),
-            genes_in_vocab: gm.matched(),
-            genes_matched_via_ensembl: gm.by_ensembl,
-            genes_kept: gene_ids.iter().filter(|g| g.is_some()).count(),
-            cells_dropped_obs_filter: keep_cell.iter().filter(|k| !**k).count(),
-            ..Default::default()
-        };
 
         // Resume at the last finished shard of an interrupted run, else start clean.
         let shards: Vec<ShardRecord> = match previous {
@@ -342,48 +345,117 @@ impl Prep {
             }
         };
         let start_row = shards.last().map(|s| s.row_end).unwrap_or(0);
-        let cells_before = shards.iter().map(|s| s.info.rows).sum::<usize>();
         bar.inc(start_row as u64);
         processed.fetch_add(start_row as u64, Ordering::Relaxed);
 
-        let file_key = hash_str(stem);
-        let block_cells = self.cfg.run.block_cells;
-        let shard_cells = self.cfg.output.shard_cells;
-        let gene_table = GeneTable::new(&gene_ids, self.vocab.len());
-        let binning = CellBinning {
-            gene_ids: &gene_table,
-            keep_cell: &keep_cell,
-            min_genes: self.cfg.filter.min_genes_per_cell,
-            allow_non_integer: self.cfg.input.allow_non_integer,
-            n_bins: self.cfg.binning.n_bins,
-            seed: (!self.cfg.binning.deterministic).then_some(self.cfg.binning.seed),
-            file_key,
-            path,
-            names: &names,
-            hint: &hint,
-        };
         let mut rec = FileRecord {
             dataset: stem.to_string(),
             source: source.clone(),
             settings_hash: self.settings_hash.clone(),
             shards: shards.clone(),
             complete: false,
-            stats: stats.clone(),
+            stats: FileStats::default(),
+            exact_gene_filter: rule == GeneRule::Exact,
+            values_below_one: resumed_below_one,
         };
+        let file = FilePass { stem, path, n_obs, names: &names, hint: &hint, keep_cell: &keep_cell, obs_values: &obs_values, cell_ids: &cell_ids };
+        let (mut shards, mut cells_written, below_one) =
+            self.bin_pass(&file, &mut reader, start_row, &gene_ids, rule == GeneRule::Counted, shards, &mut rec, Some(bar), processed)?;
+        if rule == GeneRule::Counted && (below_one || resumed_below_one) {
+            // The counted filter assumed every stored value is at least 1; with explicit zeros
+            // or fractions it may keep a gene whose total is below the threshold. Check against
+            // exact totals, and redo the file if any gene's fate differs.
+            let exact = self.exact_gene_filter(&mut reader, &gm, &names, &hint)?;
+            if exact != gene_ids {
+                eprintln!("{stem}: stored values below 1 change the gene filter's outcome; binning the file again with exact gene totals");
+                self.remove_shards_of(stem)?;
+                rec.shards.clear();
+                rec.exact_gene_filter = true;
+                rec.values_below_one = false;
+                self.save_record(&rec)?;
+                gene_ids = exact;
+                (shards, cells_written, _) = self.bin_pass(&file, &mut reader, 0, &gene_ids, false, Vec::new(), &mut rec, None, processed)?;
+            }
+        }
+        let stats = FileStats {
+            cells_in: n_obs,
+            genes_in: names.len(),
+            genes_in_vocab: gm.matched(),
+            genes_matched_via_ensembl: gm.by_ensembl,
+            genes_kept: gene_ids.iter().filter(|g| g.is_some()).count(),
+            cells_dropped_obs_filter: keep_cell.iter().filter(|k| !**k).count(),
+            ..Default::default()
+        };
+        let mut stats = stats;
+        let cells_before = cells_written;
+        stats.cells_out = cells_before;
+        // Derived from totals, so the record is the same with or without a resume.
+        stats.cells_dropped_few_genes = n_obs - stats.cells_dropped_obs_filter - stats.cells_out;
+        rec.shards = shards;
+        rec.stats = stats;
+        rec.complete = true;
+        self.save_record(&rec)?;
+        if !bar.is_hidden() {
+            // The two passes over the file: which one bounds the run (disk or cores) shows here.
+            bar.println(format!(
+                "{stem}: {} of {} cells kept, {} shard(s); gene filter pass {filter_secs:.1} s, binning pass {:.1} s",
+                rec.stats.cells_out,
+                n_obs,
+                rec.shards.len(),
+                binning_start.elapsed().as_secs_f64()
+            ));
+        }
+        Ok((rec, true))
+    }
 
+    /// The binning pass from `start_row`: reader threads (several blocks in flight), rayon
+    /// workers binning blocks, a writer thread encoding Parquet and a thread finishing full
+    /// shards, after `shards`. `check_all`: also check every stored value of the file (the
+    /// counted gene filter did not read them) and report whether one was below 1. Returns all
+    /// shards, the cells in them, and that report.
+    #[allow(clippy::too_many_arguments)]
+    fn bin_pass(
+        &self,
+        file: &FilePass,
+        reader: &mut H5adReader,
+        start_row: usize,
+        gene_ids: &[Option<u32>],
+        check_all: bool,
+        shards: Vec<ShardRecord>,
+        rec: &mut FileRecord,
+        bar: Option<&ProgressBar>,
+        processed: &AtomicU64,
+    ) -> anyhow::Result<(Vec<ShardRecord>, usize, bool)> {
+        let FilePass { stem, path, n_obs, names, hint, keep_cell, obs_values, cell_ids } = *file;
+        let cells_before = shards.iter().map(|s| s.info.rows).sum::<usize>();
+        let block_cells = self.cfg.run.block_cells;
+        let shard_cells = self.cfg.output.shard_cells;
+        let gene_table = GeneTable::new(gene_ids, self.vocab.len());
+        let binning = CellBinning {
+            gene_ids: &gene_table,
+            keep_cell,
+            check_all,
+            min_genes: self.cfg.filter.min_genes_per_cell,
+            allow_non_integer: self.cfg.input.allow_non_integer,
+            n_bins: self.cfg.binning.n_bins,
+            seed: (!self.cfg.binning.deterministic).then_some(self.cfg.binning.seed),
+            file_key: hash_str(stem),
+            path,
+            names,
+            hint,
+        };
         // The stages overlap: reader threads (several blocks in flight), rayon workers binning
         // a block, a writer thread encoding Parquet, and a thread finishing full shards.
-        let (shards, cells_written) = std::thread::scope(|scope| -> anyhow::Result<(Vec<ShardRecord>, usize)> {
+        std::thread::scope(|scope| -> anyhow::Result<(Vec<ShardRecord>, usize, bool)> {
             let (block_tx, block_rx) = crossbeam_channel::bounded::<anyhow::Result<RowBlock>>(2);
             let (chunk_tx, chunk_rx) = crossbeam_channel::bounded::<Vec<BinnedChunk>>(2);
-            let reader_ref = &mut reader;
+            let reader_ref = reader;
             scope.spawn(move || {
                 reader_ref.stream_rows(start_row, n_obs, block_cells, BINNING_READ_AHEAD, |block| block_tx.send(block.map_err(anyhow::Error::from)).is_ok());
             });
             // Finishing a shard (its last row group, the disk thread's tail, fsync, rename) took
             // 0.1-0.8 s: on the writer thread it stalled the whole pipeline, ~10% of the run.
-            let (finish_tx, finish_rx) = crossbeam_channel::bounded::<(ShardWriter, usize, bool)>(1);
-            let rec = &mut rec;
+            let (finish_tx, finish_rx) = crossbeam_channel::bounded::<(ShardWriter, usize, bool, bool)>(1);
             let next_shard = shards.len();
             let finisher = std::thread::Builder::new().name("shard-finisher".into()).spawn_scoped(scope, move || -> anyhow::Result<(Vec<ShardRecord>, usize)> {
                 let mut shards = shards;
@@ -400,7 +472,7 @@ impl Prep {
                     atomic::sync_dir(&self.out);
                     Ok(())
                 };
-                for (w, row_end, last) in finish_rx {
+                for (w, row_end, last, below_one) in finish_rx {
                     let path = w.path().to_path_buf();
                     let (info, file) = w.finish_unsynced()?;
                     written += info.rows;
@@ -412,6 +484,7 @@ impl Prep {
                             sync(&mut unsynced)?;
                             last_sync = std::time::Instant::now();
                             rec.shards = shards.clone();
+                            rec.values_below_one |= below_one;
                             self.save_record(rec)?;
                         }
                         crash_point_for_tests();
@@ -422,14 +495,16 @@ impl Prep {
                 sync(&mut unsynced)?;
                 Ok((shards, written))
             })?;
-            let (obs_values, cell_ids) = (&obs_values, &cell_ids);
             let mut ids: (usize, Vec<String>) = (0, Vec::new());
-            let writer = std::thread::Builder::new().name("shard-writer".into()).spawn_scoped(scope, move || -> anyhow::Result<()> {
+            let writer = std::thread::Builder::new().name("shard-writer".into()).spawn_scoped(scope, move || -> anyhow::Result<bool> {
                 let mut next_shard = next_shard;
+                // Whether a value below 1 was seen in the rows up to the current one.
+                let mut below_one = false;
                 let mut open: Option<ShardWriter> = None;
                 let mut obs_row: Vec<String> = Vec::with_capacity(obs_values.len());
                 for chunks in chunk_rx {
                     for chunk in &chunks {
+                        below_one |= chunk.below_one;
                         for k in 0..chunk.rows.len() {
                             let row = chunk.rows[k];
                             obs_row.clear();
@@ -444,16 +519,16 @@ impl Prep {
                                 ids = (row, cell_ids.read(row..row + CELL_ID_WINDOW)?);
                             }
                             w.push(&chunk.lists, k, chunk.n_counts[k], &ids.1[row - ids.0], stem, &obs_row)?;
-                            if w.rows() == shard_cells && finish_tx.send((open.take().expect("open"), row + 1, false)).is_err() {
-                                return Ok(()); // the finisher failed; its error is reported below
+                            if w.rows() == shard_cells && finish_tx.send((open.take().expect("open"), row + 1, false, below_one)).is_err() {
+                                return Ok(below_one); // the finisher failed; its error is reported below
                             }
                         }
                     }
                 }
                 if let Some(w) = open.take() {
-                    let _ = finish_tx.send((w, n_obs, true));
+                    let _ = finish_tx.send((w, n_obs, true, below_one));
                 }
-                Ok(())
+                Ok(below_one)
             })?;
             // Several blocks are binned at once, so the cores do not idle while the last chunk of
             // a block finishes (that tail was ~10% of the binning pass).
@@ -464,7 +539,9 @@ impl Prep {
                     if chunk_tx.send(chunks?).is_err() {
                         return Ok(false); // the writer failed; its error is reported below
                     }
-                    bar.inc(n as u64);
+                    if let Some(bar) = bar {
+                        bar.inc(n as u64);
+                    }
                     processed.fetch_add(n as u64, Ordering::Relaxed);
                     Ok(true)
                 };
@@ -495,39 +572,40 @@ impl Prep {
             drop(chunk_tx);
             let wrote = writer.join().map_err(|_| anyhow::anyhow!("shard writer thread panicked"))?;
             let finished = finisher.join().map_err(|_| anyhow::anyhow!("shard finisher thread panicked"))?;
-            wrote?;
+            let below_one = wrote?;
             binned?;
-            finished
-        })?;
-        let cells_before = cells_written;
-        stats.cells_out = cells_before;
-        // Derived from totals, so the record is the same with or without a resume.
-        stats.cells_dropped_few_genes = n_obs - stats.cells_dropped_obs_filter - stats.cells_out;
-        rec.shards = shards;
-        rec.stats = stats;
-        rec.complete = true;
-        self.save_record(&rec)?;
-        if !bar.is_hidden() {
-            // The two passes over the file: which one bounds the run (disk or cores) shows here.
-            bar.println(format!(
-                "{stem}: {} of {} cells kept, {} shard(s); gene filter pass {filter_secs:.1} s, binning pass {:.1} s",
-                rec.stats.cells_out,
-                n_obs,
-                rec.shards.len(),
-                binning_start.elapsed().as_secs_f64()
-            ));
-        }
-        Ok((rec, true))
+            let (shards, written) = finished?;
+            Ok((shards, written, below_one))
+        })
     }
 
-    /// Vocabulary id per input column after the per-file gene filter; also validates values.
-    fn gene_filter(&self, reader: &mut H5adReader, gm: &GeneMatch, names: &[String], hint: &CellHint) -> anyhow::Result<Vec<Option<u32>>> {
-        let per_10k = self.cfg.filter.gene_min_counts_per_10k_cells;
-        if per_10k <= 0.0 {
-            return Ok(gm.ids.clone());
+    /// Vocabulary id per input column after the per-file gene filter, and how it was decided.
+    /// Counts (the default for integer input read directly): from the column indices alone,
+    /// plus the values of the genes stored in fewer cells than the threshold; it leaves the
+    /// values' check to the binning pass. Exact: from the totals of every value, which it also
+    /// checks.
+    fn gene_filter(&self, reader: &mut H5adReader, gm: &GeneMatch, names: &[String], hint: &CellHint, exact_only: bool) -> anyhow::Result<(Vec<Option<u32>>, GeneRule)> {
+        if self.cfg.filter.gene_min_counts_per_10k_cells <= 0.0 {
+            return Ok((gm.ids.clone(), GeneRule::Unfiltered));
         }
-        // The original filters on all cells of the partition, before any obs filter.
-        let threshold = per_10k / 10_000.0 * reader.n_obs() as f64;
+        let narrow = reader.n_vars() < 1 << COLUMN_BITS;
+        if !exact_only && !self.cfg.input.allow_non_integer && narrow && reader.can_read_indices_alone() {
+            if let Some(ids) = self.counted_gene_filter(reader, gm)? {
+                return Ok((ids, GeneRule::Counted));
+            }
+        }
+        Ok((self.exact_gene_filter(reader, gm, names, hint)?, GeneRule::Exact))
+    }
+
+    /// The filter's threshold for this file: the original filters on all cells of the
+    /// partition, before any obs filter.
+    fn gene_threshold(&self, reader: &H5adReader) -> f64 {
+        self.cfg.filter.gene_min_counts_per_10k_cells / 10_000.0 * reader.n_obs() as f64
+    }
+
+    /// The exact gene filter: totals of every value; also validates them.
+    fn exact_gene_filter(&self, reader: &mut H5adReader, gm: &GeneMatch, names: &[String], hint: &CellHint) -> anyhow::Result<Vec<Option<u32>>> {
+        let threshold = self.gene_threshold(reader);
         let n = reader.n_obs();
         // This pass only reads and sums, so it is bound by the disk, which delivers in
         // proportion to the bytes in flight: many blocks are requested at once.
@@ -542,6 +620,60 @@ impl Prep {
         // The binning pass holds fewer blocks at once: give the spare buffers back.
         scgpt_data::words::clear_pool();
         Ok(gm.ids.iter().zip(&totals).map(|(id, &t)| if t >= threshold && t > 0.0 { *id } else { None }).collect())
+    }
+
+    /// The gene filter from the column indices (half the file's bytes): a gene stored in at
+    /// least `threshold` cells totals at least that when every stored value is at least 1
+    /// (integer counts; the binning pass checks it). Genes stored in fewer cells are decided
+    /// by their values, read where they lie and summed as the exact filter sums them. `None`
+    /// when those values are too many or too scattered to read apart.
+    fn counted_gene_filter(&self, reader: &mut H5adReader, gm: &GeneMatch) -> anyhow::Result<Option<Vec<Option<u32>>>> {
+        let threshold = self.gene_threshold(reader);
+        let n = reader.n_obs();
+        let block_cells = self.cfg.run.block_cells;
+        let counter = GeneCounts { n_vars: reader.n_vars(), threshold, gave_up: std::sync::atomic::AtomicBool::new(false) };
+        let counted = std::thread::scope(|scope| {
+            let (tx, rx) = crossbeam_channel::bounded::<Result<RowBlock, scgpt_data::h5ad::H5adError>>(1);
+            let reader = &mut *reader;
+            scope.spawn(move || reader.stream_row_indices(0, n, block_cells, GENE_FILTER_READ_AHEAD, |b| tx.send(b).is_ok()));
+            counter.count(rx.into_iter().map(|b| b.map_err(anyhow::Error::from)))
+        })?;
+        scgpt_data::words::clear_pool();
+        let Some((counts, mut few)) = counted else { return Ok(None) };
+        // Genes in the vocabulary stored in fewer cells than the threshold: their values decide.
+        let undecided = |c: usize| gm.ids[c].is_some() && counts[c] > 0 && (counts[c] as f64) < threshold;
+        let column = |e: u64| (e & ((1 << COLUMN_BITS) - 1)) as usize;
+        let position = |e: u64| (e >> COLUMN_BITS) as usize;
+        few.retain(|&e| undecided(column(e)));
+        few.sort_unstable();
+        let positions: Vec<usize> = few.iter().map(|&e| position(e)).collect();
+        if H5adReader::value_reads(&positions) > MAX_VALUE_READS {
+            return Ok(None);
+        }
+        let values = match reader.values_at(&positions) {
+            Some(v) => v?,
+            None => return Ok(None),
+        };
+        // Per lane in file order, the lanes then added in order: the exact filter's sums, bit
+        // for bit, whatever the values.
+        let mut lanes = vec![vec![0f64; reader.n_vars()]; SUM_LANES];
+        for (&e, &v) in few.iter().zip(&values) {
+            lanes[(position(e) / SUM_PIECE) % SUM_LANES][column(e)] += v as f64;
+        }
+        let mut totals = vec![0f64; reader.n_vars()];
+        for lane in &lanes {
+            totals.iter_mut().zip(lane).for_each(|(a, b)| *a += b);
+        }
+        Ok(Some(
+            gm.ids
+                .iter()
+                .enumerate()
+                .map(|(c, id)| {
+                    let kept = if undecided(c) { totals[c] >= threshold && totals[c] > 0.0 } else { counts[c] > 0 };
+                    if kept { *id } else { None }
+                })
+                .collect(),
+        ))
     }
 
     fn remove_shards_of(&self, stem: &str) -> anyhow::Result<()> {
@@ -788,6 +920,135 @@ impl GeneSums<'_> {
     }
 }
 
+/// How a file's gene filter was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GeneRule {
+    /// From exact totals of every value (which were checked on the way).
+    Exact,
+    /// From the number of cells storing each gene: every stored value must be checked by the
+    /// binning pass, and one below 1 sends the file to the exact filter.
+    Counted,
+    /// No gene filter (only the vocabulary's).
+    Unfiltered,
+}
+
+/// At most this many separate reads for the values of the genes stored in few cells; past it
+/// the exact filter reads the whole file instead.
+const MAX_VALUE_READS: usize = 100_000;
+
+/// Per lane, at most this many recorded entries of genes still under the threshold (8 bytes
+/// each, 64 MB): past it the counted filter gives up for the exact one. They come from each
+/// gene's first `threshold` stored cells, so at most columns x threshold (20k genes at 1M
+/// cells: 6M; the original's 200k-cell partitions of the census: under 2M).
+const MAX_RECORDED_PER_LANE: usize = 1 << 23;
+
+/// A recorded entry: its position in the file's values above [`COLUMN_BITS`] bits of column,
+/// so that entries sort by position.
+const COLUMN_BITS: u32 = 24;
+
+/// The counted gene filter's pass: per column, the cells that store it, and where the stored
+/// entries of columns still under the threshold lie, from blocks of column indices.
+struct GeneCounts {
+    n_vars: usize,
+    threshold: f64,
+    gave_up: std::sync::atomic::AtomicBool,
+}
+
+/// Counts per column, and the recorded entries of the columns under the threshold.
+type Counted = (Vec<u64>, Vec<u64>);
+
+impl GeneCounts {
+    /// `None` when a lane recorded more pairs than [`MAX_RECORDED_PER_LANE`].
+    fn count(&self, blocks: impl Iterator<Item = anyhow::Result<RowBlock>>) -> anyhow::Result<Option<Counted>> {
+        std::thread::scope(|scope| {
+            let mut to_lanes = Vec::new();
+            let mut lanes = Vec::new();
+            for lane in 0..SUM_LANES {
+                let (tx, rx) = crossbeam_channel::bounded::<(usize, Arc<RowBlock>)>(2);
+                to_lanes.push(tx);
+                lanes.push(std::thread::Builder::new().name(format!("gene-count-{lane}")).spawn_scoped(scope, move || self.lane(lane, rx))?);
+            }
+            let mut first_value = 0;
+            let mut read_error = None;
+            for b in blocks {
+                if self.gave_up.load(Ordering::Relaxed) {
+                    break;
+                }
+                let b = match b {
+                    Ok(b) => Arc::new(b),
+                    Err(e) => {
+                        read_error = Some(e);
+                        break;
+                    }
+                };
+                let values = b.indices.len();
+                for tx in &to_lanes {
+                    let _ = tx.send((first_value, b.clone()));
+                }
+                first_value += values;
+            }
+            drop(to_lanes);
+            let mut counts = vec![0u64; self.n_vars];
+            let mut recorded = Vec::new();
+            for lane in lanes {
+                let (c, r) = lane.join().map_err(|_| anyhow::anyhow!("gene-count thread panicked"))?;
+                counts.iter_mut().zip(&c).for_each(|(a, &b)| *a += b as u64);
+                recorded.extend(r);
+            }
+            if let Some(e) = read_error {
+                return Err(e);
+            }
+            Ok((!self.gave_up.load(Ordering::Relaxed)).then_some((counts, recorded)))
+        })
+    }
+
+    /// Counts this lane's pieces of every block (the same pieces as [`GeneSums::lane`]) and
+    /// records the positions of entries whose column this lane has counted fewer than
+    /// `threshold` times: every entry of a column stored in fewer cells in all.
+    fn lane(&self, lane: usize, blocks: crossbeam_channel::Receiver<(usize, Arc<RowBlock>)>) -> (Vec<u32>, Vec<u64>) {
+        let mut counts = vec![0u32; self.n_vars];
+        let mut recorded = Vec::new();
+        for (first_value, b) in blocks {
+            if self.gave_up.load(Ordering::Relaxed) {
+                continue;
+            }
+            let end = first_value + b.indices.len();
+            let mut piece = first_value / SUM_PIECE;
+            piece += (lane + SUM_LANES - piece % SUM_LANES) % SUM_LANES;
+            while piece * SUM_PIECE < end {
+                let range = (piece * SUM_PIECE).max(first_value) - first_value..((piece + 1) * SUM_PIECE).min(end) - first_value;
+                let t = counts.as_mut_slice();
+                // (Indices were checked against n_vars by the reader.)
+                for (k, &c) in b.indices[range.clone()].iter().enumerate() {
+                    let n = &mut t[c as usize];
+                    if (*n as f64) < self.threshold {
+                        recorded.push(((first_value + range.start + k) as u64) << COLUMN_BITS | c as u64);
+                    }
+                    *n += 1;
+                }
+                piece += SUM_LANES;
+            }
+            if recorded.len() > MAX_RECORDED_PER_LANE || (end as u64) >> (64 - COLUMN_BITS) != 0 {
+                self.gave_up.store(true, Ordering::Relaxed);
+            }
+        }
+        (counts, recorded)
+    }
+}
+
+/// What the binning pass needs of the file it bins.
+#[derive(Clone, Copy)]
+struct FilePass<'a> {
+    stem: &'a str,
+    path: &'a Path,
+    n_obs: usize,
+    names: &'a [String],
+    hint: &'a CellHint<'a>,
+    keep_cell: &'a [bool],
+    obs_values: &'a [Vec<String>],
+    cell_ids: &'a ObsNames,
+}
+
 /// Cells handed to one rayon task: enough to amortise scheduling, small enough to balance.
 /// 256 cells (~512k values) rather than 128: a 2^18-value page then spans two chunks about
 /// half the time instead of always, so fewer pages are gathered (-3% CPU, four A/B runs).
@@ -799,12 +1060,17 @@ struct BinnedChunk {
     rows: Vec<usize>,
     lists: Arc<CellLists>,
     n_counts: Vec<f32>,
+    /// A stored value of the chunk's rows is below 1 (checked with `check_all` only).
+    below_one: bool,
 }
 
 /// Everything a worker needs to turn raw rows into binned cells.
 struct CellBinning<'a> {
     gene_ids: &'a GeneTable,
     keep_cell: &'a [bool],
+    /// Check every stored value, in rows the obs filter drops and genes the binning skips too
+    /// (no earlier pass read them), and report values below 1.
+    check_all: bool,
     min_genes: usize,
     allow_non_integer: bool,
     n_bins: usize,
@@ -833,16 +1099,25 @@ impl CellBinning<'_> {
             out.expressions.reserve(values);
             out.bins.reserve(values);
         }
+        let mut below_one = false;
         for &i in rows {
             let row = block.start + i;
             if !self.keep_cell[row] {
+                if self.check_all {
+                    let (cols, vals) = block.row(i);
+                    self.check_values(row, cols, vals)?;
+                    below_one |= vals.iter().fold(f32::INFINITY, |m, &v| m.min(v)) < 1.0;
+                }
                 continue;
             }
             let start = out.genes.len();
             let (cols, vals) = block.row(i);
             // Exact integer counts (the common case) take a branch-free copy of the kept genes;
             // anything else is checked value by value and rounded or refused.
-            let exact = vals.iter().fold(true, |ok, &v| ok & small_int::is_int_in(v, 0.0, small_int::LIMIT));
+            let (exact, at_least_one) = vals
+                .iter()
+                .fold((true, true), |(ok, one), &v| (ok & small_int::is_int_in(v, 0.0, small_int::LIMIT), one & (v >= 1.0)));
+            below_one |= !at_least_one;
             if exact {
                 // Written into spare capacity: zero-filling first (resize) was 2% of the run.
                 out.genes.reserve(cols.len());
@@ -861,6 +1136,9 @@ impl CellBinning<'_> {
                     out.expressions.set_len(start + k);
                 }
             } else {
+                if self.check_all {
+                    self.check_values(row, cols, vals)?;
+                }
                 for (&c, &v) in cols.iter().zip(vals) {
                     let id = gene_ids[c as usize];
                     if id == G::NONE {
@@ -898,7 +1176,17 @@ impl CellBinning<'_> {
             kept_rows.push(row);
             out.offsets.push(out.genes.len());
         }
-        Ok(BinnedChunk { rows: kept_rows, lists: Arc::new(out), n_counts })
+        Ok(BinnedChunk { rows: kept_rows, lists: Arc::new(out), n_counts, below_one: below_one && self.check_all })
+    }
+
+    /// Refuses a row's first negative or non-finite value, whatever its gene.
+    fn check_values(&self, row: usize, cols: &[u32], vals: &[f32]) -> anyhow::Result<()> {
+        if vals.iter().map(|v| nonnegative_finite_key(*v)).max().unwrap_or(0) < POSITIVE_INFINITY_BITS {
+            return Ok(());
+        }
+        let k = vals.iter().position(|v| !(*v >= 0.0 && v.is_finite())).expect("a bad value");
+        let why = clean_value(vals[k], true).expect_err("non-finite or negative");
+        Err(value_error(self.path, &(self.hint)(row), &self.names[cols[k] as usize], vals[k], why))
     }
 }
 
@@ -935,6 +1223,8 @@ fn settings_hash(cfg: &PrepConfig, vocab: &GeneVocab) -> String {
         "allow_non_integer": cfg.input.allow_non_integer,
         "filter": cfg.filter, "binning": cfg.binning,
         "shard_cells": cfg.output.shard_cells, "obs_cols": cfg.output.obs_cols,
+        // Progress records since the counted gene filter carry how their shards were filtered.
+        "gene_filter_records": 2,
     });
     hex(&Sha256::digest(relevant.to_string().as_bytes()))[..16].to_string()
 }
@@ -1096,6 +1386,7 @@ mod tests {
         let binning = |gene_ids| CellBinning {
             gene_ids,
             keep_cell: &keep,
+            check_all: true,
             min_genes: 1,
             allow_non_integer: false,
             n_bins: 51,
@@ -1109,8 +1400,42 @@ mod tests {
         let a = binning(&narrow).bin_chunk(&mut Binner::new(), &block, &rows).unwrap();
         let b = binning(&wide).bin_chunk(&mut Binner::new(), &block, &rows).unwrap();
         assert_eq!((&a.rows, &a.n_counts, &*a.lists), (&b.rows, &b.n_counts, &*b.lists));
+        assert!(a.below_one && b.below_one, "explicit zeros are reported");
         assert!(a.lists.genes.iter().all(|g| g % 1000 == 0 && (g / 1000) % 5 != 0), "dropped genes are left out");
         assert!(a.lists.genes.iter().any(|&g| g == 52_000), "the vocabulary's ids, not the columns'");
+    }
+
+    #[test]
+    fn gene_counts_are_exact_and_record_every_entry_of_rare_columns() {
+        // 2^18 entries (four sum pieces, so both lanes count), 64 per row, blocks of uneven
+        // sizes; columns 0..200 common, 200..300 rare (every 1000th entry).
+        let (n_vars, per_row, n) = (300usize, 64usize, 1usize << 18);
+        let col = |k: usize| if k % 1000 == 0 { 200 + (k / 1000) % 100 } else { (k * 7) % 200 } as u32;
+        let mut blocks = Vec::new();
+        let (mut row, mut k) = (0, 0);
+        for &rows in [3usize, 50, 7].iter().cycle() {
+            if k >= n {
+                break;
+            }
+            let end = (k + rows * per_row).min(n);
+            let indices: Vec<u32> = (k..end).map(col).collect();
+            let indptr = (0..=(end - k) / per_row).map(|r| r * per_row).collect();
+            blocks.push(Ok(RowBlock { start: row, indptr, indices: indices.into(), data: Vec::<f32>::new().into() }));
+            row += (end - k) / per_row;
+            k = end;
+        }
+        let threshold = 5.0;
+        let counter = GeneCounts { n_vars, threshold, gave_up: std::sync::atomic::AtomicBool::new(false) };
+        let (counts, recorded) = counter.count(blocks.into_iter()).unwrap().expect("well under the cap");
+        let mut naive = vec![0u64; n_vars];
+        (0..n).for_each(|k| naive[col(k) as usize] += 1);
+        assert_eq!(counts, naive);
+        let rare = |c: usize| (naive[c] as f64) < threshold;
+        assert!((0..n_vars).any(rare) && (0..n_vars).any(|c| !rare(c)));
+        let mut got: Vec<u64> = recorded.into_iter().filter(|&e| rare((e & ((1 << COLUMN_BITS) - 1)) as usize)).collect();
+        got.sort_unstable();
+        let want: Vec<u64> = (0..n).filter(|&k| rare(col(k) as usize)).map(|k| (k as u64) << COLUMN_BITS | col(k) as u64).collect();
+        assert_eq!(got, want, "every entry of a column stored fewer than threshold times, at its position");
     }
 
     #[test]

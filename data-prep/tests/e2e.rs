@@ -291,3 +291,72 @@ fn bad_inputs_give_errors_naming_file_and_field() {
     assert_eq!(m["skipped_files"].as_array().unwrap().len(), 1);
     assert_eq!(m["total_cells"], 2);
 }
+
+/// 20 cells; with `filter.gene_min_counts_per_10k_cells = 5000` the threshold is 10 counts.
+/// GAPDH and ACTB are in every cell; CD3E is stored in 10 cells with 1 each (10: kept at the
+/// boundary); EGFR in 3 cells with 5 each (stored in too few cells to settle by counting: its
+/// values keep it); MYC in 3 cells with 1 (dropped); TP53 in 4 cells with 2, and, with
+/// `zeros`, stored as an explicit 0 in 8 more (12 stored cells, yet a total of 8: dropped).
+fn write_gene_filter_case(path: &Path, zeros: bool) {
+    let genes = ["TP53", "EGFR", "MYC", "GAPDH", "ACTB", "CD3E"];
+    let (mut indptr, mut indices, mut data) = (vec![0usize], Vec::new(), Vec::new());
+    for cell in 0..20usize {
+        let mut put = |g: u32, v: f32| {
+            indices.push(g);
+            data.push(v);
+        };
+        if cell < 4 {
+            put(0, 2.0);
+        } else if zeros && cell < 12 {
+            put(0, 0.0);
+        }
+        if cell % 5 == 0 && cell < 15 {
+            put(1, 5.0);
+        }
+        if (1..4).contains(&cell) {
+            put(2, 1.0);
+        }
+        put(3, 3.0);
+        put(4, 1.0 + (cell % 2) as f32);
+        if cell < 10 {
+            put(5, 1.0);
+        }
+        indptr.push(indices.len());
+    }
+    let mut w = H5adWriter::create(path, genes.len()).unwrap();
+    w.append_rows(&indptr, &indices, &data).unwrap();
+    let obs = Frame { index: (0..20).map(|i| format!("c{i}")).collect(), columns: vec![] };
+    let var = Frame { index: genes.iter().map(|g| g.to_string()).collect(), columns: vec![] };
+    w.finish(&obs, &var).unwrap();
+}
+
+#[test]
+fn gene_filter_from_counts_agrees_with_exact_totals() {
+    let t = tempfile::tempdir().unwrap();
+    let record = |dir: &Path, stem: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!(".progress/{stem}.json"))).unwrap()).unwrap()
+    };
+    for zeros in [false, true] {
+        let stem = if zeros { "zeros" } else { "counts" };
+        let h5 = t.path().join(format!("{stem}.h5ad"));
+        write_gene_filter_case(&h5, zeros);
+        let run = |dir: &Path, extra: &[&str]| {
+            ok(prep(&[&["--input", s(&h5), "--out", s(dir), "--deterministic", "--set", "filter.gene_min_counts_per_10k_cells=5000"][..], extra].concat()))
+        };
+        let counted = t.path().join(format!("{stem}-counted"));
+        let said = run(&counted, &[]);
+        check(&["--h5ad", s(&h5), "--shards", s(&counted), "--per10k", "5000", "--deterministic"]);
+        let m = manifest(&counted);
+        assert_eq!(m["sources"][0]["stats"]["genes_kept"], 4, "GAPDH, ACTB, CD3E and EGFR: {m}");
+        // Explicit zeros break "stored in n cells, so at least n counts": the file is checked
+        // against exact totals, and TP53's fate differs, so it is binned again.
+        assert_eq!(record(&counted, stem)["exact_gene_filter"], zeros, "{said}");
+        assert_eq!(said.contains("binning the file again"), zeros, "{said}");
+        // Non-integer input always takes the exact filter; integer input gives the same shards.
+        let exact = t.path().join(format!("{stem}-exact"));
+        run(&exact, &["--allow-non-integer"]);
+        assert_eq!(record(&exact, stem)["exact_gene_filter"], true);
+        let bytes = |dir: &Path| std::fs::read(dir.join(format!("{stem}.00000.parquet"))).unwrap();
+        assert_eq!(bytes(&counted), bytes(&exact), "same shard from counts and from exact totals ({stem})");
+    }
+}
