@@ -588,7 +588,10 @@ impl Prep {
         if self.cfg.filter.gene_min_counts_per_10k_cells <= 0.0 {
             return Ok((gm.ids.clone(), GeneRule::Unfiltered));
         }
-        let narrow = reader.n_vars() < 1 << COLUMN_BITS;
+        // A lane records at most `threshold` entries per column: past the cap, exact totals.
+        let columns = gm.ids.iter().filter(|id| id.is_some()).count();
+        let recorded = columns as f64 * self.gene_threshold(reader).ceil();
+        let narrow = reader.n_vars() < 1 << COLUMN_BITS && recorded <= MAX_RECORDED_PER_LANE as f64;
         if !exact_only && !self.cfg.input.allow_non_integer && narrow && reader.can_read_indices_alone() {
             if let Some(ids) = self.counted_gene_filter(reader, gm)? {
                 return Ok((ids, GeneRule::Counted));
@@ -647,9 +650,6 @@ impl Prep {
         few.retain(|&e| undecided(column(e)));
         few.sort_unstable();
         let positions: Vec<usize> = few.iter().map(|&e| position(e)).collect();
-        if H5adReader::value_reads(&positions) > MAX_VALUE_READS {
-            return Ok(None);
-        }
         let values = match reader.values_at(&positions) {
             Some(v) => v?,
             None => return Ok(None),
@@ -932,14 +932,10 @@ enum GeneRule {
     Unfiltered,
 }
 
-/// At most this many separate reads for the values of the genes stored in few cells; past it
-/// the exact filter reads the whole file instead.
-const MAX_VALUE_READS: usize = 100_000;
-
 /// Per lane, at most this many recorded entries of genes still under the threshold (8 bytes
-/// each, 64 MB): past it the counted filter gives up for the exact one. They come from each
-/// gene's first `threshold` stored cells, so at most columns x threshold (20k genes at 1M
-/// cells: 6M; the original's 200k-cell partitions of the census: under 2M).
+/// each, 64 MB). They come from each gene's first `threshold` stored cells, so at most
+/// columns x threshold (20k genes at 1M cells: 6M; the census's 60k genes in the original's
+/// 200k-cell partitions: 3.6M); a file whose bound is past it takes the exact filter.
 const MAX_RECORDED_PER_LANE: usize = 1 << 23;
 
 /// A recorded entry: its position in the file's values above [`COLUMN_BITS`] bits of column,
