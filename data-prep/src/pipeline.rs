@@ -765,10 +765,11 @@ enum GeneTable {
 
 impl GeneTable {
     fn new(ids: &[Option<u32>], vocab_len: usize) -> Self {
+        // One padding entry past the columns: a 32-bit gather of the last 16-bit entry reads it.
         if vocab_len < u16::NONE as usize {
-            GeneTable::Narrow(ids.iter().map(|g| g.map_or(u16::NONE, |id| id as u16)).collect())
+            GeneTable::Narrow(ids.iter().map(|g| g.map_or(u16::NONE, |id| id as u16)).chain([u16::NONE]).collect())
         } else {
-            GeneTable::Wide(ids.iter().map(|g| g.unwrap_or(u32::NONE)).collect())
+            GeneTable::Wide(ids.iter().map(|g| g.unwrap_or(u32::NONE)).chain([u32::NONE]).collect())
         }
     }
 }
@@ -776,11 +777,14 @@ impl GeneTable {
 trait GeneId: Copy + Eq {
     /// Marks an input gene that is not in the vocabulary or was filtered out.
     const NONE: Self;
+    /// Bytes per entry, the scale of a 32-bit gather from the table.
+    const BYTES: usize;
     fn id(self) -> i32;
 }
 
 impl GeneId for u16 {
     const NONE: u16 = u16::MAX;
+    const BYTES: usize = 2;
     fn id(self) -> i32 {
         self as i32
     }
@@ -788,9 +792,87 @@ impl GeneId for u16 {
 
 impl GeneId for u32 {
     const NONE: u32 = u32::MAX;
+    const BYTES: usize = 4;
     fn id(self) -> i32 {
         self as i32
     }
+}
+
+/// Appends the kept entries of an integer row (a gene in the table, a nonzero value) to
+/// `genes` (vocabulary ids) and `values`, each with room for every entry; returns how many.
+/// Every column index is below `table.len() - 1` (the reader checked them against the gene
+/// count; the table has one entry of padding).
+fn compact_row<G: GeneId>(table: &[G], cols: &[u32], vals: &[f32], genes: &mut [std::mem::MaybeUninit<i32>], values: &mut [std::mem::MaybeUninit<f32>]) -> usize {
+    assert!(genes.len() >= cols.len() && values.len() >= cols.len() && vals.len() == cols.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature is present; the bounds are as the function's contract and the
+        // assert above say.
+        return unsafe { compact_row_avx512(table, cols, vals, genes.as_mut_ptr().cast(), values.as_mut_ptr().cast()) };
+    }
+    compact_row_scalar(table, cols, vals, genes, values, 0, 0)
+}
+
+/// [`compact_row`] from entry `i` on, `k` entries already kept. Branch-free: each entry is
+/// written, and the slot moves on only if it is kept.
+fn compact_row_scalar<G: GeneId>(
+    table: &[G],
+    cols: &[u32],
+    vals: &[f32],
+    genes: &mut [std::mem::MaybeUninit<i32>],
+    values: &mut [std::mem::MaybeUninit<f32>],
+    i: usize,
+    mut k: usize,
+) -> usize {
+    for (&c, &v) in cols[i..].iter().zip(&vals[i..]) {
+        let id = table[c as usize];
+        genes[k].write(id.id());
+        values[k].write(v);
+        k += (id != G::NONE && v != 0.0) as usize;
+    }
+    k
+}
+
+/// [`compact_row`] sixteen entries at a time: a gather from the table, two compares and two
+/// compressions into a register (a compressing store to memory is microcoded on AMD's cores),
+/// stored whole, the slot moving on by the kept count. The scalar loop took 15% of a run's CPU
+/// (two bounds checks and a dependent table load per value).
+///
+/// # Safety
+/// AVX-512F is available; `genes` and `values` have room for `cols.len()` entries; every
+/// column index is below `table.len() - 1`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn compact_row_avx512<G: GeneId>(table: &[G], cols: &[u32], vals: &[f32], genes: *mut i32, values: *mut f32) -> usize {
+    use std::arch::x86_64::*;
+    let n = cols.len();
+    let base = table.as_ptr() as *const i32;
+    // A 16-bit entry is gathered as the 32 bits at its address (the padding entry keeps the
+    // last one in bounds), then masked.
+    let (none, mask) = match G::BYTES {
+        2 => (_mm512_set1_epi32(u16::MAX as i32), _mm512_set1_epi32(0xFFFF)),
+        _ => (_mm512_set1_epi32(-1), _mm512_set1_epi32(-1)),
+    };
+    let zero = _mm512_setzero_ps();
+    let (mut i, mut k) = (0, 0);
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n for the loads; the gathered addresses are table entries (plus
+        // two bytes of the padding entry); k <= i, so the 16 stores end by slot n.
+        unsafe {
+            let idx = _mm512_loadu_si512(cols.as_ptr().add(i).cast());
+            let raw = if G::BYTES == 2 { _mm512_i32gather_epi32::<2>(idx, base) } else { _mm512_i32gather_epi32::<4>(idx, base) };
+            let ids = _mm512_and_si512(raw, mask);
+            let v = _mm512_loadu_ps(vals.as_ptr().add(i));
+            let keep = _mm512_cmpneq_epi32_mask(ids, none) & _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(v, zero);
+            _mm512_storeu_si512(genes.add(k).cast(), _mm512_maskz_compress_epi32(keep, ids));
+            _mm512_storeu_ps(values.add(k), _mm512_maskz_compress_ps(keep, v));
+            k += keep.count_ones() as usize;
+        }
+        i += 16;
+    }
+    // SAFETY: the caller's slices, rebuilt from their pointers and length.
+    let (genes, values) = unsafe { (std::slice::from_raw_parts_mut(genes.cast(), n), std::slice::from_raw_parts_mut(values.cast(), n)) };
+    compact_row_scalar(table, cols, vals, genes, values, i, k)
 }
 
 /// Bytes requested at once by the gene-filter pass, which only sums, so the disk bounds it.
@@ -1119,14 +1201,8 @@ impl CellBinning<'_> {
                 out.genes.reserve(cols.len());
                 out.expressions.reserve(cols.len());
                 let (genes, values) = (&mut out.genes.spare_capacity_mut()[..cols.len()], &mut out.expressions.spare_capacity_mut()[..cols.len()]);
-                let mut k = 0;
-                for (&c, &v) in cols.iter().zip(vals) {
-                    let id = gene_ids[c as usize];
-                    genes[k].write(id.id());
-                    values[k].write(v);
-                    k += (id != G::NONE && v != 0.0) as usize;
-                }
-                // SAFETY: slots start..start + k were written just above (k <= cols.len()).
+                let k = compact_row(gene_ids, cols, vals, genes, values);
+                // SAFETY: slots start..start + k were written by compact_row (k <= cols.len()).
                 unsafe {
                     out.genes.set_len(start + k);
                     out.expressions.set_len(start + k);
@@ -1432,6 +1508,46 @@ mod tests {
         got.sort_unstable();
         let want: Vec<u64> = (0..n).filter(|&k| rare(col(k) as usize)).map(|k| (k as u64) << COLUMN_BITS | col(k) as u64).collect();
         assert_eq!(got, want, "every entry of a column stored fewer than threshold times, at its position");
+    }
+
+    #[test]
+    fn vector_compaction_keeps_what_the_scalar_loop_keeps() {
+        let n_vars = 1000;
+        let ids: Vec<Option<u32>> = (0..n_vars as u32).map(|g| (g % 7 != 3).then_some(g * 60)).collect();
+        let (narrow, wide) = (GeneTable::new(&ids, 60_697), GeneTable::new(&ids, 70_000));
+        fn run<G: GeneId>(table: &[G], cols: &[u32], vals: &[f32], vector: bool) -> (Vec<i32>, Vec<f32>) {
+            let (mut g, mut v) = (Vec::<i32>::with_capacity(cols.len()), Vec::<f32>::with_capacity(cols.len()));
+            let (gs, vs) = (&mut g.spare_capacity_mut()[..cols.len()], &mut v.spare_capacity_mut()[..cols.len()]);
+            let k = if vector { compact_row(table, cols, vals, gs, vs) } else { compact_row_scalar(table, cols, vals, gs, vs, 0, 0) };
+            // SAFETY: both write the first k slots.
+            unsafe {
+                g.set_len(k);
+                v.set_len(k);
+            }
+            (g, v)
+        }
+        let mut x = 12345u64;
+        for n in [0usize, 1, 15, 16, 17, 31, 32, 33, 100, 2049] {
+            let mut next = || {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                (x >> 33) as u32
+            };
+            // The last column included, to reach the padding entry.
+            let cols: Vec<u32> = (0..n).map(|i| if i % 5 == 0 { n_vars as u32 - 1 } else { next() % n_vars as u32 }).collect();
+            let vals: Vec<f32> = (0..n).map(|_| (next() % 4) as f32).collect();
+            for (table_name, same) in [
+                ("narrow", match &narrow { GeneTable::Narrow(t) => run(t, &cols, &vals, true) == run(t, &cols, &vals, false), _ => unreachable!() }),
+                ("wide", match &wide { GeneTable::Wide(t) => run(t, &cols, &vals, true) == run(t, &cols, &vals, false), _ => unreachable!() }),
+            ] {
+                assert!(same, "{table_name}, {n} entries");
+            }
+            if let GeneTable::Narrow(t) = &narrow {
+                let (g, v) = run(t, &cols, &vals, true);
+                assert!(g.iter().all(|&id| id % 60 == 0 && (id / 60) % 7 != 3) && v.iter().all(|&x| x != 0.0));
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        eprintln!("avx512f: {}", std::arch::is_x86_feature_detected!("avx512f"));
     }
 
     #[test]
