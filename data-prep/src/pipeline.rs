@@ -1086,6 +1086,8 @@ impl GeneCounts {
     fn lane(&self, lane: usize, blocks: crossbeam_channel::Receiver<(usize, Arc<RowBlock>)>) -> (Vec<u32>, Vec<u64>) {
         let mut counts = vec![0u32; self.n_vars];
         let mut recorded = Vec::new();
+        // An integer count is below the threshold exactly when it is below its ceiling.
+        let below = self.threshold.ceil().min(u32::MAX as f64) as u32;
         for (first_value, b) in blocks {
             if self.gave_up.load(Ordering::Relaxed) {
                 continue;
@@ -1099,7 +1101,7 @@ impl GeneCounts {
                 // (Indices were checked against n_vars by the reader.)
                 for (k, &c) in b.indices[range.clone()].iter().enumerate() {
                     let n = &mut t[c as usize];
-                    if (*n as f64) < self.threshold {
+                    if *n < below {
                         recorded.push(((first_value + range.start + k) as u64) << COLUMN_BITS | c as u64);
                     }
                     *n += 1;
