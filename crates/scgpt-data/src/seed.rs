@@ -52,6 +52,13 @@ impl rand::RngCore for SplitMix64 {
         (self.next_u64() >> 32) as u32
     }
     fn fill_bytes(&mut self, dst: &mut [u8]) {
+        let mut dst = dst;
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512dq") && dst.len() >= 64 {
+            // SAFETY: the features are present.
+            let done = unsafe { fill_avx512(&mut self.0, dst) };
+            dst = &mut dst[done..];
+        }
         // Whole 8-byte chunks as single stores (a copy of variable length is a memmove call).
         let mut chunks = dst.chunks_exact_mut(8);
         for chunk in &mut chunks {
@@ -63,6 +70,37 @@ impl rand::RngCore for SplitMix64 {
             rest.copy_from_slice(&v[..rest.len()]);
         }
     }
+}
+
+/// SplitMix64's stream eight outputs at a time: output n is mix64(state + n·increment), so the
+/// outputs are independent and eight lanes compute them at once (64-bit multiplies are
+/// AVX-512DQ's). Fills whole 64-byte groups of `dst`, advances `state` past them, and returns
+/// the bytes filled. The per-output loop was 3-4% of a prep run (one draw per expressed gene).
+///
+/// # Safety
+/// AVX-512F and AVX-512DQ are available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn fill_avx512(state: &mut u64, dst: &mut [u8]) -> usize {
+    use std::arch::x86_64::*;
+    const G: u64 = 0x9E37_79B9_7F4A_7C15;
+    let groups = dst.len() / 64;
+    let lane = |k: u64| state.wrapping_add(k.wrapping_mul(G)) as i64;
+    let mut s = _mm512_set_epi64(lane(7), lane(6), lane(5), lane(4), lane(3), lane(2), lane(1), lane(0));
+    let (g, step) = (_mm512_set1_epi64(G as i64), _mm512_set1_epi64(G.wrapping_mul(8) as i64));
+    let (c1, c2) = (_mm512_set1_epi64(0xBF58_476D_1CE4_E5B9u64 as i64), _mm512_set1_epi64(0x94D0_49BB_1331_11EBu64 as i64));
+    for j in 0..groups {
+        let mut z = _mm512_add_epi64(s, g);
+        z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<30>(z)), c1);
+        z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<27>(z)), c2);
+        z = _mm512_xor_si512(z, _mm512_srli_epi64::<31>(z));
+        // SAFETY: group j's 64 bytes lie inside dst (j < dst.len() / 64); lanes are stored
+        // little-endian in order, as next_u64's bytes.
+        unsafe { _mm512_storeu_si512(dst.as_mut_ptr().add(64 * j).cast(), z) };
+        s = _mm512_add_epi64(s, step);
+    }
+    *state = state.wrapping_add((groups as u64 * 8).wrapping_mul(G));
+    groups * 64
 }
 
 #[cfg(test)]
@@ -80,13 +118,15 @@ mod tests {
 
     #[test]
     fn fill_bytes_is_the_little_endian_stream_of_next_u64() {
-        for n in [0usize, 1, 7, 8, 9, 23, 64] {
+        // Past 64 bytes, eight outputs at a time where the CPU has AVX-512DQ.
+        for n in [0usize, 1, 7, 8, 9, 23, 64, 65, 127, 128, 1000, 8192] {
             let mut a = SplitMix64::for_item(3, 4, 5);
             let mut b = a.clone();
             let mut got = vec![0u8; n];
             a.fill_bytes(&mut got);
             let want: Vec<u8> = (0..n.div_ceil(8)).flat_map(|_| b.next_u64().to_le_bytes()).take(n).collect();
             assert_eq!(got, want, "{n} bytes");
+            assert_eq!(a.next_u64(), b.next_u64(), "the stream goes on after {n} bytes");
         }
     }
 }
