@@ -658,7 +658,7 @@ impl Prep {
         // for bit, whatever the values.
         let mut lanes = vec![vec![0f64; reader.n_vars()]; SUM_LANES];
         for (&e, &v) in few.iter().zip(&values) {
-            lanes[(position(e) / SUM_PIECE) % SUM_LANES][column(e)] += v as f64;
+            lanes[lane_of(position(e))][column(e)] += v as f64;
         }
         let mut totals = vec![0f64; reader.n_vars()];
         for lane in &lanes {
@@ -894,6 +894,48 @@ const SUM_LANES: usize = 2;
 /// values, whatever the blocks) is summed by lane k mod [`SUM_LANES`].
 const SUM_PIECE: usize = 1 << 16;
 
+/// The lane that sums the value at file position `at`.
+fn lane_of(at: usize) -> usize {
+    (at / SUM_PIECE) % SUM_LANES
+}
+
+/// Ranges (within the block) of `lane`'s pieces of a block whose `len` values start at file
+/// position `first_value`.
+fn lane_pieces(lane: usize, first_value: usize, len: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let end = first_value + len;
+    let first = first_value / SUM_PIECE;
+    let first = first + (lane + SUM_LANES - first % SUM_LANES) % SUM_LANES;
+    (first..).step_by(SUM_LANES).take_while(move |p| p * SUM_PIECE < end).map(move |p| {
+        (p * SUM_PIECE).max(first_value) - first_value..((p + 1) * SUM_PIECE).min(end) - first_value
+    })
+}
+
+/// Hands each block of a file, in order, to every lane with the file position of its first
+/// value (`len` values), until `stop` says so; returns a read error that ended the pass.
+fn feed_lanes<M>(
+    blocks: impl Iterator<Item = anyhow::Result<RowBlock>>,
+    to_lanes: Vec<crossbeam_channel::Sender<M>>,
+    len: impl Fn(&RowBlock) -> usize,
+    stop: impl Fn(usize) -> bool,
+    message: impl Fn(usize, usize, &Arc<RowBlock>) -> M,
+) -> Option<anyhow::Error> {
+    let mut first_value = 0;
+    for (index, b) in blocks.enumerate() {
+        if stop(index) {
+            break;
+        }
+        let b = match b {
+            Ok(b) => Arc::new(b),
+            Err(e) => return Some(e),
+        };
+        for tx in &to_lanes {
+            let _ = tx.send(message(index, first_value, &b));
+        }
+        first_value += len(&b);
+    }
+    None
+}
+
 /// The gene-filter pass: totals per input column, summed by lanes that each keep one table
 /// (hot in their core's cache) over the whole file, and the check of every value.
 struct GeneSums<'a> {
@@ -923,26 +965,9 @@ impl GeneSums<'_> {
                 to_lanes.push(tx);
                 lanes.push(std::thread::Builder::new().name(format!("gene-sum-{lane}")).spawn_scoped(scope, move || self.lane(lane, rx))?);
             }
-            let mut first_value = 0;
-            let mut read_error = None;
-            for (index, b) in blocks.enumerate() {
-                if index > self.failed_block.load(Ordering::Relaxed) {
-                    break; // a bad value was found in an earlier block
-                }
-                let b = match b {
-                    Ok(b) => Arc::new(b),
-                    Err(e) => {
-                        read_error = Some(e);
-                        break;
-                    }
-                };
-                let values = b.data.len();
-                for tx in &to_lanes {
-                    let _ = tx.send((index, first_value, b.clone()));
-                }
-                first_value += values;
-            }
-            drop(to_lanes);
+            // A bad value found in an earlier block ends the pass.
+            let stop = |index: usize| index > self.failed_block.load(Ordering::Relaxed);
+            let read_error = feed_lanes(blocks, to_lanes, |b| b.data.len(), stop, |index, first, b| (index, first, b.clone()));
             let mut totals = vec![0f64; self.n_vars];
             let mut first_bad: Option<BadValue> = None;
             // Lanes are added in a fixed order, so the totals are the same on every run.
@@ -969,11 +994,7 @@ impl GeneSums<'_> {
             if index > self.failed_block.load(Ordering::Relaxed) {
                 continue; // drain: a bad value in an earlier block ends the pass
             }
-            let end = first_value + b.data.len();
-            let mut piece = first_value / SUM_PIECE;
-            piece += (lane + SUM_LANES - piece % SUM_LANES) % SUM_LANES;
-            while piece * SUM_PIECE < end {
-                let range = (piece * SUM_PIECE).max(first_value) - first_value..((piece + 1) * SUM_PIECE).min(end) - first_value;
+            for range in lane_pieces(lane, first_value, b.data.len()) {
                 let (cols, vals) = (&b.indices[range.clone()], &b.data[range.clone()]);
                 // A slice, not the Vec: through the Vec its data pointer was reloaded per value.
                 // (Indices were checked against n_vars by the reader.)
@@ -988,7 +1009,6 @@ impl GeneSums<'_> {
                     self.failed_block.fetch_min(index, Ordering::Relaxed);
                     return Err((index, at, self.bad_value(&b, at)));
                 }
-                piece += SUM_LANES;
             }
         }
         Ok(totals)
@@ -1046,26 +1066,8 @@ impl GeneCounts {
                 to_lanes.push(tx);
                 lanes.push(std::thread::Builder::new().name(format!("gene-count-{lane}")).spawn_scoped(scope, move || self.lane(lane, rx))?);
             }
-            let mut first_value = 0;
-            let mut read_error = None;
-            for b in blocks {
-                if self.gave_up.load(Ordering::Relaxed) {
-                    break;
-                }
-                let b = match b {
-                    Ok(b) => Arc::new(b),
-                    Err(e) => {
-                        read_error = Some(e);
-                        break;
-                    }
-                };
-                let values = b.indices.len();
-                for tx in &to_lanes {
-                    let _ = tx.send((first_value, b.clone()));
-                }
-                first_value += values;
-            }
-            drop(to_lanes);
+            let stop = |_| self.gave_up.load(Ordering::Relaxed);
+            let read_error = feed_lanes(blocks, to_lanes, |b| b.indices.len(), stop, |_, first, b| (first, b.clone()));
             let mut counts = vec![0u64; self.n_vars];
             let mut recorded = Vec::new();
             for lane in lanes {
@@ -1093,10 +1095,7 @@ impl GeneCounts {
                 continue;
             }
             let end = first_value + b.indices.len();
-            let mut piece = first_value / SUM_PIECE;
-            piece += (lane + SUM_LANES - piece % SUM_LANES) % SUM_LANES;
-            while piece * SUM_PIECE < end {
-                let range = (piece * SUM_PIECE).max(first_value) - first_value..((piece + 1) * SUM_PIECE).min(end) - first_value;
+            for range in lane_pieces(lane, first_value, b.indices.len()) {
                 let t = counts.as_mut_slice();
                 // (Indices were checked against n_vars by the reader.)
                 for (k, &c) in b.indices[range.clone()].iter().enumerate() {
@@ -1106,7 +1105,6 @@ impl GeneCounts {
                     }
                     *n += 1;
                 }
-                piece += SUM_LANES;
             }
             if recorded.len() > MAX_RECORDED_PER_LANE || (end as u64) >> (64 - COLUMN_BITS) != 0 {
                 self.gave_up.store(true, Ordering::Relaxed);
