@@ -6,9 +6,9 @@
 //! stored in n cells totals at least n counts), plus the values of the genes stored in too few
 //! cells to settle that way; the binning pass then checks every stored value, and a value
 //! below 1 (an explicit zero, a fraction) has the file checked against exact totals and binned
-//! again if that changes any gene's fate. Non-integer input takes the exact totals directly. Every cell draws its
-//! tie-breaking from its own RNG stream keyed by (seed, file, row), so the output does not depend
-//! on threads, block size, or where a resumed run picked up.
+//! again if that changes any gene's fate. Non-integer input takes the exact totals directly.
+//! Every cell draws its tie-breaking from its own RNG stream keyed by (seed, file, row), so the
+//! output does not depend on threads, block size, or where a resumed run picked up.
 //!
 //! Resumability: after each shard, `.progress/<stem>.json` records the shards written so far and
 //! the source row where the next shard starts. A rerun skips finished files, resumes unfinished
@@ -377,20 +377,18 @@ impl Prep {
                 (shards, cells_written, _) = self.bin_pass(&file, &mut reader, 0, &gene_ids, false, Vec::new(), &mut rec, None, processed)?;
             }
         }
+        let cells_dropped_obs_filter = keep_cell.iter().filter(|k| !**k).count();
         let stats = FileStats {
             cells_in: n_obs,
             genes_in: names.len(),
             genes_in_vocab: gm.matched(),
             genes_matched_via_ensembl: gm.by_ensembl,
             genes_kept: gene_ids.iter().filter(|g| g.is_some()).count(),
-            cells_dropped_obs_filter: keep_cell.iter().filter(|k| !**k).count(),
-            ..Default::default()
+            cells_dropped_obs_filter,
+            cells_out: cells_written,
+            // Derived from totals, so the record is the same with or without a resume.
+            cells_dropped_few_genes: n_obs - cells_dropped_obs_filter - cells_written,
         };
-        let mut stats = stats;
-        let cells_before = cells_written;
-        stats.cells_out = cells_before;
-        // Derived from totals, so the record is the same with or without a resume.
-        stats.cells_dropped_few_genes = n_obs - stats.cells_dropped_obs_filter - stats.cells_out;
         rec.shards = shards;
         rec.stats = stats;
         rec.complete = true;
@@ -589,8 +587,7 @@ impl Prep {
             return Ok((gm.ids.clone(), GeneRule::Unfiltered));
         }
         // A lane records at most `threshold` entries per column: past the cap, exact totals.
-        let columns = gm.ids.iter().filter(|id| id.is_some()).count();
-        let recorded = columns as f64 * self.gene_threshold(reader).ceil();
+        let recorded = reader.n_vars() as f64 * self.gene_threshold(reader).ceil();
         let narrow = reader.n_vars() < 1 << COLUMN_BITS && recorded <= MAX_RECORDED_PER_LANE as f64;
         if !exact_only && !self.cfg.input.allow_non_integer && narrow && reader.can_read_indices_alone() {
             if let Some(ids) = self.counted_gene_filter(reader, gm)? {
@@ -622,14 +619,15 @@ impl Prep {
         })?;
         // The binning pass holds fewer blocks at once: give the spare buffers back.
         scgpt_data::words::clear_pool();
-        Ok(gm.ids.iter().zip(&totals).map(|(id, &t)| if t >= threshold && t > 0.0 { *id } else { None }).collect())
+        Ok(gm.ids.iter().zip(&totals).map(|(id, &t)| if clears(t, threshold) { *id } else { None }).collect())
     }
 
     /// The gene filter from the column indices (half the file's bytes): a gene stored in at
     /// least `threshold` cells totals at least that when every stored value is at least 1
     /// (integer counts; the binning pass checks it). Genes stored in fewer cells are decided
     /// by their values, read where they lie and summed as the exact filter sums them. `None`
-    /// when those values are too many or too scattered to read apart.
+    /// when the values cannot be read apart from their rows, or the positions overflow their
+    /// record.
     fn counted_gene_filter(&self, reader: &mut H5adReader, gm: &GeneMatch) -> anyhow::Result<Option<Vec<Option<u32>>>> {
         let threshold = self.gene_threshold(reader);
         let n = reader.n_obs();
@@ -669,7 +667,7 @@ impl Prep {
                 .iter()
                 .enumerate()
                 .map(|(c, id)| {
-                    let kept = if undecided(c) { totals[c] >= threshold && totals[c] > 0.0 } else { counts[c] > 0 };
+                    let kept = if undecided(c) { clears(totals[c], threshold) } else { counts[c] > 0 };
                     if kept { *id } else { None }
                 })
                 .collect(),
@@ -1022,6 +1020,12 @@ impl GeneSums<'_> {
     }
 }
 
+/// The per-file gene filter's rule: a gene is kept when its total reaches the threshold (and
+/// is not zero, for a threshold of 0).
+fn clears(total: f64, threshold: f64) -> bool {
+    total >= threshold && total > 0.0
+}
+
 /// How a file's gene filter was decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum GeneRule {
@@ -1035,7 +1039,7 @@ enum GeneRule {
 }
 
 /// Per lane, at most this many recorded entries of genes still under the threshold (8 bytes
-/// each, 64 MB). They come from each gene's first `threshold` stored cells, so at most
+/// each, 64 MB). They come from each column's first `threshold` stored cells, so at most
 /// columns x threshold (20k genes at 1M cells: 6M; the census's 60k genes in the original's
 /// 200k-cell partitions: 3.6M); a file whose bound is past it takes the exact filter.
 const MAX_RECORDED_PER_LANE: usize = 1 << 23;

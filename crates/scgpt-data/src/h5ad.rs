@@ -438,36 +438,32 @@ impl H5adReader {
         let (d, _) = self.direct.as_ref().filter(|_| self.layout == Layout::Csr)?;
         let stretches = value_stretches(positions);
         let mut out = vec![0f32; positions.len()];
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let failed: std::sync::Mutex<Option<std::io::Error>> = std::sync::Mutex::new(None);
-        // Each stretch fills its own part of `out`: split it up front.
-        let mut parts: Vec<(std::ops::Range<usize>, &mut [f32])> = Vec::with_capacity(stretches.len());
+        // Each stretch fills its own part of `out`; reader k takes stretches k, k + READERS, ...
+        let readers = VALUE_READERS.min(stretches.len()).max(1);
+        let mut work: Vec<Vec<(std::ops::Range<usize>, &mut [f32])>> = (0..readers).map(|_| Vec::new()).collect();
         let mut rest = &mut out[..];
-        for r in &stretches {
+        for (k, r) in stretches.into_iter().enumerate() {
             let (head, tail) = rest.split_at_mut(r.len());
-            parts.push((r.clone(), head));
+            work[k % readers].push((r, head));
             rest = tail;
         }
-        let parts: Vec<std::sync::Mutex<(std::ops::Range<usize>, &mut [f32])>> = parts.into_iter().map(std::sync::Mutex::new).collect();
-        std::thread::scope(|s| {
-            for _ in 0..VALUE_READERS.min(parts.len()) {
-                s.spawn(|| loop {
-                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(part) = parts.get(k) else { break };
-                    let mut part = part.lock().expect("one reader per stretch");
-                    let (r, dst) = &mut *part;
-                    let (a, b) = (positions[r.start], positions[r.end - 1] + 1);
-                    match d.read_words(a, b) {
-                        Ok(words) => dst.iter_mut().zip(&positions[r.clone()]).for_each(|(v, &p)| *v = f32::from_bits(words[p - a])),
-                        Err(e) => {
-                            failed.lock().expect("no panics while held").get_or_insert(e);
-                            break;
+        let failed = std::thread::scope(|s| {
+            let handles: Vec<_> = work
+                .into_iter()
+                .map(|parts| {
+                    s.spawn(move || -> std::io::Result<()> {
+                        for (r, dst) in parts {
+                            let (a, b) = (positions[r.start], positions[r.end - 1] + 1);
+                            let words = d.read_words(a, b)?;
+                            dst.iter_mut().zip(&positions[r]).for_each(|(v, &p)| *v = f32::from_bits(words[p - a]));
                         }
-                    }
-                });
-            }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().expect("value reader panicked").err()).next()
         });
-        if let Some(e) = failed.into_inner().expect("no panics while held") {
+        if let Some(e) = failed {
             let field = format!("{}/data", self.matrix_path);
             return Some(Err(H5adError::Invalid { path: self.path.clone(), field, message: e.to_string() }));
         }
@@ -739,7 +735,6 @@ fn read_index(g: &Group, gpath: &str, path: &Path) -> Result<Vec<String>> {
     read_any_as_strings(&ds, &field, path, None)
 }
 
-/// All of a 1-D dataset, or rows `rows` of it.
 /// The largest word: an unsigned 32-bit maximum, which the baseline x86-64 target (SSE2) has no
 /// vector instruction for, so it is compiled for AVX2 too and picked at run time (2% of a prep
 /// run as a scalar loop).
@@ -780,6 +775,7 @@ fn value_stretches(positions: &[usize]) -> Vec<std::ops::Range<usize>> {
     out
 }
 
+/// All of a 1-D dataset, or rows `rows` of it.
 fn read_rows<T: hdf5::H5Type + Clone>(ds: &Dataset, rows: Option<std::ops::Range<usize>>) -> hdf5::Result<Vec<T>> {
     match rows {
         None => ds.read_raw::<T>(),
