@@ -33,13 +33,12 @@ pub struct Binner {
     /// One 32-bit draw per value for random tie-breaking, drawn in bulk (a draw per call kept
     /// the generator's state in memory: a store-to-load chain through every value).
     draws: Vec<u32>,
-    /// The largest value of the cell on the small-integer path, and its (l, l - r) per value.
-    max_small_int: usize,
+    /// (l, l - r) per value of the cell on the small-integer path.
     lut_pair: Vec<u16>,
 }
 
 /// Counts below this use the counting-sort and lookup-table path (the common case for UMI data).
-const SMALL_INT_LIMIT: f32 = 4096.0;
+pub const SMALL_INT_LIMIT: u32 = 4096;
 
 impl Binner {
     pub fn new() -> Self {
@@ -96,43 +95,9 @@ impl Binner {
         if values.is_empty() {
             return;
         }
-        let random_ties = matches!(ties, TieBreak::Random(_));
-        if self.prepare_small_ints(values, n_bins) {
-            self.take_draws(ties, values.len());
-            const N: usize = SMALL_INT_LIMIT as usize;
-            fn table(t: &[u8]) -> &[u8; N] {
-                t[..N].try_into().expect("tables are SMALL_INT_LIMIT long")
-            }
-            let (lut_l, lut_r, draws) = (table(&self.lut_l), table(&self.lut_r), &self.draws[..]);
-            // prepare_small_ints checked every value is an integer in 1..SMALL_INT_LIMIT; the
-            // mask keeps the index inside the tables without a bounds check.
-            let index = |v: f32| small_int::value(v) as usize & (N - 1);
-            out.reserve(values.len());
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                let max = self.max_small_int;
-                // Pairs (l, l - r) per value, one entry of padding for the 32-bit gather.
-                self.lut_pair.clear();
-                self.lut_pair.extend((0..=max + 1).map(|v| {
-                    let (l, r) = (lut_l[v & (N - 1)], lut_r[v & (N - 1)]);
-                    l as u16 | ((l - r) as u16) << 8
-                }));
-                let start = out.len();
-                // SAFETY: the feature is present; `out` has room for values.len() more bytes;
-                // every value is an integer in 1..=max (prepare_small_ints), within the pairs.
-                unsafe {
-                    small_int_bins_avx512(values, random_ties.then(|| &draws[..values.len()]), &self.lut_pair, out.as_mut_ptr().add(start));
-                    out.set_len(start + values.len());
-                }
-                return;
-            }
-            // Branch-free: whether a value is tied is random per cell, so a branch on it
-            // mispredicts about half the time.
-            if random_ties {
-                out.extend(values.iter().zip(draws).map(|(&v, &x)| pick(lut_l[index(v)], lut_r[index(v)], x)));
-            } else {
-                out.extend(values.iter().map(|&v| lowest(lut_l[index(v)], lut_r[index(v)])));
-            }
+        if let Some(max) = small_int_max(values) {
+            // SAFETY: small_int_max checked every value.
+            unsafe { self.append_small_int_bins(values, max, n_bins, ties, out) };
             return;
         }
         self.sorted.clear();
@@ -146,40 +111,88 @@ impl Binner {
         }));
     }
 
-    /// For integer values in 1..SMALL_INT_LIMIT: a histogram instead of a sort (order
+    /// [`Binner::append_nonzero_bins`] for values the caller has already checked, say while
+    /// copying them: the small-integer path without its pass over the values to check them and
+    /// find their largest (two of the histogram's three passes).
+    ///
+    /// # Safety
+    /// Every value is an integer in `1..=max`, and `max` is below [`SMALL_INT_LIMIT`].
+    pub unsafe fn append_small_int_bins<R: Rng>(&mut self, values: &[f32], max: u32, n_bins: usize, ties: TieBreak<'_, R>, out: &mut Vec<u8>) {
+        debug_assert!(small_int_max(values).is_some_and(|m| m <= max) && max < SMALL_INT_LIMIT);
+        let max = max as usize;
+        let random_ties = matches!(ties, TieBreak::Random(_));
+        // SAFETY: the caller's contract.
+        unsafe { self.prepare_small_ints(values, max, n_bins) };
+        self.take_draws(ties, values.len());
+        const N: usize = SMALL_INT_LIMIT as usize;
+        fn table(t: &[u8]) -> &[u8; N] {
+            t[..N].try_into().expect("tables are SMALL_INT_LIMIT long")
+        }
+        let (lut_l, lut_r, draws) = (table(&self.lut_l), table(&self.lut_r), &self.draws[..]);
+        // The mask keeps the index inside the tables without a bounds check.
+        let index = |v: f32| small_int::value(v) as usize & (N - 1);
+        out.reserve(values.len());
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // Pairs (l, l - r) per value, one entry of padding for the 32-bit gather.
+            self.lut_pair.clear();
+            self.lut_pair.extend((0..=max + 1).map(|v| {
+                let (l, r) = (lut_l[v & (N - 1)], lut_r[v & (N - 1)]);
+                l as u16 | ((l - r) as u16) << 8
+            }));
+            let start = out.len();
+            // SAFETY: the feature is present; `out` has room for values.len() more bytes;
+            // every value is an integer in 1..=max (the caller's contract), within the pairs.
+            unsafe {
+                small_int_bins_avx512(values, random_ties.then(|| &draws[..values.len()]), &self.lut_pair, out.as_mut_ptr().add(start));
+                out.set_len(start + values.len());
+            }
+            return;
+        }
+        // Branch-free: whether a value is tied is random per cell, so a branch on it
+        // mispredicts about half the time.
+        if random_ties {
+            out.extend(values.iter().zip(draws).map(|(&v, &x)| pick(lut_l[index(v)], lut_r[index(v)], x)));
+        } else {
+            out.extend(values.iter().map(|&v| lowest(lut_l[index(v)], lut_r[index(v)])));
+        }
+    }
+
+    /// Edges and (l, r) lookup tables for integer values: a histogram instead of a sort (order
     /// statistics read off the cumulative counts), and one (l, r) lookup per distinct value
     /// instead of two binary searches per gene. Same edges and digits as the general path.
-    fn prepare_small_ints(&mut self, values: &[f32], n_bins: usize) -> bool {
-        // No early exit, so the check vectorises.
-        let ok = values.iter().fold(true, |ok, &v| ok & small_int::is_int_in(v, 1.0, SMALL_INT_LIMIT));
-        if !ok {
-            return false;
-        }
-        let max = small_int::value(values.iter().copied().fold(0.0, f32::max)) as usize;
-        self.max_small_int = max;
-        // Two interleaved histograms: runs of equal counts (most genes are 1 or 2) would
+    ///
+    /// # Safety
+    /// Every value is an integer in `1..=max`, and `max` is below [`SMALL_INT_LIMIT`].
+    unsafe fn prepare_small_ints(&mut self, values: &[f32], max: usize, n_bins: usize) {
+        // Four interleaved histograms: runs of equal counts (most genes are 1 or 2) would
         // otherwise chain every increment on the previous store to the same slot.
+        let m = max + 1;
         self.hist.clear();
-        self.hist.resize(2 * (max + 1), 0);
-        let (h0, h1) = self.hist.split_at_mut(max + 1);
-        let mut pairs = values.chunks_exact(2);
-        for p in &mut pairs {
-            h0[small_int::value(p[0]) as usize] += 1;
-            h1[small_int::value(p[1]) as usize] += 1;
+        self.hist.resize(4 * m, 0);
+        let h = self.hist.as_mut_ptr();
+        let mut quads = values.chunks_exact(4);
+        for q in &mut quads {
+            // SAFETY: each value is at most max (the caller's contract), so slot j * m + v is
+            // inside the 4 * m counts.
+            unsafe {
+                *h.add(small_int::value(q[0]) as usize) += 1;
+                *h.add(m + small_int::value(q[1]) as usize) += 1;
+                *h.add(2 * m + small_int::value(q[2]) as usize) += 1;
+                *h.add(3 * m + small_int::value(q[3]) as usize) += 1;
+            }
         }
-        for &v in pairs.remainder() {
-            h0[small_int::value(v) as usize] += 1;
+        for &v in quads.remainder() {
+            // SAFETY: as above.
+            unsafe { *h.add(small_int::value(v) as usize) += 1 };
         }
-        for (a, b) in h0.iter_mut().zip(h1.iter()) {
-            *a += b;
-        }
-        self.hist.truncate(max + 1);
         // hist becomes cumulative: hist[v] = number of values <= v.
         let mut total = 0u32;
-        for c in self.hist.iter_mut() {
-            total += *c;
-            *c = total;
+        for v in 0..m {
+            total += self.hist[v] + self.hist[m + v] + self.hist[2 * m + v] + self.hist[3 * m + v];
+            self.hist[v] = total;
         }
+        self.hist.truncate(m);
         let cum = &self.hist;
         // The k-th smallest value is the first v with cum[v] > k. The edges ask for ascending k
         // (each edge's k and k + 1, so a step back of at most one): a cursor walks the histogram
@@ -209,13 +222,20 @@ impl Binner {
         };
         fill(&mut self.lut_l, &|e| e.ceil());
         fill(&mut self.lut_r, &|e| e.floor() + 1.0);
-        true
     }
 
     fn prepare_edges(&mut self, n_bins: usize) {
         self.sorted.sort_unstable_by(f32::total_cmp);
         quantile_edges_into(&self.sorted, n_bins - 1, &mut self.edges);
     }
+}
+
+/// The largest of `values` when every one is an integer in `1..SMALL_INT_LIMIT` (the
+/// small-integer path's condition), else `None`.
+fn small_int_max(values: &[f32]) -> Option<u32> {
+    // No early exit, so the check vectorises.
+    let ok = values.iter().fold(true, |ok, &v| ok & small_int::is_int_in(v, 1.0, SMALL_INT_LIMIT as f32));
+    ok.then(|| small_int::value(values.iter().copied().fold(0.0, f32::max)))
 }
 
 /// `np.quantile(x, np.linspace(0, 1, n_edges))` with the default "linear" method, for sorted
