@@ -26,14 +26,13 @@ pub enum TieBreak<'a, R: Rng> {
 pub struct Binner {
     sorted: Vec<f32>,
     edges: Vec<f64>,
-    /// Counting-sort histogram and per-value (l, r) digits for small integer counts.
+    /// Counting-sort histogram for small integer counts.
     hist: Vec<u32>,
-    lut_l: Vec<u8>,
-    lut_r: Vec<u8>,
     /// One 32-bit draw per value for random tie-breaking, drawn in bulk (a draw per call kept
     /// the generator's state in memory: a store-to-load chain through every value).
     draws: Vec<u32>,
-    /// (l, l - r) per value of the cell on the small-integer path.
+    /// The digits (l, l - r) of each value 0..=max + 1 of a cell on the small-integer path, in
+    /// the low and high byte.
     lut_pair: Vec<u16>,
 }
 
@@ -124,42 +123,42 @@ impl Binner {
         // SAFETY: the caller's contract.
         unsafe { self.prepare_small_ints(values, max, n_bins) };
         self.take_draws(ties, values.len());
-        const N: usize = SMALL_INT_LIMIT as usize;
-        fn table(t: &[u8]) -> &[u8; N] {
-            t[..N].try_into().expect("tables are SMALL_INT_LIMIT long")
-        }
-        let (lut_l, lut_r, draws) = (table(&self.lut_l), table(&self.lut_r), &self.draws[..]);
-        // The mask keeps the index inside the tables without a bounds check.
-        let index = |v: f32| small_int::value(v) as usize & (N - 1);
+        let (pairs, draws) = (&self.lut_pair[..], &self.draws[..]);
         out.reserve(values.len());
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // Pairs (l, l - r) per value, one entry of padding for the 32-bit gather.
-            self.lut_pair.clear();
-            self.lut_pair.extend((0..=max + 1).map(|v| {
-                let (l, r) = (lut_l[v & (N - 1)], lut_r[v & (N - 1)]);
-                l as u16 | ((l - r) as u16) << 8
-            }));
             let start = out.len();
             // SAFETY: the feature is present; `out` has room for values.len() more bytes;
-            // every value is an integer in 1..=max (the caller's contract), within the pairs.
+            // every value is an integer in 1..=max (the caller's contract), and the pairs run
+            // to max + 1.
             unsafe {
-                small_int_bins_avx512(values, random_ties.then(|| &draws[..values.len()]), &self.lut_pair, out.as_mut_ptr().add(start));
+                small_int_bins_avx512(values, random_ties.then(|| &draws[..values.len()]), pairs, out.as_mut_ptr().add(start));
                 out.set_len(start + values.len());
             }
             return;
         }
+        let digits = |v: f32| {
+            let p = pairs[small_int::value(v) as usize];
+            let l = p as u8;
+            (l, l - (p >> 8) as u8)
+        };
         // Branch-free: whether a value is tied is random per cell, so a branch on it
         // mispredicts about half the time.
         if random_ties {
-            out.extend(values.iter().zip(draws).map(|(&v, &x)| pick(lut_l[index(v)], lut_r[index(v)], x)));
+            out.extend(values.iter().zip(draws).map(|(&v, &x)| {
+                let (l, r) = digits(v);
+                pick(l, r, x)
+            }));
         } else {
-            out.extend(values.iter().map(|&v| lowest(lut_l[index(v)], lut_r[index(v)])));
+            out.extend(values.iter().map(|&v| {
+                let (l, r) = digits(v);
+                lowest(l, r)
+            }));
         }
     }
 
-    /// Edges and (l, r) lookup tables for integer values: a histogram instead of a sort (order
-    /// statistics read off the cumulative counts), and one (l, r) lookup per distinct value
+    /// Edges and the (l, r) lookup table for integer values: a histogram instead of a sort
+    /// (order statistics read off the cumulative counts), and one (l, r) lookup per value
     /// instead of two binary searches per gene. Same edges and digits as the general path.
     ///
     /// # Safety
@@ -208,20 +207,21 @@ impl Binner {
             v as f32
         };
         quantile_edges_with(values.len(), n_bins - 1, at, &mut self.edges);
-        // l(v) = #edges <= v and r(v) = #edges < v are step functions of the integer v that
-        // step at ceil(edge) and floor(edge) + 1: filled segment by segment.
-        let fill = |lut: &mut Vec<u8>, step_at: &dyn Fn(f64) -> f64| {
-            // Full size (so a masked index needs no bounds check); only 0..=max is read.
-            lut.resize(SMALL_INT_LIMIT as usize, 0);
-            // Edges ascend, so segment j (count j + 1) runs from edge j's step to edge j+1's.
-            let at = |j: usize| self.edges.get(j).map_or(max + 1, |&e| step_at(e).clamp(0.0, (max + 1) as f64) as usize);
-            lut[..at(0)].fill(0);
-            for j in 0..self.edges.len() {
-                lut[at(j)..at(j + 1)].fill(j as u8 + 1);
+        // l(v) = #edges <= v and r(v) = #edges < v for every v up to max + 1 (the vector
+        // lookup's padding), in one walk up the edges, which ascend.
+        self.lut_pair.clear();
+        let edges = &self.edges;
+        let (mut below, mut upto) = (0, 0);
+        for v in 0..=max + 1 {
+            let x = v as f64;
+            while below < edges.len() && edges[below] < x {
+                below += 1;
             }
-        };
-        fill(&mut self.lut_l, &|e| e.ceil());
-        fill(&mut self.lut_r, &|e| e.floor() + 1.0);
+            while upto < edges.len() && edges[upto] <= x {
+                upto += 1;
+            }
+            self.lut_pair.push(upto as u16 | ((upto - below) as u16) << 8);
+        }
     }
 
     fn prepare_edges(&mut self, n_bins: usize) {
@@ -259,7 +259,9 @@ fn quantile_edges_with(n: usize, n_edges: usize, mut at: impl FnMut(usize) -> f3
         } else if virt < 0.0 {
             at(0) as f64
         } else {
-            let prev = virt.floor();
+            // virt >= 0 here, so truncation is the floor (a call into libm on the baseline
+            // target, which has no rounding instruction).
+            let prev = virt as usize as f64;
             let gamma = virt - prev;
             let a = at(prev as usize);
             let b = at(prev as usize + 1);
@@ -270,13 +272,13 @@ fn quantile_edges_with(n: usize, n_edges: usize, mut at: impl FnMut(usize) -> f3
 }
 
 /// numpy's `_lerp`: the difference in the array's dtype (f32), the formula switching at t = 0.5.
+/// Both sides computed and one picked by a mask: where the edges fall between values is random
+/// per cell, so a branch mispredicted about half the time.
 fn lerp(a: f32, b: f32, t: f64) -> f64 {
     let diff = (b - a) as f64;
-    if t >= 0.5 {
-        b as f64 - diff * (1.0 - t)
-    } else {
-        a as f64 + diff * t
-    }
+    let (high, low) = (b as f64 - diff * (1.0 - t), a as f64 + diff * t);
+    let pick_high = ((t >= 0.5) as u64).wrapping_neg();
+    f64::from_bits((high.to_bits() & pick_high) | (low.to_bits() & !pick_high))
 }
 
 /// `(l, r)`: the number of edges <= x and < x. `np.digitize(x, edges)` is l and
@@ -383,7 +385,8 @@ mod tests {
                 }
                 let want: Vec<u8> = std::iter::once(7)
                     .chain(values.iter().enumerate().map(|(k, &v)| {
-                        let (l, r) = (b.lut_l[v as usize], b.lut_r[v as usize]);
+                        // The general path's digits, from the same edges.
+                        let (l, r) = digits(v as f64, &b.edges);
                         if random { pick(l, r, b.draws[k]) } else { super::lowest(l, r) }
                     }))
                     .collect();
