@@ -10,6 +10,8 @@ use scgpt_data::binning::{Binner, TieBreak, DEFAULT_N_BINS};
 use scgpt_data::seed::SplitMix64;
 
 fn main() -> anyhow::Result<()> {
+    // As the binaries run: freed buffers reused, not page-faulted in again.
+    scgpt_data::alloc::tune_for_tensors();
     let args: Vec<String> = std::env::args().collect();
     let path = args.get(1).ok_or_else(|| anyhow::anyhow!("usage: bin_bench <shard.parquet> [row_groups]"))?;
     let groups: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(8);
