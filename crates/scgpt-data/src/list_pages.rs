@@ -76,6 +76,43 @@ impl<'a, T: Copy> Segments<'a, T> {
         &self.parts
     }
 
+    /// Values `a..b` in order, handed to `f` as slices whose lengths are multiples of `unit`
+    /// (the last may be shorter): borrowed from the parts, with only the units that straddle
+    /// two parts gathered into `stage`. Encoders that work a group of `unit` at a time see the
+    /// sequence as if it were one slice, without the copy of every page that spans parts
+    /// (2.5% of a prep run).
+    fn for_each_run(&self, a: usize, b: usize, unit: usize, stage: &mut Vec<T>, mut f: impl FnMut(&[T])) {
+        if a >= b {
+            return;
+        }
+        stage.clear();
+        let first = self.starts.partition_point(|&s| s <= a) - 1;
+        for (p, &s) in self.parts[first..].iter().zip(&self.starts[first..]) {
+            if s >= b {
+                break;
+            }
+            let mut piece = &p[a.max(s) - s..b.min(s + p.len()) - s];
+            if !stage.is_empty() {
+                let take = (unit - stage.len()).min(piece.len());
+                stage.extend_from_slice(&piece[..take]);
+                piece = &piece[take..];
+                if stage.len() < unit {
+                    continue;
+                }
+                f(stage);
+                stage.clear();
+            }
+            let whole = piece.len() / unit * unit;
+            if whole > 0 {
+                f(&piece[..whole]);
+            }
+            stage.extend_from_slice(&piece[whole..]);
+        }
+        if !stage.is_empty() {
+            f(stage);
+        }
+    }
+
     /// Values `a..b`: borrowed when one part holds them, else gathered into `scratch`.
     fn slice<'s>(&'s self, a: usize, b: usize, scratch: &'s mut Vec<T>) -> &'s [T] {
         if a >= b {
@@ -106,11 +143,13 @@ impl<'a, T: Copy> From<&'a [T]> for Segments<'a, T> {
 /// Gene ids: `DELTA_BINARY_PACKED`, uncompressed.
 pub fn encode_delta_i32(descr: ColumnDescPtr, offsets: &[i32], values: &Segments<i32>) -> parquet::errors::Result<ListChunk> {
     let mut chunk = ChunkBuilder::new(descr, Compression::UNCOMPRESSED, offsets)?;
-    let mut scratch = Vec::new();
+    let mut stage = Vec::new();
     for (a, b) in page_ranges(offsets) {
         let (va, vb) = (offsets[a] as usize, offsets[b] as usize);
         let mut buf = chunk.levels(&offsets[a..=b]);
-        delta_binary_packed(values.slice(va, vb, &mut scratch), &mut buf);
+        let first = values.slice(va, (va + 1).min(vb), &mut stage).first().copied();
+        let mut delta = DeltaPacker::start(first, vb - va, &mut buf);
+        values.for_each_run(va + 1, vb, DELTA_BLOCK, &mut stage, |run| delta.blocks(run, &mut buf));
         chunk.data_page(buf, Encoding::DELTA_BINARY_PACKED, &offsets[a..=b])?;
     }
     chunk.finish()
@@ -120,41 +159,43 @@ pub fn encode_delta_i32(descr: ColumnDescPtr, offsets: &[i32], values: &Segments
 pub fn encode_identity_dictionary_u8(descr: ColumnDescPtr, offsets: &[i32], values: &Segments<u8>) -> parquet::errors::Result<ListChunk> {
     let size = values.parts().iter().filter_map(|p| p.iter().copied().max()).max().map_or(1, |m| m as usize + 1);
     let plain: Vec<u8> = (0..size as i32).flat_map(i32::to_le_bytes).collect();
-    encode_dictionary(descr, offsets, plain, size, values, byte_indices)
+    encode_dictionary(descr, offsets, plain, size, values, byte_pack)
 }
 
 /// Expressions: `RLE_DICTIONARY` over the distinct values, uncompressed; `BYTE_STREAM_SPLIT`
 /// with zstd when there are too many of them.
 pub fn encode_f32(descr: ColumnDescPtr, offsets: &[i32], values: &Segments<f32>) -> parquet::errors::Result<ListChunk> {
     if let Some((dict, rank)) = small_integer_dictionary(values) {
-        let indices = |page: &[f32], width: u8, buf: &mut Vec<u8>| small_int_indices(page, &rank, width, buf);
+        let indices = |run: &[f32], width: u8, buf: &mut Vec<u8>| small_int_pack(run, &rank, width, buf);
         return encode_dictionary(descr, offsets, plain_f32(&dict), dict.len(), values, indices);
     }
     let Some((dict, indices)) = float_dictionary(values) else {
         return encode_byte_stream_split_zstd(descr, offsets, values);
     };
-    let copy = |page: &[u32], width: u8, buf: &mut Vec<u8>| dictionary_indices(page.iter().copied(), page.len(), width, buf);
+    let copy = |run: &[u32], width: u8, buf: &mut Vec<u8>| pack_indices(run.iter().copied(), run.len(), width, buf);
     encode_dictionary(descr, offsets, plain_f32(&dict), dict.len(), &Segments::from(&indices[..]), copy)
 }
 
 /// A dictionary page (`plain`, `entries` values in PLAIN encoding), then data pages of the
-/// dictionary indices of `values`, which `indices` writes for a page's values at a bit width.
+/// dictionary indices of `values`, which `pack` bit-packs at a width for a run of values (a
+/// whole number of groups of 8, but for a page's last run).
 fn encode_dictionary<V: Copy>(
     descr: ColumnDescPtr,
     offsets: &[i32],
     plain: Vec<u8>,
     entries: usize,
     values: &Segments<V>,
-    indices: impl Fn(&[V], u8, &mut Vec<u8>),
+    pack: impl Fn(&[V], u8, &mut Vec<u8>),
 ) -> parquet::errors::Result<ListChunk> {
     let mut chunk = ChunkBuilder::new(descr, Compression::UNCOMPRESSED, offsets)?;
     chunk.dictionary_page(plain, entries)?;
     let width = bit_width(entries as u64 - 1);
-    let mut scratch = Vec::new();
+    let mut stage = Vec::new();
     for (a, b) in page_ranges(offsets) {
         let (va, vb) = (offsets[a] as usize, offsets[b] as usize);
         let mut buf = chunk.levels(&offsets[a..=b]);
-        indices(values.slice(va, vb, &mut scratch), width, &mut buf);
+        indices_header(vb - va, width, &mut buf);
+        values.for_each_run(va, vb, 8, &mut stage, |run| pack(run, width, &mut buf));
         chunk.data_page(buf, Encoding::RLE_DICTIONARY, &offsets[a..=b])?;
     }
     chunk.finish()
@@ -244,20 +285,25 @@ unsafe fn mark_small_ints_avx512(values: &[f32], present: &mut [bool; SMALL_INTS
     mark_small_ints_scalar(groups.remainder(), present) && bad == 0
 }
 
-/// [`dictionary_indices`] of small integer values through their `rank`, each group of eight
-/// looked up and packed in one step (staging the indices first, with a bounds check per
-/// lookup, was half the expressions' encoding time). Every value is an integer below
-/// [`SMALL_INTS`] (checked by [`small_integer_dictionary`]; the mask bounds the lookups).
+#[cfg(test)]
+/// [`dictionary_indices`] of small integer values through their `rank`.
 fn small_int_indices(values: &[f32], rank: &[u16; SMALL_INTS], width: u8, buf: &mut Vec<u8>) {
+    indices_header(values.len(), width, buf);
+    small_int_pack(values, rank, width, buf);
+}
+
+/// [`pack_indices`] of small integer values through their `rank`, each group of eight looked
+/// up and packed in one step (staging the indices first, with a bounds check per lookup, was
+/// half the expressions' encoding time). Every value is an integer below [`SMALL_INTS`]
+/// (checked by [`small_integer_dictionary`]; the mask bounds the lookups).
+fn small_int_pack(values: &[f32], rank: &[u16; SMALL_INTS], width: u8, buf: &mut Vec<u8>) {
     let index = |v: f32| rank[small_int::value(v) as usize & (SMALL_INTS - 1)] as u32;
     // Dictionaries here have at most SMALL_INTS entries: 12 bits.
-    if width == 0 || width > 12 || values.is_empty() {
-        return dictionary_indices(values.iter().map(|&v| index(v)), values.len(), width, buf);
+    if width == 0 || width > 12 {
+        return pack_indices(values.iter().map(|&v| index(v)), values.len(), width, buf);
     }
-    buf.push(width);
-    uleb128(((values.len().div_ceil(8) as u64) << 1) | 1, buf);
     let whole = values.len() / 8 * 8;
-    // The run is whole groups of 8: the last one is padded with index 0.
+    // The last group, if short, is padded with index 0.
     let mut tail = [0u32; 8];
     tail.iter_mut().zip(&values[whole..]).for_each(|(t, &v)| *t = index(v));
     macro_rules! widths {
@@ -506,15 +552,29 @@ impl RunWriter {
     }
 }
 
+#[cfg(test)]
 /// Dictionary indices of a data page: one byte of bit width, then a single bit-packed run.
-fn dictionary_indices(mut indices: impl Iterator<Item = u32>, n: usize, width: u8, buf: &mut Vec<u8>) {
+fn dictionary_indices(indices: impl Iterator<Item = u32>, n: usize, width: u8, buf: &mut Vec<u8>) {
+    indices_header(n, width, buf);
+    pack_indices(indices, n, width, buf);
+}
+
+/// The start of a data page's `n` dictionary indices: the bit width, then the header of one
+/// bit-packed run of `n` rounded up to groups of 8 (none for no values).
+fn indices_header(n: usize, width: u8, buf: &mut Vec<u8>) {
     buf.push(width);
+    if n > 0 {
+        uleb128(((n.div_ceil(8) as u64) << 1) | 1, buf);
+    }
+}
+
+/// `n` indices bit-packed at `width`, the last group padded with zeros to 8: the body of the
+/// run [`indices_header`] announces, or a stretch of it that ends on a group.
+fn pack_indices(mut indices: impl Iterator<Item = u32>, n: usize, width: u8, buf: &mut Vec<u8>) {
     if n == 0 {
         return;
     }
-    let groups = n.div_ceil(8);
-    uleb128(((groups as u64) << 1) | 1, buf);
-    buf.reserve(groups * width as usize + PACK_SLACK);
+    buf.reserve(n.div_ceil(8) * width as usize + PACK_SLACK);
     // Staged a stretch at a time, so the packer sees whole groups of 8 in a slice.
     let mut stage = [0u32; 1024];
     let mut left = n;
@@ -531,30 +591,34 @@ fn dictionary_indices(mut indices: impl Iterator<Item = u32>, n: usize, width: u
     }
 }
 
-/// [`dictionary_indices`] for byte values that are their own indices (the bins), `width` at
-/// most 8: eight values at a time in one 64-bit word, halved into place in three steps of
-/// masks and shifts instead of a shift and an or per value (the bins' packing was 5% of a prep
-/// run).
+#[cfg(test)]
+/// [`dictionary_indices`] for byte values that are their own indices (the bins).
 fn byte_indices(values: &[u8], width: u8, buf: &mut Vec<u8>) {
+    indices_header(values.len(), width, buf);
+    byte_pack(values, width, buf);
+}
+
+/// [`pack_indices`] for byte values that are their own indices, `width` at most 8: eight
+/// values at a time in one 64-bit word, halved into place in three steps of masks and shifts
+/// instead of a shift and an or per value (the bins' packing was 5% of a prep run).
+fn byte_pack(values: &[u8], width: u8, buf: &mut Vec<u8>) {
     macro_rules! widths {
         ($($w:literal)*) => {
             match width {
-                0 => dictionary_indices(std::iter::empty(), values.len(), 0, buf),
-                $($w => byte_indices_width::<$w>(values, buf),)*
-                _ => dictionary_indices(values.iter().map(|&v| v as u32), values.len(), width, buf),
+                0 => {}
+                $($w => byte_pack_width::<$w>(values, buf),)*
+                _ => pack_indices(values.iter().map(|&v| v as u32), values.len(), width, buf),
             }
         };
     }
     widths!(1 2 3 4 5 6 7 8);
 }
 
-fn byte_indices_width<const W: u32>(values: &[u8], buf: &mut Vec<u8>) {
-    buf.push(W as u8);
+fn byte_pack_width<const W: u32>(values: &[u8], buf: &mut Vec<u8>) {
     if values.is_empty() {
         return;
     }
     let groups = values.len().div_ceil(8);
-    uleb128(((groups as u64) << 1) | 1, buf);
     let start = buf.len();
     let len = groups * W as usize;
     buf.resize(start + len + 8, 0);
@@ -582,43 +646,59 @@ fn byte_indices_width<const W: u32>(values: &[u8], buf: &mut Vec<u8>) {
     buf.truncate(start + len);
 }
 
+/// Values per block of `DELTA_BINARY_PACKED`, in [`DELTA_MINIS`] miniblocks of 32.
+const DELTA_BLOCK: usize = 128;
+const DELTA_MINIS: usize = 4;
+
 /// `DELTA_BINARY_PACKED` with blocks of 128 values in 4 miniblocks of 32, deltas in wrapping
-/// 32-bit arithmetic as the format's INT32 type.
-fn delta_binary_packed(values: &[i32], buf: &mut Vec<u8>) {
-    const BLOCK: usize = 128;
-    const MINI: usize = 32;
-    uleb128(BLOCK as u64, buf);
-    uleb128((BLOCK / MINI) as u64, buf);
-    uleb128(values.len() as u64, buf);
-    uleb128(zigzag(values.first().copied().unwrap_or(0) as i64), buf);
-    // A reservation, not a limit: gene-id deltas (vocabularies below 2^16) fit in 2 bytes.
-    buf.reserve(values.len() * 2 + PACK_SLACK);
-    let mut deltas = [0i32; BLOCK];
-    let mut packed = [0u32; BLOCK];
-    let mut prev = values.first().copied().unwrap_or(0);
-    for block in values.get(1..).unwrap_or(&[]).chunks(BLOCK) {
-        let mut min = i32::MAX;
-        for (d, &v) in deltas.iter_mut().zip(block) {
-            *d = v.wrapping_sub(prev);
-            prev = v;
-            min = min.min(*d);
+/// 32-bit arithmetic as the format's INT32 type, a run at a time: the header, then the values
+/// after the first in runs of whole blocks (but for the last run).
+struct DeltaPacker {
+    prev: i32,
+}
+
+impl DeltaPacker {
+    /// The header of `n` values starting with `first`.
+    fn start(first: Option<i32>, n: usize, buf: &mut Vec<u8>) -> Self {
+        uleb128(DELTA_BLOCK as u64, buf);
+        uleb128(DELTA_MINIS as u64, buf);
+        uleb128(n as u64, buf);
+        uleb128(zigzag(first.unwrap_or(0) as i64), buf);
+        DeltaPacker { prev: first.unwrap_or(0) }
+    }
+
+    fn blocks(&mut self, values: &[i32], buf: &mut Vec<u8>) {
+        const MINI: usize = DELTA_BLOCK / DELTA_MINIS;
+        // A reservation, not a limit: gene-id deltas (vocabularies below 2^16) fit in 2 bytes.
+        buf.reserve(values.len() * 2 + PACK_SLACK);
+        let mut deltas = [0i32; DELTA_BLOCK];
+        let mut packed = [0u32; DELTA_BLOCK];
+        let mut prev = self.prev;
+        for block in values.chunks(DELTA_BLOCK) {
+            let mut min = i32::MAX;
+            for (d, &v) in deltas.iter_mut().zip(block) {
+                *d = v.wrapping_sub(prev);
+                prev = v;
+                min = min.min(*d);
+            }
+            // The last block is padded with deltas equal to min (they pack to zero bits).
+            deltas[block.len()..].fill(min);
+            for (p, &d) in packed.iter_mut().zip(&deltas) {
+                *p = d.wrapping_sub(min) as u32;
+            }
+            let mut widths = [0u8; DELTA_MINIS];
+            let minis = block.len().div_ceil(MINI);
+            for (m, w) in widths.iter_mut().enumerate().take(minis) {
+                *w = bit_width(packed[m * MINI..(m + 1) * MINI].iter().fold(0, |a, &p| a | p) as u64);
+            }
+            // Miniblocks are 32 values, so the block header and every miniblock start on a byte.
+            uleb128(zigzag(min as i64), buf);
+            buf.extend_from_slice(&widths);
+            for (m, &w) in widths.iter().enumerate().take(minis) {
+                pack(&packed[m * MINI..(m + 1) * MINI], w, buf);
+            }
         }
-        // The last block is padded with deltas equal to min (they pack to zero bits).
-        deltas[block.len()..].fill(min);
-        for (p, &d) in packed.iter_mut().zip(&deltas) {
-            *p = d.wrapping_sub(min) as u32;
-        }
-        let mut widths = [0u8; BLOCK / MINI];
-        let minis = block.len().div_ceil(MINI);
-        for (m, w) in widths.iter_mut().enumerate().take(minis) {
-            *w = bit_width(packed[m * MINI..(m + 1) * MINI].iter().fold(0, |a, &p| a | p) as u64);
-        }
-        // Miniblocks are 32 values, so the block header and every miniblock start on a byte.
-        uleb128(zigzag(min as i64), buf);
-        buf.extend_from_slice(&widths);
-        for (m, &w) in widths.iter().enumerate().take(minis) {
-            pack(&packed[m * MINI..(m + 1) * MINI], w, buf);
-        }
+        self.prev = prev;
     }
 }
 
@@ -784,6 +864,51 @@ mod tests {
         scratch.clear();
         assert_eq!(seg.slice(4, 7, &mut scratch).as_ptr(), parts[3][0..].as_ptr());
         assert!(scratch.is_empty());
+        // Runs: the same sequence, in whole units but for the last run.
+        let (sizes, total) = ([5usize, 0, 1, 17, 3, 8, 30, 2], 66);
+        let mut next = 0u32;
+        let owned: Vec<Vec<u32>> = sizes.iter().map(|&n| (0..n).map(|_| { next += 1; next - 1 }).collect()).collect();
+        let seg = Segments::new(owned.iter().map(|p| &p[..]));
+        for unit in [1usize, 3, 8] {
+            for a in 0..=total {
+                for b in a..=total {
+                    let mut runs = Vec::new();
+                    seg.for_each_run(a, b, unit, &mut scratch, |r| runs.push(r.to_vec()));
+                    assert_eq!(runs.concat(), (a as u32..b as u32).collect::<Vec<_>>(), "unit {unit}, {a}..{b}");
+                    assert!(runs.iter().rev().skip(1).all(|r| r.len() % unit == 0 && !r.is_empty()), "unit {unit}, {a}..{b}: {runs:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn encoders_read_parts_as_one_slice() {
+        // Pages (three: over PAGE_VALUES) of values split among parts at every kind of place
+        // give the bytes of one slice.
+        let values: Vec<i32> = (0..600_000).map(|i: i32| (i * 7919) % 60_000 - (i % 13) * 1000).collect();
+        let offsets: Vec<i32> = (0..=600).map(|c| c * 1000).collect();
+        assert!(page_ranges(&offsets).len() >= 3);
+        let mut cut = 1usize;
+        let mut parts = Vec::new();
+        let mut at = 0;
+        while at < values.len() {
+            let n = cut.min(values.len() - at);
+            parts.push(&values[at..at + n]);
+            at += n;
+            cut = cut * 5 % 3331 + 1;
+        }
+        let split = Segments::new(parts.iter().copied());
+        let whole = Segments::from(&values[..]);
+        let descr = || parquet::arrow::ArrowSchemaConverter::new()
+            .convert(&arrow_schema::Schema::new(vec![arrow_schema::Field::new("g", arrow_schema::DataType::List(std::sync::Arc::new(arrow_schema::Field::new("item", arrow_schema::DataType::Int32, false))), false)]))
+            .unwrap()
+            .column(0);
+        let bytes = |s: &Segments<i32>| encode_delta_i32(descr(), &offsets, s).unwrap().bytes;
+        assert_eq!(bytes(&split), bytes(&whole));
+        let small: Vec<u8> = values.iter().map(|&v| (v.unsigned_abs() % 51) as u8).collect();
+        let small_parts: Vec<&[u8]> = parts.iter().scan(0, |at, p| { let r = &small[*at..*at + p.len()]; *at += p.len(); Some(r) }).collect();
+        let bins = |s: &Segments<u8>| encode_identity_dictionary_u8(descr(), &offsets, s).unwrap().bytes;
+        assert_eq!(bins(&Segments::new(small_parts.iter().copied())), bins(&Segments::from(&small[..])));
     }
 
     #[test]
