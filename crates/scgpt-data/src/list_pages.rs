@@ -38,8 +38,147 @@ pub const MAX_FLOAT_DICTIONARY: usize = 1 << 16;
 
 /// One encoded column chunk, ready for `append_column`.
 pub struct ListChunk {
-    pub bytes: Bytes,
+    pub bytes: ChunkPieces,
     pub close: ColumnCloseResult,
+}
+
+/// A column chunk's bytes as the buffers they were written in (page headers, page bodies),
+/// read as one sequence: splicing it into a file copies each body once, not twice.
+#[derive(Clone, Default, Debug)]
+pub struct ChunkPieces {
+    pieces: Vec<Bytes>,
+    /// Offset of each piece's first byte.
+    starts: Vec<u64>,
+    len: u64,
+}
+
+impl ChunkPieces {
+    fn new(pieces: Vec<Bytes>) -> Self {
+        let pieces: Vec<Bytes> = pieces.into_iter().filter(|p| !p.is_empty()).collect();
+        let mut starts = Vec::with_capacity(pieces.len());
+        let mut len = 0;
+        for p in &pieces {
+            starts.push(len);
+            len += p.len() as u64;
+        }
+        ChunkPieces { pieces, starts, len }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// All the bytes in one buffer.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.pieces.concat()
+    }
+
+    /// The pieces from byte `start` on, the first cut to start there.
+    fn from(&self, start: u64) -> parquet::errors::Result<std::collections::VecDeque<Bytes>> {
+        if start > self.len {
+            return Err(parquet::errors::ParquetError::EOF(format!("offset {start} past a chunk of {} bytes", self.len)));
+        }
+        let first = self.starts.partition_point(|&s| s <= start).saturating_sub(1);
+        let mut out: std::collections::VecDeque<Bytes> = self.pieces[first.min(self.pieces.len())..].iter().cloned().collect();
+        if let Some(p) = out.front_mut() {
+            *p = p.slice((start - self.starts[first]) as usize..);
+        }
+        Ok(out)
+    }
+}
+
+impl parquet::file::reader::Length for ChunkPieces {
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+impl parquet::file::reader::ChunkReader for ChunkPieces {
+    type T = PiecesReader;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<PiecesReader> {
+        Ok(PiecesReader(self.from(start)?))
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        let mut out = Vec::with_capacity(length);
+        std::io::Read::read_to_end(&mut std::io::Read::take(self.get_read(start)?, length as u64), &mut out)?;
+        if out.len() < length {
+            return Err(parquet::errors::ParquetError::EOF(format!("{length} bytes at {start} past a chunk of {} bytes", self.len)));
+        }
+        Ok(Bytes::from(out))
+    }
+}
+
+/// Reads [`ChunkPieces`] in order from an offset.
+pub struct PiecesReader(std::collections::VecDeque<Bytes>);
+
+impl std::io::Read for PiecesReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while let Some(p) = self.0.front_mut() {
+            if p.is_empty() {
+                self.0.pop_front();
+                continue;
+            }
+            let n = buf.len().min(p.len());
+            buf[..n].copy_from_slice(&p[..n]);
+            bytes::Buf::advance(p, n);
+            return Ok(n);
+        }
+        Ok(0)
+    }
+}
+
+/// Where the page writer writes a chunk: runs of small writes (the page headers) are copied,
+/// and a write of exactly the body announced with [`PieceSink::expect`] keeps that buffer
+/// instead (copying every page into one buffer was 2% of a prep run). Any other write is
+/// copied, so the bytes are right whichever path a write takes.
+#[derive(Default)]
+struct PieceSink {
+    pieces: Vec<Bytes>,
+    small: Vec<u8>,
+    body: Option<Bytes>,
+}
+
+impl PieceSink {
+    fn expect(&mut self, body: Bytes) {
+        self.body = Some(body);
+    }
+
+    fn cut(&mut self) {
+        if !self.small.is_empty() {
+            self.pieces.push(Bytes::from(std::mem::take(&mut self.small)));
+        }
+    }
+
+    fn finish(mut self) -> ChunkPieces {
+        self.cut();
+        ChunkPieces::new(self.pieces)
+    }
+}
+
+impl std::io::Write for PieceSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.body.take() {
+            Some(body) if std::ptr::eq(buf.as_ptr(), body.as_ptr()) && buf.len() == body.len() => {
+                self.cut();
+                self.pieces.push(body);
+            }
+            body => {
+                self.body = body;
+                self.small.extend_from_slice(buf);
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A column's values in consecutive parts (the binned chunks of a row group), encoded as one
@@ -142,7 +281,7 @@ impl<'a, T: Copy> From<&'a [T]> for Segments<'a, T> {
 
 /// Gene ids: `DELTA_BINARY_PACKED`, uncompressed.
 pub fn encode_delta_i32(descr: ColumnDescPtr, offsets: &[i32], values: &Segments<i32>) -> parquet::errors::Result<ListChunk> {
-    let mut chunk = ChunkBuilder::new(descr, Compression::UNCOMPRESSED, offsets)?;
+    let mut chunk = ChunkBuilder::new(descr, Compression::UNCOMPRESSED)?;
     let mut stage = Vec::new();
     for (a, b) in page_ranges(offsets) {
         let (va, vb) = (offsets[a] as usize, offsets[b] as usize);
@@ -187,7 +326,7 @@ fn encode_dictionary<V: Copy>(
     values: &Segments<V>,
     pack: impl Fn(&[V], u8, &mut Vec<u8>),
 ) -> parquet::errors::Result<ListChunk> {
-    let mut chunk = ChunkBuilder::new(descr, Compression::UNCOMPRESSED, offsets)?;
+    let mut chunk = ChunkBuilder::new(descr, Compression::UNCOMPRESSED)?;
     chunk.dictionary_page(plain, entries)?;
     let width = bit_width(entries as u64 - 1);
     let mut stage = Vec::new();
@@ -322,7 +461,7 @@ fn small_int_pack(values: &[f32], rank: &[u16; SMALL_INTS], width: u8, buf: &mut
 
 fn encode_byte_stream_split_zstd(descr: ColumnDescPtr, offsets: &[i32], values: &Segments<f32>) -> parquet::errors::Result<ListChunk> {
     let level = ZstdLevel::try_new(1)?;
-    let mut chunk = ChunkBuilder::new(descr, Compression::ZSTD(level), offsets)?;
+    let mut chunk = ChunkBuilder::new(descr, Compression::ZSTD(level))?;
     let mut zstd = zstd::bulk::Compressor::new(level.compression_level()).map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
     let mut scratch = Vec::new();
     for (a, b) in page_ranges(offsets) {
@@ -386,7 +525,7 @@ fn page_ranges(offsets: &[i32]) -> Vec<(usize, usize)> {
 struct ChunkBuilder {
     descr: ColumnDescPtr,
     codec: Compression,
-    sink: TrackedWrite<Vec<u8>>,
+    sink: TrackedWrite<PieceSink>,
     encodings: Vec<Encoding>,
     values: i64,
     uncompressed: i64,
@@ -397,9 +536,7 @@ struct ChunkBuilder {
 }
 
 impl ChunkBuilder {
-    /// `offsets` are the chunk's cells: the page buffer is sized for them up front, as growing
-    /// it by doubling copied every page written so far (1% of a prep run).
-    fn new(descr: ColumnDescPtr, codec: Compression, offsets: &[i32]) -> parquet::errors::Result<Self> {
+    fn new(descr: ColumnDescPtr, codec: Compression) -> parquet::errors::Result<Self> {
         if descr.max_def_level() != 1 || descr.max_rep_level() != 1 {
             return Err(parquet::errors::ParquetError::General(format!(
                 "column {}: expected a required list of required items (levels 1/1), got {}/{}",
@@ -411,9 +548,7 @@ impl ChunkBuilder {
         Ok(ChunkBuilder {
             descr,
             codec,
-            // At most 2 bytes per value in every encoding here (16-bit deltas and dictionary
-            // indices; byte-split floats are compressed), plus levels and headers.
-            sink: TrackedWrite::new(Vec::with_capacity(2 * (offsets[offsets.len() - 1] - offsets[0]) as usize + 16 * offsets.len() + 4096)),
+            sink: TrackedWrite::new(PieceSink::default()),
             encodings: vec![Encoding::RLE],
             values: 0,
             uncompressed: 0,
@@ -489,6 +624,7 @@ impl ChunkBuilder {
     }
 
     fn write(&mut self, page: CompressedPage) -> parquet::errors::Result<PageWriteSpec> {
+        self.sink.inner_mut().expect(page.compressed_page().buffer().clone());
         let spec = SerializedPageWriter::new(&mut self.sink).write_page(page)?;
         self.uncompressed += spec.uncompressed_size as i64;
         self.compressed += spec.compressed_size as i64;
@@ -505,7 +641,7 @@ impl ChunkBuilder {
             .set_data_page_offset(self.data_offset.unwrap_or(0))
             .set_dictionary_page_offset(self.dict_offset)
             .build()?;
-        let bytes = Bytes::from(self.sink.into_inner()?);
+        let bytes = self.sink.into_inner()?.finish();
         let close = ColumnCloseResult {
             bytes_written: bytes.len() as u64,
             rows_written: self.rows,
@@ -882,6 +1018,34 @@ mod tests {
     }
 
     #[test]
+    fn chunk_pieces_read_as_one_buffer_and_keep_announced_bodies() {
+        use parquet::file::reader::ChunkReader;
+        use std::io::{Read, Write};
+        let body = Bytes::from((0..20_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+        let mut sink = PieceSink::default();
+        sink.write_all(b"head").unwrap();
+        sink.write_all(&body[..10]).unwrap(); // not the announced body: copied
+        sink.expect(body.clone());
+        sink.write_all(b"er").unwrap();
+        sink.write_all(&body).unwrap();
+        sink.write_all(b"tail").unwrap();
+        let chunk = sink.finish();
+        let want: Vec<u8> = [&b"head"[..], &body[..10], b"er", &body[..], b"tail"].concat();
+        assert_eq!(chunk.to_vec(), want);
+        assert!(chunk.pieces.iter().any(|p| p.as_ptr() == body.as_ptr()), "the body is kept, not copied");
+        assert_eq!(chunk.len(), want.len() as u64);
+        for start in [0usize, 3, 4, 14, 16, 17, 20_015, 20_016, want.len()] {
+            let mut rest = Vec::new();
+            chunk.get_read(start as u64).unwrap().read_to_end(&mut rest).unwrap();
+            assert_eq!(rest, want[start..], "from {start}");
+            let n = (want.len() - start).min(5000);
+            assert_eq!(chunk.get_bytes(start as u64, n).unwrap(), want[start..start + n], "{n} at {start}");
+        }
+        assert!(chunk.get_read(want.len() as u64 + 1).is_err());
+        assert!(chunk.get_bytes(10, want.len()).is_err());
+    }
+
+    #[test]
     fn encoders_read_parts_as_one_slice() {
         // Pages (three: over PAGE_VALUES) of values split among parts at every kind of place
         // give the bytes of one slice.
@@ -903,11 +1067,11 @@ mod tests {
             .convert(&arrow_schema::Schema::new(vec![arrow_schema::Field::new("g", arrow_schema::DataType::List(std::sync::Arc::new(arrow_schema::Field::new("item", arrow_schema::DataType::Int32, false))), false)]))
             .unwrap()
             .column(0);
-        let bytes = |s: &Segments<i32>| encode_delta_i32(descr(), &offsets, s).unwrap().bytes;
+        let bytes = |s: &Segments<i32>| encode_delta_i32(descr(), &offsets, s).unwrap().bytes.to_vec();
         assert_eq!(bytes(&split), bytes(&whole));
         let small: Vec<u8> = values.iter().map(|&v| (v.unsigned_abs() % 51) as u8).collect();
         let small_parts: Vec<&[u8]> = parts.iter().scan(0, |at, p| { let r = &small[*at..*at + p.len()]; *at += p.len(); Some(r) }).collect();
-        let bins = |s: &Segments<u8>| encode_identity_dictionary_u8(descr(), &offsets, s).unwrap().bytes;
+        let bins = |s: &Segments<u8>| encode_identity_dictionary_u8(descr(), &offsets, s).unwrap().bytes.to_vec();
         assert_eq!(bins(&Segments::new(small_parts.iter().copied())), bins(&Segments::from(&small[..])));
     }
 
