@@ -7,7 +7,8 @@
 # file, to show memory stays flat as the file grows), shards both with the release scgpt-prep on
 # all cores, then runs the Python reference (benches/prep_python_reference.py, single-threaded as
 # the original) on the first PY_CELLS cells (default 20,000) of the big file, and prints the ratio
-# per core. Needs ~20 GB of disk in WORKDIR for 1M cells.
+# per core. Needs ~20 GB of disk in WORKDIR for 1M cells. SETTLE_S (default 20) sets the pause
+# before each measured run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/scgpt-prep-bench}
@@ -26,8 +27,19 @@ for n in "$QUARTER" "$CELLS"; do
   [ -f "$WORK/sim_$n.h5ad" ] || $PREP simulate --cells "$n" --genes 20000 --genes-per-cell 2000 --seed 1 --out "$WORK/sim_$n.h5ad"
 done
 NCPU=$(nproc)
+# Each run starts cold and on a quiet disk: the page cache dropped where permitted (root), and
+# SETTLE_S seconds (default 20) after the previous run. On the benchmark VM a run started right
+# after another prep run was 3-4 s slower than one started 20 s later (the disk still busy
+# with the previous run's aftermath, outside this VM's view), whichever binary ran.
+SETTLE_S=${SETTLE_S:-20}
+settle() {
+  sync
+  [ -w /proc/sys/vm/drop_caches ] && echo 3 > /proc/sys/vm/drop_caches
+  sleep "$SETTLE_S"
+}
 measure() { # $1 = label, rest = command; prints "label wall_s peak_kb user_s sys_s"
   local label=$1; shift
+  settle
   /usr/bin/time -f "%e %M %U %S" -o "$WORK/time.txt" "$@" > "$WORK/$label.out" 2>&1
   echo "$label $(cat "$WORK/time.txt")"
 }
