@@ -1049,7 +1049,7 @@ mod tests {
     fn encoders_read_parts_as_one_slice() {
         // Pages (three: over PAGE_VALUES) of values split among parts at every kind of place
         // give the bytes of one slice.
-        let values: Vec<i32> = (0..600_000).map(|i: i32| (i * 7919) % 60_000 - (i % 13) * 1000).collect();
+        let values: Vec<i32> = (0..600_000i64).map(|i| ((i * 7919) % 60_000 - (i % 13) * 1000) as i32).collect();
         let offsets: Vec<i32> = (0..=600).map(|c| c * 1000).collect();
         assert!(page_ranges(&offsets).len() >= 3);
         let mut cut = 1usize;
