@@ -886,8 +886,7 @@ unsafe fn compact_row_avx512<G: GeneId>(table: &[G], cols: &[u32], vals: &[f32],
         2 => (_mm512_set1_epi32(u16::MAX as i32), _mm512_set1_epi32(0xFFFF)),
         _ => (_mm512_set1_epi32(-1), _mm512_set1_epi32(-1)),
     };
-    let (zero, one, limit, magic, low23) =
-        (_mm512_setzero_ps(), _mm512_set1_ps(1.0), _mm512_set1_ps(small_int::LIMIT), _mm512_set1_ps(8_388_608.0), _mm512_set1_epi32(0x7F_FFFF));
+    let (zero, one) = (_mm512_setzero_ps(), _mm512_set1_ps(1.0));
     let (mut max, mut sum_lo, mut sum_hi) = (_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512());
     let (mut not_integer, mut below_one): (__mmask16, __mmask16) = (0, 0);
     let (mut i, mut k) = (0, 0);
@@ -903,14 +902,10 @@ unsafe fn compact_row_avx512<G: GeneId>(table: &[G], cols: &[u32], vals: &[f32],
             _mm512_storeu_si512(genes.add(k).cast(), _mm512_maskz_compress_epi32(keep, ids));
             _mm512_storeu_ps(values.add(k), _mm512_maskz_compress_ps(keep, v));
             k += keep.count_ones() as usize;
-            // small_int::is_int_in(v, 0, LIMIT) and small_int::value, lane by lane.
-            let shifted = _mm512_add_ps(v, magic);
-            let integer = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, zero)
-                & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, limit)
-                & _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_sub_ps(shifted, magic), v);
-            not_integer |= !integer;
+            let shifted = small_int::lanes::shifted(v);
+            not_integer |= !small_int::lanes::is_int_in(v, shifted, 0.0, small_int::LIMIT);
             below_one |= !_mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, one);
-            let x = _mm512_maskz_and_epi32(keep, _mm512_castps_si512(shifted), low23);
+            let x = _mm512_maskz_mov_epi32(keep, small_int::lanes::value(shifted));
             max = _mm512_max_epu32(max, x);
             sum_lo = _mm512_add_epi64(sum_lo, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(x)));
             sum_hi = _mm512_add_epi64(sum_hi, _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64::<1>(x)));
@@ -1252,7 +1247,8 @@ impl CellBinning<'_> {
             let (cols, vals) = block.row(i);
             // Copied into spare capacity (zero-filling first, resize, was 2% of the run) and
             // kept there if every value is an exact integer count (the common case); anything
-            // else is checked value by value and rounded or refused.
+            // else is checked value by value and rounded or refused, the copy discarded (a
+            // small cost beside the sort that binning such values takes).
             out.genes.reserve(cols.len());
             out.expressions.reserve(cols.len());
             let (genes, values) = (&mut out.genes.spare_capacity_mut()[..cols.len()], &mut out.expressions.spare_capacity_mut()[..cols.len()]);

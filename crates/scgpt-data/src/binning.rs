@@ -301,14 +301,14 @@ unsafe fn small_int_bins_avx512(values: &[f32], draws: Option<&[u32]>, pairs: &[
     use std::arch::x86_64::*;
     let n = values.len();
     let base = pairs.as_ptr() as *const i32;
-    let (magic, low23, byte, one) = (_mm512_set1_ps(8_388_608.0), _mm512_set1_epi32(0x7F_FFFF), _mm512_set1_epi32(0xFF), _mm512_set1_epi32(1));
+    let (byte, one) = (_mm512_set1_epi32(0xFF), _mm512_set1_epi32(1));
     let mut i = 0;
     while i + 16 <= n {
         // SAFETY: i + 16 <= n for the loads and stores; each gather reads pairs[v] and the entry
         // after it, both inside `pairs`.
         unsafe {
             let v = _mm512_loadu_ps(values.as_ptr().add(i));
-            let idx = _mm512_and_si512(_mm512_castps_si512(_mm512_add_ps(v, magic)), low23);
+            let idx = small_int::lanes::value(small_int::lanes::shifted(v));
             let p = _mm512_i32gather_epi32::<2>(idx, base);
             let l = _mm512_and_si512(p, byte);
             let span = _mm512_and_si512(_mm512_srli_epi32::<8>(p), byte);

@@ -399,8 +399,7 @@ fn mark_small_ints_scalar(values: &[f32], present: &mut [bool; SMALL_INTS]) -> b
 #[target_feature(enable = "avx512f")]
 unsafe fn mark_small_ints_avx512(values: &[f32], present: &mut [bool; SMALL_INTS]) -> bool {
     use std::arch::x86_64::*;
-    let (zero, limit, magic) = (_mm512_setzero_ps(), _mm512_set1_ps(SMALL_INTS as f32), _mm512_set1_ps(8_388_608.0));
-    let (low12, sign) = (_mm512_set1_epi32(SMALL_INTS as i32 - 1), _mm512_set1_epi32(i32::MIN));
+    let low12 = _mm512_set1_epi32(SMALL_INTS as i32 - 1);
     let mut bad: __mmask16 = 0;
     let mut index = [0u32; 16];
     let mut groups = values.chunks_exact(16);
@@ -408,14 +407,9 @@ unsafe fn mark_small_ints_avx512(values: &[f32], present: &mut [bool; SMALL_INTS
         // SAFETY: a group is 16 values; `index` holds 16 words.
         unsafe {
             let v = _mm512_loadu_ps(g.as_ptr());
-            let shifted = _mm512_add_ps(v, magic);
-            // small_int::is_plain_int_below(v, SMALL_INTS), lane by lane.
-            let ok = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, zero)
-                & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, limit)
-                & _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_sub_ps(shifted, magic), v)
-                & _mm512_testn_epi32_mask(_mm512_castps_si512(v), sign);
-            bad |= !ok;
-            _mm512_storeu_si512(index.as_mut_ptr().cast(), _mm512_and_si512(_mm512_castps_si512(shifted), low12));
+            let shifted = small_int::lanes::shifted(v);
+            bad |= !small_int::lanes::is_plain_int_below(v, shifted, SMALL_INTS as f32);
+            _mm512_storeu_si512(index.as_mut_ptr().cast(), _mm512_and_si512(small_int::lanes::value(shifted), low12));
         }
         for &i in &index {
             present[i as usize & (SMALL_INTS - 1)] = true;

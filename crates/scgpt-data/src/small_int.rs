@@ -30,6 +30,43 @@ pub fn value(v: f32) -> u32 {
     (v + MAGIC).to_bits() & 0x7F_FFFF
 }
 
+/// [`is_int_in`], [`is_plain_int_below`] and [`value`] on sixteen lanes, for the AVX-512
+/// kernels that test and convert values already in a register.
+#[cfg(target_arch = "x86_64")]
+pub mod lanes {
+    use std::arch::x86_64::*;
+
+    /// `v + 2^23` per lane: [`value`]'s bits and the rounding [`is_int_in`] compares.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn shifted(v: __m512) -> __m512 {
+        _mm512_add_ps(v, _mm512_set1_ps(super::MAGIC))
+    }
+
+    /// [`super::is_int_in`] per lane, from `v` and its [`shifted`].
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn is_int_in(v: __m512, shifted: __m512, lo: f32, hi: f32) -> __mmask16 {
+        _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, _mm512_set1_ps(lo))
+            & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_set1_ps(hi))
+            & _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_sub_ps(shifted, _mm512_set1_ps(super::MAGIC)), v)
+    }
+
+    /// [`super::is_plain_int_below`] per lane, from `v` and its [`shifted`].
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn is_plain_int_below(v: __m512, shifted: __m512, hi: f32) -> __mmask16 {
+        is_int_in(v, shifted, 0.0, hi) & _mm512_testn_epi32_mask(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MIN))
+    }
+
+    /// [`super::value`] per lane, from the lanes' [`shifted`].
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn value(shifted: __m512) -> __m512i {
+        _mm512_and_si512(_mm512_castps_si512(shifted), _mm512_set1_epi32(0x7F_FFFF))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
