@@ -1,0 +1,69 @@
+//! A borrowed cells × genes CSR matrix, checked once so the baselines can index it freely.
+
+use anyhow::{bail, Result};
+
+#[derive(Debug, Clone, Copy)]
+pub struct CsrMatrix<'a> {
+    indptr: &'a [usize],
+    indices: &'a [u32],
+    data: &'a [f32],
+    n_cols: usize,
+}
+
+impl<'a> CsrMatrix<'a> {
+    /// Checks the structure: `indptr` starts at 0, never decreases and ends at `indices.len()`
+    /// (= `data.len()`); every index is below `n_cols`. Values are not checked here (the
+    /// baseline rejects negative or non-finite counts where it reads them).
+    pub fn new(indptr: &'a [usize], indices: &'a [u32], data: &'a [f32], n_cols: usize) -> Result<Self> {
+        if indptr.is_empty() {
+            bail!("CSR indptr is empty (it needs n_rows + 1 entries)");
+        }
+        if indices.len() != data.len() {
+            bail!("CSR indices ({}) and data ({}) differ in length", indices.len(), data.len());
+        }
+        if indptr[0] != 0 || indptr[indptr.len() - 1] != indices.len() {
+            bail!(
+                "CSR indptr runs {}..{} but there are {} stored values",
+                indptr[0],
+                indptr[indptr.len() - 1],
+                indices.len()
+            );
+        }
+        if let Some(w) = indptr.windows(2).position(|w| w[1] < w[0]) {
+            bail!("CSR indptr decreases at row {w}");
+        }
+        if let Some(&bad) = indices.iter().find(|&&j| j as usize >= n_cols) {
+            bail!("CSR column index {bad} is out of range for {n_cols} columns");
+        }
+        Ok(CsrMatrix { indptr, indices, data, n_cols })
+    }
+
+    pub fn n_rows(&self) -> usize {
+        self.indptr.len() - 1
+    }
+
+    pub fn n_cols(&self) -> usize {
+        self.n_cols
+    }
+
+    /// Column indices and values of row `i`.
+    pub fn row(&self, i: usize) -> (&'a [u32], &'a [f32]) {
+        let (a, b) = (self.indptr[i], self.indptr[i + 1]);
+        (&self.indices[a..b], &self.data[a..b])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_structure() {
+        assert!(CsrMatrix::new(&[0, 1], &[0], &[1.0], 1).is_ok());
+        assert!(CsrMatrix::new(&[], &[], &[], 1).is_err());
+        assert!(CsrMatrix::new(&[0, 2], &[0], &[1.0], 1).is_err());
+        assert!(CsrMatrix::new(&[0, 1], &[3], &[1.0], 2).is_err());
+        assert!(CsrMatrix::new(&[0, 1, 0], &[0], &[1.0], 2).is_err());
+        assert!(CsrMatrix::new(&[0, 1], &[0], &[], 2).is_err());
+    }
+}

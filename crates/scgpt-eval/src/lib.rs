@@ -1,0 +1,24 @@
+//! Evaluation of cell-type annotation and the baselines it is compared with; no burn, no HDF5.
+//!
+//! - [`classification`]: accuracy and macro/weighted F1 as scikit-learn computes them, the
+//!   confusion matrix as CSV and PNG.
+//! - [`baseline`]: the annotation baseline a user tries first (normalise, log1p, 2,000 HVGs,
+//!   PCA 50, logistic regression), matching scanpy + scikit-learn.
+//! - [`knn`]: reference mapping by a cosine k-nearest-neighbour vote on embeddings.
+
+mod atomic;
+pub mod baseline;
+pub mod classification;
+pub mod csr;
+mod heatmap;
+pub mod knn;
+pub mod logreg;
+pub mod pca;
+pub mod preprocess;
+
+pub use baseline::{annotation_baseline, BaselineOptions, BaselinePrediction};
+pub use classification::{ClassMetrics, ClassificationReport};
+pub use csr::CsrMatrix;
+pub use knn::{knn_vote, KnnVote};
+/// Writes a file under a temporary name in the same folder, then renames it into place.
+pub use atomic::write as write_atomic;
