@@ -99,11 +99,17 @@ pub struct LoaderConfig {
     pub prefetch: usize,
     /// Obs columns to carry with each cell (labels for a CLS objective); empty = none.
     pub obs_cols: Vec<String>,
+    /// An explicit validation split (a stratified one, say) instead of the hashed
+    /// `valid_fraction`: `[set][shard][row]` is true for validation cells.
+    pub valid_rows: Option<Arc<ValidRows>>,
 }
+
+/// Validation membership of every cell, `[set][shard][row in shard]`.
+pub type ValidRows = Vec<Vec<Vec<bool>>>;
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        LoaderConfig { seed: 0, batch_size: 32, valid_fraction: 0.003, shuffle_window: 8, rank: 0, world: 1, prefetch: 4, obs_cols: Vec::new() }
+        LoaderConfig { seed: 0, batch_size: 32, valid_fraction: 0.003, shuffle_window: 8, rank: 0, world: 1, prefetch: 4, obs_cols: Vec::new(), valid_rows: None }
     }
 }
 
@@ -209,7 +215,15 @@ fn split_rows(sets: &[ShardSet], cfg: &LoaderConfig, b: &Block, split: Split) ->
     let groups = &sets[b.set].shards[b.shard].1;
     let first_row: usize = groups[..b.group].iter().sum();
     let (seed, fraction, set, shard) = (cfg.seed, cfg.valid_fraction, b.set, b.shard);
-    (0..b.rows).filter(move |i| is_valid_cell(seed, set, shard, first_row + i, fraction) == (split == Split::Valid))
+    let explicit = cfg.valid_rows.clone();
+    (0..b.rows).filter(move |i| {
+        let row = first_row + i;
+        let valid = match &explicit {
+            Some(rows) => rows[set][shard][row],
+            None => is_valid_cell(seed, set, shard, row, fraction),
+        };
+        valid == (split == Split::Valid)
+    })
 }
 
 /// Decodes a window's row groups in parallel and keeps the cells of `split`.

@@ -447,18 +447,18 @@ pub fn read_row_group(path: &Path, group: usize, obs_cols: &[String]) -> anyhow:
 
 /// The distinct values of one obs column over a shard, in first-seen order.
 pub fn read_obs_values(path: &Path, name: &str) -> anyhow::Result<Vec<String>> {
+    let mut seen = std::collections::HashSet::new();
+    Ok(read_obs_column(path, name)?.into_iter().filter(|v| seen.insert(v.clone())).collect())
+}
+
+/// One obs column over a shard, a value per row in storage order.
+pub fn read_obs_column(path: &Path, name: &str) -> anyhow::Result<Vec<String>> {
     let (builder, names) = open_shard(path)?;
     let i = root_index(&names, name, path)?;
     let mask = ProjectionMask::roots(builder.parquet_schema(), [i]);
-    let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for batch in builder.with_projection(mask).build()? {
-        let batch = batch?;
-        for v in obs_strings(batch.column(0).as_ref(), name, path)? {
-            if seen.insert(v.clone()) {
-                out.push(v);
-            }
-        }
+        out.extend(obs_strings(batch?.column(0).as_ref(), name, path)?);
     }
     Ok(out)
 }

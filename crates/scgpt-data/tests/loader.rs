@@ -27,7 +27,7 @@ fn make_set(dir: &Path, tag: &str, n: usize) {
 }
 
 fn cfg(batch: usize) -> LoaderConfig {
-    LoaderConfig { seed: 7, batch_size: batch, valid_fraction: 0.1, shuffle_window: 2, rank: 0, world: 1, prefetch: 2, obs_cols: Vec::new() }
+    LoaderConfig { seed: 7, batch_size: batch, valid_fraction: 0.1, shuffle_window: 2, rank: 0, world: 1, prefetch: 2, obs_cols: Vec::new(), valid_rows: None }
 }
 
 fn ids(loader: &Loader, start: DataPosition) -> Vec<String> {

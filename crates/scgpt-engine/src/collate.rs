@@ -212,6 +212,31 @@ pub fn collate_mlm(cells: &[Cell], mask_ratio: f64, opt: &CollateOptions) -> Mlm
     out
 }
 
+/// `[B, L]` tokens of whole cells for a classifier: no masking, `<cls>` first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassifyBatch {
+    pub batch: usize,
+    pub len: usize,
+    pub genes: Vec<i64>,
+    pub values: Vec<f32>,
+    pub pad: Vec<bool>,
+    /// Class ids of the cells; set by the task.
+    pub labels: Vec<i64>,
+}
+
+/// Cells as the fine-tuning tutorials tokenise them (`tokenize_and_pad_batch`,
+/// `include_zero_gene=False`, `mask_ratio=0`): `<cls>` with `cls_value`, the nonzero genes
+/// binned per cell, a cell longer than `max_seq_len` keeping a random subset (the same draws
+/// as the masked-value collator's).
+pub fn collate_classify(cells: &[Cell], cls_value: f32, opt: &CollateOptions) -> ClassifyBatch {
+    let m = collate_mlm(cells, 0.0, opt);
+    let mut values = m.target;
+    for row in 0..m.batch {
+        values[row * m.len] = cls_value;
+    }
+    ClassifyBatch { batch: m.batch, len: m.len, genes: m.genes, values, pad: m.pad, labels: Vec::new() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,6 +329,18 @@ mod tests {
         }
         let share = masked as f64 / (40.0 * 11.0);
         assert!((0.3..0.5).contains(&share), "masked share {share}");
+    }
+
+    #[test]
+    fn classify_batches_are_unmasked_with_the_cls_value() {
+        let cells: Vec<Cell> = (0..4).map(|k| cell(30, k)).collect();
+        let b = collate_classify(&cells, 0.0, &opt());
+        let m = collate_mlm(&cells, 0.4, &opt());
+        assert_eq!((b.len, b.genes.clone()), (m.len, m.genes.clone()), "same tokens as the masked collator");
+        for i in 0..4 {
+            assert_eq!(b.values[i * b.len], 0.0);
+            assert!(b.values[i * b.len + 1..(i + 1) * b.len].iter().all(|v| (1.0..=50.0).contains(v)));
+        }
     }
 
     #[test]

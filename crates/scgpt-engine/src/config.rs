@@ -48,6 +48,19 @@ pub struct RunSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
+    /// h5ad file(s) to fine-tune on, prepared into `run.dir/data` with the scgpt-prep code (a
+    /// single path or a list). When set it is the data, alone: `shards` and `weights` are
+    /// ignored.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub input: Vec<PathBuf>,
+    /// var column with the gene names of `input` (CELLxGENE: `feature_name`); empty = the
+    /// var index.
+    #[serde(default)]
+    pub gene_col: String,
+    /// `input` may hold non-integer values (normalised, log1p, TPM); binning is per-cell rank
+    /// based, so they bin like the counts they came from.
+    #[serde(default)]
+    pub allow_non_integer: bool,
     /// scgpt-prep output directories.
     pub shards: Vec<PathBuf>,
     /// Sampling weight per set (empty = all 1): a set of weight w contributes w times its row
@@ -85,6 +98,11 @@ pub struct ModelSection {
     pub ecs_thres: f64,
     /// All layers start with the same values, as the original's `nn.TransformerEncoder`.
     pub identical_layer_init: bool,
+    /// With `init_from`: load only parameters whose name starts with one of these (the
+    /// original's `load_param_prefixs`, e.g. ["encoder", "value_encoder",
+    /// "transformer_encoder"]); empty = every parameter whose name and shape match.
+    #[serde(default)]
+    pub init_prefixes: Vec<String>,
     /// Continual pretraining: an original checkpoint folder (`best_model.pt` + `args.json` +
     /// `vocab.json`) or a native checkpoint (`model.safetensors` + `config.json` +
     /// `vocab.json`). Its architecture wins over this section (only `dropout` is taken from
@@ -96,19 +114,23 @@ pub struct ModelSection {
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
     /// `generative` (the original's two-step pretraining, spec §2) or `mlm` (masked values,
-    /// spec §2.5).
-    pub objective: String,
+    /// spec §2.5); read by `task.kind = "pretrain"`.
+    pub objective: Objective,
     /// Cells per micro-batch per rank.
     pub batch_size: usize,
     pub lr: f64,
     /// `adam` (the original) or `adamw`.
-    pub optimizer: String,
+    pub optimizer: OptimizerKind,
     pub betas: [f64; 2],
     pub eps: f64,
     pub weight_decay: f64,
     pub warmup_steps: u64,
-    /// `cosine` (transformers' `get_cosine_schedule_with_warmup`) or `constant` (after warmup).
-    pub schedule: String,
+    /// `cosine` (transformers' `get_cosine_schedule_with_warmup`), `constant` (after warmup) or
+    /// `step` (the fine-tuning tutorials' per-epoch `StepLR`: lr · gamma^epoch).
+    pub schedule: Schedule,
+    /// `step` schedule: the factor applied at each epoch's end.
+    #[serde(default = "default_gamma")]
+    pub gamma: f64,
     pub epochs: u64,
     /// Stop after this many optimizer steps (0 = run the epochs); also the schedule's length
     /// when smaller than the epochs' steps.
@@ -122,7 +144,18 @@ pub struct TrainSection {
     /// Periodic checkpoints kept (the best by validation is kept besides).
     pub keep_last: usize,
     /// `fp32` or `bf16` (pure bf16 where the backend supports it).
-    pub precision: String,
+    pub precision: Precision,
+    /// Validate (and keep `best_model/` by the task's criterion) at each epoch's end too, as
+    /// the fine-tuning tutorials do.
+    #[serde(default)]
+    pub eval_each_epoch: bool,
+    /// Stop when this many epoch-end validations in a row bring no improvement (0 = off).
+    #[serde(default)]
+    pub early_stop_patience: u64,
+    /// Parameters whose name starts with one of these are not trained (e.g. ["encoder",
+    /// "value_encoder"], the annotation tutorial's `freeze`). Ignored without `model.init_from`.
+    #[serde(default)]
+    pub freeze: Vec<String>,
     /// Generative: the per-batch share of genes to generate is drawn from these.
     pub gen_ratios: Vec<f64>,
     /// Generative: the cell-prompted second pass (`loss_gen`).
@@ -136,8 +169,10 @@ pub struct TrainSection {
     pub ecs_weight: f64,
     pub cce_weight: f64,
     /// MLM extra: cell-type classification from the cell embedding (`ClsDecoder`, cross
-    /// entropy, the original's `CLS`), on the labels of obs column `cls_col` of every set.
+    /// entropy, the original's `CLS`), on the labels of obs column `task.label_col`.
     pub cls: bool,
+    /// Deprecated spelling of `task.label_col` (read into it; both set and different is an
+    /// error).
     pub cls_col: String,
     pub cls_weight: f64,
 }
@@ -145,6 +180,9 @@ pub struct TrainSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ValidSection {
+    /// A separate validation h5ad (prepared like `data.input`); empty = a split of the data.
+    #[serde(default)]
+    pub input: String,
     pub batch_size: usize,
     /// Validation cells used per evaluation (0 = all of the split).
     pub max_cells: usize,
@@ -159,8 +197,64 @@ pub struct ValidSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSection {
-    /// `pretrain`; fine-tuning tasks add theirs.
-    pub kind: String,
+    /// What the run trains: `pretrain` (`train.objective` picks generative or masked values)
+    /// or `annotation` (cell-type classification from `<cls>`).
+    pub kind: TaskKind,
+    /// obs column with the cell labels (annotation; the MLM's CLS term).
+    #[serde(default)]
+    pub label_col: String,
+    /// Annotation: `none` or `balanced` (n_cells / (n_classes · n_cells_of_class), as
+    /// scikit-learn's `class_weight="balanced"`).
+    #[serde(default)]
+    pub class_weight: ClassWeight,
+}
+
+
+/// Option strings parsed once; serde's error lists the accepted values.
+macro_rules! options {
+    ($(#[$m:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum $name { $(#[serde(rename = $text)] $variant),+ }
+        impl $name {
+            pub fn as_str(&self) -> &'static str { match self { $(Self::$variant => $text),+ } }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(self.as_str()) }
+        }
+    };
+}
+
+options!(Objective { Generative = "generative", Mlm = "mlm" });
+options!(OptimizerKind { Adam = "adam", AdamW = "adamw" });
+options!(Schedule { Cosine = "cosine", Constant = "constant", Step = "step" });
+options!(Precision { Fp32 = "fp32", Bf16 = "bf16" });
+options!(TaskKind { Pretrain = "pretrain", Annotation = "annotation" });
+options!(ClassWeight { None = "none", Balanced = "balanced" });
+
+impl Default for ClassWeight {
+    fn default() -> Self {
+        ClassWeight::None
+    }
+}
+
+fn default_gamma() -> f64 {
+    0.9
+}
+
+/// `"a.h5ad"` or `["a.h5ad", "b.h5ad"]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) if p.as_os_str().is_empty() => Vec::new(),
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -179,34 +273,22 @@ impl Default for DistSection {
 }
 
 impl TrainConfig {
-    /// Checks what serde cannot: enumerations, ranges, consistency. Errors name the key.
+    /// Checks what serde cannot: ranges and consistency. Errors name the key.
     pub fn validate(&self) -> anyhow::Result<()> {
         use anyhow::ensure;
         let t = &self.train;
         let m = &self.model;
-        ensure!(
-            ["generative", "mlm"].contains(&t.objective.as_str()),
-            "train.objective = {:?}: expected \"generative\" or \"mlm\"",
-            t.objective
-        );
-        ensure!(["adam", "adamw"].contains(&t.optimizer.as_str()), "train.optimizer = {:?}: expected \"adam\" or \"adamw\"", t.optimizer);
-        ensure!(["cosine", "constant"].contains(&t.schedule.as_str()), "train.schedule = {:?}: expected \"cosine\" or \"constant\"", t.schedule);
-        ensure!(["fp32", "bf16"].contains(&t.precision.as_str()), "train.precision = {:?}: expected \"fp32\" or \"bf16\"", t.precision);
         ensure!(t.batch_size > 0, "train.batch_size must be at least 1");
         ensure!(t.grad_accum > 0, "train.grad_accum must be at least 1");
         ensure!(t.lr > 0.0 && t.lr.is_finite(), "train.lr must be positive");
         ensure!(t.epochs > 0 || t.max_steps > 0, "train.epochs and train.max_steps are both 0: nothing to run");
         ensure!(t.save_every > 0 && t.eval_every > 0 && t.log_every > 0, "train.save_every, eval_every and log_every must be at least 1");
         ensure!(t.keep_last > 0, "train.keep_last must be at least 1 (resuming needs a checkpoint)");
-        ensure!(
-            !t.gen_ratios.is_empty() && t.gen_ratios.iter().all(|r| *r > 0.0 && *r < 1.0),
-            "train.gen_ratios = {:?}: needs values strictly between 0 and 1",
-            t.gen_ratios
-        );
-        ensure!(t.mask_ratio > 0.0 && t.mask_ratio < 1.0, "train.mask_ratio = {} must be in (0, 1)", t.mask_ratio);
-        ensure!(!t.cls || t.objective == "mlm", "train.cls = true needs train.objective = \"mlm\" (the generative objective has no CLS term)");
-        ensure!(!t.cls || !t.cls_col.is_empty(), "train.cls = true needs train.cls_col, the obs column with the labels (scgpt-prep --obs-cols)");
+        ensure!(t.schedule != Schedule::Step || (t.gamma > 0.0 && t.gamma <= 1.0), "train.gamma = {} must be in (0, 1] for schedule = \"step\"", t.gamma);
+        ensure!(t.schedule != Schedule::Step || t.epochs > 0, "train.schedule = \"step\" decays per epoch: set train.epochs");
+        ensure!(t.early_stop_patience == 0 || t.eval_each_epoch, "train.early_stop_patience counts epoch-end validations: set train.eval_each_epoch = true");
         ensure!((0.0..1.0).contains(&t.betas[0]) && (0.0..1.0).contains(&t.betas[1]), "train.betas must be in [0, 1)");
+        ensure!(t.eps > 0.0, "train.eps must be positive");
         ensure!(m.max_seq_len >= 3, "model.max_seq_len = {} is too short (cls + at least 2 genes)", m.max_seq_len);
         ensure!(m.n_bins >= 3, "model.n_bins must be at least 3");
         ensure!(
@@ -214,15 +296,18 @@ impl TrainConfig {
             "model.input_emb_style = {:?}: expected \"continuous\" or \"category\" (scaling is not used for pretraining)",
             m.input_emb_style
         );
-        ensure!(!self.data.shards.is_empty(), "data.shards is empty: give at least one scgpt-prep output directory");
-        ensure!(
-            self.data.weights.is_empty() || self.data.weights.len() == self.data.shards.len(),
-            "data.weights has {} entries for {} data.shards",
-            self.data.weights.len(),
-            self.data.shards.len()
-        );
+        self.validate_task()?;
+        if self.data.input.is_empty() {
+            ensure!(!self.data.shards.is_empty(), "data.shards and data.input are both empty: give scgpt-prep output directories or h5ad files");
+            ensure!(
+                self.data.weights.is_empty() || self.data.weights.len() == self.data.shards.len(),
+                "data.weights has {} entries for {} data.shards",
+                self.data.weights.len(),
+                self.data.shards.len()
+            );
+            ensure!(self.valid.input.is_empty(), "valid.input = {:?} needs data.input (h5ad fine-tuning data)", self.valid.input);
+        }
         ensure!((0.0..1.0).contains(&self.data.valid_fraction), "data.valid_fraction must be in [0, 1)");
-        ensure!(self.task.kind == "pretrain", "task.kind = {:?}: this build knows \"pretrain\"", self.task.kind);
         ensure!(
             crate::device::available().contains(&self.run.device.as_str()),
             "run.device = {:?}: this build has {}; GPU builds need the cuda, wgpu or vulkan feature",
@@ -231,6 +316,62 @@ impl TrainConfig {
         );
         ensure!(self.valid.knn_k > 0, "valid.knn_k must be at least 1");
         Ok(())
+    }
+
+    /// What each task needs, and the loss-term switches a task would not compute (an error,
+    /// never silently ignored).
+    fn validate_task(&self) -> anyhow::Result<()> {
+        use anyhow::ensure;
+        let t = &self.train;
+        let m = &self.model;
+        match self.task.kind {
+            TaskKind::Pretrain => match t.objective {
+                Objective::Generative => {
+                    ensure!(
+                        !t.gen_ratios.is_empty() && t.gen_ratios.iter().all(|r| *r > 0.0 && *r < 1.0),
+                        "train.gen_ratios = {:?}: needs values strictly between 0 and 1",
+                        t.gen_ratios
+                    );
+                    for (on, key) in [(t.cls, "train.cls"), (t.ecs, "train.ecs"), (t.cce, "train.cce")] {
+                        ensure!(!on, "{key} = true: the generative objective does not compute that term; use train.objective = \"mlm\" or turn it off");
+                    }
+                }
+                Objective::Mlm => {
+                    ensure!(t.mask_ratio > 0.0 && t.mask_ratio < 1.0, "train.mask_ratio = {} must be in (0, 1)", t.mask_ratio);
+                    ensure!(!t.cls || !self.task.label_col.is_empty(), "train.cls = true needs task.label_col, the obs column with the labels (scgpt-prep --obs-cols)");
+                }
+            },
+            TaskKind::Annotation => {
+                ensure!(!self.task.label_col.is_empty(), "task.kind = \"annotation\" needs task.label_col, the obs column with the cell types");
+                for (on, key) in [(t.ecs, "train.ecs"), (t.cce, "train.cce"), (m.MVC, "model.MVC"), (m.explicit_zero_prob, "model.explicit_zero_prob")] {
+                    ensure!(!on, "{key} = true: the annotation task trains the CLS head alone (cross entropy) and does not compute that term; set it to false");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads deprecated spellings into their keys (`train.cls_col` into `task.label_col`).
+    pub fn fold_aliases(&mut self) -> anyhow::Result<()> {
+        let old = std::mem::take(&mut self.train.cls_col);
+        if !old.is_empty() {
+            anyhow::ensure!(
+                self.task.label_col.is_empty() || self.task.label_col == old,
+                "train.cls_col = {old:?} and task.label_col = {:?} disagree; train.cls_col is the old name of task.label_col: keep one",
+                self.task.label_col
+            );
+            self.task.label_col = old;
+        }
+        Ok(())
+    }
+
+    /// The obs columns the run's task reads from the data.
+    pub fn label_col(&self) -> Option<&str> {
+        let wanted = match self.task.kind {
+            TaskKind::Annotation => true,
+            TaskKind::Pretrain => self.train.objective == Objective::Mlm && self.train.cls,
+        };
+        (wanted && !self.task.label_col.is_empty()).then_some(self.task.label_col.as_str())
     }
 
     /// The model section as an original `args.json` object (plus the run's training fields,
@@ -242,21 +383,24 @@ impl TrainConfig {
         };
         map.remove("init_from");
         map.remove("identical_layer_init");
+        map.remove("init_prefixes");
         let t = &self.train;
+        let generative = self.task.kind == TaskKind::Pretrain && t.objective == Objective::Generative;
+        let annotation = self.task.kind == TaskKind::Annotation;
         let extra = serde_json::json!({
             "pad_token": "<pad>",
             "n_cls": 1,
-            "USE_GENERATIVE_TRAINING": t.objective == "generative",
-            "training_tasks": if t.objective == "generative" { "both" } else { "pcpt" },
+            "USE_GENERATIVE_TRAINING": generative,
+            "training_tasks": if generative { "both" } else if annotation { "cls" } else { "pcpt" },
             "lr": t.lr,
             "batch_size": t.batch_size,
             "epochs": t.epochs,
             "warmup_ratio_or_step": t.warmup_steps as f64,
             "grad_accu_steps": t.grad_accum,
-            "mask_ratio": if t.objective == "generative" { serde_json::json!(t.gen_ratios) } else { serde_json::json!(t.mask_ratio) },
+            "mask_ratio": if generative { serde_json::json!(t.gen_ratios) } else if annotation { serde_json::json!(0.0) } else { serde_json::json!(t.mask_ratio) },
             "USE_CCE": t.cce,
             "ECS": t.ecs,
-            "CLS": t.cls,
+            "CLS": t.cls || annotation,
             "load_model": if self.model.init_from.is_empty() { serde_json::Value::Null } else { self.model.init_from.clone().into() },
             "fp16": false,
             "input_style": "binned",
@@ -276,7 +420,8 @@ pub fn resolve(config: Option<&std::path::Path>, sets: &[String]) -> anyhow::Res
         layered = layered.with_file(p)?;
     }
     let layered = layered.with_env("SCGPT", std::env::vars())?.with_sets(sets)?;
-    let cfg: TrainConfig = layered.build()?;
+    let mut cfg: TrainConfig = layered.build()?;
+    cfg.fold_aliases()?;
     cfg.validate()?;
     Ok(cfg)
 }

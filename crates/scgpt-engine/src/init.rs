@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use scgpt_data::vocab::GeneVocab;
 use scgpt_model::burn::module::Param;
 use scgpt_model::burn::tensor::{Device, Distribution, Tensor};
-use scgpt_model::{load_native, load_pretrained, ModelConfig, TransformerModel};
+use scgpt_model::{load_native, load_pretrained_prefixes, ModelConfig, TransformerModel};
 
 use crate::config::TrainConfig;
 
@@ -30,24 +30,38 @@ pub fn union_vocab(sets: &[&GeneVocab]) -> GeneVocab {
     v
 }
 
-/// What the run's objective decides about the architecture: the generative flag encoder, the
-/// dropout and, with a CLS objective, the classifier's width (`n_cls` = the run's classes).
-fn apply_objective(cfg: &TrainConfig, mut c: ModelConfig, n_cls: usize) -> ModelConfig {
-    c.use_generative_training = cfg.train.objective == "generative";
+/// What the run's task decides about the architecture.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Classifier width (the task's classes; 1 without a classifier).
+    pub n_cls: usize,
+    /// The generative flag encoder.
+    pub generative: bool,
+    /// Annotation: the CLS head alone (no MVC decoder), `n_layers_cls` from the config.
+    pub annotation: bool,
+}
+
+/// Applies the task's shape and the config's dropout to an architecture.
+fn apply_objective(cfg: &TrainConfig, mut c: ModelConfig, shape: Shape) -> ModelConfig {
+    c.use_generative_training = shape.generative;
     c.dropout = cfg.model.dropout;
-    if cfg.train.cls {
-        c.n_cls = n_cls;
+    if shape.n_cls > 1 {
+        c.n_cls = shape.n_cls;
+    }
+    if shape.annotation {
+        c.do_mvc = false;
+        c.nlayers_cls = cfg.model.n_layers_cls;
     }
     c
 }
 
 /// Builds the `[model]` section into a fresh model over `vocab` (`n_cls` classes when the
 /// run has a CLS objective).
-pub fn fresh(cfg: &TrainConfig, vocab: GeneVocab, n_cls: usize, device: &Device) -> anyhow::Result<InitModel> {
+pub fn fresh(cfg: &TrainConfig, vocab: GeneVocab, shape: Shape, device: &Device) -> anyhow::Result<InitModel> {
     let args = cfg.args_json();
     let config = ModelConfig::from_args_map(&args, vocab.len(), "config section [model]")?;
     let pad = vocab.pad_id().context("the model vocabulary has no <pad>")?;
-    let mut config = apply_objective(cfg, config, n_cls).with_pad_token_id(pad as usize);
+    let mut config = apply_objective(cfg, config, shape).with_pad_token_id(pad as usize);
     config.identical_layer_init = cfg.model.identical_layer_init;
     config.validate().context("config section [model]")?;
     let model = config.init(device)?;
@@ -65,21 +79,22 @@ pub fn fresh(cfg: &TrainConfig, vocab: GeneVocab, n_cls: usize, device: &Device)
 /// Loads `init_from` (original folder or native checkpoint) and extends its vocabulary with
 /// the genes of `data_vocabs` it lacks. A classifier of another width than `n_cls` starts
 /// fresh (its tensors do not match by shape and are skipped).
-pub fn from_checkpoint(cfg: &TrainConfig, dir: &Path, data_vocabs: &[&GeneVocab], n_cls: usize, device: &Device) -> anyhow::Result<InitModel> {
+pub fn from_checkpoint(cfg: &TrainConfig, dir: &Path, data_vocabs: &[&GeneVocab], shape: Shape, device: &Device) -> anyhow::Result<InitModel> {
     let mut notes = Vec::new();
     let (mut model, mut vocab) = if dir.join("model.safetensors").is_file() {
         let ck = load_native(dir, device)?;
         let vocab = GeneVocab::from_json_str(&ck.vocab_json, &dir.join("vocab.json").display().to_string())?;
         let mut model = ck.model;
-        let want = apply_objective(cfg, model.config.clone(), n_cls);
-        if want.use_generative_training != model.config.use_generative_training || want.n_cls != model.config.n_cls {
+        let want = apply_objective(cfg, model.config.clone(), shape);
+        if want.use_generative_training != model.config.use_generative_training || want.n_cls != model.config.n_cls || want.do_mvc != model.config.do_mvc || want.nlayers_cls != model.config.nlayers_cls || !cfg.model.init_prefixes.is_empty() {
             // Rebuild with or without flag_encoder (or another classifier width) and copy
             // every tensor that matches by name and shape.
             let tmp = tempfile_dir()?;
             scgpt_model::export_original(&model, &model.config, &ck.vocab_json, &tmp)?;
             let mut rebuilt = want.init(device)?;
-            load_pretrained(&mut rebuilt, tmp.join("best_model.pt"))?;
+            let report = load_filtered(&mut rebuilt, &tmp.join("best_model.pt"), &cfg.model.init_prefixes)?;
             let _ = std::fs::remove_dir_all(&tmp);
+            notes.push(report);
             model = rebuilt;
         } else {
             model.config.dropout = want.dropout;
@@ -96,18 +111,13 @@ pub fn from_checkpoint(cfg: &TrainConfig, dir: &Path, data_vocabs: &[&GeneVocab]
         vocab.ensure_specials();
         let config = ModelConfig::from_args_json(dir.join("args.json"), vocab.len())?;
         let pad = vocab.get(&config.pad_token).with_context(|| format!("{}: pad_token {:?} is not in vocab.json", dir.join("args.json").display(), config.pad_token))?;
-        let mut config = apply_objective(cfg, config, n_cls).with_pad_token_id(pad as usize);
-        config.do_mvc = config.do_mvc || cfg.model.MVC;
+        let mut config = apply_objective(cfg, config, shape).with_pad_token_id(pad as usize);
+        if !shape.annotation {
+            config.do_mvc = config.do_mvc || cfg.model.MVC;
+        }
         let mut model = config.init(device)?;
-        let report = load_pretrained(&mut model, dir.join("best_model.pt"))?;
-        notes.push(format!(
-            "model: {} loaded from the original checkpoint {} ({} skipped, {} missing: {})",
-            report.loaded.len(),
-            dir.display(),
-            report.skipped.len(),
-            report.missing.len(),
-            report.missing.iter().take(6).cloned().collect::<Vec<_>>().join(", ")
-        ));
+        let report = load_filtered(&mut model, &dir.join("best_model.pt"), &cfg.model.init_prefixes)?;
+        notes.push(format!("{report} from the original checkpoint {}", dir.display()));
         (model, vocab)
     } else {
         bail!(
@@ -125,6 +135,19 @@ pub fn from_checkpoint(cfg: &TrainConfig, dir: &Path, data_vocabs: &[&GeneVocab]
         notes.push(format!("vocabulary: {added} new genes of the data appended (ids {before}..{}); old ids and rows kept", vocab.len()));
     }
     Ok(InitModel { model, vocab, notes })
+}
+
+/// Loads `path` into `model` (only `prefixes` when given) and says what happened in one line.
+fn load_filtered(model: &mut TransformerModel, path: &Path, prefixes: &[String]) -> anyhow::Result<String> {
+    let report = load_pretrained_prefixes(model, path, prefixes)?;
+    Ok(format!(
+        "model: {} tensors loaded{} ({} skipped, {} missing: {})",
+        report.loaded.len(),
+        if prefixes.is_empty() { String::new() } else { format!(" under {}", prefixes.join(", ")) },
+        report.skipped.len(),
+        report.missing.len(),
+        report.missing.iter().take(6).cloned().collect::<Vec<_>>().join(", ")
+    ))
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {

@@ -4,18 +4,25 @@
 //! - [`collate`]: cells to generative (pcpt/gen) or masked-value minibatches, as the original.
 //! - [`optim`]: PyTorch-exact Adam/AdamW keyed by parameter path, global-norm clipping, warmup + cosine.
 //! - [`init`]: fresh models, continual pretraining from original or native checkpoints, vocabulary extension.
-//! - [`trainer`]: the loop, checkpoints and resume, validation, logging.
+//! - [`tasks`]: what a run trains (generative or masked-value pretraining, annotation): collation, loss terms, validation scores.
+//! - [`trainer`]: the loop, written once for every task; [`checkpoint`], [`validation`], [`logging`] its parts.
+//! - [`data`]: shard sets, or h5ad inputs prepared into the run directory.
 //! - [`metrics`]: kNN accuracy and ASW of cell embeddings.
 //! - [`tensorboard`]: TensorBoard event files.
 
+pub mod checkpoint;
 pub mod collate;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod init;
+pub mod logging;
 pub mod metrics;
 pub mod optim;
+pub mod tasks;
 pub mod tensorboard;
 pub mod trainer;
+pub mod validation;
 
 pub use config::TrainConfig;
 pub use trainer::{latest_checkpoint, RunEnd, TrainState, Trainer};

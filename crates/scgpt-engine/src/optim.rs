@@ -368,6 +368,20 @@ pub fn lr_at(base: f64, step: u64, warmup: u64, total: u64, cosine: bool) -> f64
     base * (0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())).max(0.0)
 }
 
+/// Removes the gradients of `frozen` parameters, so they are neither clipped, counted in the
+/// norm nor updated (PyTorch's `requires_grad=False`).
+pub fn drop_grads(grads: &mut GradientsParams, frozen: &[ParamEntry]) {
+    for p in frozen {
+        match p.shape.len() {
+            1 => drop(grads.remove::<1>(p.id)),
+            2 => drop(grads.remove::<2>(p.id)),
+            3 => drop(grads.remove::<3>(p.id)),
+            4 => drop(grads.remove::<4>(p.id)),
+            _ => {}
+        }
+    }
+}
+
 /// `clip_grad_norm_`'s coefficient for a total norm (1 when within `max_norm` or clipping is
 /// off).
 pub fn clip_coefficient(total_norm: f64, max_norm: f64) -> f64 {

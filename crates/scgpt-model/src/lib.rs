@@ -21,7 +21,7 @@ pub use config::{BatchNormStyle, CellEmbStyle, InputEmbStyle, ModelConfig, MvcDe
 pub use error::{ModelError, Result};
 pub use generative::{GenerativeInput, GenerativeOutput};
 pub use load::{
-    load_pretrained, model_param_shapes, normalize_key, original_key, LoadReport, SkippedKey,
+    load_pretrained, load_pretrained_prefixes, model_param_shapes, normalize_key, original_key, LoadReport, SkippedKey,
 };
 pub use model::{Embedded, ForwardFlags, ModelInput, ModelOutput, TransformerModel};
 pub use perturbation::{

@@ -241,6 +241,18 @@ pub fn load_pretrained(model: &mut TransformerModel, path: impl AsRef<Path>) -> 
     load_module(model, path.as_ref(), dtype, &|_| None, &is_required)
 }
 
+/// [`load_pretrained`] restricted to checkpoint tensors whose (renamed) name starts with one of
+/// `prefixes` (the original's `load_param_prefixs`); empty `prefixes` loads everything that
+/// matches by name and shape.
+pub fn load_pretrained_prefixes(model: &mut TransformerModel, path: impl AsRef<Path>, prefixes: &[String]) -> Result<LoadReport> {
+    let dtype = float_dtype_of(&model.encoder.embedding.weight.lazy_device());
+    let exclude = |name: &str| {
+        (!prefixes.is_empty() && !prefixes.iter().any(|p| name == p || name.starts_with(&format!("{p}."))))
+            .then(|| format!("not under the init prefixes {prefixes:?}"))
+    };
+    load_module(model, path.as_ref(), dtype, &exclude, &is_required)
+}
+
 /// The float dtype parameters get on `device`.
 pub(crate) fn float_dtype_of(device: &burn::tensor::Device) -> DType {
     device.settings().float_dtype.into()

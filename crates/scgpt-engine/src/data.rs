@@ -1,0 +1,96 @@
+//! Where a run's cells come from: scgpt-prep shard sets (`data.shards`, large corpora), or
+//! h5ad files (`data.input`, `valid.input`) prepared into `run.dir/data/` with the scgpt-prep
+//! code, so a user goes from an h5ad to a fine-tuned model in one command. Preparation is
+//! resumable as scgpt-prep is: a rerun (a resumed run) skips the files already done.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use scgpt_data::loader::ShardSet;
+use scgpt_dist::Collective;
+
+use crate::config::TrainConfig;
+
+pub struct RunData {
+    pub train: Vec<ShardSet>,
+    /// A separate validation set (`valid.input`); `None` = a split of `train`.
+    pub valid: Option<Vec<ShardSet>>,
+    pub notes: Vec<String>,
+}
+
+/// The vocabulary the inputs are prepared with: the checkpoint's when fine-tuning one (genes
+/// outside it could not be embedded), otherwise the shipped vocabulary extended by the data.
+fn vocab_keys(cfg: &TrainConfig) -> Vec<String> {
+    let vocab = Path::new(&cfg.model.init_from).join("vocab.json");
+    if !cfg.model.init_from.is_empty() && vocab.is_file() {
+        vec![format!("vocab.path={}", toml_str(&vocab.display().to_string()))]
+    } else {
+        vec!["vocab.build=true".to_string()]
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// scgpt-prep on `inputs` into `out`, keeping the task's obs columns. Fine-tuning keeps every
+/// gene of the input (no corpus gene filter, as the tutorials' `filter_gene_by_counts=False`).
+fn prepare(cfg: &TrainConfig, inputs: &[PathBuf], out: &Path, vocab: Vec<String>, progress: bool) -> anyhow::Result<()> {
+    use scgpt_config::{Layered, Origin};
+    let paths: Vec<String> = inputs.iter().map(|p| toml_str(&p.display().to_string())).collect();
+    let obs: Vec<String> = cfg.label_col().map(|c| toml_str(c)).into_iter().collect();
+    let mut sets = vec![
+        format!("input.paths=[{}]", paths.join(",")),
+        format!("input.gene_col={}", toml_str(&cfg.data.gene_col)),
+        format!("input.allow_non_integer={}", cfg.data.allow_non_integer),
+        "filter.gene_min_counts_per_10k_cells=0.0".to_string(),
+        format!("output.dir={}", toml_str(&out.display().to_string())),
+        format!("output.obs_cols=[{}]", obs.join(",")),
+        format!("binning.seed={}", cfg.run.seed),
+        format!("binning.deterministic={}", cfg.run.deterministic),
+        format!("run.progress={progress}"),
+    ];
+    sets.extend(vocab);
+    let layered = Layered::new().with_toml_str(scgpt_prep::config::DEFAULTS_TOML, Origin::Defaults)?.with_sets(&sets)?;
+    let prep: scgpt_prep::config::PrepConfig = layered.build()?;
+    scgpt_prep::pipeline::Prep::new(prep)?.run()?;
+    Ok(())
+}
+
+/// Opens (and, for h5ad inputs, first prepares on rank 0) the run's data.
+pub fn open(cfg: &TrainConfig, comm: &mut dyn Collective, progress: bool) -> anyhow::Result<RunData> {
+    let mut notes = Vec::new();
+    if cfg.data.input.is_empty() {
+        let weights = if cfg.data.weights.is_empty() { vec![1.0; cfg.data.shards.len()] } else { cfg.data.weights.clone() };
+        let mut train = Vec::new();
+        for (dir, w) in cfg.data.shards.iter().zip(&weights) {
+            train.push(ShardSet::open(dir, *w).with_context(|| format!("data.shards: {}", dir.display()))?);
+        }
+        return Ok(RunData { train, valid: None, notes });
+    }
+    for p in cfg.data.input.iter().chain(std::iter::once(&PathBuf::from(&cfg.valid.input)).filter(|p| !p.as_os_str().is_empty())) {
+        anyhow::ensure!(p.is_file(), "{}: input h5ad not found (data.input / valid.input)", p.display());
+    }
+    let root = cfg.run.dir.join("data");
+    let (train_dir, valid_dir) = (root.join("train"), root.join("valid"));
+    if comm.rank() == 0 {
+        std::fs::create_dir_all(&root).with_context(|| format!("{}: cannot create", root.display()))?;
+        prepare(cfg, &cfg.data.input, &train_dir, vocab_keys(cfg), progress).context("data.input")?;
+        if !cfg.valid.input.is_empty() {
+            // The training set's vocabulary, so ids agree.
+            let vocab = vec![format!("vocab.path={}", toml_str(&train_dir.join("vocab.json").display().to_string()))];
+            prepare(cfg, &[PathBuf::from(&cfg.valid.input)], &valid_dir, vocab, progress).context("valid.input")?;
+        }
+    }
+    comm.barrier()?;
+    let train = vec![ShardSet::open(&train_dir, 1.0).context("data.input")?];
+    notes.push(format!("data: {} prepared into {} ({} cells)", cfg.data.input.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "), train_dir.display(), train[0].cells()));
+    let valid = if cfg.valid.input.is_empty() {
+        None
+    } else {
+        let v = ShardSet::open(&valid_dir, 1.0).context("valid.input")?;
+        notes.push(format!("validation: {} prepared into {} ({} cells)", cfg.valid.input, valid_dir.display(), v.cells()));
+        Some(vec![v])
+    };
+    Ok(RunData { train, valid, notes })
+}

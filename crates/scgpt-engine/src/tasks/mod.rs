@@ -1,0 +1,148 @@
+//! What a run trains. The loop in `trainer.rs` names no task: a task turns loader batches into
+//! model inputs, computes its named loss terms, scores validation batches and says which
+//! validation number keeps `best_model/`. One file per task; a new task touches nothing else
+//! but [`build`].
+//!
+//! Normalisation: a term is either a sum over the step's *units* (target tokens for the
+//! expression objectives, cells for classification) divided by the units of the whole step
+//! (all micro-batches, all ranks), or a per-micro-batch mean divided by the micro-batches of
+//! the step. Either way one rank = N ranks = accumulation.
+
+use std::any::Any;
+use std::path::Path;
+
+use scgpt_data::loader::ShardSet;
+use scgpt_dist::Collective;
+use scgpt_model::burn::tensor::{Device, Tensor};
+use scgpt_model::TransformerModel;
+
+use crate::collate::{Cell, CollateOptions};
+use crate::config::{Objective, TaskKind, TrainConfig};
+
+pub mod annotation;
+pub mod generative;
+pub mod labels;
+pub mod mlm;
+
+pub(crate) mod tensors;
+
+/// How a loss term is averaged over an optimiser step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Norm {
+    /// A sum over units, divided by the step's units.
+    Units,
+    /// A micro-batch mean, divided by the step's micro-batches.
+    Batch,
+}
+
+/// A named loss term: logged as `train/loss_{name}`, weighted into `train/loss`.
+#[derive(Debug, Clone, Copy)]
+pub struct Term {
+    pub name: &'static str,
+    pub weight: f64,
+    pub norm: Norm,
+}
+
+/// The sizes the engine's FLOP count needs.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelShape {
+    pub d: usize,
+    pub d_hid: usize,
+    pub layers: usize,
+}
+
+/// Encoder FLOPs of one training step (forward + backward = 3 × forward) over `tokens`
+/// tokens and `scores` attention scores, on the padded shapes the device computes: per layer
+/// and token 2·(4d² + 2d·d_hid) for the projections and feed-forward, plus 4d per score (QKᵀ
+/// and the weighted sum of V). Heads and embeddings are left out, as model-FLOP counts usually
+/// do.
+pub fn encoder_flops(shape: ModelShape, tokens: f64, scores: f64, passes: f64) -> f64 {
+    let (d, d_hid, layers) = (shape.d as f64, shape.d_hid as f64, shape.layers as f64);
+    let per_token = 2.0 * (4.0 * d * d + 2.0 * d * d_hid);
+    3.0 * passes * layers * (tokens * per_token + scores * 4.0 * d)
+}
+
+/// A collated micro-batch; only the task that made it reads its contents.
+pub trait MicroBatch: Send {
+    /// Units of the task's `Norm::Units` terms in this batch.
+    fn units(&self) -> usize;
+    /// Non-padding input tokens (throughput).
+    fn input_tokens(&self) -> usize;
+    fn encoder_flops(&self, shape: ModelShape) -> f64;
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// What a loss needs besides the model and the batch.
+pub struct LossContext<'a> {
+    pub device: &'a Device,
+    pub comm: &'a mut dyn Collective,
+    /// Multiplies a `Norm::Units` sum: world / (the step's units over all ranks).
+    pub per_unit: f64,
+    /// Multiplies a `Norm::Batch` mean: 1 / (the step's micro-batches on this rank).
+    pub per_batch: f64,
+}
+
+/// The weighted, normalised loss to differentiate, and each term's raw (unnormalised,
+/// detached) value in `Task::terms` order; `None` for a term this batch did not compute.
+pub struct Loss {
+    pub total: Tensor<1>,
+    pub terms: Vec<Option<Tensor<1>>>,
+}
+
+/// A validation pass's result, after the per-batch sums were added over ranks.
+#[derive(Debug, Clone, Default)]
+pub struct Evaluation {
+    pub scalars: Vec<(String, f64)>,
+    /// The number `best_model/` is kept by (lower is better); `None` when this pass had
+    /// nothing to score.
+    pub criterion: Option<f64>,
+}
+
+/// A loader batch in the model's vocabulary.
+pub struct Batch<'a> {
+    pub cells: &'a [Cell],
+    /// The task's obs columns (`Task::obs_cols` order), one value per cell.
+    pub obs: &'a [Vec<String>],
+}
+
+pub trait Task: Send {
+    fn kind(&self) -> TaskKind;
+    /// The loss terms, in the order `Loss::terms` reports them.
+    fn terms(&self) -> &[Term];
+    /// obs columns the loader must carry with each cell.
+    fn obs_cols(&self) -> Vec<String>;
+    /// Classes of a classification head (the model's `n_cls`), if the task has one.
+    fn classes(&self) -> Option<&[String]> {
+        None
+    }
+    /// Files the run directory and `best_model/` keep for this task (name, contents).
+    fn run_files(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        Ok(Vec::new())
+    }
+    /// Whether the model is built with the generative flag encoder.
+    fn generative_model(&self) -> bool {
+        false
+    }
+    /// Collates a training micro-batch of optimiser step `step`.
+    fn prepare(&self, batch: &Batch, step: u64, opt: &CollateOptions) -> anyhow::Result<Box<dyn MicroBatch>>;
+    fn loss(&self, model: &TransformerModel, batch: &dyn MicroBatch, ctx: &mut LossContext) -> anyhow::Result<Loss>;
+    /// Length of the per-batch validation sums.
+    fn eval_width(&self) -> usize;
+    /// Scores validation batch `index` (fixed draws in `opt`) into `sums`.
+    fn eval_batch(&self, model: &TransformerModel, batch: &Batch, index: u64, opt: &CollateOptions, device: &Device, sums: &mut [f64]) -> anyhow::Result<()>;
+    /// Turns the sums over all ranks into scalars and the criterion.
+    fn eval_finish(&self, sums: &[f64]) -> Evaluation;
+}
+
+/// The task a config asks for. `resume` is the checkpoint directory a resumed run starts from:
+/// a task with classes takes them from the run directory then, so the head keeps its meaning.
+pub fn build(cfg: &TrainConfig, sets: &[ShardSet], run_dir: &Path, resuming: bool) -> anyhow::Result<Box<dyn Task>> {
+    let saved = if resuming { labels::Classes::load(run_dir)? } else { None };
+    Ok(match cfg.task.kind {
+        TaskKind::Pretrain => match cfg.train.objective {
+            Objective::Generative => Box::new(generative::Generative::new(cfg)),
+            Objective::Mlm => Box::new(mlm::Mlm::new(cfg, sets, saved)?),
+        },
+        TaskKind::Annotation => Box::new(annotation::Annotation::new(cfg, sets, saved)?),
+    })
+}
