@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod baseline;
 mod embed;
 mod export;
 mod model_dir;
@@ -35,6 +36,8 @@ enum Command {
     Export(export::ExportArgs),
     /// Convert the original's checkpoint folder into a native checkpoint.
     Convert(export::ConvertArgs),
+    /// Baselines to compare models against (`baseline annotation`: PCA + logistic regression).
+    Baseline(baseline::BaselineArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Command::Embed(args) => embed::run(&args),
         Command::Export(args) => export::export(&args),
         Command::Convert(args) => export::convert(&args),
+        Command::Baseline(args) => baseline::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,6 +15,10 @@ pub struct KnnVote {
     pub labels: Vec<String>,
     /// Share of the k neighbours that voted for it.
     pub vote_fraction: Vec<f32>,
+    /// The sorted reference labels: the columns of `fractions`.
+    pub classes: Vec<String>,
+    /// Row-major query cells × `classes`: each label's share of the k neighbours.
+    pub fractions: Vec<f32>,
 }
 
 /// Rows scaled to unit length; all-zero rows stay zero (similarity 0 to everything).
@@ -31,7 +35,7 @@ fn unit_rows(x: ArrayView2<f32>) -> Array2<f32> {
 
 /// Majority label among the neighbours, given sorted nearest first. Ties go to the label whose
 /// nearest neighbour comes first, i.e. is closest (then lowest reference index).
-fn vote(neigh: &[usize], ref_labels: &[u32], n_labels: usize) -> (u32, usize) {
+fn vote(neigh: &[usize], ref_labels: &[u32], n_labels: usize) -> (u32, Vec<usize>) {
     let mut counts = vec![0usize; n_labels];
     let mut first_seen = vec![usize::MAX; n_labels];
     for (rank, &r) in neigh.iter().enumerate() {
@@ -43,7 +47,7 @@ fn vote(neigh: &[usize], ref_labels: &[u32], n_labels: usize) -> (u32, usize) {
         .filter(|&l| counts[l] > 0)
         .max_by(|&a, &b| counts[a].cmp(&counts[b]).then(first_seen[b].cmp(&first_seen[a])))
         .unwrap_or(0);
-    (best as u32, counts[best])
+    (best as u32, counts)
 }
 
 /// Labels the `query` rows (`dim` values each, row-major) by the majority of their `k` nearest
@@ -70,7 +74,7 @@ pub fn knn_vote(reference: &[f32], ref_labels: &[String], query: &[f32], dim: us
 
     let r = unit_rows(ArrayView2::from_shape((n_ref, dim), reference)?);
     let q = unit_rows(ArrayView2::from_shape((query.len() / dim, dim), query)?);
-    let per_block: Vec<Vec<(u32, usize)>> = q
+    let per_block: Vec<Vec<(u32, Vec<usize>)>> = q
         .axis_chunks_iter(Axis(0), BLOCK)
         .collect::<Vec<_>>()
         .into_par_iter()
@@ -91,12 +95,15 @@ pub fn knn_vote(reference: &[f32], ref_labels: &[String], query: &[f32], dim: us
                 .collect()
         })
         .collect();
-    let (labels, vote_fraction) = per_block
-        .into_iter()
-        .flatten()
-        .map(|(l, c)| (names[l as usize].clone(), c as f32 / k as f32))
-        .unzip();
-    Ok(KnnVote { labels, vote_fraction })
+    let mut fractions = Vec::with_capacity(q.nrows() * names.len());
+    let mut labels = Vec::with_capacity(q.nrows());
+    let mut vote_fraction = Vec::with_capacity(q.nrows());
+    for (l, counts) in per_block.into_iter().flatten() {
+        labels.push(names[l as usize].clone());
+        vote_fraction.push(counts[l as usize] as f32 / k as f32);
+        fractions.extend(counts.iter().map(|&c| c as f32 / k as f32));
+    }
+    Ok(KnnVote { labels, vote_fraction, classes: names, fractions })
 }
 
 #[cfg(test)]
@@ -138,6 +145,8 @@ mod tests {
         let v = knn_vote(&reference, &labels, &[1.0, 0.0], 2, 4).unwrap();
         assert_eq!(v.labels, vec!["b"]);
         assert_eq!(v.vote_fraction, vec![0.5]);
+        assert_eq!(v.classes, vec!["a", "b", "c"]);
+        assert_eq!(v.fractions, vec![0.5, 0.5, 0.0]);
         // k larger than the reference is capped.
         let v = knn_vote(&reference, &labels, &[1.0, 0.0], 2, 50).unwrap();
         assert_eq!((v.labels[0].as_str(), v.vote_fraction[0]), ("b", 0.4));
