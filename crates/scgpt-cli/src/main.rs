@@ -10,10 +10,14 @@ use clap::{Parser, Subcommand};
 
 mod baseline;
 mod embed;
+mod experiment;
 mod export;
+mod labelled_h5ad;
 mod model_dir;
+mod predict;
 mod sink;
 mod source;
+mod split_h5ad;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +42,12 @@ enum Command {
     Convert(export::ConvertArgs),
     /// Baselines to compare models against (`baseline annotation`: PCA + logistic regression).
     Baseline(baseline::BaselineArgs),
+    /// Cell-type labels for a query h5ad: a fine-tuned annotation model's CLS head, or a
+    /// k-nearest-neighbour vote on zero-shot embeddings of a labelled reference (--mode knn).
+    Predict(predict::PredictArgs),
+    /// Paper-style experiments from a TOML: data (download + checksum, or bundled), a
+    /// reference/query split, fine-tuning, kNN mapping and the baseline, and report.md.
+    Experiment(experiment::ExperimentArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +58,8 @@ fn main() -> ExitCode {
         Command::Export(args) => export::export(&args),
         Command::Convert(args) => export::convert(&args),
         Command::Baseline(args) => baseline::run(&args),
+        Command::Predict(args) => predict::run(&args),
+        Command::Experiment(args) => experiment::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -91,6 +91,25 @@ fn read_args(path: &Path) -> anyhow::Result<Map<String, Value>> {
 }
 
 pub fn load(dir: &Path, device: &Device) -> anyhow::Result<LoadedModel> {
+    load_with(dir, device, None)
+}
+
+/// As [`load`], with the CLS head of a fine-tuned annotation model: `n_cls` outputs (the
+/// classes saved beside it), `n_layers_cls` from args.json. A checkpoint whose head does not
+/// load (none, or another width) is an error.
+pub fn load_classifier(dir: &Path, device: &Device, n_cls: usize) -> anyhow::Result<LoadedModel> {
+    let loaded = load_with(dir, device, Some(n_cls))?;
+    if let Some(m) = loaded.report.missing.iter().find(|m| m.starts_with("cls_decoder.")) {
+        let why = loaded.report.skipped.iter().find(|s| s.name == *m).map(|s| s.reason.clone()).unwrap_or_else(|| "absent from the file".into());
+        bail!(
+            "{}: the classifier head did not load ({m}: {why}); a model for prediction is a fine-tuned annotation model (best_model/ of a `task.kind = \"annotation\"` run) whose classes file lists {n_cls} classes",
+            dir.join(CHECKPOINT).display()
+        );
+    }
+    Ok(loaded)
+}
+
+fn load_with(dir: &Path, device: &Device, n_cls: Option<usize>) -> anyhow::Result<LoadedModel> {
     if !dir.is_dir() {
         bail!(
             "{}: model directory not found (expected a folder with {CHECKPOINT}, {VOCAB} and {ARGS})",
@@ -104,7 +123,10 @@ pub fn load(dir: &Path, device: &Device) -> anyhow::Result<LoadedModel> {
     let mut vocab = GeneVocab::from_file(&vocab_path)?;
     // As embed_data: special tokens missing from the file are appended.
     vocab.ensure_specials();
-    let args = read_args(&args_path)?;
+    let mut args = read_args(&args_path)?;
+    if let Some(n) = n_cls {
+        args.insert("n_cls".into(), n.into());
+    }
     let origin = args_path.display().to_string();
     let config = ModelConfig::from_args_map(&args, vocab.len(), &origin)?;
     let pad_id = vocab.get(&config.pad_token).with_context(|| {

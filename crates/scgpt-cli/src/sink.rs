@@ -41,21 +41,21 @@ pub trait Sink {
 }
 
 /// A temp file removed on drop unless it was moved into place.
-struct Temp {
-    tmp: PathBuf,
+pub(crate) struct Temp {
+    pub(crate) tmp: PathBuf,
     dest: PathBuf,
     done: bool,
 }
 
 impl Temp {
-    fn new(dest: &Path) -> Self {
+    pub(crate) fn new(dest: &Path) -> Self {
         Temp {
             tmp: temp_path_for(dest),
             dest: dest.to_path_buf(),
             done: false,
         }
     }
-    fn commit(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn commit(&mut self) -> anyhow::Result<()> {
         File::open(&self.tmp)
             .and_then(|f| f.sync_all())
             .with_context(|| format!("{}: cannot sync", self.tmp.display()))?;
@@ -95,13 +95,13 @@ fn check_order(
 // ---------------------------------------------------------------------------------------------
 // HDF5 helpers (anndata's on-disk encodings)
 
-fn vlen(s: &str) -> VarLenUnicode {
+pub(crate) fn vlen(s: &str) -> VarLenUnicode {
     s.replace('\0', "")
         .parse()
         .expect("NUL removed, valid unicode")
 }
 
-fn str_attr(loc: &Location, name: &str, value: &str) -> hdf5::Result<()> {
+pub(crate) fn str_attr(loc: &Location, name: &str, value: &str) -> hdf5::Result<()> {
     if loc.attr(name).is_ok() {
         loc.delete_attr(name)?;
     }
@@ -111,12 +111,12 @@ fn str_attr(loc: &Location, name: &str, value: &str) -> hdf5::Result<()> {
         .write_scalar(&vlen(value))
 }
 
-fn encoding(loc: &Location, kind: &str, version: &str) -> hdf5::Result<()> {
+pub(crate) fn encoding(loc: &Location, kind: &str, version: &str) -> hdf5::Result<()> {
     str_attr(loc, "encoding-type", kind)?;
     str_attr(loc, "encoding-version", version)
 }
 
-fn string_array(g: &hdf5::Group, name: &str, values: &[String]) -> hdf5::Result<()> {
+pub(crate) fn string_array(g: &hdf5::Group, name: &str, values: &[String]) -> hdf5::Result<()> {
     let v: Vec<VarLenUnicode> = values.iter().map(|s| vlen(s)).collect();
     let ds = g
         .new_dataset::<VarLenUnicode>()
@@ -162,6 +162,20 @@ fn write_rows(ds: &Dataset, start: usize, d: usize, emb: &[f32]) -> hdf5::Result
 // ---------------------------------------------------------------------------------------------
 // h5ad: a copy of the input h5ad with obsm/X_scGPT
 
+/// A copy of `input` at `tmp` that can be opened read-write (a read-only input would give a
+/// read-only copy: `fs::copy` keeps the permission bits).
+pub(crate) fn copy_writable(input: &Path, tmp: &Path) -> anyhow::Result<()> {
+    std::fs::copy(input, tmp).with_context(|| format!("cannot copy {} to {}", input.display(), tmp.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mut perm = std::fs::metadata(tmp)?.permissions();
+        perm.set_mode(perm.mode() | 0o200);
+        std::fs::set_permissions(tmp, perm).with_context(|| format!("{}: cannot make the copy writable", tmp.display()))?;
+    }
+    Ok(())
+}
+
 pub struct H5adCopySink {
     path: PathBuf,
     temp: Temp,
@@ -175,19 +189,7 @@ pub struct H5adCopySink {
 impl H5adCopySink {
     pub fn create(input: &Path, output: &Path, n: usize, d: usize) -> anyhow::Result<Self> {
         let temp = Temp::new(output);
-        std::fs::copy(input, &temp.tmp).with_context(|| {
-            format!("cannot copy {} to {}", input.display(), temp.tmp.display())
-        })?;
-        // fs::copy keeps the permission bits: a read-only input would give a read-only copy.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mut perm = std::fs::metadata(&temp.tmp)?.permissions();
-            perm.set_mode(perm.mode() | 0o200);
-            std::fs::set_permissions(&temp.tmp, perm).with_context(|| {
-                format!("{}: cannot make the copy writable", temp.tmp.display())
-            })?;
-        }
+        copy_writable(input, &temp.tmp)?;
         let e = |what: &str| format!("{}: {what}", output.display());
         let file =
             hdf5::File::open_rw(&temp.tmp).with_context(|| e("cannot open the copy read-write"))?;

@@ -185,3 +185,32 @@ fn cce_contrasts_the_global_batch_across_ranks() {
     eprintln!("MLM + CCE, 2 ranks vs 1: worst parameter difference {worst:e}");
     assert!(worst < 3e-5, "worst parameter difference {worst:e}");
 }
+
+#[test]
+fn annotation_on_two_ranks_matches_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("unused");
+    let task = [
+        format!("data.input=\"{}\"", root().join("tests/data/pbmc68k_reduced.h5ad").display()),
+        "data.allow_non_integer=true".into(),
+        "task.kind=\"annotation\"".into(),
+        "task.label_col=\"bulk_labels\"".into(),
+        "model.MVC=false".into(),
+        "train.max_steps=4".into(),
+    ];
+    let one = tmp.path().join("one");
+    run_world(1, &one, &shards, &[&task[..], &["train.batch_size=16".into()]].concat());
+    let two = tmp.path().join("two");
+    run_world(2, &two, &shards, &[&task[..], &["train.batch_size=8".into()]].concat());
+    let cls = |run: &Path| -> Vec<f64> {
+        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train/loss_cls"].as_f64()).collect()
+    };
+    let (a, b) = (cls(&one), cls(&two));
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-4 * x.abs(), "cross entropy: one rank {a:?} vs two ranks {b:?}");
+    }
+    let worst = worst_difference(&final_params(&one), &final_params(&two));
+    eprintln!("annotation, 2 ranks vs 1: worst parameter difference {worst:e}");
+    assert!(worst < 3e-5, "worst parameter difference {worst:e}");
+}

@@ -1,0 +1,46 @@
+//! `scgpt experiment run` offline on the bundled-data experiment: the split files, every
+//! method's report (fine-tuned from scratch, after a tiny pretraining, kNN, baseline) and
+//! report.md with them side by side. Training runs are cut to a few steps (`--train-set`).
+
+use std::process::Command;
+
+mod common;
+use common::root;
+
+#[test]
+fn the_bundled_annotation_experiment_runs_end_to_end_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("exp");
+    let o = Command::new(env!("CARGO_BIN_EXE_scgpt"))
+        .current_dir(root())
+        .env("HDF5_USE_FILE_LOCKING", "FALSE")
+        .args(["experiment", "run", "experiments/annotation_wu2020.toml", "--quiet", "--out"])
+        .arg(&out)
+        .args(["--train-set", "train.max_steps=3", "--train-set", "train.epochs=1", "--train-set", "model.max_seq_len=128"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in ["data/reference.h5ad", "data/query.h5ad", "runs/scratch/best_model/classes.json", "runs/tiny_pretrained-pretrain/best_model/best_model.pt", "report.md"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let mut accuracies = Vec::new();
+    for m in ["scratch", "tiny_pretrained", "knn", "baseline"] {
+        for f in ["metrics.json", "confusion.csv", "confusion.png"] {
+            assert!(out.join("reports").join(m).join(f).is_file(), "reports/{m}/{f} missing");
+        }
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("reports").join(m).join("metrics.json")).unwrap()).unwrap();
+        assert_eq!(v["n_cells"], 66, "{m}: the query is the three patients' 66 cells");
+        accuracies.push(v["accuracy"].as_f64().unwrap());
+    }
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert_eq!(report.lines().filter(|l| l.starts_with("| scGPT") || l.starts_with("| baseline")).count(), 4, "{report}");
+    // The baseline's row is the one measured against scikit-learn (tests/data/eval).
+    assert!((accuracies[3] - 0.3485).abs() < 0.02, "baseline accuracy {}", accuracies[3]);
+    // A wrong checksum is refused before anything runs.
+    let bad = tmp.path().join("bad.toml");
+    let text = std::fs::read_to_string(root().join("experiments/annotation_wu2020.toml")).unwrap().replace("85d519686ffa", "00d519686ffa");
+    std::fs::write(&bad, text).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_scgpt")).current_dir(root()).args(["experiment", "run"]).arg(&bad).arg("--out").arg(tmp.path().join("bad")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("sha256"), "{err}");
+}
