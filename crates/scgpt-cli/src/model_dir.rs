@@ -90,6 +90,13 @@ fn read_args(path: &Path) -> anyhow::Result<Map<String, Value>> {
         .collect())
 }
 
+/// One key of args.json as written (the embedding loader keeps only `USED_KEYS`).
+fn read_raw_key(path: &Path, key: &str) -> anyhow::Result<Option<Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let value: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    Ok(value.get(key).cloned())
+}
+
 pub fn load(dir: &Path, device: &Device) -> anyhow::Result<LoadedModel> {
     load_with(dir, device, None)
 }
@@ -126,6 +133,10 @@ fn load_with(dir: &Path, device: &Device, n_cls: Option<usize>) -> anyhow::Resul
     let mut args = read_args(&args_path)?;
     if let Some(n) = n_cls {
         args.insert("n_cls".into(), n.into());
+        // A classifier reads the cell embedding it was trained on.
+        if let Some(style) = read_raw_key(&args_path, "cell_emb_style")? {
+            args.insert("cell_emb_style".into(), style);
+        }
     }
     let origin = args_path.display().to_string();
     let config = ModelConfig::from_args_map(&args, vocab.len(), &origin)?;

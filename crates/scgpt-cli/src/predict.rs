@@ -259,6 +259,12 @@ pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
     validate(args)?;
     let dev = device(&args.device)?;
     let spec = read_spec(&args.model)?;
+    if let Some(col) = spec.as_ref().and_then(|s| s.batch_col.as_ref()) {
+        bail!(
+            "{}: the model was trained with batch labels (data.batch_col = {col:?}, DSBN or use_batch_labels); predict does not feed batch labels yet — a query batch the model never saw has no batch norm of its own. Fine-tune without them for prediction",
+            args.model.display()
+        );
+    }
     // The truth column is checked before any compute.
     let truth = match &args.label_col {
         Some(col) => Some(labels_of(&args.input, col, "--label-col")?),

@@ -41,6 +41,9 @@ pub struct InferenceSpec {
     pub label_col: Option<String>,
     /// var column with gene names in the training h5ad (empty = the var index).
     pub gene_col: String,
+    /// obs column of the batch labels the model reads (`batch_labels.json` maps them to ids).
+    #[serde(default)]
+    pub batch_col: Option<String>,
     /// Tokens per cell, `<cls>` included.
     pub max_seq_len: usize,
     /// The value `<cls>` carried in training (0 in fine-tuning, −2 in pretraining).
@@ -109,6 +112,7 @@ impl Trainer {
             task: self.task.kind().to_string(),
             label_col: c.label_col().map(str::to_string),
             gene_col: c.data.gene_col.clone(),
+            batch_col: self.batch_map.is_some().then(|| c.data.batch_col.clone()),
             max_seq_len: c.model.max_seq_len,
             cls_value: self.cls_value(),
             pad_value: c.model.pad_value as f32,
@@ -125,7 +129,7 @@ impl Trainer {
         let dir = &self.cfg.run.dir;
         let model = self.model();
         write_dir_atomically(&dir.join("best"), |tmp| Ok(scgpt_model::save_native(model, &self.vocab_json, tmp)?))?;
-        let files = self.task.run_files()?;
+        let files = crate::trainer::run_files(self.task.as_ref(), self.batch_map.as_ref())?;
         let spec = serde_json::to_string_pretty(&self.inference_spec())?;
         write_dir_atomically(&dir.join("best_model"), |tmp| {
             scgpt_model::export_original(model, &model.config, &self.vocab_json, tmp)?;

@@ -61,6 +61,11 @@ pub struct DataSection {
     /// based, so they bin like the counts they came from.
     #[serde(default)]
     pub allow_non_integer: bool,
+    /// obs column with each cell's batch (sample, donor, technology): mapped to ids
+    /// (`batch_labels.json` in the run directory and `best_model/`) and given to the model,
+    /// which reads them with `model.use_batch_labels` or `model.domain_spec_batchnorm`.
+    #[serde(default)]
+    pub batch_col: String,
     /// scgpt-prep output directories.
     pub shards: Vec<PathBuf>,
     /// Sampling weight per set (empty = all 1): a set of weight w contributes w times its row
@@ -96,6 +101,19 @@ pub struct ModelSection {
     pub MVC: bool,
     pub explicit_zero_prob: bool,
     pub ecs_thres: f64,
+    /// Concatenate a batch embedding to the expression decoders' input (needs `data.batch_col`).
+    #[serde(default)]
+    pub use_batch_labels: bool,
+    /// `none`, `dsbn` (one affine-free BatchNorm per batch on the input embeddings; needs
+    /// `data.batch_col`) or `batchnorm` (one BatchNorm, the `bn` of the original's 2023
+    /// annotation runs; the original demands batch labels for it too).
+    #[serde(default = "default_dsbn")]
+    pub domain_spec_batchnorm: String,
+    /// How the cell embedding (what the CLS head and `embed` read) comes off the transformer:
+    /// `cls` (the original's default and its checkpoints), `avg-pool` (mean over positions,
+    /// padding included, as the original computes it) or `w-pool`.
+    #[serde(default = "default_cell_emb_style")]
+    pub cell_emb_style: String,
     /// All layers start with the same values, as the original's `nn.TransformerEncoder`.
     pub identical_layer_init: bool,
     /// With `init_from`: load only parameters whose name starts with one of these (the
@@ -238,6 +256,14 @@ impl Default for ClassWeight {
     }
 }
 
+fn default_dsbn() -> String {
+    "none".into()
+}
+
+fn default_cell_emb_style() -> String {
+    "cls".into()
+}
+
 fn default_gamma() -> f64 {
     0.9
 }
@@ -291,6 +317,20 @@ impl TrainConfig {
         ensure!(t.eps > 0.0, "train.eps must be positive");
         ensure!(m.max_seq_len >= 3, "model.max_seq_len = {} is too short (cls + at least 2 genes)", m.max_seq_len);
         ensure!(m.n_bins >= 3, "model.n_bins must be at least 3");
+        ensure!(
+            ["none", "dsbn", "batchnorm"].contains(&m.domain_spec_batchnorm.as_str()),
+            "model.domain_spec_batchnorm = {:?}: expected \"none\", \"dsbn\" or \"batchnorm\"",
+            m.domain_spec_batchnorm
+        );
+        ensure!(
+            !self.needs_batch_labels() || !self.data.batch_col.is_empty(),
+            "model.use_batch_labels / model.domain_spec_batchnorm read batch labels: set data.batch_col to the obs column with each cell's batch"
+        );
+        ensure!(
+            ["cls", "avg-pool", "w-pool"].contains(&m.cell_emb_style.as_str()),
+            "model.cell_emb_style = {:?}: expected \"cls\", \"avg-pool\" or \"w-pool\"",
+            m.cell_emb_style
+        );
         ensure!(
             ["continuous", "category"].contains(&m.input_emb_style.as_str()),
             "model.input_emb_style = {:?}: expected \"continuous\" or \"category\" (scaling is not used for pretraining)",
@@ -365,6 +405,11 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// Whether the model reads batch labels (the original demands them for any input norm).
+    pub fn needs_batch_labels(&self) -> bool {
+        self.model.use_batch_labels || self.model.domain_spec_batchnorm != "none"
+    }
+
     /// The obs columns the run's task reads from the data.
     pub fn label_col(&self) -> Option<&str> {
         let wanted = match self.task.kind {
@@ -384,6 +429,9 @@ impl TrainConfig {
         map.remove("init_from");
         map.remove("identical_layer_init");
         map.remove("init_prefixes");
+        if self.model.domain_spec_batchnorm == "none" {
+            map.insert("domain_spec_batchnorm".into(), false.into());
+        }
         let t = &self.train;
         let generative = self.task.kind == TaskKind::Pretrain && t.objective == Objective::Generative;
         let annotation = self.task.kind == TaskKind::Annotation;

@@ -38,7 +38,10 @@ fn toml_str(s: &str) -> String {
 fn prepare(cfg: &TrainConfig, inputs: &[PathBuf], out: &Path, vocab: Vec<String>, progress: bool) -> anyhow::Result<()> {
     use scgpt_config::{Layered, Origin};
     let paths: Vec<String> = inputs.iter().map(|p| toml_str(&p.display().to_string())).collect();
-    let obs: Vec<String> = cfg.label_col().map(|c| toml_str(c)).into_iter().collect();
+    let mut obs: Vec<String> = cfg.label_col().map(toml_str).into_iter().collect();
+    if cfg.needs_batch_labels() && !obs.contains(&toml_str(&cfg.data.batch_col)) {
+        obs.push(toml_str(&cfg.data.batch_col));
+    }
     let mut sets = vec![
         format!("input.paths=[{}]", paths.join(",")),
         format!("input.gene_col={}", toml_str(&cfg.data.gene_col)),

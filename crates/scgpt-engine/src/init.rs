@@ -39,18 +39,34 @@ pub struct Shape {
     pub generative: bool,
     /// Annotation: the CLS head alone (no MVC decoder), `n_layers_cls` from the config.
     pub annotation: bool,
+    /// Distinct batch labels of the data when the model reads them.
+    pub n_batches: Option<usize>,
 }
 
 /// Applies the task's shape and the config's dropout to an architecture.
 fn apply_objective(cfg: &TrainConfig, mut c: ModelConfig, shape: Shape) -> ModelConfig {
     c.use_generative_training = shape.generative;
     c.dropout = cfg.model.dropout;
+    // Batch labels are the run's: its data and its config say whether and how many.
+    c.use_batch_labels = cfg.model.use_batch_labels;
+    c.domain_spec_batchnorm = match cfg.model.domain_spec_batchnorm.as_str() {
+        "dsbn" => scgpt_model::BatchNormStyle::Dsbn,
+        "batchnorm" => scgpt_model::BatchNormStyle::BatchNorm,
+        _ => scgpt_model::BatchNormStyle::None,
+    };
+    c.num_batch_labels = shape.n_batches;
     if shape.n_cls > 1 {
         c.n_cls = shape.n_cls;
     }
     if shape.annotation {
         c.do_mvc = false;
         c.nlayers_cls = cfg.model.n_layers_cls;
+        // How the head reads the cell is the fine-tuning run's choice, also over a checkpoint.
+        c.cell_emb_style = match cfg.model.cell_emb_style.as_str() {
+            "avg-pool" => scgpt_model::CellEmbStyle::AvgPool,
+            "w-pool" => scgpt_model::CellEmbStyle::WPool,
+            _ => scgpt_model::CellEmbStyle::Cls,
+        };
     }
     c
 }
@@ -58,7 +74,10 @@ fn apply_objective(cfg: &TrainConfig, mut c: ModelConfig, shape: Shape) -> Model
 /// Builds the `[model]` section into a fresh model over `vocab` (`n_cls` classes when the
 /// run has a CLS objective).
 pub fn fresh(cfg: &TrainConfig, vocab: GeneVocab, shape: Shape, device: &Device) -> anyhow::Result<InitModel> {
-    let args = cfg.args_json();
+    let mut args = cfg.args_json();
+    if let Some(n) = shape.n_batches {
+        args.insert("num_batch_labels".into(), n.into());
+    }
     let config = ModelConfig::from_args_map(&args, vocab.len(), "config section [model]")?;
     let pad = vocab.pad_id().context("the model vocabulary has no <pad>")?;
     let mut config = apply_objective(cfg, config, shape).with_pad_token_id(pad as usize);
@@ -86,7 +105,7 @@ pub fn from_checkpoint(cfg: &TrainConfig, dir: &Path, data_vocabs: &[&GeneVocab]
         let vocab = GeneVocab::from_json_str(&ck.vocab_json, &dir.join("vocab.json").display().to_string())?;
         let mut model = ck.model;
         let want = apply_objective(cfg, model.config.clone(), shape);
-        if want.use_generative_training != model.config.use_generative_training || want.n_cls != model.config.n_cls || want.do_mvc != model.config.do_mvc || want.nlayers_cls != model.config.nlayers_cls || !cfg.model.init_prefixes.is_empty() {
+        if want.use_generative_training != model.config.use_generative_training || want.n_cls != model.config.n_cls || want.cell_emb_style != model.config.cell_emb_style || want.use_batch_labels != model.config.use_batch_labels || want.domain_spec_batchnorm != model.config.domain_spec_batchnorm || want.num_batch_labels != model.config.num_batch_labels || want.do_mvc != model.config.do_mvc || want.nlayers_cls != model.config.nlayers_cls || !cfg.model.init_prefixes.is_empty() {
             // Rebuild with or without flag_encoder (or another classifier width) and copy
             // every tensor that matches by name and shape.
             let tmp = tempfile_dir()?;

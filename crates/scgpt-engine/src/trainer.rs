@@ -28,6 +28,7 @@ use crate::collate::{Cell, CollateOptions};
 use crate::config::{OptimizerKind, Schedule, TaskKind, TrainConfig};
 use crate::logging::{rss_bytes, Interval, MetricLog, StepLosses};
 use crate::optim::{clip_coefficient, flatten_grads, grad_sq_norm, list_params, lr_at, unflatten_grads, Adam, AdamConfig, ParamEntry};
+use crate::tasks::labels::{Classes, BATCH_LABELS_FILE};
 use crate::tasks::{Batch, LossContext, MicroBatch, ModelShape, Task};
 use crate::validation::{load_labelled, LabelledSet};
 
@@ -45,6 +46,8 @@ pub struct Trainer {
     model: Option<TransformerModel>,
     pub(crate) vocab_json: String,
     pub(crate) task: Box<dyn Task>,
+    /// Batch labels to ids (`data.batch_col`), when the model reads them.
+    pub(crate) batch_map: Option<Classes>,
     set_maps: Vec<Vec<Option<u32>>>,
     loader: Loader,
     /// The sets validation reads: a separate set, or the training sets (their held-out cells).
@@ -90,6 +93,15 @@ pub(crate) fn to_cells(batch: &CellBatch, maps: &[Vec<Option<u32>>]) -> Vec<Cell
             map_cell(genes, values, &maps[batch.sets[i]], first + i as u64)
         })
         .collect()
+}
+
+/// The files a run keeps beside its model (run directory and `best_model/`).
+pub(crate) fn run_files(task: &dyn Task, batch_map: Option<&Classes>) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut files = task.run_files()?;
+    if let Some(m) = batch_map {
+        files.push((BATCH_LABELS_FILE.to_string(), m.to_json()?));
+    }
+    Ok(files)
 }
 
 /// Data set vocabularies to model ids, with a note per set; a set sharing no gene is an error.
@@ -142,8 +154,19 @@ impl Trainer {
             notes.push(format!("classes: {} of `{}` ({})", c.len(), cfg.task.label_col, c.iter().take(8).cloned().collect::<Vec<_>>().join(", ")));
         }
         let n_cls = task.classes().map_or(1, <[String]>::len);
+        let batch_map = if cfg.needs_batch_labels() {
+            let saved = if resume.is_some() { Classes::load_file(&cfg.run.dir.join(BATCH_LABELS_FILE))? } else { None };
+            let map = match saved {
+                Some(m) => m,
+                None => Classes::scan(&scan_sets, &cfg.data.batch_col, "data.batch_col")?.0,
+            };
+            notes.push(format!("batch labels: {} of `{}` ({})", map.len(), cfg.data.batch_col, map.names.iter().take(8).cloned().collect::<Vec<_>>().join(", ")));
+            Some(map)
+        } else {
+            None
+        };
         let data_vocabs: Vec<&GeneVocab> = sets.iter().map(|s| &s.vocab).collect();
-        let shape = crate::init::Shape { n_cls, generative: task.generative_model(), annotation: task.kind() == TaskKind::Annotation };
+        let shape = crate::init::Shape { n_cls, generative: task.generative_model(), annotation: task.kind() == TaskKind::Annotation, n_batches: batch_map.as_ref().map(Classes::len) };
         let (model, vocab, adam, state) = match &resume {
             Some((step, dir)) => {
                 let ck = scgpt_model::load_native(dir.join("model"), &device).with_context(|| format!("resuming from {}", dir.display()))?;
@@ -241,7 +264,7 @@ impl Trainer {
             scgpt_data::atomic::write_bytes(&cfg.run.dir.join("vocab.json"), vocab_json.as_bytes())?;
             let args = serde_json::to_string_pretty(&scgpt_model::checkpoint::original_args_json(&model.config))?;
             scgpt_data::atomic::write_bytes(&cfg.run.dir.join("args.json"), args.as_bytes())?;
-            for (name, bytes) in task.run_files()? {
+            for (name, bytes) in run_files(task.as_ref(), batch_map.as_ref())? {
                 scgpt_data::atomic::write_bytes(&cfg.run.dir.join(name), &bytes)?;
             }
             log = MetricLog::create(&cfg.run.dir, state.step, &resolved)?;
@@ -270,7 +293,7 @@ impl Trainer {
                 signal_hook::low_level::register(sig, move || s.store(sig, Ordering::SeqCst))?;
             }
         }
-        let loader_cfg = Self::loader_config_for(&cfg, task.as_ref(), rank, world, t.batch_size, valid_rows.clone(), false, separate_valid);
+        let loader_cfg = Self::loader_config_for(&cfg, task.as_ref(), batch_map.is_some(), rank, world, t.batch_size, valid_rows.clone(), false, separate_valid);
         let loader = Loader::new(sets, loader_cfg)?;
         let mut trainer = Trainer {
             cfg,
@@ -278,6 +301,7 @@ impl Trainer {
             model: Some(model),
             vocab_json,
             task,
+            batch_map,
             set_maps,
             loader,
             valid_sets,
@@ -303,7 +327,7 @@ impl Trainer {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn loader_config_for(cfg: &TrainConfig, task: &dyn Task, rank: usize, world: usize, batch_size: usize, valid_rows: Option<Arc<ValidRows>>, for_valid: bool, separate_valid: bool) -> LoaderConfig {
+    fn loader_config_for(cfg: &TrainConfig, task: &dyn Task, with_batches: bool, rank: usize, world: usize, batch_size: usize, valid_rows: Option<Arc<ValidRows>>, for_valid: bool, separate_valid: bool) -> LoaderConfig {
         let (valid_fraction, valid_rows) = match (for_valid, separate_valid) {
             // A separate validation set is all validation; the training sets hold none of it.
             (true, true) => (1.0, None),
@@ -318,14 +342,24 @@ impl Trainer {
             rank,
             world,
             prefetch: if for_valid { 2 } else { cfg.data.prefetch },
-            obs_cols: task.obs_cols(),
+            obs_cols: task.obs_cols().into_iter().chain(with_batches.then(|| cfg.data.batch_col.clone())).collect(),
             valid_rows,
         }
     }
 
+    /// The task's obs columns and the cells' batch-label ids of a loader batch.
+    pub(crate) fn split_obs<'a>(&self, obs: &'a [Vec<String>]) -> anyhow::Result<(&'a [Vec<String>], Option<Vec<i64>>)> {
+        let n = self.task.obs_cols().len();
+        let ids = match &self.batch_map {
+            Some(map) => Some(map.ids(&obs[n], &format!("data.batch_col = {:?}", self.cfg.data.batch_col))?),
+            None => None,
+        };
+        Ok((&obs[..n], ids))
+    }
+
     /// The loader settings of this run, for training batches or validation.
     pub(crate) fn loader_config(&self, batch_size: usize, for_valid: bool) -> LoaderConfig {
-        Self::loader_config_for(&self.cfg, self.task.as_ref(), self.comm.rank(), self.comm.world(), batch_size, self.valid_rows.clone(), for_valid, self.separate_valid)
+        Self::loader_config_for(&self.cfg, self.task.as_ref(), self.batch_map.is_some(), self.comm.rank(), self.comm.world(), batch_size, self.valid_rows.clone(), for_valid, self.separate_valid)
     }
 
     /// No progress bar: log lines instead (tests, batch jobs).
@@ -433,7 +467,8 @@ impl Trainer {
                         let cells = to_cells(&batch, &self.set_maps);
                         let mut opt = self.collate;
                         opt.epoch = batch.position.epoch;
-                        let prepared = self.task.prepare(&Batch { cells: &cells, obs: &batch.cells.obs }, step, &opt)?;
+                        let (obs, ids) = self.split_obs(&batch.cells.obs)?;
+                        let prepared = self.task.prepare(&Batch { cells: &cells, obs, batch_ids: ids.as_deref() }, step, &opt)?;
                         micro.push((prepared, batch.position, cells.len()));
                     }
                     None => epoch_done = true,

@@ -48,7 +48,8 @@ impl Trainer {
             }
             seen += batch.cells.len();
             let cells = to_cells(&batch, &self.valid_maps);
-            let b = Batch { cells: &cells, obs: &batch.cells.obs };
+            let (obs, ids) = self.split_obs(&batch.cells.obs)?;
+            let b = Batch { cells: &cells, obs, batch_ids: ids.as_deref() };
             self.task.eval_batch(&model, &b, bi as u64, &opt, &dev, &mut sums)?;
         }
         self.comm.all_reduce_sum_f64(&mut sums)?;

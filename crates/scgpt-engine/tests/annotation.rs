@@ -157,3 +157,28 @@ fn other_tasks_switches_and_missing_labels_are_clear_errors() {
     let e = format!("{:#}", Trainer::new(cfg, Box::new(scgpt_dist::Single::new())).err().expect("an error"));
     assert!(e.contains("cell_type") && e.contains("bulk_labels"), "{e}");
 }
+
+#[test]
+fn batch_labels_reach_the_model_and_are_saved_with_it() {
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    // pbmc68k's cell-cycle phase as the "batch": three domain-specific batch norms.
+    let cfg = annotation(&run, &["data.batch_col=\"phase\"", "model.domain_spec_batchnorm=\"dsbn\"", "train.epochs=1"]);
+    let mut t = Trainer::new(cfg, Box::new(scgpt_dist::Single::new())).unwrap().quiet();
+    assert!(t.model().dsbn.is_some());
+    t.run().unwrap();
+    let best = run.join("best_model");
+    let map: Vec<String> = serde_json::from_str(&std::fs::read_to_string(best.join("batch_labels.json")).unwrap()).unwrap();
+    assert_eq!(map, vec!["G1", "G2M", "S"]);
+    let args: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(best.join("args.json")).unwrap()).unwrap();
+    assert_eq!(args["num_batch_labels"], 3, "{args}");
+    let spec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(best.join("scgpt.json")).unwrap()).unwrap();
+    assert_eq!(spec["batch_col"], "phase");
+    let ce: Vec<f64> = metrics(&run).iter().filter_map(|l| l["train/loss_cls"].as_f64()).collect();
+    assert!(ce.iter().all(|v| v.is_finite()), "{ce:?}");
+
+    // A model that reads batch labels without a batch column is a config error.
+    let e = format!("{:#}", resolve(None, &["model.use_batch_labels=true".into()]).unwrap_err());
+    assert!(e.contains("data.batch_col"), "{e}");
+}

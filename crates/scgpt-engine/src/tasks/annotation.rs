@@ -11,7 +11,7 @@ use scgpt_model::burn::tensor::{Device, Tensor};
 use scgpt_model::{ForwardFlags, ModelInput, TransformerModel};
 
 use super::labels::{balanced_weights, Classes, CLASSES_FILE};
-use super::tensors::{bools, cross_entropy_sum, floats, ints, scalar, to_i64};
+use super::tensors::{batch_labels, bools, cross_entropy_sum, floats, ints, scalar, to_i64};
 use super::{encoder_flops, Batch, Evaluation, Loss, LossContext, MicroBatch, ModelShape, Norm, Task, Term};
 use crate::collate::{collate_classify, ClassifyBatch, CollateOptions};
 use crate::config::{ClassWeight, TaskKind, TrainConfig};
@@ -34,10 +34,13 @@ pub fn mean_loss(model: &TransformerModel, b: &ClassifyBatch, weights: Option<&[
     Ok(cross_entropy_sum(Annotation::logits(model, b, d)?, &b.labels, weights, d).div_scalar(b.batch.max(1) as f64))
 }
 
+/// A collated batch and its cells' batch-label ids.
+struct Prepared(ClassifyBatch, Option<Vec<i64>>);
+
 impl Annotation {
     pub fn new(cfg: &TrainConfig, sets: &[ShardSet], saved: Option<Classes>) -> anyhow::Result<Self> {
         let col = cfg.task.label_col.clone();
-        let (scanned, labels) = Classes::scan(sets, &col, "task.label_col")?;
+        let (scanned, labels) = Classes::scan_classes(sets, &col, "task.label_col")?;
         let classes = saved.unwrap_or(scanned);
         let weights = match cfg.task.class_weight {
             ClassWeight::None => None,
@@ -56,14 +59,16 @@ impl Annotation {
 
     /// The CLS head's logits `[B, n_cls]` for a collated batch.
     pub fn logits(model: &TransformerModel, b: &ClassifyBatch, d: &Device) -> anyhow::Result<Tensor<2>> {
+        Self::logits_with(model, b, &None, d)
+    }
+
+    fn logits_with(model: &TransformerModel, b: &ClassifyBatch, batch_ids: &Option<Vec<i64>>, d: &Device) -> anyhow::Result<Tensor<2>> {
         let (n, l) = (b.batch, b.len);
-        let input = ModelInput { src: ints(&b.genes, n, l, d), values: floats(&b.values, n, l, d), src_key_padding_mask: bools(&b.pad, n, l, d), batch_labels: None };
+        let input = ModelInput { src: ints(&b.genes, n, l, d), values: floats(&b.values, n, l, d), src_key_padding_mask: bools(&b.pad, n, l, d), batch_labels: batch_labels(batch_ids, d) };
         let out = model.forward(input, ForwardFlags { cls: true, ..Default::default() })?;
         Ok(out.cls_output.expect("cls flag set"))
     }
 }
-
-struct Prepared(ClassifyBatch);
 
 impl MicroBatch for Prepared {
     /// Cross entropy is averaged over the step's cells.
@@ -100,12 +105,12 @@ impl Task for Annotation {
     }
 
     fn prepare(&self, batch: &Batch, _step: u64, opt: &CollateOptions) -> anyhow::Result<Box<dyn MicroBatch>> {
-        Ok(Box::new(Prepared(self.collate(batch, opt)?)))
+        Ok(Box::new(Prepared(self.collate(batch, opt)?, batch.batch_ids.map(<[i64]>::to_vec))))
     }
 
     fn loss(&self, model: &TransformerModel, batch: &dyn MicroBatch, ctx: &mut LossContext) -> anyhow::Result<Loss> {
-        let b = &batch.as_any().downcast_ref::<Prepared>().expect("an annotation batch").0;
-        let logits = Self::logits(model, b, ctx.device)?;
+        let Prepared(b, ids) = batch.as_any().downcast_ref::<Prepared>().expect("an annotation batch");
+        let logits = Self::logits_with(model, b, ids, ctx.device)?;
         let ce = cross_entropy_sum(logits, &b.labels, self.weights.as_deref(), ctx.device);
         Ok(Loss { total: ce.clone().mul_scalar(ctx.per_unit), terms: vec![Some(ce.detach())] })
     }
@@ -117,7 +122,7 @@ impl Task for Annotation {
 
     fn eval_batch(&self, model: &TransformerModel, batch: &Batch, _index: u64, opt: &CollateOptions, d: &Device, sums: &mut [f64]) -> anyhow::Result<()> {
         let b = self.collate(batch, opt)?;
-        let logits = Self::logits(model, &b, d)?;
+        let logits = Self::logits_with(model, &b, &batch.batch_ids.map(<[i64]>::to_vec), d)?;
         sums[0] += scalar(&cross_entropy_sum(logits.clone(), &b.labels, None, d));
         let predicted = to_i64(logits.argmax(1).reshape([b.batch]));
         let k = self.classes.len();

@@ -8,7 +8,7 @@ use std::any::Any;
 use scgpt_model::burn::tensor::Device;
 use scgpt_model::{ForwardFlags, GenerativeInput, TransformerModel};
 
-use super::tensors::{bools, floats, ints, masked_sq_sum, scalar};
+use super::tensors::{batch_labels, bools, floats, ints, masked_sq_sum, scalar};
 use super::{encoder_flops, Batch, Evaluation, Loss, LossContext, MicroBatch, ModelShape, Norm, Task, Term};
 use crate::collate::{collate_generative, gen_ratio_for, CollateOptions, GenerativeBatch};
 use crate::config::{TaskKind, TrainConfig};
@@ -31,6 +31,7 @@ impl Generative {
 struct Prepared {
     batch: GenerativeBatch,
     cell_prompt_pass: bool,
+    batch_ids: Option<Vec<i64>>,
 }
 
 impl MicroBatch for Prepared {
@@ -53,7 +54,7 @@ impl MicroBatch for Prepared {
 }
 
 /// A collated generative batch as model input (no gen mask when nothing is padded).
-fn generative_input(b: &GenerativeBatch, d: &Device) -> GenerativeInput {
+fn generative_input(b: &GenerativeBatch, batch_ids: &Option<Vec<i64>>, d: &Device) -> GenerativeInput {
     let (n, p, g) = (b.batch, b.pcpt_len, b.gen_len);
     GenerativeInput {
         pcpt_genes: ints(&b.pcpt_genes, n, p, d),
@@ -61,7 +62,7 @@ fn generative_input(b: &GenerativeBatch, d: &Device) -> GenerativeInput {
         pcpt_key_padding_mask: bools(&b.pcpt_pad, n, p, d),
         gen_genes: Some(ints(&b.gen_genes, n, g, d)),
         gen_key_padding_mask: b.gen_pad.contains(&true).then(|| bools(&b.gen_pad, n, g, d)),
-        batch_labels: None,
+        batch_labels: batch_labels(batch_ids, d),
         input_cell_emb: None,
     }
 }
@@ -83,14 +84,15 @@ impl Task for Generative {
     fn prepare(&self, batch: &Batch, step: u64, opt: &CollateOptions) -> anyhow::Result<Box<dyn MicroBatch>> {
         // The gen share is one per optimiser step: the same on every rank and micro-batch.
         let ratio = gen_ratio_for(self.seed, step, &self.gen_ratios);
-        Ok(Box::new(Prepared { batch: collate_generative(batch.cells, ratio, opt), cell_prompt_pass: self.cell_prompt_pass }))
+        Ok(Box::new(Prepared { batch: collate_generative(batch.cells, ratio, opt), cell_prompt_pass: self.cell_prompt_pass, batch_ids: batch.batch_ids.map(<[i64]>::to_vec) }))
     }
 
     fn loss(&self, model: &TransformerModel, batch: &dyn MicroBatch, ctx: &mut LossContext) -> anyhow::Result<Loss> {
-        let b = &batch.as_any().downcast_ref::<Prepared>().expect("a generative batch").batch;
+        let prepared = batch.as_any().downcast_ref::<Prepared>().expect("a generative batch");
+        let b = &prepared.batch;
         let d = ctx.device;
         let (n, p, g) = (b.batch, b.pcpt_len, b.gen_len);
-        let input = generative_input(b, d);
+        let input = generative_input(b, &prepared.batch_ids, d);
         let target = floats(&b.gen_target, n, g, d);
         let keep = bools(&b.gen_pad, n, g, d).bool_not().float();
         let mvc = model.config.do_mvc;
@@ -124,7 +126,7 @@ impl Task for Generative {
         if b.gen_tokens() == 0 {
             return Ok(());
         }
-        let out = model.generative_forward(generative_input(&b, d), ForwardFlags::default())?;
+        let out = model.generative_forward(generative_input(&b, &batch.batch_ids.map(<[i64]>::to_vec), d), ForwardFlags::default())?;
         let keep = bools(&b.gen_pad, n, g, d).bool_not().float();
         sums[0] += scalar(&masked_sq_sum(out.gen_preds.expect("gen"), floats(&b.gen_target, n, g, d), keep));
         sums[1] += b.gen_tokens() as f64;
@@ -159,9 +161,9 @@ mod tests {
         // d 4, d_hid 8: 2·(4·16 + 2·32) = 256 per token × 5 tokens; 3² pcpt scores + 2 gen
         // queries × (3 + 1) keys = 17 at 4·4 each; two passes, 2 layers, × 3 for backward.
         let one_pass = 5.0 * 256.0 + 17.0 * 16.0;
-        let two = Prepared { batch: b.clone(), cell_prompt_pass: true };
+        let two = Prepared { batch: b.clone(), cell_prompt_pass: true, batch_ids: None };
         assert_eq!(two.encoder_flops(shape), 3.0 * 2.0 * 2.0 * one_pass);
-        let one = Prepared { batch: b, cell_prompt_pass: false };
+        let one = Prepared { batch: b, cell_prompt_pass: false, batch_ids: None };
         assert_eq!(one.encoder_flops(shape), 3.0 * 2.0 * one_pass);
     }
 }

@@ -9,6 +9,8 @@ use anyhow::Context;
 use scgpt_data::loader::ShardSet;
 
 pub const CLASSES_FILE: &str = "classes.json";
+/// The batch-label map (`data.batch_col`): label `i` is batch id `i`.
+pub const BATCH_LABELS_FILE: &str = "batch_labels.json";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Classes {
@@ -36,13 +38,17 @@ impl Classes {
             }
             per_set.push(per_shard);
         }
-        anyhow::ensure!(all.len() >= 2, "{key} = {col:?}: {} distinct label(s) in the data; a classifier needs at least 2", all.len());
         Ok((Self::from_names(all.into_iter().collect()), per_set))
     }
 
     /// `classes.json` of a run directory, if there is one.
     pub fn load(dir: &Path) -> anyhow::Result<Option<Self>> {
-        let path = dir.join(CLASSES_FILE);
+        Self::load_file(&dir.join(CLASSES_FILE))
+    }
+
+    /// A saved label list, if the file exists.
+    pub fn load_file(path: &Path) -> anyhow::Result<Option<Self>> {
+        let path = path.to_path_buf();
         match std::fs::read_to_string(&path) {
             Ok(text) => {
                 let names: Vec<String> = serde_json::from_str(&text).with_context(|| format!("{}: not a JSON list of labels", path.display()))?;
@@ -50,6 +56,13 @@ impl Classes {
             }
             Err(_) => Ok(None),
         }
+    }
+
+    /// As [`scan`](Self::scan), for a classifier: at least two labels.
+    pub fn scan_classes(sets: &[ShardSet], col: &str, key: &str) -> anyhow::Result<(Self, Vec<Vec<Vec<String>>>)> {
+        let (c, labels) = Self::scan(sets, col, key)?;
+        anyhow::ensure!(c.len() >= 2, "{key} = {col:?}: {} distinct label(s) in the data; a classifier needs at least 2", c.len());
+        Ok((c, labels))
     }
 
     pub fn to_json(&self) -> anyhow::Result<Vec<u8>> {

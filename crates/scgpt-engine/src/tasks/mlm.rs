@@ -10,7 +10,7 @@ use scgpt_model::burn::tensor::{Device, Tensor, TensorData};
 use scgpt_model::{ForwardFlags, ModelInput, TransformerModel};
 
 use super::labels::Classes;
-use super::tensors::{bools, cross_entropy, floats, ints, masked_sq_sum, scalar, to_i64};
+use super::tensors::{batch_labels, bools, cross_entropy, floats, ints, masked_sq_sum, scalar, to_i64};
 use super::{encoder_flops, Batch, Evaluation, Loss, LossContext, MicroBatch, ModelShape, Norm, Task, Term};
 use crate::collate::{collate_mlm, CollateOptions, MlmBatch};
 use crate::config::{TaskKind, TrainConfig};
@@ -31,7 +31,7 @@ impl Mlm {
             Some(col) => {
                 let classes = match saved {
                     Some(c) => c,
-                    None => Classes::scan(sets, col, "task.label_col")?.0,
+                    None => Classes::scan_classes(sets, col, "task.label_col")?.0,
                 };
                 Some((classes, col.to_string()))
             }
@@ -47,13 +47,14 @@ impl Mlm {
         Ok(Mlm { mask_ratio: t.mask_ratio, ecs: t.ecs, cce: t.cce, cls, terms })
     }
 
-    fn input(b: &MlmBatch, d: &Device) -> ModelInput {
+    fn input(b: &MlmBatch, batch_ids: &Option<Vec<i64>>, d: &Device) -> ModelInput {
         let (n, l) = (b.batch, b.len);
-        ModelInput { src: ints(&b.genes, n, l, d), values: floats(&b.values, n, l, d), src_key_padding_mask: bools(&b.pad, n, l, d), batch_labels: None }
+        ModelInput { src: ints(&b.genes, n, l, d), values: floats(&b.values, n, l, d), src_key_padding_mask: bools(&b.pad, n, l, d), batch_labels: batch_labels(batch_ids, d) }
     }
 }
 
-struct Prepared(MlmBatch);
+/// A collated batch and its cells' batch-label ids.
+struct Prepared(MlmBatch, Option<Vec<i64>>);
 
 impl MicroBatch for Prepared {
     fn units(&self) -> usize {
@@ -130,17 +131,17 @@ impl Task for Mlm {
         if let (Some((classes, col)), Some(labels)) = (&self.cls, batch.obs.first()) {
             b.labels = classes.ids(labels, &format!("task.label_col = {col:?}"))?;
         }
-        Ok(Box::new(Prepared(b)))
+        Ok(Box::new(Prepared(b, batch.batch_ids.map(<[i64]>::to_vec))))
     }
 
     fn loss(&self, model: &TransformerModel, batch: &dyn MicroBatch, ctx: &mut LossContext) -> anyhow::Result<Loss> {
-        let b = &batch.as_any().downcast_ref::<Prepared>().expect("an mlm batch").0;
+        let Prepared(b, ids) = batch.as_any().downcast_ref::<Prepared>().expect("an mlm batch");
         let d = ctx.device;
         let (n, l) = (b.batch, b.len);
         let target = floats(&b.target, n, l, d);
         let keep = bools(&b.masked, n, l, d).float();
         let cls = self.cls.is_some() && !b.labels.is_empty();
-        let out = model.forward(Self::input(b, d), ForwardFlags { mvc: model.config.do_mvc, ecs: self.ecs, cce: self.cce, cls, ..Default::default() })?;
+        let out = model.forward(Self::input(b, ids, d), ForwardFlags { mvc: model.config.do_mvc, ecs: self.ecs, cce: self.cce, cls, ..Default::default() })?;
         let gep = masked_sq_sum(out.mlm_output, target.clone(), keep.clone());
         let mut terms: Vec<Option<Tensor<1>>> = vec![Some(gep.clone().detach()), None, None, None, None];
         let mut total = gep;
@@ -183,7 +184,7 @@ impl Task for Mlm {
             b.labels = classes.ids(labels, &format!("task.label_col = {col:?}"))?;
         }
         let (n, l) = (b.batch, b.len);
-        let out = model.forward(Self::input(&b, d), ForwardFlags { cls: !b.labels.is_empty(), ..Default::default() })?;
+        let out = model.forward(Self::input(&b, &batch.batch_ids.map(<[i64]>::to_vec), d), ForwardFlags { cls: !b.labels.is_empty(), ..Default::default() })?;
         if let Some(logits) = out.cls_output.clone() {
             let predicted = to_i64(logits.argmax(1).reshape([n]));
             sums[2] += predicted.iter().zip(&b.labels).filter(|(p, l)| p == l).count() as f64;

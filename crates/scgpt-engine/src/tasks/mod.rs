@@ -103,6 +103,8 @@ pub struct Batch<'a> {
     pub cells: &'a [Cell],
     /// The task's obs columns (`Task::obs_cols` order), one value per cell.
     pub obs: &'a [Vec<String>],
+    /// Batch-label ids of the cells (`data.batch_col`), when the model reads them.
+    pub batch_ids: Option<&'a [i64]>,
 }
 
 pub trait Task: Send {

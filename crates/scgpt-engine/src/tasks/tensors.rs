@@ -19,6 +19,11 @@ pub fn ids(v: &[i64], d: &Device) -> Tensor<1, Int> {
     Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), d)
 }
 
+/// The model's `batch_labels` input, when the run has them.
+pub fn batch_labels(ids: &Option<Vec<i64>>, d: &Device) -> Option<Tensor<1, Int>> {
+    ids.as_deref().map(|v| self::ids(v, d))
+}
+
 /// Σ over rows of −log softmax(logits)[target] · weight[target] (PyTorch's `CrossEntropyLoss`
 /// with `reduction="sum"`; without weights every class weighs 1).
 pub fn cross_entropy_sum(logits: Tensor<2>, targets: &[i64], weights: Option<&[f32]>, d: &Device) -> Tensor<1> {
