@@ -203,6 +203,32 @@ fn train(config: &Path, sets: Vec<String>, quiet: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `scgpt predict` as the experiment runs it: deterministic, labelled query, a report.
+#[allow(clippy::too_many_arguments)]
+fn predict_args(model: PathBuf, query: &Path, output: PathBuf, mode: predict::Mode, reference: Option<&Path>, e: &Experiment, gene_col: Option<String>, matrix: predict::Matrix, report: &Path, quiet: bool) -> predict::PredictArgs {
+    predict::PredictArgs {
+        model,
+        input: query.to_path_buf(),
+        output,
+        mode,
+        gene_col,
+        label_col: Some(e.dataset.label_col.clone()),
+        report: Some(report.to_path_buf()),
+        min_confidence: None,
+        reference: reference.map(Path::to_path_buf),
+        reference_label_col: reference.map(|_| e.dataset.label_col.clone()),
+        k: 10,
+        matrix,
+        batch_size: 64,
+        max_seq_len: None,
+        seed: e.seed,
+        deterministic: true,
+        device: "cpu".into(),
+        min_gene_match: 0.25,
+        quiet,
+    }
+}
+
 struct Method {
     name: String,
     report: PathBuf,
@@ -252,27 +278,7 @@ pub fn run(args: &ExperimentArgs) -> anyhow::Result<()> {
         eprintln!("experiment: {}: fine-tuning", f.name);
         train(&f.config, sets, *quiet)?;
         let report = out.join("reports").join(&f.name);
-        predict::run(&predict::PredictArgs {
-            model: run_dir.join("best_model"),
-            input: query.clone(),
-            output: run_dir.join("query.pred.h5ad"),
-            mode: predict::Mode::Classifier,
-            gene_col: gene.clone(),
-            label_col: Some(label.clone()),
-            report: Some(report.clone()),
-            min_confidence: None,
-            reference: None,
-            reference_label_col: None,
-            k: 10,
-            matrix,
-            batch_size: 64,
-            max_seq_len: None,
-            seed: e.seed,
-            deterministic: true,
-            device: "cpu".into(),
-            min_gene_match: 0.25,
-            quiet: *quiet,
-        })?;
+        predict::run(&predict_args(run_dir.join("best_model"), &query, run_dir.join("query.pred.h5ad"), predict::Mode::Classifier, None, &e, gene.clone(), matrix, &report, *quiet))?;
         methods.push(Method { name: format!("scGPT fine-tuned ({})", f.name), report });
     }
 
@@ -280,27 +286,9 @@ pub fn run(args: &ExperimentArgs) -> anyhow::Result<()> {
         let model = if Path::new(&k.model).is_dir() { PathBuf::from(&k.model) } else { out.join("runs").join(format!("{}-pretrain", k.model)).join("best_model") };
         let report = out.join("reports").join("knn");
         eprintln!("experiment: kNN reference mapping with {}", model.display());
-        predict::run(&predict::PredictArgs {
-            model,
-            input: query.clone(),
-            output: out.join("query.knn.h5ad"),
-            mode: predict::Mode::Knn,
-            gene_col: gene.clone(),
-            label_col: Some(label.clone()),
-            report: Some(report.clone()),
-            min_confidence: None,
-            reference: Some(reference.clone()),
-            reference_label_col: Some(label.clone()),
-            k: k.k,
-            matrix,
-            batch_size: 64,
-            max_seq_len: None,
-            seed: e.seed,
-            deterministic: true,
-            device: "cpu".into(),
-            min_gene_match: 0.25,
-            quiet: *quiet,
-        })?;
+        let mut args = predict_args(model, &query, out.join("query.knn.h5ad"), predict::Mode::Knn, Some(&reference), &e, gene.clone(), matrix, &report, *quiet);
+        args.k = k.k;
+        predict::run(&args)?;
         methods.push(Method { name: format!("scGPT zero-shot kNN (k = {})", k.k), report });
     }
 

@@ -11,7 +11,7 @@ use scgpt_model::{ForwardFlags, ModelInput, TransformerModel};
 
 use super::labels::Classes;
 use super::tensors::{batch_labels, bools, cross_entropy, floats, ints, masked_sq_sum, scalar, to_i64};
-use super::{encoder_flops, Batch, Evaluation, Loss, LossContext, MicroBatch, ModelShape, Norm, Task, Term};
+use super::{full_attention_flops, real_tokens, Batch, Evaluation, Loss, LossContext, MicroBatch, ModelShape, Norm, Task, Term};
 use crate::collate::{collate_mlm, CollateOptions, MlmBatch};
 use crate::config::{TaskKind, TrainConfig};
 
@@ -61,11 +61,10 @@ impl MicroBatch for Prepared {
         self.0.masked_tokens()
     }
     fn input_tokens(&self) -> usize {
-        self.0.pad.iter().filter(|p| !**p).count()
+        real_tokens(&self.0.pad)
     }
     fn encoder_flops(&self, shape: ModelShape) -> f64 {
-        let (n, l) = (self.0.batch as f64, self.0.len as f64);
-        encoder_flops(shape, n * l, n * l * l, 1.0)
+        full_attention_flops(shape, self.0.batch, self.0.len)
     }
     fn as_any(&self) -> &dyn Any {
         self

@@ -62,6 +62,18 @@ pub fn encoder_flops(shape: ModelShape, tokens: f64, scores: f64, passes: f64) -
     3.0 * passes * layers * (tokens * per_token + scores * 4.0 * d)
 }
 
+/// Encoder FLOPs of a `[batch, len]` token batch where every token attends to every token
+/// (masked values, classification).
+pub fn full_attention_flops(shape: ModelShape, batch: usize, len: usize) -> f64 {
+    let (n, l) = (batch as f64, len as f64);
+    encoder_flops(shape, n * l, n * l * l, 1.0)
+}
+
+/// Non-padding tokens of a padding mask.
+pub fn real_tokens(pad: &[bool]) -> usize {
+    pad.iter().filter(|p| !**p).count()
+}
+
 /// A collated micro-batch; only the task that made it reads its contents.
 pub trait MicroBatch: Send {
     /// Units of the task's `Norm::Units` terms in this batch.
@@ -147,4 +159,17 @@ pub fn build(cfg: &TrainConfig, sets: &[ShardSet], run_dir: &Path, resuming: boo
         },
         TaskKind::Annotation => Box::new(annotation::Annotation::new(cfg, sets, saved)?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoder_flops_count_projections_feed_forward_and_scores() {
+        // d 4, d_hid 8, 1 layer: 2·(4·16 + 2·32) = 256 per token × 20 tokens, 4·4 per score ×
+        // 2·10² scores, × 3 for forward + backward.
+        let shape = ModelShape { d: 4, d_hid: 8, layers: 1 };
+        assert_eq!(full_attention_flops(shape, 2, 10), 3.0 * (20.0 * 256.0 + 200.0 * 16.0));
+    }
 }
