@@ -111,6 +111,9 @@ pub struct Finetune {
     pub pretrain_config: Option<PathBuf>,
     #[serde(default)]
     pub pretrain_set: Vec<String>,
+    /// Initialise from the pretraining run of another (earlier) variant instead.
+    #[serde(default)]
+    pub pretrained_from: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -249,6 +252,11 @@ pub fn run(args: &ExperimentArgs) -> anyhow::Result<()> {
     for f in &e.finetune {
         let run_dir = out.join("runs").join(&f.name);
         let mut init = None;
+        if let Some(other) = &f.pretrained_from {
+            let dir = out.join("runs").join(format!("{other}-pretrain")).join("best_model");
+            anyhow::ensure!(dir.is_dir(), "finetune {:?}: pretrained_from = {other:?} has no pretraining run at {} (list that variant, with pretrain_config, before this one)", f.name, dir.display());
+            init = Some(dir);
+        }
         if let Some(pc) = &f.pretrain_config {
             let pre = out.join("runs").join(format!("{}-pretrain", f.name));
             let mut sets = vec![format!("run.dir={}", toml_str(&pre.display().to_string())), format!("data.input={}", toml_str(&reference.display().to_string())), format!("run.seed={}", e.seed)];
