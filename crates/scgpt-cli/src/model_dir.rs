@@ -18,6 +18,8 @@ use scgpt_model::{load_pretrained, LoadReport, ModelConfig, TransformerModel};
 use serde_json::{Map, Value};
 
 pub const CHECKPOINT: &str = "best_model.pt";
+/// The name Tutorial_Annotation gives its fine-tuned weights.
+pub const TUTORIAL_CHECKPOINT: &str = "model.pt";
 pub const VOCAB: &str = "vocab.json";
 pub const ARGS: &str = "args.json";
 
@@ -125,7 +127,8 @@ fn load_with(dir: &Path, device: &Device, n_cls: Option<usize>) -> anyhow::Resul
     }
     let vocab_path = required(dir, VOCAB)?;
     let args_path = required(dir, ARGS)?;
-    let ckpt_path = required(dir, CHECKPOINT)?;
+    // The annotation tutorial saves its fine-tuned weights as model.pt.
+    let ckpt_path = if !dir.join(CHECKPOINT).is_file() && dir.join(TUTORIAL_CHECKPOINT).is_file() { dir.join(TUTORIAL_CHECKPOINT) } else { required(dir, CHECKPOINT)? };
 
     let mut vocab = GeneVocab::from_file(&vocab_path)?;
     // As embed_data: special tokens missing from the file are appended.
