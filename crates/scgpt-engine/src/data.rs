@@ -19,7 +19,8 @@ pub struct RunData {
 }
 
 /// The vocabulary the inputs are prepared with: the checkpoint's when fine-tuning one (genes
-/// outside it could not be embedded), otherwise the shipped vocabulary extended by the data.
+/// outside it could not be embedded), otherwise one built from the data's genes alone (a
+/// model trained from scratch needs no rows for genes it never sees).
 fn vocab_keys(cfg: &TrainConfig) -> Vec<String> {
     let vocab = Path::new(&cfg.model.init_from).join("vocab.json");
     if !cfg.model.init_from.is_empty() && vocab.is_file() {
