@@ -118,7 +118,7 @@ fn output_format(args: &EmbedArgs) -> anyhow::Result<Format> {
 
 /// `cpu` (Flex) in every build; `cuda` / `wgpu` / `vulkan` in builds with that feature (the
 /// same devices as `scgpt-train`'s `run.device`; `LOCAL_RANK` picks the GPU).
-fn device(name: &str) -> anyhow::Result<Device> {
+pub(crate) fn device(name: &str) -> anyhow::Result<Device> {
     let name = match name.to_ascii_lowercase().as_str() {
         "flex" => "cpu".to_string(),
         other => other.to_string(),

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
+use scgpt_engine::data::toml_str;
+
 use crate::{baseline, predict, split_h5ad};
 
 #[derive(Debug, clap::Args)]
@@ -190,10 +192,6 @@ fn prepare_data(e: &Experiment, out: &Path) -> anyhow::Result<(PathBuf, PathBuf)
 /// index; two-file datasets keep theirs.
 fn gene_col(e: &Experiment) -> Option<String> {
     (e.dataset.file.is_none() && !e.dataset.gene_col.is_empty()).then(|| e.dataset.gene_col.clone())
-}
-
-fn toml_str(s: &str) -> String {
-    toml::Value::String(s.to_string()).to_string()
 }
 
 fn train(config: &Path, sets: Vec<String>, quiet: bool) -> anyhow::Result<()> {

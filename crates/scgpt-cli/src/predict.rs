@@ -144,11 +144,6 @@ fn read_spec(dir: &Path) -> anyhow::Result<Option<InferenceSpec>> {
     Ok(Some(serde_json::from_str(&text).with_context(|| format!("{}: not a valid {INFERENCE_FILE}", p.display()))?))
 }
 
-fn device(name: &str) -> anyhow::Result<Device> {
-    let local_rank = scgpt_dist::RankInfo::from_env().map(|i| i.local_rank).unwrap_or(0);
-    scgpt_engine::device::select(&name.to_ascii_lowercase(), local_rank).map_err(|e| anyhow::anyhow!("--device: {e}"))
-}
-
 /// What a forward pass returns per cell.
 #[derive(Clone, Copy)]
 enum Head {
@@ -257,7 +252,7 @@ fn validate(args: &PredictArgs) -> anyhow::Result<()> {
 
 pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
     validate(args)?;
-    let dev = device(&args.device)?;
+    let dev = crate::embed::device(&args.device)?;
     let spec = read_spec(&args.model)?;
     if let Some(col) = spec.as_ref().and_then(|s| s.batch_col.as_ref()) {
         bail!(

@@ -30,7 +30,8 @@ fn vocab_keys(cfg: &TrainConfig) -> Vec<String> {
     }
 }
 
-fn toml_str(s: &str) -> String {
+/// A string as a TOML value (quoted and escaped), for `--set`-style overrides.
+pub fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 

@@ -48,6 +48,8 @@ pub struct Trainer {
     pub(crate) task: Box<dyn Task>,
     /// Batch labels to ids (`data.batch_col`), when the model reads them.
     pub(crate) batch_map: Option<Classes>,
+    /// How many of a loader batch's obs columns are the task's (the batch column follows).
+    task_obs: usize,
     set_maps: Vec<Vec<Option<u32>>>,
     loader: Loader,
     /// The sets validation reads: a separate set, or the training sets (their held-out cells).
@@ -209,9 +211,10 @@ impl Trainer {
             None => (sets.clone(), set_maps.clone(), false),
         };
         // Annotation holds out a validation split stratified by label.
-        let valid_rows = if task.kind() == TaskKind::Annotation && !separate_valid && cfg.data.valid_fraction > 0.0 {
-            let (_, labels) = crate::tasks::labels::Classes::scan(&sets, &cfg.task.label_col, "task.label_col")?;
-            let (mask, split_notes) = crate::tasks::labels::stratified_split(&labels, cfg.data.valid_fraction, cfg.run.seed);
+        let labels = task.cell_labels().filter(|_| task.kind() == TaskKind::Annotation && !separate_valid && cfg.data.valid_fraction > 0.0);
+        let valid_rows = if let Some(labels) = labels {
+            // The task read the training sets first; the split is over those.
+            let (mask, split_notes) = crate::tasks::labels::stratified_split(&labels[..sets.len()], cfg.data.valid_fraction, cfg.run.seed);
             notes.extend(split_notes);
             Some(Arc::new(mask))
         } else {
@@ -300,6 +303,7 @@ impl Trainer {
             device,
             model: Some(model),
             vocab_json,
+            task_obs: task.obs_cols().len(),
             task,
             batch_map,
             set_maps,
@@ -349,7 +353,7 @@ impl Trainer {
 
     /// The task's obs columns and the cells' batch-label ids of a loader batch.
     pub(crate) fn split_obs<'a>(&self, obs: &'a [Vec<String>]) -> anyhow::Result<(&'a [Vec<String>], Option<Vec<i64>>)> {
-        let n = self.task.obs_cols().len();
+        let n = self.task_obs;
         let ids = match &self.batch_map {
             Some(map) => Some(map.ids(&obs[n], &format!("data.batch_col = {:?}", self.cfg.data.batch_col))?),
             None => None,

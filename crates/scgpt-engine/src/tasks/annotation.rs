@@ -24,6 +24,8 @@ pub struct Annotation {
     label_col: String,
     /// Per-class loss weights (`class_weight = "balanced"`).
     weights: Option<Vec<f32>>,
+    /// The labels read, `[set][shard][row]`.
+    labels: Vec<Vec<Vec<String>>>,
     terms: [Term; 1],
 }
 
@@ -46,7 +48,7 @@ impl Annotation {
             ClassWeight::None => None,
             ClassWeight::Balanced => Some(balanced_weights(&classes.counts(labels.iter().flatten().flatten()))),
         };
-        Ok(Annotation { classes, label_col: col, weights, terms: [Term { name: "cls", weight: 1.0, norm: Norm::Units }] })
+        Ok(Annotation { classes, label_col: col, weights, labels, terms: [Term { name: "cls", weight: 1.0, norm: Norm::Units }] })
     }
 
     fn collate(&self, batch: &Batch, opt: &CollateOptions) -> anyhow::Result<ClassifyBatch> {
@@ -98,6 +100,9 @@ impl Task for Annotation {
     }
     fn classes(&self) -> Option<&[String]> {
         Some(&self.classes.names)
+    }
+    fn cell_labels(&self) -> Option<&[Vec<Vec<String>>]> {
+        Some(&self.labels)
     }
     fn run_files(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         Ok(vec![(CLASSES_FILE.to_string(), self.classes.to_json()?)])

@@ -129,6 +129,11 @@ pub trait Task: Send {
     fn classes(&self) -> Option<&[String]> {
         None
     }
+    /// Every cell's label as the task read it, `[set][shard][row]` over the sets it was built
+    /// with (training sets first), for a stratified validation split.
+    fn cell_labels(&self) -> Option<&[Vec<Vec<String>>]> {
+        None
+    }
     /// Files the run directory and `best_model/` keep for this task (name, contents).
     fn run_files(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         Ok(Vec::new())
