@@ -102,6 +102,11 @@ pub struct LoaderConfig {
     /// An explicit validation split (a stratified one, say) instead of the hashed
     /// `valid_fraction`: `[set][shard][row]` is true for validation cells.
     pub valid_rows: Option<Arc<ValidRows>>,
+    /// Training batches each hold cells of one value of this obs column (an index into
+    /// `obs_cols`), as the original's `SubsetsBatchSampler`: within a shuffle window the cells
+    /// of each value are shuffled and cut into batches (the last one of a value may be short)
+    /// and the batches of all values are shuffled together. `None` = batches mix values.
+    pub group_by_obs: Option<usize>,
 }
 
 /// Validation membership of every cell, `[set][shard][row in shard]`.
@@ -109,7 +114,7 @@ pub type ValidRows = Vec<Vec<Vec<bool>>>;
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        LoaderConfig { seed: 0, batch_size: 32, valid_fraction: 0.003, shuffle_window: 8, rank: 0, world: 1, prefetch: 4, obs_cols: Vec::new(), valid_rows: None }
+        LoaderConfig { seed: 0, batch_size: 32, valid_fraction: 0.003, shuffle_window: 8, rank: 0, world: 1, prefetch: 4, obs_cols: Vec::new(), valid_rows: None, group_by_obs: None }
     }
 }
 
@@ -288,6 +293,14 @@ fn batch_windows(
     let n_obs = cfg.obs_cols.len();
     let mut pending = CellColumns::new(n_obs);
     let mut pending_sets = Vec::new();
+    // Hands the pending batch to the rank whose turn it is; false when the receiver is gone.
+    let emit = |pending: &mut CellColumns, pending_sets: &mut Vec<usize>, batch_index: &mut u64, done: u64, fresh: CellColumns| {
+        let mine = *batch_index % cfg.world as u64 == cfg.rank as u64;
+        *batch_index += 1;
+        let full = std::mem::replace(pending, fresh);
+        let sets_of = std::mem::take(pending_sets);
+        !mine || tx.send(Ok(CellBatch { cells: full, sets: sets_of, position: DataPosition { epoch: start.epoch, cells_done: done } })).is_ok()
+    };
     for (wi, w) in windows.into_iter().enumerate() {
         let (groups, cells, origin) = match w {
             Ok(Window::Skipped(n)) => {
@@ -310,26 +323,37 @@ fn batch_windows(
         if split == Split::Train {
             order.shuffle(&mut rng_for(cfg.seed, 0x5EF1 ^ start.epoch, wi as u64));
         }
-        for i in order {
-            let skip = done < start.cells_done;
-            done += 1;
-            if skip {
-                continue;
+        // Runs of cells that end a batch where they end (one run, that never does, unless
+        // batches are grouped by an obs value).
+        let runs: Vec<Vec<usize>> = match (split, cfg.group_by_obs) {
+            (Split::Train, Some(col)) => {
+                let value = |i: usize| {
+                    let (g, row) = cells[i];
+                    groups[g].obs[col][row].as_str()
+                };
+                grouped_batches(&order, value, cfg.batch_size, &mut rng_for(cfg.seed, 0x6B0B ^ start.epoch, wi as u64))
             }
-            let (g, row) = cells[i];
-            pending.push_from(&groups[g], row);
-            pending_sets.push(origin[i]);
-            if pending.len() == cfg.batch_size {
-                let mine = batch_index % cfg.world as u64 == cfg.rank as u64;
-                batch_index += 1;
-                let full = std::mem::replace(&mut pending, fresh());
-                let sets_of = std::mem::take(&mut pending_sets);
-                if mine {
-                    let position = DataPosition { epoch: start.epoch, cells_done: done };
-                    if tx.send(Ok(CellBatch { cells: full, sets: sets_of, position })).is_err() {
+            _ => vec![order],
+        };
+        let grouped = cfg.group_by_obs.is_some() && split == Split::Train;
+        for run in runs {
+            for i in run {
+                let skip = done < start.cells_done;
+                done += 1;
+                if skip {
+                    continue;
+                }
+                let (g, row) = cells[i];
+                pending.push_from(&groups[g], row);
+                pending_sets.push(origin[i]);
+                if pending.len() == cfg.batch_size {
+                    if !emit(&mut pending, &mut pending_sets, &mut batch_index, done, fresh()) {
                         return;
                     }
                 }
+            }
+            if grouped && !pending.is_empty() && !emit(&mut pending, &mut pending_sets, &mut batch_index, done, fresh()) {
+                return;
             }
         }
     }
@@ -338,6 +362,22 @@ fn batch_windows(
         let position = DataPosition { epoch: start.epoch, cells_done: done };
         let _ = tx.send(Ok(CellBatch { cells: pending, sets: pending_sets, position }));
     }
+}
+
+/// `order` cut into batches of one value each: the cells of each value in `order`'s order, cut
+/// into `batch` cells (the last of a value may be short), the batches of all values shuffled.
+fn grouped_batches<'a>(order: &[usize], value: impl Fn(usize) -> &'a str, batch: usize, rng: &mut impl rand::Rng) -> Vec<Vec<usize>> {
+    let mut by_value: Vec<(&str, Vec<usize>)> = Vec::new();
+    for &i in order {
+        let v = value(i);
+        match by_value.iter_mut().find(|(k, _)| *k == v) {
+            Some((_, cells)) => cells.push(i),
+            None => by_value.push((v, vec![i])),
+        }
+    }
+    let mut batches: Vec<Vec<usize>> = by_value.into_iter().flat_map(|(_, cells)| cells.chunks(batch).map(<[usize]>::to_vec).collect::<Vec<_>>()).collect();
+    batches.shuffle(rng);
+    batches
 }
 
 pub struct BatchIter {

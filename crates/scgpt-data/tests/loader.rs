@@ -27,7 +27,7 @@ fn make_set(dir: &Path, tag: &str, n: usize) {
 }
 
 fn cfg(batch: usize) -> LoaderConfig {
-    LoaderConfig { seed: 7, batch_size: batch, valid_fraction: 0.1, shuffle_window: 2, rank: 0, world: 1, prefetch: 2, obs_cols: Vec::new(), valid_rows: None }
+    LoaderConfig { seed: 7, batch_size: batch, valid_fraction: 0.1, shuffle_window: 2, rank: 0, world: 1, prefetch: 2, obs_cols: Vec::new(), valid_rows: None, group_by_obs: None }
 }
 
 fn ids(loader: &Loader, start: DataPosition) -> Vec<String> {
@@ -150,4 +150,57 @@ fn obs_columns_travel_with_their_cells() {
     let loader = Loader::new(vec![set], LoaderConfig { obs_cols: vec!["cell_type".into()], ..cfg(64) }).unwrap();
     let err = format!("{:#}", loader.train_epoch(DataPosition::default()).next().unwrap().unwrap_err());
     assert!(err.contains("cell_type") && err.contains("--obs-cols"), "{err}");
+}
+
+/// A one-shard set of `n` cells whose obs column "donor" is `donor{i % 3}`.
+fn make_donor_set(dir: &Path, n: usize) -> ShardSet {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut c = CellColumns::new(1);
+    for i in 0..n {
+        c.push(&[(i % 50) as i32], &[1.0], &[1], 1.0, &format!("d-{i}"), "d", &[format!("donor{}", i % 3)]);
+    }
+    write_shard(&dir.join("d.00000.parquet"), &["donor".to_string()], &c).unwrap();
+    std::fs::write(dir.join("manifest.json"), serde_json::json!({"shards": [{"file": "d.00000.parquet"}]}).to_string()).unwrap();
+    let mut v = GeneVocab::from_tokens((0..50).map(|i| format!("g{i}")));
+    v.ensure_specials();
+    std::fs::write(dir.join("vocab.json"), v.to_json()).unwrap();
+    ShardSet::open(dir, 1.0).unwrap()
+}
+
+#[test]
+fn grouped_batches_hold_one_obs_value_cover_the_epoch_and_resume_exactly() {
+    let t = tempfile::tempdir().unwrap();
+    let set = make_donor_set(&t.path().join("d"), 2_000);
+    let grouped = LoaderConfig { obs_cols: vec!["donor".into()], group_by_obs: Some(0), shuffle_window: 100, ..cfg(32) };
+    let loader = Loader::new(vec![set.clone()], grouped.clone()).unwrap();
+    let all: Vec<_> = loader.train_epoch(DataPosition::default()).map(|b| b.unwrap()).collect();
+    let mut seen = BTreeSet::new();
+    let mut short = 0;
+    for b in &all {
+        let donors: BTreeSet<&String> = b.cells.obs[0].iter().collect();
+        assert_eq!(donors.len(), 1, "one donor per batch: {donors:?}");
+        short += usize::from(b.cells.len() < 32);
+        for id in &b.cells.cell_ids {
+            assert!(seen.insert(id.clone()), "{id} twice");
+        }
+    }
+    let plain = Loader::new(vec![set.clone()], LoaderConfig { obs_cols: vec!["donor".into()], shuffle_window: 100, ..cfg(32) }).unwrap();
+    let expected: BTreeSet<String> = plain.train_epoch(DataPosition::default()).flat_map(|b| b.unwrap().cells.cell_ids).collect();
+    assert_eq!(seen, expected, "the same training cells as ungrouped batches");
+    assert!(short <= 3, "one short batch per donor at most: {short}");
+    // The donors' batches are shuffled together, not one donor after another.
+    let firsts: Vec<&String> = all.iter().map(|b| &b.cells.obs[0][0]).collect();
+    let changes = firsts.windows(2).filter(|w| w[0] != w[1]).count();
+    assert!(changes > 10, "donor changes between batches: {changes}");
+    // Exact resume from any batch boundary.
+    let k = 11;
+    let resumed: Vec<String> = ids(&loader, all[k - 1].position);
+    let tail: Vec<String> = all[k..].iter().flat_map(|b| b.cells.cell_ids.clone()).collect();
+    assert_eq!(resumed, tail);
+    // Two ranks deal the same batches between them.
+    let rank = |r| Loader::new(vec![set.clone()], LoaderConfig { rank: r, world: 2, ..grouped.clone() }).unwrap();
+    let (r0, r1) = (rank(0), rank(1));
+    let mut both: Vec<String> = ids(&r0, DataPosition::default());
+    both.extend(ids(&r1, DataPosition::default()));
+    assert_eq!(both.into_iter().collect::<BTreeSet<_>>(), expected);
 }

@@ -51,6 +51,10 @@ pub struct InferenceSpec {
     pub pad_value: f32,
     /// Cells were tokenised from their nonzero genes (`include_zero_gene=False`).
     pub include_zero_gene: bool,
+    /// With `include_zero_gene`: the genes every cell was tokenised with (names in the
+    /// vocabulary), so inference uses the same tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub genes: Option<Vec<String>>,
     pub n_bins: usize,
     /// The validation criterion and the step it was reached at.
     pub best_criterion: Option<f64>,
@@ -116,7 +120,8 @@ impl Trainer {
             max_seq_len: c.model.max_seq_len,
             cls_value: self.cls_value(),
             pad_value: c.model.pad_value as f32,
-            include_zero_gene: false,
+            include_zero_gene: self.task.include_zero_gene(),
+            genes: self.task.include_zero_gene().then(|| self.gene_names.clone()),
             n_bins: c.model.n_bins,
             best_criterion: self.state.best_criterion,
             best_step: self.state.best_step,

@@ -237,6 +237,84 @@ pub fn collate_classify(cells: &[Cell], cls_value: f32, opt: &CollateOptions) ->
     ClassifyBatch { batch: m.batch, len: m.len, genes: m.genes, values, pad: m.pad, labels: Vec::new() }
 }
 
+/// How the fine-tuning tutorials tokenise and mask a cell (`tokenize_and_pad_batch`, then
+/// `random_mask_value`).
+#[derive(Debug, Clone, Copy)]
+pub struct FinetuneTokens<'a> {
+    /// The value of `<cls>` (0 in the tutorials).
+    pub cls_value: f32,
+    /// `include_zero_gene=True`: every one of these genes (model ids) is a token, the ones a
+    /// cell lacks with value 0; `None`: the cell's nonzero genes.
+    pub all_genes: Option<&'a [u32]>,
+    /// Each cell masks exactly ⌊n·ratio⌋ of its n non-pad positions, `<cls>` included (as
+    /// `random_mask_value`); 0 masks nothing.
+    pub mask_ratio: f64,
+}
+
+/// Cells as the fine-tuning tutorials feed them: `<cls>` with `cls_value`, then the cell's
+/// genes (all of `all_genes`, or the nonzero ones) with their per-cell bins, a longer cell
+/// keeping a random `max_seq_len − 1` of them, and the exact-count mask. `target` holds the
+/// unmasked values (`<cls>` included, as the tutorials' losses see it).
+pub fn collate_finetune(cells: &[Cell], tokens: &FinetuneTokens, opt: &CollateOptions) -> MlmBatch {
+    let b = cells.len();
+    let width = |c: &Cell| tokens.all_genes.map_or(c.genes.len(), <[u32]>::len) + 1;
+    let len = opt.max_seq_len.min(cells.iter().map(width).max().unwrap_or(1));
+    let mut out = MlmBatch {
+        batch: b,
+        len,
+        genes: vec![opt.pad_id as i64; b * len],
+        values: vec![opt.pad_value; b * len],
+        target: vec![opt.pad_value; b * len],
+        pad: vec![true; b * len],
+        masked: vec![false; b * len],
+        labels: Vec::new(),
+    };
+    let mut binner = Binner::new();
+    let mut bins = Vec::new();
+    let mut row_genes: Vec<(u32, f32)> = Vec::new();
+    let mut order: Vec<usize> = Vec::new();
+    for (i, cell) in cells.iter().enumerate() {
+        bin_cell(cell, opt, &mut binner, &mut bins);
+        row_genes.clear();
+        match tokens.all_genes {
+            Some(all) => {
+                let bin_of: std::collections::HashMap<u32, f32> = cell.genes.iter().zip(&bins).map(|(&g, &v)| (g, v as f32)).collect();
+                row_genes.extend(all.iter().map(|g| (*g, bin_of.get(g).copied().unwrap_or(0.0))));
+            }
+            None => row_genes.extend(cell.genes.iter().zip(&bins).map(|(&g, &v)| (g, v as f32))),
+        }
+        order.clear();
+        order.extend(0..row_genes.len());
+        if row_genes.len() + 1 > len {
+            order.shuffle(&mut cell_rng(opt, "scgpt-train: finetune subsample", cell.key));
+            order.truncate(len - 1);
+            order.sort_unstable();
+        }
+        let row = i * len;
+        out.genes[row] = opt.cls_id as i64;
+        out.target[row] = tokens.cls_value;
+        out.pad[row] = false;
+        for (j, &k) in order.iter().enumerate() {
+            let (g, v) = row_genes[k];
+            out.genes[row + 1 + j] = g as i64;
+            out.target[row + 1 + j] = v;
+            out.pad[row + 1 + j] = false;
+        }
+        let n = order.len() + 1;
+        out.values[row..row + n].copy_from_slice(&out.target[row..row + n]);
+        let n_mask = (n as f64 * tokens.mask_ratio) as usize;
+        if n_mask > 0 {
+            let mut positions: Vec<usize> = (0..n).collect();
+            positions.shuffle(&mut cell_rng(opt, "scgpt-train: finetune mask", cell.key));
+            for &p in &positions[..n_mask] {
+                out.values[row + p] = opt.mask_value;
+                out.masked[row + p] = true;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,5 +427,51 @@ mod tests {
         assert_eq!(b.len, 12);
         assert_eq!(b.genes[0], 1000);
         assert!(b.pad.iter().all(|p| !p));
+    }
+
+    #[test]
+    fn finetune_masks_exactly_the_share_of_each_cell_cls_included() {
+        let cells: Vec<Cell> = (0..60).map(|k| cell(7 + (k as usize % 5), k)).collect();
+        let t = FinetuneTokens { cls_value: 0.0, all_genes: None, mask_ratio: 0.4 };
+        let b = collate_finetune(&cells, &t, &opt());
+        let mut cls_masked = 0;
+        for (i, c) in cells.iter().enumerate() {
+            let n = (c.genes.len() + 1).min(b.len);
+            let row = i * b.len;
+            let masked = b.masked[row..row + b.len].iter().filter(|m| **m).count();
+            assert_eq!(masked, (n as f64 * 0.4) as usize, "cell {i}: exactly floor(n * ratio)");
+            assert_eq!(b.target[row], 0.0, "cls target is its value");
+            cls_masked += usize::from(b.masked[row]);
+            for j in 0..b.len {
+                let at = row + j;
+                assert_eq!(b.masked[at], b.values[at] == -1.0, "masked positions carry mask_value");
+                assert!(!(b.pad[at] && b.masked[at]), "padding is never masked");
+            }
+        }
+        assert!(cls_masked > 5 && cls_masked < 55, "<cls> is masked as often as a gene: {cls_masked}");
+        // Another epoch draws other masks.
+        let b1 = collate_finetune(&cells, &t, &CollateOptions { epoch: 1, ..opt() });
+        assert_ne!(b.masked, b1.masked);
+    }
+
+    #[test]
+    fn finetune_with_zero_genes_has_every_gene_of_the_set() {
+        let all: Vec<u32> = (0..15).collect();
+        let c = Cell { genes: vec![3, 9, 1], values: vec![5.0, 1.0, 2.0], key: 4 };
+        let t = FinetuneTokens { cls_value: 0.0, all_genes: Some(&all), mask_ratio: 0.0 };
+        let o = CollateOptions { max_seq_len: 100, ..opt() };
+        let b = collate_finetune(std::slice::from_ref(&c), &t, &o);
+        assert_eq!(b.len, 16);
+        assert_eq!(b.genes[0], o.cls_id as i64);
+        assert_eq!(&b.genes[1..], &(0..15).collect::<Vec<i64>>()[..]);
+        // The three nonzero genes keep their per-cell bins (rank order 9 < 1 < 3); the rest are 0.
+        let (v1, v3, v9) = (b.values[2], b.values[4], b.values[10]);
+        assert!(v9 >= 1.0 && v9 < v1 && v1 < v3, "{v9} {v1} {v3}");
+        assert_eq!(b.values.iter().filter(|v| **v > 0.0).count(), 3);
+        assert!(b.masked.iter().all(|m| !m));
+        // Longer than max_seq_len: <cls> plus a subset of the genes.
+        let short = collate_finetune(std::slice::from_ref(&c), &t, &CollateOptions { max_seq_len: 6, ..o });
+        assert_eq!(short.len, 6);
+        assert_eq!(short.genes[0], o.cls_id as i64);
     }
 }

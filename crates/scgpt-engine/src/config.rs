@@ -66,6 +66,13 @@ pub struct DataSection {
     /// which reads them with `model.use_batch_labels` or `model.domain_spec_batchnorm`.
     #[serde(default)]
     pub batch_col: String,
+    /// Each training batch holds cells of one `batch_col` value (the original's
+    /// `SubsetsBatchSampler`; DSBN normalises a batch with its first cell's domain): within a
+    /// shuffle window the cells of each value are shuffled and cut into batches, and the
+    /// batches of all values are shuffled together. Set `shuffle_window` to cover the data
+    /// for the original's behaviour.
+    #[serde(default)]
+    pub single_batch_minibatches: bool,
     /// scgpt-prep output directories.
     pub shards: Vec<PathBuf>,
     /// Sampling weight per set (empty = all 1): a set of weight w contributes w times its row
@@ -101,6 +108,10 @@ pub struct ModelSection {
     pub MVC: bool,
     pub explicit_zero_prob: bool,
     pub ecs_thres: f64,
+    /// Domain adversarial head on the cell embedding, behind gradient reversal (the original's
+    /// `do_dab` / `DAR`; needs `data.batch_col`); weighted by `train.dab_weight`.
+    #[serde(default)]
+    pub DAR: bool,
     /// Concatenate a batch embedding to the expression decoders' input (needs `data.batch_col`).
     #[serde(default)]
     pub use_batch_labels: bool,
@@ -193,6 +204,9 @@ pub struct TrainSection {
     /// error).
     pub cls_col: String,
     pub cls_weight: f64,
+    /// Weight of the DAR cross entropy (`model.DAR`; the integration tutorial's `dab_weight`).
+    #[serde(default = "default_dab_weight")]
+    pub dab_weight: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -225,6 +239,10 @@ pub struct TaskSection {
     /// scikit-learn's `class_weight="balanced"`).
     #[serde(default)]
     pub class_weight: ClassWeight,
+    /// Fine-tuning tokenisation (`tokenize_and_pad_batch`): every gene of the data is a token,
+    /// zeros included (the integration tutorial), instead of the nonzero genes alone.
+    #[serde(default)]
+    pub include_zero_gene: bool,
 }
 
 
@@ -247,7 +265,7 @@ options!(Objective { Generative = "generative", Mlm = "mlm" });
 options!(OptimizerKind { Adam = "adam", AdamW = "adamw" });
 options!(Schedule { Cosine = "cosine", Constant = "constant", Step = "step" });
 options!(Precision { Fp32 = "fp32", Bf16 = "bf16" });
-options!(TaskKind { Pretrain = "pretrain", Annotation = "annotation" });
+options!(TaskKind { Pretrain = "pretrain", Annotation = "annotation", Integration = "integration" });
 options!(ClassWeight { None = "none", Balanced = "balanced" });
 
 impl Default for ClassWeight {
@@ -262,6 +280,10 @@ fn default_dsbn() -> String {
 
 fn default_cell_emb_style() -> String {
     "cls".into()
+}
+
+fn default_dab_weight() -> f64 {
+    1.0
 }
 
 fn default_gamma() -> f64 {
@@ -364,6 +386,18 @@ impl TrainConfig {
         use anyhow::ensure;
         let t = &self.train;
         let m = &self.model;
+        ensure!(t.dab_weight >= 0.0 && t.dab_weight.is_finite(), "train.dab_weight = {} must be a weight >= 0", t.dab_weight);
+        ensure!(!m.DAR || !self.data.batch_col.is_empty(), "model.DAR = true classifies each cell's batch: set data.batch_col to the obs column with the batches");
+        ensure!(
+            !self.data.single_batch_minibatches || !self.data.batch_col.is_empty(),
+            "data.single_batch_minibatches = true groups cells by data.batch_col: set it to the obs column with the batches"
+        );
+        let off = |pairs: &[(bool, &str)], why: &str| -> anyhow::Result<()> {
+            for (on, key) in pairs {
+                ensure!(!on, "{key} = true: {why}; set it to false");
+            }
+            Ok(())
+        };
         match self.task.kind {
             TaskKind::Pretrain => match t.objective {
                 Objective::Generative => {
@@ -372,20 +406,32 @@ impl TrainConfig {
                         "train.gen_ratios = {:?}: needs values strictly between 0 and 1",
                         t.gen_ratios
                     );
-                    for (on, key) in [(t.cls, "train.cls"), (t.ecs, "train.ecs"), (t.cce, "train.cce")] {
-                        ensure!(!on, "{key} = true: the generative objective does not compute that term; use train.objective = \"mlm\" or turn it off");
-                    }
+                    off(
+                        &[(t.cls, "train.cls"), (t.ecs, "train.ecs"), (t.cce, "train.cce"), (m.DAR, "model.DAR"), (m.explicit_zero_prob, "model.explicit_zero_prob")],
+                        "the generative objective does not compute that term (train.objective = \"mlm\" does)",
+                    )?;
+                    off(&[(self.task.include_zero_gene, "task.include_zero_gene")], "the generative objective tokenises the nonzero genes (spec §2.1)")?;
                 }
                 Objective::Mlm => {
                     ensure!(t.mask_ratio > 0.0 && t.mask_ratio < 1.0, "train.mask_ratio = {} must be in (0, 1)", t.mask_ratio);
                     ensure!(!t.cls || !self.task.label_col.is_empty(), "train.cls = true needs task.label_col, the obs column with the labels (scgpt-prep --obs-cols)");
+                    off(&[(self.task.include_zero_gene, "task.include_zero_gene")], "pretraining tokenises the nonzero genes (the corpus collator)")?;
                 }
             },
             TaskKind::Annotation => {
                 ensure!(!self.task.label_col.is_empty(), "task.kind = \"annotation\" needs task.label_col, the obs column with the cell types");
-                for (on, key) in [(t.ecs, "train.ecs"), (t.cce, "train.cce"), (m.MVC, "model.MVC"), (m.explicit_zero_prob, "model.explicit_zero_prob")] {
-                    ensure!(!on, "{key} = true: the annotation task trains the CLS head alone (cross entropy) and does not compute that term; set it to false");
-                }
+                off(
+                    &[(t.ecs, "train.ecs"), (t.cce, "train.cce"), (m.MVC, "model.MVC"), (m.explicit_zero_prob, "model.explicit_zero_prob"), (m.DAR, "model.DAR")],
+                    "the annotation task trains the CLS head alone (cross entropy) and does not compute that term",
+                )?;
+            }
+            TaskKind::Integration => {
+                ensure!(!self.data.batch_col.is_empty(), "task.kind = \"integration\" needs data.batch_col, the obs column with each cell's batch (sample, donor, technology)");
+                ensure!(t.mask_ratio > 0.0 && t.mask_ratio < 1.0, "train.mask_ratio = {} must be in (0, 1)", t.mask_ratio);
+                off(
+                    &[(t.cce, "train.cce"), (t.cls, "train.cls")],
+                    "the integration task trains masked values (+ GEPC, ECS, DAR, zero probabilities) and never reads labels",
+                )?;
             }
         }
         Ok(())
@@ -407,13 +453,14 @@ impl TrainConfig {
 
     /// Whether the model reads batch labels (the original demands them for any input norm).
     pub fn needs_batch_labels(&self) -> bool {
-        self.model.use_batch_labels || self.model.domain_spec_batchnorm != "none"
+        self.model.use_batch_labels || self.model.domain_spec_batchnorm != "none" || self.model.DAR || self.task.kind == TaskKind::Integration
     }
 
     /// The obs columns the run's task reads from the data.
     pub fn label_col(&self) -> Option<&str> {
         let wanted = match self.task.kind {
             TaskKind::Annotation => true,
+            TaskKind::Integration => false,
             TaskKind::Pretrain => self.train.objective == Objective::Mlm && self.train.cls,
         };
         (wanted && !self.task.label_col.is_empty()).then_some(self.task.label_col.as_str())
@@ -435,11 +482,12 @@ impl TrainConfig {
         let t = &self.train;
         let generative = self.task.kind == TaskKind::Pretrain && t.objective == Objective::Generative;
         let annotation = self.task.kind == TaskKind::Annotation;
+        let integration = self.task.kind == TaskKind::Integration;
         let extra = serde_json::json!({
             "pad_token": "<pad>",
             "n_cls": 1,
             "USE_GENERATIVE_TRAINING": generative,
-            "training_tasks": if generative { "both" } else if annotation { "cls" } else { "pcpt" },
+            "training_tasks": if generative { "both" } else if annotation { "cls" } else if integration { "integration" } else { "pcpt" },
             "lr": t.lr,
             "batch_size": t.batch_size,
             "epochs": t.epochs,
@@ -448,6 +496,8 @@ impl TrainConfig {
             "mask_ratio": if generative { serde_json::json!(t.gen_ratios) } else if annotation { serde_json::json!(0.0) } else { serde_json::json!(t.mask_ratio) },
             "USE_CCE": t.cce,
             "ECS": t.ecs,
+            "dab_weight": t.dab_weight,
+            "include_zero_gene": self.task.include_zero_gene,
             "CLS": t.cls || annotation,
             "load_model": if self.model.init_from.is_empty() { serde_json::Value::Null } else { self.model.init_from.clone().into() },
             "fp16": false,

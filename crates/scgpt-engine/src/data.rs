@@ -99,3 +99,23 @@ pub fn open(cfg: &TrainConfig, comm: &mut dyn Collective, progress: bool) -> any
     };
     Ok(RunData { train, valid, notes })
 }
+
+/// Model ids of the genes with a nonzero value in some cell of `sets` (ascending): the tokens
+/// of every cell under `include_zero_gene`. A gene that is zero in every cell of the data (or
+/// left out by the preparation) carries nothing and is not one of them.
+pub fn expressed_genes(sets: &[ShardSet], maps: &[Vec<Option<u32>>]) -> anyhow::Result<Vec<u32>> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (set, map) in sets.iter().zip(maps) {
+        for (path, groups) in &set.shards {
+            for g in 0..groups.len() {
+                let cells = scgpt_data::shard::read_row_group(path, g, &[])?;
+                for (&gene, &v) in cells.genes.iter().zip(&cells.expressions) {
+                    if let (true, Some(Some(id))) = (v > 0.0, map.get(gene as usize)) {
+                        seen.insert(*id);
+                    }
+                }
+            }
+        }
+    }
+    Ok(seen.into_iter().collect())
+}

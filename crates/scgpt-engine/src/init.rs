@@ -12,6 +12,7 @@ use scgpt_model::burn::tensor::{Device, Distribution, Tensor};
 use scgpt_model::{load_native, load_pretrained_prefixes, ModelConfig, TransformerModel};
 
 use crate::config::TrainConfig;
+use crate::tasks::Heads;
 
 pub struct InitModel {
     pub model: TransformerModel,
@@ -37,8 +38,8 @@ pub struct Shape {
     pub n_cls: usize,
     /// The generative flag encoder.
     pub generative: bool,
-    /// Annotation: the CLS head alone (no MVC decoder), `n_layers_cls` from the config.
-    pub annotation: bool,
+    /// The heads the task trains.
+    pub heads: Heads,
     /// Distinct batch labels of the data when the model reads them.
     pub n_batches: Option<usize>,
 }
@@ -58,11 +59,27 @@ fn apply_objective(cfg: &TrainConfig, mut c: ModelConfig, shape: Shape) -> Model
     if shape.n_cls > 1 {
         c.n_cls = shape.n_cls;
     }
-    if shape.annotation {
-        c.do_mvc = false;
-        c.nlayers_cls = cfg.model.n_layers_cls;
-        // How the head reads the cell is the fine-tuning run's choice, also over a checkpoint.
-        c.cell_emb_style = match cfg.model.cell_emb_style.as_str() {
+    // The DAR head's width is the run's batch count, so the run decides whether it exists.
+    c.do_dab = cfg.model.DAR;
+    let m = &cfg.model;
+    match shape.heads {
+        Heads::Pretrain => c.explicit_zero_prob = c.explicit_zero_prob || m.explicit_zero_prob,
+        Heads::Classifier => {
+            c.do_mvc = false;
+            c.explicit_zero_prob = false;
+            c.nlayers_cls = m.n_layers_cls;
+        }
+        // The fine-tuning run's heads over whatever the checkpoint had (the tutorial builds
+        // its model from its own flags and loads the matching tensors).
+        Heads::Expression => {
+            c.do_mvc = m.MVC;
+            c.explicit_zero_prob = m.explicit_zero_prob;
+            c.ecs_threshold = m.ecs_thres;
+        }
+    }
+    if shape.heads != Heads::Pretrain {
+        // How the cell embedding is read is the fine-tuning run's choice, also over a checkpoint.
+        c.cell_emb_style = match m.cell_emb_style.as_str() {
             "avg-pool" => scgpt_model::CellEmbStyle::AvgPool,
             "w-pool" => scgpt_model::CellEmbStyle::WPool,
             _ => scgpt_model::CellEmbStyle::Cls,
@@ -105,7 +122,7 @@ pub fn from_checkpoint(cfg: &TrainConfig, dir: &Path, data_vocabs: &[&GeneVocab]
         let vocab = GeneVocab::from_json_str(&ck.vocab_json, &dir.join("vocab.json").display().to_string())?;
         let mut model = ck.model;
         let want = apply_objective(cfg, model.config.clone(), shape);
-        if want.use_generative_training != model.config.use_generative_training || want.n_cls != model.config.n_cls || want.cell_emb_style != model.config.cell_emb_style || want.use_batch_labels != model.config.use_batch_labels || want.domain_spec_batchnorm != model.config.domain_spec_batchnorm || want.num_batch_labels != model.config.num_batch_labels || want.do_mvc != model.config.do_mvc || want.nlayers_cls != model.config.nlayers_cls || !cfg.model.init_prefixes.is_empty() {
+        if want.use_generative_training != model.config.use_generative_training || want.n_cls != model.config.n_cls || want.cell_emb_style != model.config.cell_emb_style || want.use_batch_labels != model.config.use_batch_labels || want.domain_spec_batchnorm != model.config.domain_spec_batchnorm || want.num_batch_labels != model.config.num_batch_labels || want.do_mvc != model.config.do_mvc || want.do_dab != model.config.do_dab || want.explicit_zero_prob != model.config.explicit_zero_prob || want.nlayers_cls != model.config.nlayers_cls || !cfg.model.init_prefixes.is_empty() {
             // Rebuild with or without flag_encoder (or another classifier width) and copy
             // every tensor that matches by name and shape.
             let tmp = tempfile_dir()?;
@@ -131,7 +148,7 @@ pub fn from_checkpoint(cfg: &TrainConfig, dir: &Path, data_vocabs: &[&GeneVocab]
         let config = ModelConfig::from_args_json(dir.join("args.json"), vocab.len())?;
         let pad = vocab.get(&config.pad_token).with_context(|| format!("{}: pad_token {:?} is not in vocab.json", dir.join("args.json").display(), config.pad_token))?;
         let mut config = apply_objective(cfg, config, shape).with_pad_token_id(pad as usize);
-        if !shape.annotation {
+        if shape.heads == Heads::Pretrain {
             config.do_mvc = config.do_mvc || cfg.model.MVC;
         }
         let mut model = config.init(device)?;

@@ -25,7 +25,7 @@ use scgpt_model::TransformerModel;
 
 pub use crate::checkpoint::{latest_checkpoint, TrainState};
 use crate::collate::{Cell, CollateOptions};
-use crate::config::{OptimizerKind, Schedule, TaskKind, TrainConfig};
+use crate::config::{OptimizerKind, Schedule, TrainConfig};
 use crate::logging::{rss_bytes, Interval, MetricLog, StepLosses};
 use crate::optim::{clip_coefficient, flatten_grads, grad_sq_norm, list_params, lr_at, unflatten_grads, Adam, AdamConfig, ParamEntry};
 use crate::tasks::labels::{Classes, BATCH_LABELS_FILE};
@@ -51,6 +51,9 @@ pub struct Trainer {
     /// How many of a loader batch's obs columns are the task's (the batch column follows).
     task_obs: usize,
     set_maps: Vec<Vec<Option<u32>>>,
+    /// The data's genes in model ids (the tokens of every cell with `include_zero_gene`).
+    pub(crate) genes: Vec<u32>,
+    pub(crate) gene_names: Vec<String>,
     loader: Loader,
     /// The sets validation reads: a separate set, or the training sets (their held-out cells).
     pub(crate) valid_sets: Vec<ShardSet>,
@@ -168,7 +171,7 @@ impl Trainer {
             None
         };
         let data_vocabs: Vec<&GeneVocab> = sets.iter().map(|s| &s.vocab).collect();
-        let shape = crate::init::Shape { n_cls, generative: task.generative_model(), annotation: task.kind() == TaskKind::Annotation, n_batches: batch_map.as_ref().map(Classes::len) };
+        let shape = crate::init::Shape { n_cls, generative: task.generative_model(), heads: task.heads(), n_batches: batch_map.as_ref().map(Classes::len) };
         let (model, vocab, adam, state) = match &resume {
             Some((step, dir)) => {
                 let ck = scgpt_model::load_native(dir.join("model"), &device).with_context(|| format!("resuming from {}", dir.display()))?;
@@ -203,6 +206,13 @@ impl Trainer {
             }
         };
         let set_maps = vocab_maps(&sets, &vocab, &mut notes)?;
+        let genes = if task.include_zero_gene() {
+            let g = crate::data::expressed_genes(&sets, &set_maps)?;
+            notes.push(format!("tokens: <cls> + all {} genes of the data per cell (include_zero_gene)", g.len()));
+            g
+        } else {
+            Vec::new()
+        };
         let (valid_sets, valid_maps, separate_valid) = match data.valid {
             Some(v) => {
                 let maps = vocab_maps(&v, &vocab, &mut notes)?;
@@ -210,8 +220,8 @@ impl Trainer {
             }
             None => (sets.clone(), set_maps.clone(), false),
         };
-        // Annotation holds out a validation split stratified by label.
-        let labels = task.cell_labels().filter(|_| task.kind() == TaskKind::Annotation && !separate_valid && cfg.data.valid_fraction > 0.0);
+        // A task with labels holds out a validation split stratified by them.
+        let labels = task.cell_labels().filter(|_| !separate_valid && cfg.data.valid_fraction > 0.0);
         let valid_rows = if let Some(labels) = labels {
             // The task read the training sets first; the split is over those.
             let (mask, split_notes) = crate::tasks::labels::stratified_split(&labels[..sets.len()], cfg.data.valid_fraction, cfg.run.seed);
@@ -272,7 +282,7 @@ impl Trainer {
             }
             log = MetricLog::create(&cfg.run.dir, state.step, &resolved)?;
             // The embedding metrics score pretraining; a fine-tuning task validates itself.
-            if task.kind() == TaskKind::Pretrain && !cfg.valid.label_set.is_empty() {
+            if task.embedding_metrics() && !cfg.valid.label_set.is_empty() {
                 let set = load_labelled(&cfg, &vocab)?;
                 notes.push(format!(
                     "validation embeddings: {} cells of {}, {} labels of `{}` ({})",
@@ -307,6 +317,8 @@ impl Trainer {
             task,
             batch_map,
             set_maps,
+            gene_names: genes.iter().map(|&g| vocab.tokens()[g as usize].clone()).collect(),
+            genes,
             loader,
             valid_sets,
             valid_maps,
@@ -348,6 +360,8 @@ impl Trainer {
             prefetch: if for_valid { 2 } else { cfg.data.prefetch },
             obs_cols: task.obs_cols().into_iter().chain(with_batches.then(|| cfg.data.batch_col.clone())).collect(),
             valid_rows,
+            // The batch column follows the task's columns.
+            group_by_obs: (with_batches && cfg.data.single_batch_minibatches && !for_valid).then(|| task.obs_cols().len()),
         }
     }
 
@@ -382,10 +396,7 @@ impl Trainer {
 
     /// The value `<cls>` carries in this run's input.
     pub(crate) fn cls_value(&self) -> f32 {
-        match self.task.kind() {
-            TaskKind::Annotation => crate::tasks::annotation::CLS_VALUE,
-            TaskKind::Pretrain => self.collate.pad_value,
-        }
+        self.task.cls_value().unwrap_or(self.collate.pad_value)
     }
 
     /// Rank 0's initial parameters on every rank (different ranks draw different inits).
@@ -472,7 +483,7 @@ impl Trainer {
                         let mut opt = self.collate;
                         opt.epoch = batch.position.epoch;
                         let (obs, ids) = self.split_obs(&batch.cells.obs)?;
-                        let prepared = self.task.prepare(&Batch { cells: &cells, obs, batch_ids: ids.as_deref() }, step, &opt)?;
+                        let prepared = self.task.prepare(&Batch { cells: &cells, obs, batch_ids: ids.as_deref(), genes: &self.genes }, step, &opt)?;
                         micro.push((prepared, batch.position, cells.len()));
                     }
                     None => epoch_done = true,

@@ -49,7 +49,7 @@ impl Trainer {
             seen += batch.cells.len();
             let cells = to_cells(&batch, &self.valid_maps);
             let (obs, ids) = self.split_obs(&batch.cells.obs)?;
-            let b = Batch { cells: &cells, obs, batch_ids: ids.as_deref() };
+            let b = Batch { cells: &cells, obs, batch_ids: ids.as_deref(), genes: &self.genes };
             self.task.eval_batch(&model, &b, bi as u64, &opt, &dev, &mut sums)?;
         }
         self.comm.all_reduce_sum_f64(&mut sums)?;

@@ -104,6 +104,12 @@ impl Task for Annotation {
     fn cell_labels(&self) -> Option<&[Vec<Vec<String>>]> {
         Some(&self.labels)
     }
+    fn heads(&self) -> super::Heads {
+        super::Heads::Classifier
+    }
+    fn cls_value(&self) -> Option<f32> {
+        Some(CLS_VALUE)
+    }
     fn run_files(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         Ok(vec![(CLASSES_FILE.to_string(), self.classes.to_json()?)])
     }

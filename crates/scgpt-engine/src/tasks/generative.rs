@@ -71,6 +71,9 @@ impl Task for Generative {
     fn kind(&self) -> TaskKind {
         TaskKind::Pretrain
     }
+    fn embedding_metrics(&self) -> bool {
+        true
+    }
     fn terms(&self) -> &[Term] {
         &self.terms
     }

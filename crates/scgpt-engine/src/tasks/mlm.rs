@@ -1,18 +1,18 @@
-//! Masked-value pretraining (spec §2.5): GEP (+ GEPC) on masked positions, with the optional
-//! per-batch ECS and CCE terms and a CLS term on `task.label_col`. Validation: masked MSE with
-//! fixed masks, and CLS accuracy when the CLS term is on.
-
-use std::any::Any;
+//! Masked-value pretraining (spec §2.5): the expression terms (GEP, GEPC, their zero
+//! probabilities with `explicit_zero_prob`, ECS, DAR; see `expression`) on masked positions,
+//! the optional CCE and a CLS term on `task.label_col`. Validation: masked MSE with fixed
+//! masks, and CLS accuracy when the CLS term is on.
 
 use scgpt_data::loader::ShardSet;
 use scgpt_dist::Collective;
 use scgpt_model::burn::tensor::{Device, Tensor, TensorData};
-use scgpt_model::{ForwardFlags, ModelInput, TransformerModel};
+use scgpt_model::{ForwardFlags, TransformerModel};
 
+use super::expression::{expression_loss, MaskedBatch};
 use super::labels::Classes;
-use super::tensors::{batch_labels, bools, cross_entropy, floats, ints, masked_sq_sum, scalar, to_i64};
-use super::{full_attention_flops, real_tokens, Batch, Evaluation, Loss, LossContext, MicroBatch, ModelShape, Norm, Task, Term};
-use crate::collate::{collate_mlm, CollateOptions, MlmBatch};
+use super::tensors::{bools, cross_entropy, floats, masked_sq_sum, scalar, to_i64};
+use super::{Batch, Evaluation, Loss, LossContext, MicroBatch, Norm, Task, Term};
+use crate::collate::{collate_mlm, CollateOptions};
 use crate::config::{TaskKind, TrainConfig};
 
 pub struct Mlm {
@@ -37,38 +37,12 @@ impl Mlm {
             }
             None => None,
         };
-        let terms = vec![
-            Term { name: "gep", weight: 1.0, norm: Norm::Units },
-            Term { name: "gepc", weight: 1.0, norm: Norm::Units },
-            Term { name: "ecs", weight: t.ecs_weight, norm: Norm::Batch },
-            Term { name: "cce", weight: t.cce_weight, norm: Norm::Batch },
-            Term { name: "cls", weight: t.cls_weight, norm: Norm::Batch },
-        ];
+        let mut terms = super::expression::terms(t.ecs_weight, t.dab_weight);
+        terms.push(Term { name: "cce", weight: t.cce_weight, norm: Norm::Batch });
+        terms.push(Term { name: "cls", weight: t.cls_weight, norm: Norm::Batch });
         Ok(Mlm { mask_ratio: t.mask_ratio, ecs: t.ecs, cce: t.cce, cls, terms })
     }
 
-    fn input(b: &MlmBatch, batch_ids: &Option<Vec<i64>>, d: &Device) -> ModelInput {
-        let (n, l) = (b.batch, b.len);
-        ModelInput { src: ints(&b.genes, n, l, d), values: floats(&b.values, n, l, d), src_key_padding_mask: bools(&b.pad, n, l, d), batch_labels: batch_labels(batch_ids, d) }
-    }
-}
-
-/// A collated batch and its cells' batch-label ids.
-struct Prepared(MlmBatch, Option<Vec<i64>>);
-
-impl MicroBatch for Prepared {
-    fn units(&self) -> usize {
-        self.0.masked_tokens()
-    }
-    fn input_tokens(&self) -> usize {
-        real_tokens(&self.0.pad)
-    }
-    fn encoder_flops(&self, shape: ModelShape) -> f64 {
-        full_attention_flops(shape, self.0.batch, self.0.len)
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
 }
 
 /// CCE over every rank's cells: the other ranks' two views arrive as constants, this rank's
@@ -109,6 +83,9 @@ impl Task for Mlm {
     fn kind(&self) -> TaskKind {
         TaskKind::Pretrain
     }
+    fn embedding_metrics(&self) -> bool {
+        true
+    }
     fn terms(&self) -> &[Term] {
         &self.terms
     }
@@ -130,30 +107,16 @@ impl Task for Mlm {
         if let (Some((classes, col)), Some(labels)) = (&self.cls, batch.obs.first()) {
             b.labels = classes.ids(labels, &format!("task.label_col = {col:?}"))?;
         }
-        Ok(Box::new(Prepared(b, batch.batch_ids.map(<[i64]>::to_vec))))
+        Ok(Box::new(MaskedBatch(b, batch.batch_ids.map(<[i64]>::to_vec))))
     }
 
     fn loss(&self, model: &TransformerModel, batch: &dyn MicroBatch, ctx: &mut LossContext) -> anyhow::Result<Loss> {
-        let Prepared(b, ids) = batch.as_any().downcast_ref::<Prepared>().expect("an mlm batch");
-        let d = ctx.device;
-        let (n, l) = (b.batch, b.len);
-        let target = floats(&b.target, n, l, d);
-        let keep = bools(&b.masked, n, l, d).float();
+        let mb = batch.as_any().downcast_ref::<MaskedBatch>().expect("an mlm batch");
+        let b = &mb.0;
         let cls = self.cls.is_some() && !b.labels.is_empty();
-        let out = model.forward(Self::input(b, ids, d), ForwardFlags { mvc: model.config.do_mvc, ecs: self.ecs, cce: self.cce, cls, ..Default::default() })?;
-        let gep = masked_sq_sum(out.mlm_output, target.clone(), keep.clone());
-        let mut terms: Vec<Option<Tensor<1>>> = vec![Some(gep.clone().detach()), None, None, None, None];
-        let mut total = gep;
-        if let Some(m) = out.mvc_output {
-            let gepc = masked_sq_sum(m, target, keep);
-            terms[1] = Some(gepc.clone().detach());
-            total = total + gepc;
-        }
-        let mut total = total.mul_scalar(ctx.per_unit);
-        if let Some(ecs) = out.loss_ecs {
-            terms[2] = Some(ecs.clone().detach());
-            total = total + ecs.mul_scalar(self.terms[2].weight * ctx.per_batch);
-        }
+        let mut out = model.forward(mb.input(model, ctx.device), ForwardFlags { mvc: model.config.do_mvc, ecs: self.ecs, cce: self.cce, cls, ..Default::default() })?;
+        let (mut total, mut terms) = expression_loss(&mut out, mb, &self.terms, ctx);
+        terms.extend([None, None]);
         if let Some(local) = out.loss_cce {
             // Across ranks the contrast runs over the global batch, as the original's
             // all-gather does; × world so the averaged gradient is the one-process gradient.
@@ -162,13 +125,13 @@ impl Task for Mlm {
                 Some((c1, c2)) if world > 1 => (gathered_cce(ctx.comm, c1, c2)?, world as f64),
                 _ => (local, 1.0),
             };
-            terms[3] = Some(cce.clone().detach());
-            total = total + cce.mul_scalar(self.terms[3].weight * ctx.per_batch * factor);
+            terms[6] = Some(cce.clone().detach());
+            total = total + cce.mul_scalar(self.terms[6].weight * ctx.per_batch * factor);
         }
         if let Some(logits) = out.cls_output {
-            let ce = cross_entropy(logits, &b.labels, d);
-            terms[4] = Some(ce.clone().detach());
-            total = total + ce.mul_scalar(self.terms[4].weight * ctx.per_batch);
+            let ce = cross_entropy(logits, &b.labels, ctx.device);
+            terms[7] = Some(ce.clone().detach());
+            total = total + ce.mul_scalar(self.terms[7].weight * ctx.per_batch);
         }
         Ok(Loss { total, terms })
     }
@@ -183,7 +146,10 @@ impl Task for Mlm {
             b.labels = classes.ids(labels, &format!("task.label_col = {col:?}"))?;
         }
         let (n, l) = (b.batch, b.len);
-        let out = model.forward(Self::input(&b, &batch.batch_ids.map(<[i64]>::to_vec), d), ForwardFlags { cls: !b.labels.is_empty(), ..Default::default() })?;
+        let cls = !b.labels.is_empty();
+        let b = MaskedBatch(b, batch.batch_ids.map(<[i64]>::to_vec));
+        let out = model.forward(b.input(model, d), ForwardFlags { cls, ..Default::default() })?;
+        let b = b.0;
         if let Some(logits) = out.cls_output.clone() {
             let predicted = to_i64(logits.argmax(1).reshape([n]));
             sums[2] += predicted.iter().zip(&b.labels).filter(|(p, l)| p == l).count() as f64;

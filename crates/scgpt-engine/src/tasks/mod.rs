@@ -20,7 +20,9 @@ use crate::collate::{Cell, CollateOptions};
 use crate::config::{Objective, TaskKind, TrainConfig};
 
 pub mod annotation;
+pub mod expression;
 pub mod generative;
+pub mod integration;
 pub mod labels;
 pub mod mlm;
 
@@ -117,6 +119,21 @@ pub struct Batch<'a> {
     pub obs: &'a [Vec<String>],
     /// Batch-label ids of the cells (`data.batch_col`), when the model reads them.
     pub batch_ids: Option<&'a [i64]>,
+    /// Every gene of the run's data in model ids, ascending: the tokens of each cell under
+    /// `include_zero_gene`.
+    pub genes: &'a [u32],
+}
+
+/// Which heads the task's model carries, whatever the checkpoint it starts from had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heads {
+    /// Pretraining: the `[model]` section (or the checkpoint being continued) decides.
+    Pretrain,
+    /// A classifier: the CLS head alone (`n_layers_cls`, `cell_emb_style` from the config).
+    Classifier,
+    /// Expression fine-tuning: GEPC, DAR, zero probabilities and the ECS threshold as the
+    /// config's `[model]` section says.
+    Expression,
 }
 
 pub trait Task: Send {
@@ -142,6 +159,22 @@ pub trait Task: Send {
     fn generative_model(&self) -> bool {
         false
     }
+    fn heads(&self) -> Heads {
+        Heads::Pretrain
+    }
+    /// The value `<cls>` carries in the input; `None` = `model.pad_value` (pretraining).
+    fn cls_value(&self) -> Option<f32> {
+        None
+    }
+    /// Cells are tokenised with every gene of the data, zeros included.
+    fn include_zero_gene(&self) -> bool {
+        false
+    }
+    /// The run validates embeddings on `valid.label_set` (kNN accuracy, ASW), as pretraining
+    /// does; fine-tuning tasks validate themselves.
+    fn embedding_metrics(&self) -> bool {
+        false
+    }
     /// Collates a training micro-batch of optimiser step `step`.
     fn prepare(&self, batch: &Batch, step: u64, opt: &CollateOptions) -> anyhow::Result<Box<dyn MicroBatch>>;
     fn loss(&self, model: &TransformerModel, batch: &dyn MicroBatch, ctx: &mut LossContext) -> anyhow::Result<Loss>;
@@ -163,6 +196,7 @@ pub fn build(cfg: &TrainConfig, sets: &[ShardSet], run_dir: &Path, resuming: boo
             Objective::Mlm => Box::new(mlm::Mlm::new(cfg, sets, saved)?),
         },
         TaskKind::Annotation => Box::new(annotation::Annotation::new(cfg, sets, saved)?),
+        TaskKind::Integration => Box::new(integration::Integration::new(cfg)),
     })
 }
 

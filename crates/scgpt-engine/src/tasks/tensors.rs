@@ -55,3 +55,14 @@ pub fn scalar(t: &Tensor<1>) -> f64 {
 pub fn to_i64(t: Tensor<1, Int>) -> Vec<i64> {
     t.into_data().convert::<i64>().try_to_vec::<i64>().expect("int tensor data")
 }
+
+/// Σ −log Bernoulli(probs)(target > 0) over the positions where `keep` is 1: the sum of the
+/// original's `criterion_neg_log_bernoulli`, with the clamp of PyTorch's `Bernoulli(probs=…)`
+/// to [ε, 1 − ε] (ε the float32 machine epsilon).
+pub fn neg_log_bernoulli_sum(probs: Tensor<2>, target: Tensor<2>, keep: Tensor<2>) -> Tensor<1> {
+    let eps = f32::EPSILON as f64;
+    let p = probs.clamp(eps, 1.0 - eps);
+    let x = target.greater_elem(0.0).float();
+    let log_prob = x.clone() * p.clone().log() + x.neg().add_scalar(1.0) * p.neg().add_scalar(1.0).log();
+    (log_prob * keep).sum().neg()
+}
