@@ -88,6 +88,9 @@ pub struct EmbedArgs {
     /// Fail when fewer than this fraction of the input genes are in the model vocabulary.
     #[arg(long, default_value_t = 0.25, value_name = "FRACTION")]
     pub min_gene_match: f64,
+    /// A fine-tuned model's batch labels (see `scgpt predict`).
+    #[command(flatten)]
+    pub batch: crate::inference::BatchArgs,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -186,6 +189,12 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
     }
     let device = device(&args.device)?;
     let t0 = Instant::now();
+    // A model this project fine-tuned embeds new data as its training run tokenised it.
+    if let Some(spec) = crate::inference::read_spec(&args.model)? {
+        if spec.task != "pretrain" {
+            return run_fine_tuned(args, &spec, format, &device, t0);
+        }
+    }
 
     let LoadedModel {
         model,
@@ -377,6 +386,65 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
     for p in written {
         eprintln!("wrote {}", p.display());
     }
+    Ok(())
+}
+
+/// `scgpt embed` of a fine-tuned `best_model/`: the `<cls>` value, token genes, batch labels
+/// and `max_seq_len` of its `scgpt.json`, the cell embedding its heads read (`cell_emb_style`).
+fn run_fine_tuned(args: &EmbedArgs, spec: &scgpt_engine::checkpoint::InferenceSpec, format: Format, device: &Device, t0: Instant) -> anyhow::Result<()> {
+    use crate::inference::{run_model, Encoding, Head, TokenGenes};
+    if args.input.is_dir() {
+        bail!("{}: a fine-tuned model embeds h5ad input (its tokenisation needs the cells' genes by name); prepare shards only for pretraining", args.input.display());
+    }
+    let mut loaded = model_dir::load(&args.model, device)?;
+    let token_genes = match &spec.genes {
+        Some(names) => Some(TokenGenes::new(names, &loaded.vocab, &args.model)?),
+        None => None,
+    };
+    let (batch_ids, unseen) = args.batch.ids_for(&args.model, Some(spec), &args.input, &mut loaded.model)?;
+    let gene_col = args.gene_col.clone().or(Some(spec.gene_col.clone()).filter(|c| !c.is_empty()));
+    eprintln!(
+        "model: {} (fine-tuned for {}; <cls> value {}, {} tokens per cell{}{})",
+        args.model.display(),
+        spec.task,
+        spec.cls_value,
+        spec.max_seq_len,
+        if token_genes.is_some() { ", every token gene with zeros" } else { "" },
+        if batch_ids.is_some() { ", batch labels" } else { "" }
+    );
+    let enc = Encoding {
+        tokens: TokenizeOptions { max_seq_len: spec.max_seq_len, cls_id: loaded.cls_id, pad_value: loaded.pad_value, seed: (!args.deterministic).then_some(args.seed) },
+        cls_value: spec.cls_value,
+        pad_id: loaded.pad_id,
+        token_genes,
+        batch_ids,
+    };
+    // What the training run's data preparation read (raw/X when present, else X).
+    let matrix = MatrixChoice::RawThenX;
+    let out = run_model(&loaded.model, &args.input, matrix, gene_col.as_deref(), &loaded, &enc, args.batch_size, args.min_gene_match, args.quiet, Head::Embedding, device)?;
+    let n = out.rows.len() / out.width.max(1);
+    let ids = scgpt_data::h5ad::H5adReader::open(&args.input, MatrixChoice::X)?.obs_names()?;
+    let mut notes = vec![format!("model={}", args.model.display()), format!("task={}", spec.task)];
+    if let Some(col) = args.batch.batch_col.clone().or(spec.batch_col.clone()).filter(|_| enc.batch_ids.is_some()) {
+        notes.push(format!("batch_col={col}"));
+    }
+    if unseen > 0 {
+        notes.push(format!("unseen_batch=mean: {unseen} cells with a batch label the model never saw were normalised with the mean of the trained domains' statistics"));
+    }
+    let mut sink: Box<dyn Sink> = match format {
+        Format::H5ad => {
+            let mut s = H5adCopySink::create(&args.input, &args.output, n, out.width)?;
+            s.note("scgpt_embedding", &notes)?;
+            Box::new(s)
+        }
+        Format::Parquet => Box::new(ParquetSink::create(&args.output, n, out.width, false)?),
+        Format::Npy => Box::new(NpySink::create(&args.output, n, out.width)?),
+    };
+    sink.write(0, &out.rows, &ids, None)?;
+    for p in sink.finish()? {
+        eprintln!("wrote {}", p.display());
+    }
+    eprintln!("embedded {n} cells ({} dims) in {:.1}s", out.width, t0.elapsed().as_secs_f64());
     Ok(())
 }
 

@@ -226,6 +226,7 @@ fn predict_args(model: PathBuf, query: &Path, output: PathBuf, mode: predict::Mo
         deterministic: true,
         device: "cpu".into(),
         min_gene_match: 0.25,
+        batch: crate::inference::BatchArgs { batch_col: None, unseen_batch: crate::inference::UnseenBatch::Error },
         quiet,
     }
 }

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod baseline;
 mod embed;
 mod experiment;
+mod inference;
 mod export;
 mod labelled_h5ad;
 mod model_dir;

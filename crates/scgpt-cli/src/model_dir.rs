@@ -65,8 +65,10 @@ fn required(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-/// Reads args.json and keeps the fields the embedding model is built from.
-fn read_args(path: &Path) -> anyhow::Result<Map<String, Value>> {
+/// Reads args.json and keeps the fields the embedding model is built from (`all`: every
+/// field, for a model this project fine-tuned, whose args.json says what it was built with:
+/// DSBN, batch labels, heads).
+fn read_args(path: &Path, all: bool) -> anyhow::Result<Map<String, Value>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
     let value: Value = serde_json::from_str(&text)
@@ -88,7 +90,7 @@ fn read_args(path: &Path) -> anyhow::Result<Map<String, Value>> {
     }
     Ok(map
         .into_iter()
-        .filter(|(k, _)| USED_KEYS.contains(&k.as_str()))
+        .filter(|(k, _)| all || USED_KEYS.contains(&k.as_str()))
         .collect())
 }
 
@@ -133,7 +135,8 @@ fn load_with(dir: &Path, device: &Device, n_cls: Option<usize>) -> anyhow::Resul
     let mut vocab = GeneVocab::from_file(&vocab_path)?;
     // As embed_data: special tokens missing from the file are appended.
     vocab.ensure_specials();
-    let mut args = read_args(&args_path)?;
+    let fine_tuned_here = dir.join(scgpt_engine::checkpoint::INFERENCE_FILE).is_file();
+    let mut args = read_args(&args_path, fine_tuned_here)?;
     if let Some(n) = n_cls {
         args.insert("n_cls".into(), n.into());
         // A classifier reads the cell embedding it was trained on.

@@ -16,19 +16,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use indicatif::{ProgressBar, ProgressStyle};
-use rayon::prelude::*;
 use scgpt_data::h5ad::{H5adReader, MatrixChoice};
-use scgpt_data::tokenize::{collate, tokenize, Scratch, TokenizeOptions, Tokens};
-use scgpt_engine::checkpoint::{InferenceSpec, INFERENCE_FILE};
-use scgpt_model::burn::tensor::activation::softmax;
-use scgpt_model::burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use scgpt_model::model::l2_normalize;
-use scgpt_model::{ForwardFlags, ModelInput, TransformerModel};
+use scgpt_data::tokenize::TokenizeOptions;
 
+use crate::inference::{read_spec, run_model, Encoding, Head, TokenGenes};
 use crate::labelled_h5ad::{self, Predictions};
-use crate::model_dir::{self, LoadedModel};
-use crate::source::{H5adSource, Source};
+use crate::model_dir;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -100,6 +93,8 @@ pub struct PredictArgs {
     /// Fail when fewer than this fraction of the input genes are in the model vocabulary.
     #[arg(long, default_value_t = 0.25, value_name = "FRACTION")]
     pub min_gene_match: f64,
+    #[command(flatten)]
+    pub batch: crate::inference::BatchArgs,
     #[arg(long)]
     pub quiet: bool,
 }
@@ -135,81 +130,11 @@ pub fn read_classes(dir: &Path) -> anyhow::Result<Vec<String>> {
     )
 }
 
-fn read_spec(dir: &Path) -> anyhow::Result<Option<InferenceSpec>> {
-    let p = dir.join(INFERENCE_FILE);
-    if !p.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&p)?;
-    Ok(Some(serde_json::from_str(&text).with_context(|| format!("{}: not a valid {INFERENCE_FILE}", p.display()))?))
-}
-
-/// What a forward pass returns per cell.
-#[derive(Clone, Copy)]
-enum Head {
-    /// Softmax of the CLS head.
-    Probabilities,
-    /// The L2-normalised `<cls>` output.
-    Embedding,
-}
-
-struct Encoding {
-    tokens: TokenizeOptions,
-    cls_value: f32,
-    pad_id: u32,
-}
-
-/// Every cell of an h5ad through the model: `[n, width]` rows in input order.
-fn run_model(model: &TransformerModel, path: &Path, gene_col: Option<&str>, loaded: &LoadedModel, enc: &Encoding, args: &PredictArgs, head: Head, dev: &Device) -> anyhow::Result<(Vec<f32>, usize)> {
-    let matrix = match args.matrix {
+fn matrix(args: &PredictArgs) -> MatrixChoice {
+    match args.matrix {
         Matrix::Auto => MatrixChoice::RawThenX,
         Matrix::X => MatrixChoice::X,
-    };
-    let mut source = Source::H5ad(H5adSource::open(path, matrix, gene_col, &loaded.vocab, &loaded.vocab_path, args.min_gene_match)?);
-    let g = source.genes();
-    eprintln!("{}: {} of {} {} matched the model vocabulary ({:.1}%)", path.display(), g.matched, g.total, g.what, 100.0 * g.matched as f64 / g.total.max(1) as f64);
-    if (g.matched as f64) < 0.5 * g.total as f64 {
-        eprintln!("warning: fewer than half of the input genes are in the model vocabulary; is --gene-col right (e.g. feature_name for CELLxGENE files)?");
     }
-    let n = source.n_cells();
-    if n == 0 {
-        bail!("{}: the input has no cells", path.display());
-    }
-    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(n as u64) };
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {human_pos}/{human_len} cells  {per_sec}  ETA {eta}").expect("valid template"));
-    let mut out = Vec::new();
-    let mut width = 0;
-    let window = args.batch_size.max(1) * 8;
-    while let Some(block) = source.next_block(window)? {
-        let tokens: Vec<Tokens> = (0..block.len())
-            .into_par_iter()
-            .map_init(Scratch::default, |s, i| {
-                let (genes, values) = block.cell(i);
-                let mut t = tokenize((block.start + i) as u64, genes, values, &enc.tokens, s);
-                t.values[0] = enc.cls_value;
-                t
-            })
-            .collect();
-        for chunk in tokens.chunks(args.batch_size.max(1)) {
-            let b = collate(&chunk.iter().collect::<Vec<_>>(), enc.pad_id, loaded.pad_value);
-            let input = ModelInput {
-                src: Tensor::<2, Int>::from_data(TensorData::new(b.ids.clone(), [b.b, b.l]), dev),
-                values: Tensor::<2>::from_data(TensorData::new(b.values.clone(), [b.b, b.l]), dev),
-                src_key_padding_mask: Tensor::<2, Bool>::from_data(TensorData::new(b.pad.clone(), [b.b, b.l]), dev),
-                batch_labels: None,
-            };
-            let o = model.forward(input, ForwardFlags { cls: matches!(head, Head::Probabilities), ..Default::default() })?;
-            let rows = match head {
-                Head::Probabilities => softmax(o.cls_output.expect("cls flag"), 1),
-                Head::Embedding => l2_normalize(o.cell_emb),
-            };
-            width = rows.dims()[1];
-            out.extend(rows.into_data().convert::<f32>().try_to_vec::<f32>().expect("floats"));
-            bar.inc(b.b as u64);
-        }
-    }
-    bar.finish_and_clear();
-    Ok((out, width))
 }
 
 fn labels_of(path: &Path, col: &str, what: &str) -> anyhow::Result<Vec<String>> {
@@ -254,12 +179,6 @@ pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
     validate(args)?;
     let dev = crate::embed::device(&args.device)?;
     let spec = read_spec(&args.model)?;
-    if let Some(col) = spec.as_ref().and_then(|s| s.batch_col.as_ref()) {
-        bail!(
-            "{}: the model was trained with batch labels (data.batch_col = {col:?}, DSBN or use_batch_labels); predict does not feed batch labels yet — a query batch the model never saw has no batch norm of its own. Fine-tune without them for prediction",
-            args.model.display()
-        );
-    }
     // The truth column is checked before any compute.
     let truth = match &args.label_col {
         Some(col) => Some(labels_of(&args.input, col, "--label-col")?),
@@ -269,19 +188,26 @@ pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
     let (classes, probs, train_classes) = match args.mode {
         Mode::Classifier => {
             let classes = read_classes(&args.model)?;
-            let loaded = model_dir::load_classifier(&args.model, &dev, classes.len())?;
+            let mut loaded = model_dir::load_classifier(&args.model, &dev, classes.len())?;
             let max_seq_len = args.max_seq_len.or(spec.as_ref().map(|s| s.max_seq_len)).unwrap_or(3001);
             // Fine-tuning gives <cls> the value 0 (the tutorials' tokenize_and_pad_batch).
             let cls_value = spec.as_ref().map_or(0.0, |s| s.cls_value);
             let gene_col = args.gene_col.clone().or(spec.as_ref().map(|s| s.gene_col.clone()).filter(|c| !c.is_empty()));
+            let token_genes = match spec.as_ref().and_then(|s| s.genes.as_ref()) {
+                Some(names) => Some(TokenGenes::new(names, &loaded.vocab, &args.model)?),
+                None => None,
+            };
+            let (batch_ids, _) = args.batch.ids_for(&args.model, spec.as_ref(), &args.input, &mut loaded.model)?;
             let enc = Encoding {
                 tokens: TokenizeOptions { max_seq_len, cls_id: loaded.cls_id, pad_value: loaded.pad_value, seed: (!args.deterministic).then_some(args.seed) },
                 cls_value,
                 pad_id: loaded.pad_id,
+                token_genes,
+                batch_ids,
             };
-            let (probs, width) = run_model(&loaded.model, &args.input, gene_col.as_deref(), &loaded, &enc, args, Head::Probabilities, &dev)?;
-            anyhow::ensure!(width == classes.len(), "the model's head has {width} outputs but its classes file lists {}", classes.len());
-            (classes.clone(), probs, classes)
+            let out = run_model(&loaded.model, &args.input, matrix(args), gene_col.as_deref(), &loaded, &enc, args.batch_size, args.min_gene_match, args.quiet, Head::Probabilities, &dev)?;
+            anyhow::ensure!(out.width == classes.len(), "the model's head has {} outputs but its classes file lists {}", out.width, classes.len());
+            (classes.clone(), out.rows, classes)
         }
         Mode::Knn => {
             let loaded = model_dir::load(&args.model, &dev)?;
@@ -290,13 +216,15 @@ pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
                 // As `embed_data`: <cls> carries pad_value.
                 cls_value: loaded.pad_value,
                 pad_id: loaded.pad_id,
+                token_genes: None,
+                batch_ids: None,
             };
             let reference = args.reference.as_ref().expect("validated");
             let ref_col = args.reference_label_col.as_deref().expect("validated");
             let ref_labels = labels_of(reference, ref_col, "--reference-label-col")?;
-            let (ref_emb, d) = run_model(&loaded.model, reference, args.gene_col.as_deref(), &loaded, &enc, args, Head::Embedding, &dev)?;
-            let (query, _) = run_model(&loaded.model, &args.input, args.gene_col.as_deref(), &loaded, &enc, args, Head::Embedding, &dev)?;
-            let vote = scgpt_eval::knn::knn_vote(&ref_emb, &ref_labels, &query, d, args.k)?;
+            let reference = run_model(&loaded.model, reference, matrix(args), args.gene_col.as_deref(), &loaded, &enc, args.batch_size, args.min_gene_match, args.quiet, Head::Embedding, &dev)?;
+            let query = run_model(&loaded.model, &args.input, matrix(args), args.gene_col.as_deref(), &loaded, &enc, args.batch_size, args.min_gene_match, args.quiet, Head::Embedding, &dev)?;
+            let vote = scgpt_eval::knn::knn_vote(&reference.rows, &ref_labels, &query.rows, reference.width, args.k)?;
             // Ties in the vote go to the label of the closest neighbour, which a plain argmax
             // over the fractions would not know: the probabilities are the vote shares, the
             // labels the vote's.

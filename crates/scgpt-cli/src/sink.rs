@@ -206,6 +206,21 @@ impl H5adCopySink {
     }
 }
 
+impl H5adCopySink {
+    /// `uns[key]`: a list of strings saying how the embedding was made (replaced if present).
+    pub fn note(&mut self, key: &str, values: &[String]) -> anyhow::Result<()> {
+        let file = self.file.as_ref().expect("open");
+        let uns = match file.group("uns") {
+            Ok(g) => g,
+            Err(_) => file.create_group("uns")?,
+        };
+        if uns.link_exists(key) {
+            uns.unlink(key)?;
+        }
+        string_array(&uns, key, values).with_context(|| format!("{}: writing uns/{key}", self.path.display()))
+    }
+}
+
 impl Sink for H5adCopySink {
     fn write(
         &mut self,

@@ -28,7 +28,21 @@ pub struct Integration {
 impl Integration {
     pub fn new(cfg: &TrainConfig) -> Self {
         let t = &cfg.train;
-        Integration { mask_ratio: t.mask_ratio, ecs: t.ecs, include_zero_gene: cfg.task.include_zero_gene, terms: terms(t.ecs_weight, t.dab_weight) }
+        Self::with(t.mask_ratio, t.ecs, cfg.task.include_zero_gene, t.ecs_weight, t.dab_weight)
+    }
+
+    pub fn with(mask_ratio: f64, ecs: bool, include_zero_gene: bool, ecs_weight: f64, dab_weight: f64) -> Self {
+        Integration { mask_ratio, ecs, include_zero_gene, terms: terms(ecs_weight, dab_weight) }
+    }
+
+    /// The loss the task trains on one rank without accumulation (the tutorial's per-batch
+    /// `loss`: masked MSE and zero-probability NLL means over the masked positions, ECS and
+    /// the DAR cross entropy weighted), and each term's raw value (sums for the expression
+    /// terms, in `Task::terms` order).
+    pub fn mean_loss(&self, model: &TransformerModel, b: &MaskedBatch, device: &Device) -> anyhow::Result<Loss> {
+        let mut single = scgpt_dist::Single::new();
+        let mut ctx = LossContext { device, comm: &mut single, per_unit: 1.0 / b.0.masked_tokens().max(1) as f64, per_batch: 1.0 };
+        self.loss(model, b, &mut ctx)
     }
 
     fn collate(&self, batch: &Batch, opt: &CollateOptions) -> anyhow::Result<MaskedBatch> {
