@@ -214,3 +214,62 @@ fn annotation_on_two_ranks_matches_one_rank() {
     eprintln!("annotation, 2 ranks vs 1: worst parameter difference {worst:e}");
     assert!(worst < 3e-5, "worst parameter difference {worst:e}");
 }
+
+/// Integration (DSBN, DAR, ECS, zero probabilities, single-batch minibatches): two ranks of 8
+/// cells each take the same micro-batches as one rank accumulating two of 8 (DSBN and ECS
+/// work per micro-batch, so the micro-batches, not just the step's cells, must agree).
+#[test]
+fn integration_on_two_ranks_matches_one_rank_with_accumulation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("unused");
+    let task = [
+        format!("data.input=\"{}\"", root().join("tests/data/pbmc68k_reduced.h5ad").display()),
+        "data.allow_non_integer=true".into(),
+        "data.batch_col=\"phase\"".into(),
+        "data.single_batch_minibatches=true".into(),
+        "data.shuffle_window=1000".into(),
+        "task.kind=\"integration\"".into(),
+        "task.include_zero_gene=true".into(),
+        "model.MVC=true".into(),
+        "model.DAR=true".into(),
+        "model.explicit_zero_prob=true".into(),
+        "model.domain_spec_batchnorm=\"dsbn\"".into(),
+        "model.use_batch_labels=true".into(),
+        "train.ecs=true".into(),
+        "train.max_steps=4".into(),
+        "train.batch_size=8".into(),
+    ];
+    let one = tmp.path().join("one");
+    run_world(1, &one, &shards, &[&task[..], &["train.grad_accum=2".into()]].concat());
+    let two = tmp.path().join("two");
+    run_world(2, &two, &shards, &task);
+    let gep = |run: &Path| -> Vec<f64> {
+        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train/loss_gep"].as_f64()).collect()
+    };
+    let (a, b) = (gep(&one), gep(&two));
+    assert!(!a.is_empty() && a.len() == b.len(), "{a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-4 * x.abs(), "GEP: one rank {a:?} vs two ranks {b:?}");
+    }
+    // BatchNorm running statistics are each rank's own (as PyTorch DDP without SyncBatchNorm;
+    // rank 0's are saved): only trained parameters are compared.
+    let trained = |run: &Path| {
+        let (_, dir) = scgpt_engine::latest_checkpoint(run).expect("a checkpoint");
+        let ck = scgpt_model::load_native(dir.join("model"), &scgpt_model::burn::tensor::Device::flex()).unwrap();
+        let p = scgpt_engine::optim::list_params(&ck.model).unwrap();
+        let flat = scgpt_engine::optim::flatten_params(&ck.model, &p);
+        let mut at = 0;
+        let mut out = Vec::new();
+        for e in &p {
+            if !e.path.contains("running_") {
+                out.extend_from_slice(&flat[at..at + e.numel()]);
+            }
+            at += e.numel();
+        }
+        out
+    };
+    let (pa, pb) = (trained(&one), trained(&two));
+    let worst = worst_difference(&pa, &pb);
+    eprintln!("integration, 2 ranks vs 1 rank with accumulation: worst parameter difference {worst:e}");
+    assert!(worst < 3e-5, "worst parameter difference {worst:e}");
+}
