@@ -46,6 +46,11 @@ impl<'a> CsrMatrix<'a> {
         self.n_cols
     }
 
+    /// All stored values.
+    pub fn values(&self) -> &'a [f32] {
+        self.data
+    }
+
     /// Column indices and values of row `i`.
     pub fn row(&self, i: usize) -> (&'a [u32], &'a [f32]) {
         let (a, b) = (self.indptr[i], self.indptr[i + 1]);

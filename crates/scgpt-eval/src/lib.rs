@@ -12,6 +12,7 @@ pub mod classification;
 pub mod csr;
 mod heatmap;
 pub mod knn;
+mod loess;
 pub mod logreg;
 pub mod pca;
 pub mod preprocess;
