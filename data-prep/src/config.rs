@@ -53,6 +53,10 @@ pub struct FilterConfig {
     /// obs filters, all of which must hold: `col == "v"`, `col != "v"`, `col in ["a", "b"]`,
     /// `col not in [...]`.
     pub obs: Vec<String>,
+    /// Keep only these genes (var names as `input.gene_col` gives them); empty = every gene.
+    /// Fine-tuning runs pass their `[preprocess]` selection (gene filter, HVGs) here.
+    #[serde(default)]
+    pub genes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

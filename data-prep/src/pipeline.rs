@@ -183,8 +183,13 @@ impl Prep {
                 };
                 let names = r.var_names(gene_col(&cfg))?;
                 let m = match_genes(&names, &vocab, Some(&ensembl));
-                let new: Vec<&str> =
-                    names.iter().zip(&m.ids).filter(|(_, id)| id.is_none()).map(|(n, _)| n.as_str()).collect();
+                let listed = gene_list(&cfg);
+                let new: Vec<&str> = names
+                    .iter()
+                    .zip(&m.ids)
+                    .filter(|(n, id)| id.is_none() && listed.as_ref().is_none_or(|l| l.contains(n.as_str())))
+                    .map(|(n, _)| n.as_str())
+                    .collect();
                 added += vocab.extend(new);
             }
             vocab.ensure_specials();
@@ -314,8 +319,15 @@ impl Prep {
         }
         let n_obs = reader.n_obs();
         let names = reader.var_names(gene_col(&self.cfg))?;
-        let gm = match_genes(&names, &self.vocab, Some(&self.ensembl));
+        let mut gm = match_genes(&names, &self.vocab, Some(&self.ensembl));
         check_gene_match(path, &reader, &names, &gm, &self.cfg)?;
+        if let Some(listed) = gene_list(&self.cfg) {
+            for (id, n) in gm.ids.iter_mut().zip(&names) {
+                if !listed.contains(n.as_str()) {
+                    *id = None;
+                }
+            }
+        }
 
         let mut keep_cell = vec![true; n_obs];
         for f in &self.filters {
@@ -1386,6 +1398,11 @@ const CELL_ID_WINDOW: usize = 16_384;
 
 fn value_error(path: &Path, at: &str, gene: &str, v: f32, why: &str) -> anyhow::Error {
     anyhow::anyhow!("{}: expression value {v} at {at}, gene `{gene}` {why}", path.display())
+}
+
+/// `filter.genes` as a set, when given.
+fn gene_list(cfg: &PrepConfig) -> Option<std::collections::HashSet<&str>> {
+    (!cfg.filter.genes.is_empty()).then(|| cfg.filter.genes.iter().map(String::as_str).collect())
 }
 
 fn check_gene_match(path: &Path, reader: &H5adReader, names: &[String], gm: &GeneMatch, cfg: &PrepConfig) -> anyhow::Result<()> {

@@ -398,7 +398,7 @@ fn run_fine_tuned(args: &EmbedArgs, spec: &scgpt_engine::checkpoint::InferenceSp
     }
     let mut loaded = model_dir::load(&args.model, device)?;
     let token_genes = match &spec.genes {
-        Some(names) => Some(TokenGenes::new(names, &loaded.vocab, &args.model)?),
+        Some(names) => Some(TokenGenes::new(names, &loaded.vocab, &args.model, spec.include_zero_gene)?),
         None => None,
     };
     let (batch_ids, unseen) = args.batch.ids_for(&args.model, Some(spec), &args.input, &mut loaded.model)?;

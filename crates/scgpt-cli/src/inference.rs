@@ -42,17 +42,20 @@ pub enum Head {
     Embedding,
 }
 
-/// The genes every cell is tokenised with (`include_zero_gene`): model ids in training order.
+/// The genes a fine-tuned model saw (`scgpt.json` `genes`): with `include_zero_gene` every
+/// cell's tokens, zeros included; otherwise the `[preprocess]` selection, of which a cell's
+/// nonzero genes are its tokens.
 pub struct TokenGenes {
     genes: Vec<u32>,
     /// Vocabulary id → position in `genes` (`u32::MAX`: not a token gene).
     slot: Vec<u32>,
+    with_zeros: bool,
 }
 
 impl TokenGenes {
     /// The spec's gene names in the model vocabulary; a name the vocabulary lacks is an error
     /// (the model directory is inconsistent).
-    pub fn new(names: &[String], vocab: &scgpt_data::vocab::GeneVocab, dir: &Path) -> anyhow::Result<Self> {
+    pub fn new(names: &[String], vocab: &scgpt_data::vocab::GeneVocab, dir: &Path, with_zeros: bool) -> anyhow::Result<Self> {
         let mut slot = vec![u32::MAX; vocab.len()];
         let mut genes = Vec::with_capacity(names.len());
         for (k, n) in names.iter().enumerate() {
@@ -60,7 +63,7 @@ impl TokenGenes {
             slot[id as usize] = k as u32;
             genes.push(id);
         }
-        Ok(TokenGenes { genes, slot })
+        Ok(TokenGenes { genes, slot, with_zeros })
     }
 
     /// `<cls>` and every token gene: the cell's bins (binned over its token genes alone, as the
@@ -72,6 +75,9 @@ impl TokenGenes {
                 g.push(id);
                 v.push(x);
             }
+        }
+        if !self.with_zeros {
+            return tokenize(cell, &g, &v, opt, s);
         }
         let all = TokenizeOptions { max_seq_len: g.len() + 1, ..*opt };
         let nonzero = tokenize(cell, &g, &v, &all, s);

@@ -194,7 +194,7 @@ pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
             let cls_value = spec.as_ref().map_or(0.0, |s| s.cls_value);
             let gene_col = args.gene_col.clone().or(spec.as_ref().map(|s| s.gene_col.clone()).filter(|c| !c.is_empty()));
             let token_genes = match spec.as_ref().and_then(|s| s.genes.as_ref()) {
-                Some(names) => Some(TokenGenes::new(names, &loaded.vocab, &args.model)?),
+                Some(names) => Some(TokenGenes::new(names, &loaded.vocab, &args.model, spec.as_ref().is_some_and(|s| s.include_zero_gene))?),
                 None => None,
             };
             let (batch_ids, _) = args.batch.ids_for(&args.model, spec.as_ref(), &args.input, &mut loaded.model)?;

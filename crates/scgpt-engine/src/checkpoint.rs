@@ -51,10 +51,14 @@ pub struct InferenceSpec {
     pub pad_value: f32,
     /// Cells were tokenised from their nonzero genes (`include_zero_gene=False`).
     pub include_zero_gene: bool,
-    /// With `include_zero_gene`: the genes every cell was tokenised with (names in the
-    /// vocabulary), so inference uses the same tokens.
+    /// The genes inference restricts new data to (names in the vocabulary): with
+    /// `include_zero_gene` every cell's tokens (zeros included), else the `[preprocess]`
+    /// selection (a cell's nonzero genes among them). `None` = every gene of the vocabulary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub genes: Option<Vec<String>>,
+    /// The `[preprocess]` gene selection of the training input, when it made one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocess: Option<crate::preprocess::GeneSelection>,
     pub n_bins: usize,
     /// The validation criterion and the step it was reached at.
     pub best_criterion: Option<f64>,
@@ -121,7 +125,8 @@ impl Trainer {
             cls_value: self.cls_value(),
             pad_value: c.model.pad_value as f32,
             include_zero_gene: self.task.include_zero_gene(),
-            genes: self.task.include_zero_gene().then(|| self.gene_names.clone()),
+            genes: self.spec_genes.clone(),
+            preprocess: self.selection.clone(),
             n_bins: c.model.n_bins,
             best_criterion: self.state.best_criterion,
             best_step: self.state.best_step,

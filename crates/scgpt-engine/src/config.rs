@@ -20,7 +20,40 @@ pub struct TrainConfig {
     pub valid: ValidSection,
     pub task: TaskSection,
     #[serde(default)]
+    pub preprocess: PreprocessSection,
+    #[serde(default)]
     pub dist: DistSection,
+}
+
+/// The original `Preprocessor`'s gene selection on `data.input`, before preparation. Only the
+/// steps that change what the model sees are here: which genes a cell has. `normalize_total`
+/// and `log1p` are not: binning is rank-based per cell, so neither changes a bin (ties apart),
+/// and the HVG selection runs on the matrix as given, as the original runs it on `adata.X`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreprocessSection {
+    /// Keep genes with at least this many counts over all cells of the input
+    /// (`sc.pp.filter_genes(min_counts=k)`, the original's `filter_gene_by_counts`); 0 = off.
+    pub filter_gene_by_counts: f64,
+    /// Keep this many highly variable genes (`subset_hvg`); 0 = every gene.
+    pub hvg: usize,
+    /// `auto` (the original's rule: `seurat_v3` on integer counts, `cell_ranger` otherwise),
+    /// `seurat_v3`, `cell_ranger` or `seurat`.
+    pub hvg_flavor: String,
+    /// HVGs per batch of `data.batch_col` (scanpy's `batch_key`), when that is set.
+    pub hvg_per_batch: bool,
+}
+
+impl Default for PreprocessSection {
+    fn default() -> Self {
+        PreprocessSection { filter_gene_by_counts: 0.0, hvg: 0, hvg_flavor: "auto".into(), hvg_per_batch: true }
+    }
+}
+
+impl PreprocessSection {
+    pub fn selects_genes(&self) -> bool {
+        self.filter_gene_by_counts > 0.0 || self.hvg > 0
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -377,6 +410,14 @@ impl TrainConfig {
             crate::device::available().join(", ")
         );
         ensure!(self.valid.knn_k > 0, "valid.knn_k must be at least 1");
+        let p = &self.preprocess;
+        ensure!(p.filter_gene_by_counts >= 0.0 && p.filter_gene_by_counts.is_finite(), "preprocess.filter_gene_by_counts = {} must be a count >= 0", p.filter_gene_by_counts);
+        ensure!(
+            ["auto", "seurat_v3", "cell_ranger", "seurat"].contains(&p.hvg_flavor.as_str()),
+            "preprocess.hvg_flavor = {:?}: expected \"auto\", \"seurat_v3\", \"cell_ranger\" or \"seurat\"",
+            p.hvg_flavor
+        );
+        ensure!(!p.selects_genes() || !self.data.input.is_empty(), "[preprocess] selects genes of data.input (h5ad); prepare shard sets with the genes you want instead");
         Ok(())
     }
 

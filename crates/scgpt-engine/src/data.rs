@@ -37,7 +37,7 @@ pub fn toml_str(s: &str) -> String {
 
 /// scgpt-prep on `inputs` into `out`, keeping the task's obs columns. Fine-tuning keeps every
 /// gene of the input (no corpus gene filter, as the tutorials' `filter_gene_by_counts=False`).
-fn prepare(cfg: &TrainConfig, inputs: &[PathBuf], out: &Path, vocab: Vec<String>, progress: bool) -> anyhow::Result<()> {
+fn prepare(cfg: &TrainConfig, inputs: &[PathBuf], out: &Path, vocab: Vec<String>, genes: Option<&[String]>, progress: bool) -> anyhow::Result<()> {
     use scgpt_config::{Layered, Origin};
     let paths: Vec<String> = inputs.iter().map(|p| toml_str(&p.display().to_string())).collect();
     let mut obs: Vec<String> = cfg.label_col().map(toml_str).into_iter().collect();
@@ -56,10 +56,32 @@ fn prepare(cfg: &TrainConfig, inputs: &[PathBuf], out: &Path, vocab: Vec<String>
         format!("run.progress={progress}"),
     ];
     sets.extend(vocab);
+    if let Some(g) = genes {
+        sets.push(format!("filter.genes=[{}]", g.iter().map(|n| toml_str(n)).collect::<Vec<_>>().join(",")));
+    }
     let layered = Layered::new().with_toml_str(scgpt_prep::config::DEFAULTS_TOML, Origin::Defaults)?.with_sets(&sets)?;
     let prep: scgpt_prep::config::PrepConfig = layered.build()?;
     scgpt_prep::pipeline::Prep::new(prep)?.run()?;
     Ok(())
+}
+
+/// The `[preprocess]` gene selection of the run (computed once and kept in `root`, so a
+/// resumed run prepares the same genes), or `None` when it selects nothing.
+fn select(cfg: &TrainConfig, root: &Path) -> anyhow::Result<Option<crate::preprocess::GeneSelection>> {
+    if !cfg.preprocess.selects_genes() {
+        return Ok(None);
+    }
+    if let Some(saved) = crate::preprocess::load(root)? {
+        let p = &cfg.preprocess;
+        if saved.filter_gene_by_counts == p.filter_gene_by_counts && saved.hvg == p.hvg {
+            return Ok(Some(saved));
+        }
+    }
+    let vocab_path = Path::new(&cfg.model.init_from).join("vocab.json");
+    let vocab = if !cfg.model.init_from.is_empty() && vocab_path.is_file() { Some(scgpt_data::vocab::GeneVocab::from_file(&vocab_path)?) } else { None };
+    let s = crate::preprocess::select_genes(cfg, vocab.as_ref())?;
+    scgpt_data::atomic::write_bytes(&root.join(crate::preprocess::SELECTION_FILE), serde_json::to_string_pretty(&s)?.as_bytes())?;
+    Ok(Some(s))
 }
 
 /// Opens (and, for h5ad inputs, first prepares on rank 0) the run's data.
@@ -80,11 +102,21 @@ pub fn open(cfg: &TrainConfig, comm: &mut dyn Collective, progress: bool) -> any
     let (train_dir, valid_dir) = (root.join("train"), root.join("valid"));
     if comm.rank() == 0 {
         std::fs::create_dir_all(&root).with_context(|| format!("{}: cannot create", root.display()))?;
-        prepare(cfg, &cfg.data.input, &train_dir, vocab_keys(cfg), progress).context("data.input")?;
+        let selection = select(cfg, &root)?;
+        if let Some(s) = &selection {
+            notes.push(format!(
+                "preprocess: {} genes kept (vocabulary{}{})",
+                s.genes.len(),
+                if s.filter_gene_by_counts > 0.0 { format!(", >= {} counts", s.filter_gene_by_counts) } else { String::new() },
+                s.hvg_flavor.as_ref().map(|f| format!(", {} HVGs {f}{}", s.hvg, s.hvg_batch_col.as_ref().map(|b| format!(" per {b}")).unwrap_or_default())).unwrap_or_default()
+            ));
+        }
+        let genes = selection.as_ref().map(|s| s.genes.as_slice());
+        prepare(cfg, &cfg.data.input, &train_dir, vocab_keys(cfg), genes, progress).context("data.input")?;
         if !cfg.valid.input.is_empty() {
             // The training set's vocabulary, so ids agree.
             let vocab = vec![format!("vocab.path={}", toml_str(&train_dir.join("vocab.json").display().to_string()))];
-            prepare(cfg, &[PathBuf::from(&cfg.valid.input)], &valid_dir, vocab, progress).context("valid.input")?;
+            prepare(cfg, &[PathBuf::from(&cfg.valid.input)], &valid_dir, vocab, genes, progress).context("valid.input")?;
         }
     }
     comm.barrier()?;

@@ -19,6 +19,7 @@ pub mod init;
 pub mod logging;
 pub mod metrics;
 pub mod optim;
+pub mod preprocess;
 pub mod tasks;
 pub mod tensorboard;
 pub mod trainer;

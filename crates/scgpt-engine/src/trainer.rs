@@ -53,7 +53,10 @@ pub struct Trainer {
     set_maps: Vec<Vec<Option<u32>>>,
     /// The data's genes in model ids (the tokens of every cell with `include_zero_gene`).
     pub(crate) genes: Vec<u32>,
-    pub(crate) gene_names: Vec<String>,
+    /// The genes inference restricts new data to (`scgpt.json`): the token genes of an
+    /// `include_zero_gene` run, else the `[preprocess]` selection; `None` = every gene.
+    pub(crate) spec_genes: Option<Vec<String>>,
+    pub(crate) selection: Option<crate::preprocess::GeneSelection>,
     loader: Loader,
     /// The sets validation reads: a separate set, or the training sets (their held-out cells).
     pub(crate) valid_sets: Vec<ShardSet>,
@@ -206,6 +209,7 @@ impl Trainer {
             }
         };
         let set_maps = vocab_maps(&sets, &vocab, &mut notes)?;
+        let selection = if cfg.data.input.is_empty() { None } else { crate::preprocess::load(&cfg.run.dir.join("data"))? };
         let genes = if task.include_zero_gene() {
             let g = crate::data::expressed_genes(&sets, &set_maps)?;
             notes.push(format!("tokens: <cls> + all {} genes of the data per cell (include_zero_gene)", g.len()));
@@ -308,6 +312,7 @@ impl Trainer {
         }
         let loader_cfg = Self::loader_config_for(&cfg, task.as_ref(), batch_map.is_some(), rank, world, t.batch_size, valid_rows.clone(), false, separate_valid);
         let loader = Loader::new(sets, loader_cfg)?;
+        let spec_genes = if task.include_zero_gene() { Some(genes.iter().map(|&g| vocab.tokens()[g as usize].clone()).collect()) } else { selection.as_ref().map(|s| s.genes.clone()) };
         let mut trainer = Trainer {
             cfg,
             device,
@@ -317,7 +322,8 @@ impl Trainer {
             task,
             batch_map,
             set_maps,
-            gene_names: genes.iter().map(|&g| vocab.tokens()[g as usize].clone()).collect(),
+            spec_genes,
+            selection,
             genes,
             loader,
             valid_sets,
