@@ -113,7 +113,7 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> anyhow::Resu
     Ok(())
 }
 
-impl Trainer {
+impl<M: crate::model::EngineModel> Trainer<M> {
     pub(crate) fn inference_spec(&self) -> InferenceSpec {
         let c: &TrainConfig = &self.cfg;
         InferenceSpec {
@@ -138,11 +138,11 @@ impl Trainer {
     pub(crate) fn save_best(&self) -> anyhow::Result<()> {
         let dir = &self.cfg.run.dir;
         let model = self.model();
-        write_dir_atomically(&dir.join("best"), |tmp| Ok(scgpt_model::save_native(model, &self.vocab_json, tmp)?))?;
+        write_dir_atomically(&dir.join("best"), |tmp| model.save_native(&self.vocab_json, tmp))?;
         let files = crate::trainer::run_files(self.task.as_ref(), self.batch_map.as_ref())?;
         let spec = serde_json::to_string_pretty(&self.inference_spec())?;
         write_dir_atomically(&dir.join("best_model"), |tmp| {
-            scgpt_model::export_original(model, &model.config, &self.vocab_json, tmp)?;
+            model.export_original(&self.vocab_json, tmp)?;
             for (name, bytes) in &files {
                 std::fs::write(tmp.join(name), bytes)?;
             }
@@ -159,7 +159,7 @@ impl Trainer {
             let final_dir = root.join(step_name(self.state.step));
             let state = serde_json::to_string_pretty(&self.state)?;
             write_dir_atomically(&final_dir, |tmp| {
-                scgpt_model::save_native(self.model(), &self.vocab_json, tmp.join("model"))?;
+                self.model().save_native(&self.vocab_json, &tmp.join("model"))?;
                 self.adam.save(&tmp.join("optimizer.bin"))?;
                 scgpt_data::atomic::write_bytes(&tmp.join("state.json"), state.as_bytes())?;
                 Ok(())

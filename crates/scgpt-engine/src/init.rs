@@ -14,8 +14,8 @@ use scgpt_model::{load_native, load_pretrained_prefixes, ModelConfig, Transforme
 use crate::config::TrainConfig;
 use crate::tasks::Heads;
 
-pub struct InitModel {
-    pub model: TransformerModel,
+pub struct InitModel<M = TransformerModel> {
+    pub model: M,
     pub vocab: GeneVocab,
     /// Human-readable lines about what was loaded (printed by rank 0).
     pub notes: Vec<String>,

@@ -18,6 +18,7 @@ pub mod device;
 pub mod init;
 pub mod logging;
 pub mod metrics;
+pub mod model;
 pub mod optim;
 pub mod preprocess;
 pub mod tasks;
@@ -26,4 +27,5 @@ pub mod trainer;
 pub mod validation;
 
 pub use config::TrainConfig;
+pub use model::EngineModel;
 pub use trainer::{latest_checkpoint, RunEnd, TrainState, Trainer};

@@ -23,13 +23,15 @@ use scgpt_model::burn::optim::{GradientsAccumulator, GradientsParams};
 use scgpt_model::burn::tensor::{Device, Tensor};
 use scgpt_model::TransformerModel;
 
+use crate::model::EngineModel;
+
 pub use crate::checkpoint::{latest_checkpoint, TrainState};
 use crate::collate::{Cell, CollateOptions};
 use crate::config::{OptimizerKind, Schedule, TrainConfig};
 use crate::logging::{rss_bytes, Interval, MetricLog, StepLosses};
 use crate::optim::{clip_coefficient, flatten_grads, grad_sq_norm, list_params, lr_at, unflatten_grads, Adam, AdamConfig, ParamEntry};
 use crate::tasks::labels::{Classes, BATCH_LABELS_FILE};
-use crate::tasks::{Batch, LossContext, MicroBatch, ModelShape, Task};
+use crate::tasks::{Batch, LossContext, MicroBatch, Task};
 use crate::validation::{load_labelled, LabelledSet};
 
 /// How a run ended.
@@ -40,12 +42,15 @@ pub enum RunEnd {
     Interrupted { steps: u64, signal: i32 },
 }
 
-pub struct Trainer {
+/// The training loop over the model `M` of its task: `Trainer` (the `TransformerModel`) for
+/// pretraining, annotation and integration; `Trainer::<TransformerGenerator>::with_tasks` for
+/// a task on the perturbation model.
+pub struct Trainer<M: EngineModel = TransformerModel> {
     pub(crate) cfg: TrainConfig,
     pub(crate) device: Device,
-    model: Option<TransformerModel>,
+    model: Option<M>,
     pub(crate) vocab_json: String,
-    pub(crate) task: Box<dyn Task>,
+    pub(crate) task: Box<dyn Task<M>>,
     /// Batch labels to ids (`data.batch_col`), when the model reads them.
     pub(crate) batch_map: Option<Classes>,
     /// How many of a loader batch's obs columns are the task's (the batch column follows).
@@ -104,7 +109,7 @@ pub(crate) fn to_cells(batch: &CellBatch, maps: &[Vec<Option<u32>>]) -> Vec<Cell
 }
 
 /// The files a run keeps beside its model (run directory and `best_model/`).
-pub(crate) fn run_files(task: &dyn Task, batch_map: Option<&Classes>) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+pub(crate) fn run_files<M>(task: &dyn Task<M>, batch_map: Option<&Classes>) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let mut files = task.run_files()?;
     if let Some(m) = batch_map {
         files.push((BATCH_LABELS_FILE.to_string(), m.to_json()?));
@@ -132,11 +137,22 @@ fn matching(params: &[ParamEntry], prefixes: &[String]) -> Vec<ParamEntry> {
     params.iter().filter(|p| prefixes.iter().any(|f| p.path == *f || p.path.starts_with(&format!("{f}.")))).cloned().collect()
 }
 
-impl Trainer {
-    /// Sets up a run: data (shard sets, or h5ad prepared into the run directory), the task,
-    /// the model (fresh, `init_from`, or resumed from the run directory), optimiser state,
-    /// logs. `comm` is the rank's collective (Single for one process).
-    pub fn new(cfg: TrainConfig, mut comm: Box<dyn Collective>) -> anyhow::Result<Self> {
+/// Builds a run's task from its config, the data sets it scans (training first), the run
+/// directory and whether the run resumes.
+pub type TaskBuilder<M> = fn(&TrainConfig, &[ShardSet], &Path, bool) -> anyhow::Result<Box<dyn Task<M>>>;
+
+impl Trainer<TransformerModel> {
+    /// Sets up a run of the `TransformerModel`'s tasks (`task.kind`): see [`Self::with_tasks`].
+    pub fn new(cfg: TrainConfig, comm: Box<dyn Collective>) -> anyhow::Result<Self> {
+        Self::with_tasks(cfg, comm, crate::tasks::build)
+    }
+}
+
+impl<M: EngineModel> Trainer<M> {
+    /// Sets up a run: data (shard sets, or h5ad prepared into the run directory), the task
+    /// (`build`), the model (fresh, `init_from`, or resumed from the run directory),
+    /// optimiser state, logs. `comm` is the rank's collective (Single for one process).
+    pub fn with_tasks(cfg: TrainConfig, mut comm: Box<dyn Collective>, build: TaskBuilder<M>) -> anyhow::Result<Self> {
         cfg.validate()?;
         let rank = comm.rank();
         let world = comm.world();
@@ -157,7 +173,7 @@ impl Trainer {
         let resume = if cfg.run.no_resume { None } else { latest_checkpoint(&cfg.run.dir) };
         let mut scan_sets = sets.clone();
         scan_sets.extend(data.valid.iter().flatten().cloned());
-        let task = crate::tasks::build(&cfg, &scan_sets, &cfg.run.dir, resume.is_some())?;
+        let task = build(&cfg, &scan_sets, &cfg.run.dir, resume.is_some())?;
         if let Some(c) = task.classes() {
             notes.push(format!("classes: {} of `{}` ({})", c.len(), cfg.task.label_col, c.iter().take(8).cloned().collect::<Vec<_>>().join(", ")));
         }
@@ -177,24 +193,20 @@ impl Trainer {
         let shape = crate::init::Shape { n_cls, generative: task.generative_model(), heads: task.heads(), n_batches: batch_map.as_ref().map(Classes::len) };
         let (model, vocab, adam, state) = match &resume {
             Some((step, dir)) => {
-                let ck = scgpt_model::load_native(dir.join("model"), &device).with_context(|| format!("resuming from {}", dir.display()))?;
-                let vocab = GeneVocab::from_json_str(&ck.vocab_json, "checkpoint vocab.json")?;
+                let (model, vocab_json) = M::load_native(&dir.join("model"), &device).with_context(|| format!("resuming from {}", dir.display()))?;
+                let vocab = GeneVocab::from_json_str(&vocab_json, "checkpoint vocab.json")?;
                 let text = std::fs::read_to_string(dir.join("state.json"))?;
                 let state: TrainState = serde_json::from_str(&text).with_context(|| format!("{}: state.json", dir.display()))?;
-                if ck.model.config.n_cls != n_cls {
-                    bail!("{}: the checkpoint's classifier has {} classes, the run's labels {n_cls}; start a new run.dir for another label set", dir.display(), ck.model.config.n_cls);
+                if model.n_cls() != n_cls {
+                    bail!("{}: the checkpoint's classifier has {} classes, the run's labels {n_cls}; start a new run.dir for another label set", dir.display(), model.n_cls());
                 }
-                let params = list_params(&ck.model)?;
+                let params = list_params(&model)?;
                 let adam = Adam::load(&dir.join("optimizer.bin"), &params, &device.clone().inner())?;
                 notes.push(format!("resuming from {} (step {step}, epoch {}, {} cells into it)", dir.display(), state.position.epoch, state.position.cells_done));
-                (ck.model, vocab, adam, state)
+                (model, vocab, adam, state)
             }
             None => {
-                let init = if cfg.model.init_from.is_empty() {
-                    crate::init::fresh(&cfg, crate::init::union_vocab(&data_vocabs), shape, &device)?
-                } else {
-                    crate::init::from_checkpoint(&cfg, Path::new(&cfg.model.init_from), &data_vocabs, shape, &device)?
-                };
+                let init = M::init(&cfg, &data_vocabs, shape, &device)?;
                 notes.extend(init.notes);
                 let t = &cfg.train;
                 let adam = Adam::new(AdamConfig {
@@ -279,7 +291,7 @@ impl Trainer {
             let resolved = toml::to_string_pretty(&cfg)?;
             scgpt_data::atomic::write_bytes(&cfg.run.dir.join("config.resolved.toml"), resolved.as_bytes())?;
             scgpt_data::atomic::write_bytes(&cfg.run.dir.join("vocab.json"), vocab_json.as_bytes())?;
-            let args = serde_json::to_string_pretty(&scgpt_model::checkpoint::original_args_json(&model.config))?;
+            let args = serde_json::to_string_pretty(&model.args_json())?;
             scgpt_data::atomic::write_bytes(&cfg.run.dir.join("args.json"), args.as_bytes())?;
             for (name, bytes) in run_files(task.as_ref(), batch_map.as_ref())? {
                 scgpt_data::atomic::write_bytes(&cfg.run.dir.join(name), &bytes)?;
@@ -349,7 +361,7 @@ impl Trainer {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn loader_config_for(cfg: &TrainConfig, task: &dyn Task, with_batches: bool, rank: usize, world: usize, batch_size: usize, valid_rows: Option<Arc<ValidRows>>, for_valid: bool, separate_valid: bool) -> LoaderConfig {
+    fn loader_config_for(cfg: &TrainConfig, task: &dyn Task<M>, with_batches: bool, rank: usize, world: usize, batch_size: usize, valid_rows: Option<Arc<ValidRows>>, for_valid: bool, separate_valid: bool) -> LoaderConfig {
         let (valid_fraction, valid_rows) = match (for_valid, separate_valid) {
             // A separate validation set is all validation; the training sets hold none of it.
             (true, true) => (1.0, None),
@@ -392,7 +404,7 @@ impl Trainer {
         self
     }
 
-    pub fn model(&self) -> &TransformerModel {
+    pub fn model(&self) -> &M {
         self.model.as_ref().expect("model present between steps")
     }
 
@@ -534,8 +546,7 @@ impl Trainer {
             self.state.cells_seen += (cells * world) as u64;
             interval.cells += (cells * world) as u64;
             interval.tokens += (micro.iter().map(|(c, _, _)| c.input_tokens()).sum::<usize>() * world) as u64;
-            let mc = &self.model().config;
-            let shape = ModelShape { d: mc.d_model, d_hid: mc.d_hid, layers: mc.nlayers };
+            let shape = self.model().shape();
             interval.flops += micro.iter().map(|(c, _, _)| c.encoder_flops(shape)).sum::<f64>() * world as f64;
             interval.comm_s += comm_s;
             bar.set_position(self.state.step);
@@ -620,7 +631,7 @@ impl Trainer {
         let accum = micro.len() as f64;
         let n_terms = self.task.terms().len();
         let mut model = self.model.take().expect("model");
-        let mut acc = GradientsAccumulator::<TransformerModel>::new();
+        let mut acc = GradientsAccumulator::<M>::new();
         let mut losses = StepLosses { sums: vec![0.0; n_terms], present: vec![false; n_terms], ..Default::default() };
         let mut terms: Vec<Option<Tensor<1>>> = vec![None; n_terms];
         for (mi, (batch, _, _)) in micro.iter().enumerate() {

@@ -9,7 +9,6 @@ use anyhow::bail;
 use indicatif::ProgressBar;
 use scgpt_data::loader::{Loader, ShardSet};
 use scgpt_data::vocab::GeneVocab;
-use scgpt_model::burn::module::Module;
 use scgpt_model::burn::tensor::Device;
 use scgpt_model::{ForwardFlags, ModelInput, TransformerModel};
 
@@ -27,7 +26,7 @@ pub struct LabelledSet {
     pub names: Vec<String>,
 }
 
-impl Trainer {
+impl<M: crate::model::EngineModel> Trainer<M> {
     /// One validation pass. `epoch_end`: this is the validation at an epoch's end, which
     /// counts for early stopping. Returns true when the run should stop early.
     pub(crate) fn evaluate(&mut self, bar: &ProgressBar, epoch_end: bool) -> anyhow::Result<bool> {
@@ -57,8 +56,8 @@ impl Trainer {
         let step = self.state.step;
         let mut scalars = eval.scalars.clone();
         if self.lead() {
-            if let Some(set) = &self.labelled {
-                let emb = embed_cells(&model, &set.cells, &self.collate, v.batch_size, &dev)?;
+            if let (Some(set), Some(transformer)) = (&self.labelled, model.as_transformer()) {
+                let emb = embed_cells(transformer, &set.cells, &self.collate, v.batch_size, &dev)?;
                 scalars.push(("valid/knn_accuracy".into(), knn_accuracy(&emb, &set.labels, v.knn_k)));
                 scalars.push(("valid/asw_label".into(), asw_label(&emb, &set.labels)));
             }

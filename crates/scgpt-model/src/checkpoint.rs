@@ -73,14 +73,14 @@ pub struct ExportReport {
     pub weights_bytes: u64,
 }
 
-fn write_err(path: &Path, message: impl Into<String>) -> ModelError {
+pub(crate) fn write_err(path: &Path, message: impl Into<String>) -> ModelError {
     ModelError::Write {
         path: path.to_path_buf(),
         message: message.into(),
     }
 }
 
-fn ckpt_err(path: &Path, message: impl Into<String>) -> ModelError {
+pub(crate) fn ckpt_err(path: &Path, message: impl Into<String>) -> ModelError {
     ModelError::Checkpoint {
         path: path.to_path_buf(),
         message: message.into(),
@@ -117,6 +117,16 @@ pub(crate) fn check_vocab(
     vocab_json: &str,
     config: &ModelConfig,
 ) -> std::result::Result<(), (String, String)> {
+    check_vocab_for(vocab_json, config.ntoken, config.pad_token_id, &config.pad_token)
+}
+
+/// [`check_vocab`] against a vocabulary size, `<pad>` id and pad token.
+pub(crate) fn check_vocab_for(
+    vocab_json: &str,
+    ntoken: usize,
+    pad_token_id: Option<usize>,
+    pad_token: &str,
+) -> std::result::Result<(), (String, String)> {
     let v: Value =
         serde_json::from_str(vocab_json).map_err(|e| ("<document>".to_string(), e.to_string()))?;
     let Value::Object(map) = v else {
@@ -133,12 +143,12 @@ pub(crate) fn check_vocab(
                 format!("id {id} is not a non-negative integer"),
             ));
         };
-        if id as usize >= config.ntoken {
+        if id as usize >= ntoken {
             return Err((
                 tok.clone(),
                 format!(
                     "id {id} is outside the model's vocabulary of {}",
-                    config.ntoken
+                    ntoken
                 ),
             ));
         }
@@ -147,12 +157,12 @@ pub(crate) fn check_vocab(
         }
     }
     if let (Some(p), Some(id)) = (
-        config.pad_token_id,
-        map.get(&config.pad_token).and_then(Value::as_u64),
+        pad_token_id,
+        map.get(pad_token).and_then(Value::as_u64),
     ) {
         if id as usize != p {
             return Err((
-                config.pad_token.clone(),
+                pad_token.to_string(),
                 format!("id {id}, but the model's pad_token_id is {p}"),
             ));
         }
@@ -160,7 +170,7 @@ pub(crate) fn check_vocab(
     Ok(())
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = std::fs::File::create(path)?;
     f.write_all(bytes)?;
@@ -178,7 +188,7 @@ fn unique_suffix() -> String {
 /// Creates `dir` atomically: `fill` writes the files into a fresh sibling temp directory, which
 /// is then renamed onto `dir`. An existing `dir` is replaced only if it contains nothing but
 /// `allowed` files.
-fn write_dir_atomically(
+pub(crate) fn write_dir_atomically(
     dir: &Path,
     allowed: &[&str],
     fill: impl FnOnce(&Path) -> Result<()>,
@@ -292,7 +302,7 @@ pub fn save_native(
     })
 }
 
-fn read_text(path: &Path) -> Result<String> {
+pub(crate) fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
         source,
@@ -348,7 +358,7 @@ pub fn load_native(dir: impl AsRef<Path>, device: &Device) -> Result<NativeCheck
 
 /// Loads every tensor of `path` into `model` by burn name; anything missing, extra, misshapen
 /// or unreadable is an error naming the file.
-fn load_safetensors_strict<M: ModuleSnapshot>(model: &mut M, path: &Path) -> Result<()> {
+pub(crate) fn load_safetensors_strict<M: ModuleSnapshot>(model: &mut M, path: &Path) -> Result<()> {
     let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
         source,
@@ -601,27 +611,9 @@ fn architecture_mismatch(
     None
 }
 
-/// Exports `model` in the original's format: `best_model.pt` (a `torch.save`d state_dict,
-/// written in pure Rust), `args.json` (from `config`) and `vocab.json` (verbatim) into `dir`,
-/// atomically. The original's `load_pretrained` loads every key of the file (with
-/// `use_fast_transformer=False` it renames `Wqkv.` → `in_proj_` itself); a model built with
-/// `use_generative_training` also writes `flag_encoder.weight`, which the original's 0.2.4
-/// model has no slot for (the released whole-human checkpoint has the same extra key).
-pub fn export_original(
-    model: &TransformerModel,
-    config: &ModelConfig,
-    vocab_json: &str,
-    dir: &Path,
-) -> Result<ExportReport> {
-    config.validate_as("export_original config")?;
-    if let Some((field, message)) = architecture_mismatch(&model.config, config) {
-        return Err(ModelError::config("export_original config", field, message));
-    }
-    check_vocab(vocab_json, config).map_err(|(field, message)| {
-        ModelError::input("vocab_json", format!("`{field}`: {message}"))
-    })?;
-    sync_running_stats(&batch_norms(model));
-
+/// A module's tensors as a PyTorch state_dict under the original's key names (BatchNorm's
+/// `num_batches_tracked` added); two tensors mapping to one key is an error naming `file`.
+pub(crate) fn state_dict<M: ModuleSnapshot>(model: &M, file: &Path) -> Result<Vec<PtTensor>> {
     let collected = model.collect(None, Some(Box::new(BurnToPyTorchAdapter)), true);
     let mut tensors: Vec<PtTensor> = Vec::with_capacity(collected.len() + 4);
     for t in collected {
@@ -644,17 +636,39 @@ pub fn export_original(
             });
         }
     }
+    let mut seen = HashSet::new();
+    if let Some(dup) = tensors.iter().map(|t| t.name.clone()).find(|n| !seen.insert(n.clone())) {
+        return Err(write_err(file, format!("two tensors map to the key `{dup}`")));
+    }
+    Ok(tensors)
+}
+
+/// Exports `model` in the original's format: `best_model.pt` (a `torch.save`d state_dict,
+/// written in pure Rust), `args.json` (from `config`) and `vocab.json` (verbatim) into `dir`,
+/// atomically. The original's `load_pretrained` loads every key of the file (with
+/// `use_fast_transformer=False` it renames `Wqkv.` → `in_proj_` itself); a model built with
+/// `use_generative_training` also writes `flag_encoder.weight`, which the original's 0.2.4
+/// model has no slot for (the released whole-human checkpoint has the same extra key).
+pub fn export_original(
+    model: &TransformerModel,
+    config: &ModelConfig,
+    vocab_json: &str,
+    dir: &Path,
+) -> Result<ExportReport> {
+    config.validate_as("export_original config")?;
+    if let Some((field, message)) = architecture_mismatch(&model.config, config) {
+        return Err(ModelError::config("export_original config", field, message));
+    }
+    check_vocab(vocab_json, config).map_err(|(field, message)| {
+        ModelError::input("vocab_json", format!("`{field}`: {message}"))
+    })?;
+    sync_running_stats(&batch_norms(model));
+
+    let tensors = state_dict(model, &dir.join(ORIGINAL_WEIGHTS))?;
     let listing: Vec<(String, Vec<usize>)> = tensors
         .iter()
         .map(|t| (t.name.clone(), t.shape.clone()))
         .collect();
-    let mut seen = HashSet::new();
-    if let Some((dup, _)) = listing.iter().find(|(n, _)| !seen.insert(n.clone())) {
-        return Err(write_err(
-            &dir.join(ORIGINAL_WEIGHTS),
-            format!("two tensors map to the key `{dup}`"),
-        ));
-    }
     let args = serde_json::to_string_pretty(&Value::Object(original_args_json(config)))
         .expect("args serialise")
         + "\n";

@@ -13,6 +13,7 @@ pub mod load;
 pub mod loss;
 pub mod model;
 pub mod perturbation;
+pub mod perturbation_checkpoint;
 pub mod torch_zip;
 
 pub use burn;

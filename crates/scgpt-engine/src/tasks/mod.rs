@@ -136,7 +136,8 @@ pub enum Heads {
     Expression,
 }
 
-pub trait Task: Send {
+/// A task trains the model `M` behind it (`TransformerModel` unless it says otherwise).
+pub trait Task<M = TransformerModel>: Send {
     fn kind(&self) -> TaskKind;
     /// The loss terms, in the order `Loss::terms` reports them.
     fn terms(&self) -> &[Term];
@@ -177,11 +178,11 @@ pub trait Task: Send {
     }
     /// Collates a training micro-batch of optimiser step `step`.
     fn prepare(&self, batch: &Batch, step: u64, opt: &CollateOptions) -> anyhow::Result<Box<dyn MicroBatch>>;
-    fn loss(&self, model: &TransformerModel, batch: &dyn MicroBatch, ctx: &mut LossContext) -> anyhow::Result<Loss>;
+    fn loss(&self, model: &M, batch: &dyn MicroBatch, ctx: &mut LossContext) -> anyhow::Result<Loss>;
     /// Length of the per-batch validation sums.
     fn eval_width(&self) -> usize;
     /// Scores validation batch `index` (fixed draws in `opt`) into `sums`.
-    fn eval_batch(&self, model: &TransformerModel, batch: &Batch, index: u64, opt: &CollateOptions, device: &Device, sums: &mut [f64]) -> anyhow::Result<()>;
+    fn eval_batch(&self, model: &M, batch: &Batch, index: u64, opt: &CollateOptions, device: &Device, sums: &mut [f64]) -> anyhow::Result<()>;
     /// Turns the sums over all ranks into scalars and the criterion.
     fn eval_finish(&self, sums: &[f64]) -> Evaluation;
 }
