@@ -27,6 +27,8 @@ pub enum Command {
     },
     /// Write a synthetic CELLxGENE-shaped h5ad with planted cell types, batches and programs.
     Simulate(crate::simulate::SimulateArgs),
+    /// A batch effect planted into real cells (known truth for integration benchmarks).
+    PlantBatch(crate::plant_batch::PlantBatchArgs),
 }
 
 #[derive(Debug, Default, clap::Args)]

@@ -5,4 +5,5 @@ pub mod config;
 pub mod inspect;
 pub mod obs_filter;
 pub mod pipeline;
+pub mod plant_batch;
 pub mod simulate;
