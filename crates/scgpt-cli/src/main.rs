@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod baseline;
 mod embed;
+mod eval_integration;
 mod experiment;
 mod inference;
 mod export;
@@ -46,6 +47,9 @@ enum Command {
     /// Cell-type labels for a query h5ad: a fine-tuned annotation model's CLS head, or a
     /// k-nearest-neighbour vote on zero-shot embeddings of a labelled reference (--mode knn).
     Predict(predict::PredictArgs),
+    /// Evaluation of embeddings (`eval integration`: scIB batch-integration metrics into
+    /// metrics.json).
+    Eval(eval_integration::EvalArgs),
     /// Paper-style experiments from a TOML: data (download + checksum, or bundled), a
     /// reference/query split, fine-tuning, kNN mapping and the baseline, and report.md.
     Experiment(experiment::ExperimentArgs),
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         Command::Baseline(args) => baseline::run(&args),
         Command::Predict(args) => predict::run(&args),
         Command::Experiment(args) => experiment::run(&args),
+        Command::Eval(args) => eval_integration::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

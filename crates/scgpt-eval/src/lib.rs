@@ -12,10 +12,15 @@ pub mod classification;
 pub mod csr;
 mod heatmap;
 pub mod knn;
+pub mod leiden;
+pub mod lisi;
 mod loess;
 pub mod logreg;
+pub mod neighbors;
 pub mod pca;
+pub mod pcr;
 pub mod preprocess;
+pub mod scib;
 
 pub use baseline::{annotation_baseline, BaselineOptions, BaselinePrediction};
 pub use classification::{ClassMetrics, ClassificationReport};
