@@ -23,6 +23,10 @@ pub enum BaselineTask {
     /// logistic regression (scanpy + scikit-learn defaults). Writes metrics.json,
     /// confusion.csv, confusion.png, predictions.csv and baseline.json into --report.
     Annotation(AnnotationArgs),
+    /// Batch integration: the unintegrated HVG + PCA embedding and Harmony on it, each scored
+    /// with the scIB metrics of `scgpt eval integration`. Writes metrics.json (keyed by
+    /// method), baseline.json, umap_pca.png and umap_harmony.png into --report.
+    Integration(crate::baseline_integration::IntegrationArgs),
 }
 
 #[derive(Debug, Args)]
@@ -62,6 +66,7 @@ pub struct AnnotationArgs {
 pub fn run(args: &BaselineArgs) -> Result<()> {
     match &args.task {
         BaselineTask::Annotation(a) => annotation(a),
+        BaselineTask::Integration(a) => crate::baseline_integration::run(a),
     }
 }
 

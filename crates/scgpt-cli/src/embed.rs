@@ -189,10 +189,11 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
     }
     let device = device(&args.device)?;
     let t0 = Instant::now();
-    // A model this project fine-tuned embeds new data as its training run tokenised it.
+    // A model this project fine-tuned (or pretrained on a gene selection) embeds new data as
+    // its training run tokenised it.
     if let Some(spec) = crate::inference::read_spec(&args.model)? {
-        if spec.task != "pretrain" {
-            return run_fine_tuned(args, &spec, format, &device, t0);
+        if spec.task != "pretrain" || spec.genes.is_some() {
+            return run_with_spec(args, &spec, format, &device, t0);
         }
     }
 
@@ -389,9 +390,10 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `scgpt embed` of a fine-tuned `best_model/`: the `<cls>` value, token genes, batch labels
-/// and `max_seq_len` of its `scgpt.json`, the cell embedding its heads read (`cell_emb_style`).
-fn run_fine_tuned(args: &EmbedArgs, spec: &scgpt_engine::checkpoint::InferenceSpec, format: Format, device: &Device, t0: Instant) -> anyhow::Result<()> {
+/// `scgpt embed` of a `best_model/` with a `scgpt.json` that changes the input: the `<cls>`
+/// value, token genes, batch labels and `max_seq_len` of its training run, the cell embedding
+/// its heads read (`cell_emb_style`).
+fn run_with_spec(args: &EmbedArgs, spec: &scgpt_engine::checkpoint::InferenceSpec, format: Format, device: &Device, t0: Instant) -> anyhow::Result<()> {
     use crate::inference::{run_model, Encoding, Head, TokenGenes};
     if args.input.is_dir() {
         bail!("{}: a fine-tuned model embeds h5ad input (its tokenisation needs the cells' genes by name); prepare shards only for pretraining", args.input.display());
@@ -404,7 +406,7 @@ fn run_fine_tuned(args: &EmbedArgs, spec: &scgpt_engine::checkpoint::InferenceSp
     let (batch_ids, unseen) = args.batch.ids_for(&args.model, Some(spec), &args.input, &mut loaded.model)?;
     let gene_col = args.gene_col.clone().or(Some(spec.gene_col.clone()).filter(|c| !c.is_empty()));
     eprintln!(
-        "model: {} (fine-tuned for {}; <cls> value {}, {} tokens per cell{}{})",
+        "model: {} (trained for {}; <cls> value {}, {} tokens per cell{}{})",
         args.model.display(),
         spec.task,
         spec.cls_value,

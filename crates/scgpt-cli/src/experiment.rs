@@ -46,6 +46,10 @@ pub enum ExperimentCommand {
 #[serde(deny_unknown_fields)]
 pub struct Experiment {
     pub name: String,
+    /// `annotation` (reference/query, labels predicted) or `integration` (one file, batches
+    /// integrated, scIB metrics).
+    #[serde(default = "annotation")]
+    pub recipe: String,
     #[serde(default)]
     pub description: String,
     #[serde(default)]
@@ -55,12 +59,26 @@ pub struct Experiment {
     pub finetune: Vec<Finetune>,
     #[serde(default)]
     pub knn: Option<Knn>,
+    /// Integration: the zero-shot embedding of a pretrained model, scored as the others.
+    #[serde(default)]
+    pub zero_shot: Option<ZeroShot>,
     #[serde(default = "yes")]
     pub baseline: bool,
 }
 
 fn yes() -> bool {
     true
+}
+
+fn annotation() -> String {
+    "annotation".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZeroShot {
+    /// A pretrained model folder, or the name of a fine-tune variant whose pretraining run to use.
+    pub model: String,
 }
 
 /// A file of the dataset: where it lives locally, where it comes from, its checksum.
@@ -94,6 +112,34 @@ pub struct Dataset {
     /// The matrix read: `auto` (raw/X when present) or `x`.
     #[serde(default = "auto")]
     pub matrix: String,
+    /// Integration: the obs column with the batches.
+    #[serde(default)]
+    pub batch_col: String,
+    /// Integration: plant a batch effect into `file`'s cells (`scgpt-prep plant-batch`) and
+    /// integrate that (`batch_col` is then `planted_batch`), so the truth is known.
+    #[serde(default)]
+    pub plant: Option<Plant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plant {
+    #[serde(default = "half")]
+    pub fraction: f64,
+    #[serde(default = "half")]
+    pub gene_scale_sd: f64,
+    #[serde(default = "two")]
+    pub library_shift: f64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn half() -> f64 {
+    0.5
+}
+
+fn two() -> f64 {
+    2.0
 }
 
 fn auto() -> String {
@@ -141,7 +187,7 @@ fn sha256_hex(path: &Path) -> anyhow::Result<String> {
 }
 
 /// The file, downloaded from its URL when missing (curl), and checked against its checksum.
-fn fetch(f: &DataFile, what: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn fetch(f: &DataFile, what: &str) -> anyhow::Result<PathBuf> {
     if !f.path.is_file() {
         if f.url.is_empty() {
             bail!("dataset.{what}: {} not found and no url to download it from", f.path.display());
@@ -194,7 +240,7 @@ fn gene_col(e: &Experiment) -> Option<String> {
     (e.dataset.file.is_none() && !e.dataset.gene_col.is_empty()).then(|| e.dataset.gene_col.clone())
 }
 
-fn train(config: &Path, sets: Vec<String>, quiet: bool) -> anyhow::Result<()> {
+pub(crate) fn train(config: &Path, sets: Vec<String>, quiet: bool) -> anyhow::Result<()> {
     let cfg = scgpt_engine::config::resolve(Some(config), &sets)?;
     let mut t = scgpt_engine::Trainer::new(cfg, Box::new(scgpt_dist::Single::new()))?;
     if quiet {
@@ -236,12 +282,41 @@ struct Method {
     report: PathBuf,
 }
 
+/// The variant's starting model: another variant's pretraining run (`pretrained_from`), or a
+/// pretraining run of its own on `cells` (`pretrain_config`), made first; `None` = its config's.
+pub(crate) fn pretrain(e: &Experiment, f: &Finetune, out: &Path, cells: &Path, gene: Option<&str>, train_sets: &[String], quiet: bool) -> anyhow::Result<Option<PathBuf>> {
+    let mut init = None;
+    if let Some(other) = &f.pretrained_from {
+        let dir = out.join("runs").join(format!("{other}-pretrain")).join("best_model");
+        anyhow::ensure!(dir.is_dir(), "finetune {:?}: pretrained_from = {other:?} has no pretraining run at {} (list that variant, with pretrain_config, before this one)", f.name, dir.display());
+        init = Some(dir);
+    }
+    if let Some(pc) = &f.pretrain_config {
+        let pre = out.join("runs").join(format!("{}-pretrain", f.name));
+        let mut sets = vec![format!("run.dir={}", toml_str(&pre.display().to_string())), format!("data.input={}", toml_str(&cells.display().to_string())), format!("run.seed={}", e.seed)];
+        if let Some(g) = gene {
+            sets.push(format!("data.gene_col={}", toml_str(g)));
+        }
+        sets.extend(f.pretrain_set.iter().cloned());
+        sets.extend(train_sets.iter().cloned());
+        eprintln!("experiment: {}: pretraining", f.name);
+        train(pc, sets, quiet)?;
+        init = Some(pre.join("best_model"));
+    }
+    Ok(init)
+}
+
 pub fn run(args: &ExperimentArgs) -> anyhow::Result<()> {
     let ExperimentCommand::Run { file, out, quiet, train_sets } = &args.command;
     let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read", file.display()))?;
     let e: Experiment = toml::from_str(&text).with_context(|| format!("{}: not a valid experiment file", file.display()))?;
     let out = out.clone().unwrap_or_else(|| PathBuf::from("experiments/out").join(&e.name));
     std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+    match e.recipe.as_str() {
+        "annotation" => {}
+        "integration" => return crate::experiment_integration::run(&e, file, &out, train_sets, *quiet),
+        other => bail!("{}: recipe = {other:?}: expected \"annotation\" or \"integration\"", file.display()),
+    }
     let (reference, query) = prepare_data(&e, &out)?;
     let label = e.dataset.label_col.clone();
     let gene = gene_col(&e);
@@ -250,24 +325,7 @@ pub fn run(args: &ExperimentArgs) -> anyhow::Result<()> {
 
     for f in &e.finetune {
         let run_dir = out.join("runs").join(&f.name);
-        let mut init = None;
-        if let Some(other) = &f.pretrained_from {
-            let dir = out.join("runs").join(format!("{other}-pretrain")).join("best_model");
-            anyhow::ensure!(dir.is_dir(), "finetune {:?}: pretrained_from = {other:?} has no pretraining run at {} (list that variant, with pretrain_config, before this one)", f.name, dir.display());
-            init = Some(dir);
-        }
-        if let Some(pc) = &f.pretrain_config {
-            let pre = out.join("runs").join(format!("{}-pretrain", f.name));
-            let mut sets = vec![format!("run.dir={}", toml_str(&pre.display().to_string())), format!("data.input={}", toml_str(&reference.display().to_string())), format!("run.seed={}", e.seed)];
-            if let Some(g) = &gene {
-                sets.push(format!("data.gene_col={}", toml_str(g)));
-            }
-            sets.extend(f.pretrain_set.iter().cloned());
-            sets.extend(train_sets.iter().cloned());
-            eprintln!("experiment: {}: pretraining on the reference", f.name);
-            train(pc, sets, *quiet)?;
-            init = Some(pre.join("best_model"));
-        }
+        let init = pretrain(&e, f, &out, &reference, gene.as_deref(), train_sets, *quiet)?;
         let mut sets = vec![
             format!("run.dir={}", toml_str(&run_dir.display().to_string())),
             format!("data.input={}", toml_str(&reference.display().to_string())),

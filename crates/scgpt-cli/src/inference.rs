@@ -66,6 +66,22 @@ impl TokenGenes {
         Ok(TokenGenes { genes, slot, with_zeros })
     }
 
+    /// How many of the token genes `names` (the input's genes) holds, and a few it lacks.
+    fn coverage(&self, names: &[String], vocab: &scgpt_data::vocab::GeneVocab) -> (usize, Vec<String>) {
+        let mut present = vec![false; self.genes.len()];
+        for n in names {
+            if let Some(id) = vocab.get(n) {
+                if let Some(&k) = self.slot.get(id as usize) {
+                    if k != u32::MAX {
+                        present[k as usize] = true;
+                    }
+                }
+            }
+        }
+        let missing = present.iter().enumerate().filter(|(_, p)| !**p).take(5).map(|(k, _)| vocab.tokens()[self.genes[k] as usize].clone()).collect();
+        (present.iter().filter(|p| **p).count(), missing)
+    }
+
     /// `<cls>` and every token gene: the cell's bins (binned over its token genes alone, as the
     /// original bins its HVG-subset rows), 0 where it has none.
     fn tokenize(&self, cell: u64, genes: &[u32], values: &[f32], opt: &TokenizeOptions, s: &mut Scratch) -> Tokens {
@@ -228,10 +244,27 @@ impl BatchArgs {
 /// Every cell of an h5ad through the model.
 #[allow(clippy::too_many_arguments)]
 pub fn run_model(model: &TransformerModel, path: &Path, matrix: MatrixChoice, gene_col: Option<&str>, loaded: &LoadedModel, enc: &Encoding, batch_size: usize, min_gene_match: f64, quiet: bool, head: Head, dev: &Device) -> anyhow::Result<Encoded> {
-    let mut source = Source::H5ad(H5adSource::open(path, matrix, gene_col, &loaded.vocab, &loaded.vocab_path, min_gene_match)?);
+    // A model trained on a gene selection needs those genes, not most of the input's: the
+    // match is checked against the selection.
+    let source_min = if enc.token_genes.is_some() { 0.0 } else { min_gene_match };
+    let mut source = Source::H5ad(H5adSource::open(path, matrix, gene_col, &loaded.vocab, &loaded.vocab_path, source_min)?);
+    if let Some(tg) = &enc.token_genes {
+        let names = H5adReader::open(path, matrix)?.var_names(gene_col)?;
+        let (found, missing) = tg.coverage(&names, &loaded.vocab);
+        let share = found as f64 / tg.genes.len().max(1) as f64;
+        eprintln!("{}: {found} of the model's {} genes are in the input ({:.1}%)", path.display(), tg.genes.len(), 100.0 * share);
+        if share < min_gene_match {
+            bail!(
+                "{}: only {found} of the {} genes the model was trained on are in the input (minimum {:.0}%; missing e.g. {missing:?}); is --gene-col right? or lower --min-gene-match",
+                path.display(),
+                tg.genes.len(),
+                100.0 * min_gene_match
+            );
+        }
+    }
     let g = source.genes();
     eprintln!("{}: {} of {} {} matched the model vocabulary ({:.1}%)", path.display(), g.matched, g.total, g.what, 100.0 * g.matched as f64 / g.total.max(1) as f64);
-    if (g.matched as f64) < 0.5 * g.total as f64 {
+    if enc.token_genes.is_none() && (g.matched as f64) < 0.5 * g.total as f64 {
         eprintln!("warning: fewer than half of the input genes are in the model vocabulary; is --gene-col right (e.g. feature_name for CELLxGENE files)?");
     }
     let n = source.n_cells();

@@ -9,9 +9,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod baseline;
+mod baseline_integration;
 mod embed;
 mod eval_integration;
 mod experiment;
+mod experiment_integration;
 mod inference;
 mod export;
 mod labelled_h5ad;

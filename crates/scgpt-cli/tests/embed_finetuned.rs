@@ -73,7 +73,7 @@ fn embed_uses_the_fine_tuned_models_batch_labels_and_tokens() {
     let o = scgpt(&["embed", "--model", model, "--input", pbmc().to_str().unwrap(), "--output", out.to_str().unwrap(), "--quiet"]);
     assert!(o.status.success(), "embed: {}", String::from_utf8_lossy(&o.stderr));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("fine-tuned for integration") && err.contains("batch labels"), "{err}");
+    assert!(err.contains("trained for integration") && err.contains("batch labels"), "{err}");
     let r = read_back(&out);
     assert_eq!(r["shape"], serde_json::json!([700, 32]));
     assert!(r["finite"].as_bool().unwrap());

@@ -46,3 +46,34 @@ fn the_bundled_annotation_experiment_runs_end_to_end_offline() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("sha256"), "{err}");
 }
+
+/// The integration recipe offline, on the planted-batch experiment: the planted file, every
+/// method's scIB metrics (fine-tuned from scratch and after a tiny pretraining, zero-shot,
+/// PCA and Harmony) and report.md with them side by side.
+#[test]
+fn the_planted_batch_integration_experiment_runs_end_to_end_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("exp");
+    let o = Command::new(env!("CARGO_BIN_EXE_scgpt"))
+        .current_dir(root())
+        .env("HDF5_USE_FILE_LOCKING", "FALSE")
+        .args(["experiment", "run", "experiments/integration_planted.toml", "--quiet", "--out"])
+        .arg(&out)
+        .args(["--train-set", "train.max_steps=2", "--train-set", "train.epochs=1", "--train-set", "preprocess.hvg=100", "--train-set", "model.max_seq_len=101"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in ["data/planted.h5ad", "runs/scratch/best_model/batch_labels.json", "runs/scratch/embedding.h5ad", "zero_shot.h5ad", "report.md"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    for m in ["scratch", "tiny_pretrained", "zero_shot"] {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("reports").join(m).join("metrics.json")).unwrap()).unwrap();
+        let asw = v["ASW_label"].as_f64().unwrap_or(f64::NAN);
+        assert!((0.0..=1.0).contains(&asw), "{m}: ASW_label {asw}");
+    }
+    let b: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("reports/baseline/metrics.json")).unwrap()).unwrap();
+    assert!(b["pca"].is_object() && b["harmony"].is_object(), "{b}");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert_eq!(report.lines().filter(|l| l.starts_with("| scGPT") || l.starts_with("| baseline")).count(), 5, "{report}");
+    assert!(report.contains("planted_batch"), "{report}");
+}

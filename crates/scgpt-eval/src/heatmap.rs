@@ -11,10 +11,10 @@ use plotters::style::FontTransform;
 
 use crate::atomic;
 
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 static DEJAVU: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
-fn register_font() -> Result<()> {
+pub(crate) fn register_font() -> Result<()> {
     static DONE: OnceLock<bool> = OnceLock::new();
     let ok = *DONE.get_or_init(|| plotters::style::register_font(FONT, FontStyle::Normal, DEJAVU).is_ok());
     if ok {
@@ -35,7 +35,7 @@ fn blues(v: f64) -> RGBColor {
     RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
-fn text_width(text: &str, size: f64) -> u32 {
+pub(crate) fn text_width(text: &str, size: f64) -> u32 {
     (FONT, size).into_font().box_size(text).map(|(w, _)| w).unwrap_or((text.len() as f64 * size * 0.6) as u32)
 }
 

@@ -5,11 +5,14 @@
 //! - [`baseline`]: the annotation baseline a user tries first (normalise, log1p, 2,000 HVGs,
 //!   PCA 50, logistic regression), matching scanpy + scikit-learn.
 //! - [`knn`]: reference mapping by a cosine k-nearest-neighbour vote on embeddings.
+//! - [`harmony`]: Harmony batch correction of an embedding (harmonypy 2.1.0's algorithm).
+//! - [`umap`]: a 2-D UMAP layout and the picture of it coloured by label and by batch.
 
 mod atomic;
 pub mod baseline;
 pub mod classification;
 pub mod csr;
+pub mod harmony;
 mod heatmap;
 pub mod knn;
 pub mod leiden;
@@ -21,6 +24,7 @@ pub mod pca;
 pub mod pcr;
 pub mod preprocess;
 pub mod scib;
+pub mod umap;
 
 pub use baseline::{annotation_baseline, BaselineOptions, BaselinePrediction};
 pub use classification::{ClassMetrics, ClassificationReport};
