@@ -19,7 +19,7 @@ fn python() -> PathBuf {
     let venv = repo().join(".venv/bin/python");
     assert!(
         venv.exists(),
-        "these tests check shards with Python (anndata, pyarrow): run `bash .ci/setup-python.sh` or set SCGPT_PYTHON"
+        "these tests check shards with Python (anndata, pyarrow): run `bash launch/setup.sh` or set SCGPT_PYTHON"
     );
     venv
 }

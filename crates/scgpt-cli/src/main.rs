@@ -1,8 +1,9 @@
-//! `scgpt`: inference commands on original scGPT checkpoints.
+//! `scgpt`: everything but training (`scgpt-train`).
 //!
-//! `scgpt embed`: zero-shot cell embeddings, the original's `scgpt.tasks.embed_data` recipe
-//! (see `embed.rs`). `scgpt export` / `scgpt convert`: between the original's checkpoint format
-//! and ours (see `export.rs`).
+//! `embed` (zero-shot or fine-tuned cell embeddings, `embed.rs`; fine-tuned models through
+//! `inference.rs`), `predict` (cell types), `eval integration` (scIB metrics), `baseline
+//! annotation|integration`, `experiment run` (paper-style experiments from a TOML), and
+//! `export` / `convert` between the original's checkpoint format and ours (`export.rs`).
 
 use std::process::ExitCode;
 
@@ -27,7 +28,7 @@ mod split_h5ad;
 #[command(
     name = "scgpt",
     version,
-    about = "scGPT in Rust: inference on original checkpoints"
+    about = "scGPT in Rust: embeddings, predictions, evaluation, baselines, experiments, checkpoint conversion"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -44,7 +45,8 @@ enum Command {
     Export(export::ExportArgs),
     /// Convert the original's checkpoint folder into a native checkpoint.
     Convert(export::ConvertArgs),
-    /// Baselines to compare models against (`baseline annotation`: PCA + logistic regression).
+    /// Baselines to compare models against (`baseline annotation`: PCA + logistic regression;
+    /// `baseline integration`: HVG + PCA and Harmony, scored with the scIB metrics).
     Baseline(baseline::BaselineArgs),
     /// Cell-type labels for a query h5ad: a fine-tuned annotation model's CLS head, or a
     /// k-nearest-neighbour vote on zero-shot embeddings of a labelled reference (--mode knn).

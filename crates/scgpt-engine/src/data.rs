@@ -72,8 +72,7 @@ fn select(cfg: &TrainConfig, root: &Path) -> anyhow::Result<Option<crate::prepro
         return Ok(None);
     }
     if let Some(saved) = crate::preprocess::load(root)? {
-        let p = &cfg.preprocess;
-        if saved.filter_gene_by_counts == p.filter_gene_by_counts && saved.hvg == p.hvg {
+        if saved.request == crate::preprocess::request(cfg) {
             return Ok(Some(saved));
         }
     }

@@ -1,12 +1,19 @@
 //! The scGPT training engine: every recipe reuses it.
 //!
-//! - [`config`]: the `scgpt-train` TOML (run, data, model under args.json names, train, valid, task).
-//! - [`collate`]: cells to generative (pcpt/gen) or masked-value minibatches, as the original.
+//! - [`config`]: the `scgpt-train` TOML (run, data, model under args.json names, train, valid,
+//!   task, preprocess, dist).
+//! - [`collate`]: cells to generative (pcpt/gen), masked-value or fine-tuning minibatches, as
+//!   the original.
 //! - [`optim`]: PyTorch-exact Adam/AdamW keyed by parameter path, global-norm clipping, warmup + cosine.
 //! - [`init`]: fresh models, continual pretraining from original or native checkpoints, vocabulary extension.
-//! - [`tasks`]: what a run trains (generative or masked-value pretraining, annotation): collation, loss terms, validation scores.
+//! - [`tasks`]: what a run trains (generative or masked-value pretraining, annotation,
+//!   integration): collation, loss terms, validation scores.
+//! - [`model`]: what the loop needs of the model behind a task ([`EngineModel`]: the
+//!   `TransformerModel` or the perturbation `TransformerGenerator`).
 //! - [`trainer`]: the loop, written once for every task; [`checkpoint`], [`validation`], [`logging`] its parts.
-//! - [`data`]: shard sets, or h5ad inputs prepared into the run directory.
+//! - [`data`]: shard sets, or h5ad inputs prepared into the run directory; [`preprocess`]: the
+//!   `[preprocess]` gene selection on them.
+//! - [`device`]: the compute devices of the build.
 //! - [`metrics`]: kNN accuracy and ASW of cell embeddings.
 //! - [`tensorboard`]: TensorBoard event files.
 

@@ -27,6 +27,22 @@ pub struct GeneSelection {
     pub hvg_flavor: Option<String>,
     /// The batch column the HVGs were selected per, if any.
     pub hvg_batch_col: Option<String>,
+    /// Everything the selection depends on, as requested (the `[preprocess]` section, the input,
+    /// its gene and batch columns, the vocabulary it was restricted to): a run reuses its saved
+    /// selection only when this is unchanged.
+    #[serde(default)]
+    pub request: serde_json::Value,
+}
+
+/// What a selection depends on (see [`GeneSelection::request`]).
+pub fn request(cfg: &TrainConfig) -> serde_json::Value {
+    serde_json::json!({
+        "preprocess": cfg.preprocess,
+        "input": cfg.data.input,
+        "gene_col": cfg.data.gene_col,
+        "batch_col": cfg.data.batch_col,
+        "init_from": cfg.model.init_from,
+    })
 }
 
 pub const SELECTION_FILE: &str = "genes.json";
@@ -100,7 +116,7 @@ pub fn select_genes(cfg: &TrainConfig, vocab: Option<&GeneVocab>) -> anyhow::Res
     if kept.is_empty() {
         bail!("{what}: no gene is left after [preprocess] (vocabulary, filter_gene_by_counts = {})", p.filter_gene_by_counts);
     }
-    let mut sel = GeneSelection { genes: Vec::new(), filter_gene_by_counts: p.filter_gene_by_counts, hvg: p.hvg, hvg_flavor: None, hvg_batch_col: None };
+    let mut sel = GeneSelection { genes: Vec::new(), filter_gene_by_counts: p.filter_gene_by_counts, hvg: p.hvg, hvg_flavor: None, hvg_batch_col: None, request: request(cfg) };
     if p.hvg > 0 && p.hvg < kept.len() {
         let integer = x.data.iter().all(|v| v.fract() == 0.0);
         let flavor = match p.hvg_flavor.as_str() {

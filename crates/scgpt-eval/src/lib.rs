@@ -1,10 +1,14 @@
-//! Evaluation of cell-type annotation and the baselines it is compared with; no burn, no HDF5.
+//! Evaluation and the baselines scGPT is compared with; no burn, no HDF5.
 //!
 //! - [`classification`]: accuracy and macro/weighted F1 as scikit-learn computes them, the
 //!   confusion matrix as CSV and PNG.
 //! - [`baseline`]: the annotation baseline a user tries first (normalise, log1p, 2,000 HVGs,
 //!   PCA 50, logistic regression), matching scanpy + scikit-learn.
 //! - [`knn`]: reference mapping by a cosine k-nearest-neighbour vote on embeddings.
+//! - [`preprocess`]: scanpy's normalize_total + log1p, filter_genes and highly_variable_genes
+//!   (seurat_v3, cell_ranger, seurat; per batch), gene for gene.
+//! - [`scib`]: scIB's integration metrics on an embedding, with [`neighbors`] (kNN graph and
+//!   UMAP connectivities), [`leiden`], [`pcr`] and [`lisi`].
 //! - [`harmony`]: Harmony batch correction of an embedding (harmonypy 2.1.0's algorithm).
 //! - [`umap`]: a 2-D UMAP layout and the picture of it coloured by label and by batch.
 

@@ -11,7 +11,7 @@ use clap::Parser;
 use scgpt_engine::{RunEnd, Trainer};
 
 #[derive(Debug, Parser)]
-#[command(name = "scgpt-train", version, about = "scGPT pretraining (generative or masked-value objective)")]
+#[command(name = "scgpt-train", version, about = "scGPT training: pretraining (generative or masked-value) and fine-tuning (annotation, integration) from one TOML")]
 struct Cli {
     /// Experiment TOML (configs/); the embedded default is configs/pretrain_tiny.toml.
     #[arg(long)]
