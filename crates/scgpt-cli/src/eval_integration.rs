@@ -59,6 +59,10 @@ pub struct IntegrationArgs {
     /// Skip graph iLISI/cLISI (scib's `metrics` call in the scGPT tutorial leaves them off).
     #[arg(long)]
     pub no_lisi: bool,
+    /// Skip the UMAP picture (umap.png: the embedding coloured by label and by batch; for the
+    /// eyes only, the metrics never depend on it).
+    #[arg(long)]
+    pub no_umap: bool,
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
@@ -301,6 +305,17 @@ fn integration(args: &IntegrationArgs) -> Result<()> {
     };
     let json = serde_json::to_string_pretty(&report)?;
     let out = scgpt_eval::write_atomic(&args.report, "metrics.json", json.as_bytes())?;
+    if !args.no_umap {
+        let opts = scgpt_eval::umap::UmapOptions { seed: args.seed, ..Default::default() };
+        let y = scgpt_eval::umap::umap(&emb_data, emb.dim, &opts).with_context(|| format!("{}: UMAP of obsm/{}", path.display(), args.embedding))?;
+        let title = format!("obsm/{} of {} ({} cells)", args.embedding, path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned()), labels.len());
+        let panels = [
+            scgpt_eval::umap::Colouring { title: &format!("label ({})", args.label_col), values: &labels },
+            scgpt_eval::umap::Colouring { title: &format!("batch ({})", args.batch_col), values: &batches },
+        ];
+        let png = scgpt_eval::umap::write_umap_png(&args.report, "umap.png", &y, &title, &panels)?;
+        say(&format!("wrote {}", png.display()));
+    }
 
     let f = |v: Option<f64>| v.map_or("null".to_string(), |x| format!("{x:.4}"));
     println!(

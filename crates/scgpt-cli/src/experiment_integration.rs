@@ -59,6 +59,7 @@ fn score(emb: &Path, e: &Experiment, batch_col: &str, report: &Path) -> anyhow::
             pre_embedding: None,
             seed: e.seed,
             no_lisi: false,
+            no_umap: false,
         }),
     })
 }

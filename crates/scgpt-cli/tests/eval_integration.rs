@@ -84,9 +84,13 @@ fn metrics_match_scib() {
     assert!(m["pre_integration"].as_str().unwrap().starts_with("X (60 genes)"), "{}", m["pre_integration"]);
     let notes: Vec<&str> = m["notes"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
     assert!(notes.iter().any(|n| n.contains("`Lone cell`")), "{notes:?}");
-    // No temporary file left beside the report.
-    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-    assert_eq!(names, vec!["metrics.json"]);
+    // The UMAP picture (two panels) decodes; no temporary file is left beside the report.
+    let png = std::fs::read(dir.path().join("umap.png")).unwrap();
+    let info = png::Decoder::new(std::io::Cursor::new(png)).read_info().unwrap().info().clone();
+    assert!(info.width > info.height && info.height >= 300, "two panels side by side: {}x{}", info.width, info.height);
+    let mut names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, vec!["metrics.json", "umap.png"]);
 }
 
 #[test]

@@ -184,6 +184,16 @@ impl<M: EngineModel> Trainer<M> {
                 Some(m) => m,
                 None => Classes::scan(&scan_sets, &cfg.data.batch_col, "data.batch_col")?.0,
             };
+            if map.len() < task.min_batch_labels() {
+                bail!(
+                    "data.batch_col = {:?} has {} value(s) ({}) in the data; the {} task needs at least {} batches (nothing to integrate otherwise)",
+                    cfg.data.batch_col,
+                    map.len(),
+                    map.names.join(", "),
+                    task.kind(),
+                    task.min_batch_labels()
+                );
+            }
             notes.push(format!("batch labels: {} of `{}` ({})", map.len(), cfg.data.batch_col, map.names.iter().take(8).cloned().collect::<Vec<_>>().join(", ")));
             Some(map)
         } else {

@@ -200,3 +200,20 @@ fn dar_reverses_the_gradient_that_reaches_the_encoder() {
     }
     assert_eq!(disc_rev, disc_plain, "the discriminator's own gradient is not reversed");
 }
+
+#[test]
+fn one_batch_is_nothing_to_integrate_and_a_missing_column_lists_the_columns() {
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let wu = |run: &str, col: &str| {
+        let mut c = integration(&tmp.path().join(run), &[&format!("data.batch_col=\"{col}\"")]);
+        c.data.input = vec![root().join("tests/data/wu2020_200.h5ad")];
+        c.data.allow_non_integer = false;
+        c
+    };
+    // wu2020's `multi_chain` is "False" for every cell.
+    let e = format!("{:#}", Trainer::new(wu("one", "multi_chain"), Box::new(scgpt_dist::Single::new())).err().expect("an error"));
+    assert!(e.contains("multi_chain") && e.contains("1 value") && e.contains("at least 2"), "{e}");
+    let e = format!("{:#}", Trainer::new(wu("missing", "donor"), Box::new(scgpt_dist::Single::new())).err().expect("an error"));
+    assert!(e.contains("donor") && e.contains("patient"), "the missing column and the ones there: {e}");
+}

@@ -69,6 +69,10 @@ impl Task for Integration {
     fn include_zero_gene(&self) -> bool {
         self.include_zero_gene
     }
+    /// One batch leaves nothing to integrate.
+    fn min_batch_labels(&self) -> usize {
+        2
+    }
     fn heads(&self) -> super::Heads {
         super::Heads::Expression
     }

@@ -167,6 +167,10 @@ pub trait Task<M = TransformerModel>: Send {
     fn cls_value(&self) -> Option<f32> {
         None
     }
+    /// Distinct batch labels the data must hold for the task to make sense (integration: 2).
+    fn min_batch_labels(&self) -> usize {
+        0
+    }
     /// Cells are tokenised with every gene of the data, zeros included.
     fn include_zero_gene(&self) -> bool {
         false
