@@ -82,6 +82,20 @@ pub struct MlmBatch {
 }
 
 impl MlmBatch {
+    /// `b` rows of `len` padding tokens, nothing masked.
+    fn padded(b: usize, len: usize, opt: &CollateOptions) -> Self {
+        MlmBatch {
+            batch: b,
+            len,
+            genes: vec![opt.pad_id as i64; b * len],
+            values: vec![opt.pad_value; b * len],
+            target: vec![opt.pad_value; b * len],
+            pad: vec![true; b * len],
+            masked: vec![false; b * len],
+            labels: Vec::new(),
+        }
+    }
+
     pub fn masked_tokens(&self) -> usize {
         self.masked.iter().filter(|m| **m).count()
     }
@@ -165,16 +179,7 @@ pub fn collate_mlm(cells: &[Cell], mask_ratio: f64, opt: &CollateOptions) -> Mlm
     let b = cells.len();
     let longest = cells.iter().map(|c| c.genes.len() + 1).max().unwrap_or(1);
     let len = opt.max_seq_len.min(longest);
-    let mut out = MlmBatch {
-        batch: b,
-        len,
-        genes: vec![opt.pad_id as i64; b * len],
-        values: vec![opt.pad_value; b * len],
-        target: vec![opt.pad_value; b * len],
-        pad: vec![true; b * len],
-        masked: vec![false; b * len],
-        labels: Vec::new(),
-    };
+    let mut out = MlmBatch::padded(b, len, opt);
     let mut binner = Binner::new();
     let mut bins = Vec::new();
     let mut order: Vec<usize> = Vec::new();
@@ -259,16 +264,7 @@ pub fn collate_finetune(cells: &[Cell], tokens: &FinetuneTokens, opt: &CollateOp
     let b = cells.len();
     let width = |c: &Cell| tokens.all_genes.map_or(c.genes.len(), <[u32]>::len) + 1;
     let len = opt.max_seq_len.min(cells.iter().map(width).max().unwrap_or(1));
-    let mut out = MlmBatch {
-        batch: b,
-        len,
-        genes: vec![opt.pad_id as i64; b * len],
-        values: vec![opt.pad_value; b * len],
-        target: vec![opt.pad_value; b * len],
-        pad: vec![true; b * len],
-        masked: vec![false; b * len],
-        labels: Vec::new(),
-    };
+    let mut out = MlmBatch::padded(b, len, opt);
     let mut binner = Binner::new();
     let mut bins = Vec::new();
     let mut row_genes: Vec<(u32, f32)> = Vec::new();

@@ -5,7 +5,6 @@
 //! a `ClassifyBatch` as the collator hands it over, `annotation::mean_loss` and
 //! `Annotation::logits`.
 
-use std::path::PathBuf;
 
 use scgpt_engine::collate::ClassifyBatch;
 use scgpt_engine::tasks::annotation::{mean_loss, Annotation};
@@ -14,50 +13,13 @@ use scgpt_model::layers::{HeadLayer, ValueEncoder};
 use scgpt_model::{load_pretrained, ModelConfig};
 use serde_json::Value;
 
+#[path = "common/fixture.rs"]
+mod fixture;
+use fixture::{bools, data_dir, floats, ints, shape_of};
+
 const NTOKEN: usize = 100;
 const PAD_ID: usize = 97;
 const N_CLS: usize = 5;
-
-fn data_dir() -> PathBuf {
-    match std::env::var_os("SCGPT_TEST_DATA_ENGINE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/engine"),
-    }
-}
-
-fn shape_of(v: &Value) -> Vec<usize> {
-    v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn ints(v: &Value) -> Vec<i64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
-}
-
-fn bools(v: &Value) -> Vec<bool> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_bool().unwrap())
-        .collect()
-}
 
 /// Gradients differ from PyTorch's only by summation order; relative to the largest entry of
 /// the tensor, so tiny entries of a large gradient are not held to a tighter bound. burn's

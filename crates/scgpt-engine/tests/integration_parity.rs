@@ -7,7 +7,6 @@
 //! DSBN normalises each with the batch statistics of its own `bns[k]`. The engine's own entry
 //! point is used: a `MaskedBatch` as the collator hands it over and `Integration::mean_loss`.
 
-use std::path::PathBuf;
 
 use scgpt_engine::collate::MlmBatch;
 use scgpt_engine::tasks::expression::MaskedBatch;
@@ -17,52 +16,15 @@ use scgpt_model::layers::{HeadLayer, ValueEncoder};
 use scgpt_model::{load_pretrained, BatchNormStyle, CellEmbStyle, ModelConfig};
 use serde_json::Value;
 
+#[path = "common/fixture.rs"]
+mod fixture;
+use fixture::{bools, data_dir, floats, ints, shape_of};
+
 const NTOKEN: usize = 100;
 const PAD_ID: usize = 97;
 const N_BATCHES: usize = 3;
 /// `Loss.terms` order of the expression tasks.
 const TERMS: [&str; 6] = ["gep", "gep_zero", "gepc", "gepc_zero", "ecs", "dar"];
-
-fn data_dir() -> PathBuf {
-    match std::env::var_os("SCGPT_TEST_DATA_ENGINE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/engine"),
-    }
-}
-
-fn shape_of(v: &Value) -> Vec<usize> {
-    v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn ints(v: &Value) -> Vec<i64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
-}
-
-fn bools(v: &Value) -> Vec<bool> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_bool().unwrap())
-        .collect()
-}
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec().unwrap()
