@@ -9,10 +9,17 @@
 /// Call once at the start of `main`, before threads start. No-op off glibc.
 pub fn tune_for_tensors() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before other threads exist.
     unsafe {
-        // Served from the heap up to 1 GiB; up to 2 GiB of freed heap top is kept.
+        // Every buffer from the heap (no mmap, whatever its size), and freed heap never
+        // returned (-1 disables trimming): at batch 64 × 8 heads × 513² one score tensor is
+        // 540 MB and a step's peak ~12 GB, so a 2 GiB trim threshold still gave most of a
+        // step's memory back to the kernel to fault in again (31% of an integration step in
+        // kernel time; the same settings through GLIBC_TUNABLES took 4 steps' kernel time from
+        // 48-60 s to 15.5 s, docs/benchmarks.md).
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
         // Few arenas: buffers freed by one rayon worker are reused by the others.
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
