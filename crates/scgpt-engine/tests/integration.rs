@@ -217,3 +217,39 @@ fn one_batch_is_nothing_to_integrate_and_a_missing_column_lists_the_columns() {
     let e = format!("{:#}", Trainer::new(wu("missing", "donor"), Box::new(scgpt_dist::Single::new())).err().expect("an error"));
     assert!(e.contains("donor") && e.contains("patient"), "the missing column and the ones there: {e}");
 }
+
+/// Masked-value pretraining honours the switches the integration task added: with
+/// `explicit_zero_prob` and `DAR` on, their terms are computed and logged.
+#[test]
+fn masked_value_pretraining_computes_the_zero_probability_and_dar_terms() {
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("mlm");
+    let sets: Vec<String> = vec![
+        format!("run.dir=\"{}\"", run.display()),
+        format!("data.input=\"{}\"", root().join("tests/data/pbmc68k_reduced.h5ad").display()),
+        "data.allow_non_integer=true".into(),
+        "data.batch_col=\"phase\"".into(),
+        "train.objective=\"mlm\"".into(),
+        "model.DAR=true".into(),
+        "model.explicit_zero_prob=true".into(),
+        "model.embsize=32".into(),
+        "model.nheads=2".into(),
+        "model.d_hid=32".into(),
+        "model.nlayers=2".into(),
+        "model.max_seq_len=64".into(),
+        "train.batch_size=32".into(),
+        "train.max_steps=3".into(),
+        "train.log_every=1".into(),
+        "valid.label_set=\"\"".into(),
+        "run.threads=2".into(),
+    ];
+    let mut t = Trainer::new(resolve(None, &sets).unwrap(), Box::new(scgpt_dist::Single::new())).unwrap().quiet();
+    assert!(t.model().grad_reverse_discriminator.is_some() && t.model().config.explicit_zero_prob);
+    t.run().unwrap();
+    let m = metrics(&run);
+    for term in ["gep", "gep_zero", "gepc", "gepc_zero", "dar"] {
+        let v: Vec<f64> = m.iter().filter_map(|l| l[format!("train/loss_{term}")].as_f64()).collect();
+        assert!(v.len() == 3 && v.iter().all(|x| x.is_finite() && *x > 0.0), "train/loss_{term}: {v:?}");
+    }
+}
