@@ -306,6 +306,24 @@ pub(crate) fn pretrain(e: &Experiment, f: &Finetune, out: &Path, cells: &Path, g
     Ok(init)
 }
 
+/// The scgpt-train overrides of a fine-tuning variant: its run directory, data, seed, gene
+/// column and starting model, the recipe's own `extra` keys, then the variant's and the
+/// command line's overrides (which win).
+pub(crate) fn finetune_sets(e: &Experiment, f: &Finetune, run_dir: &Path, input: &Path, extra: &[String], gene: Option<&str>, init: Option<&Path>, train_sets: &[String]) -> Vec<String> {
+    let mut sets = vec![format!("run.dir={}", toml_str(&run_dir.display().to_string())), format!("data.input={}", toml_str(&input.display().to_string()))];
+    sets.extend(extra.iter().cloned());
+    sets.push(format!("run.seed={}", e.seed));
+    if let Some(g) = gene {
+        sets.push(format!("data.gene_col={}", toml_str(g)));
+    }
+    if let Some(i) = init {
+        sets.push(format!("model.init_from={}", toml_str(&i.display().to_string())));
+    }
+    sets.extend(f.set.iter().cloned());
+    sets.extend(train_sets.iter().cloned());
+    sets
+}
+
 pub fn run(args: &ExperimentArgs) -> anyhow::Result<()> {
     let ExperimentCommand::Run { file, out, quiet, train_sets } = &args.command;
     let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read", file.display()))?;
@@ -326,20 +344,8 @@ pub fn run(args: &ExperimentArgs) -> anyhow::Result<()> {
     for f in &e.finetune {
         let run_dir = out.join("runs").join(&f.name);
         let init = pretrain(&e, f, &out, &reference, gene.as_deref(), train_sets, *quiet)?;
-        let mut sets = vec![
-            format!("run.dir={}", toml_str(&run_dir.display().to_string())),
-            format!("data.input={}", toml_str(&reference.display().to_string())),
-            format!("task.label_col={}", toml_str(&label)),
-            format!("run.seed={}", e.seed),
-        ];
-        if let Some(g) = &gene {
-            sets.push(format!("data.gene_col={}", toml_str(g)));
-        }
-        if let Some(i) = &init {
-            sets.push(format!("model.init_from={}", toml_str(&i.display().to_string())));
-        }
-        sets.extend(f.set.iter().cloned());
-        sets.extend(train_sets.iter().cloned());
+        let label_key = [format!("task.label_col={}", toml_str(&label))];
+        let sets = finetune_sets(&e, f, &run_dir, &reference, &label_key, gene.as_deref(), init.as_deref(), train_sets);
         eprintln!("experiment: {}: fine-tuning", f.name);
         train(&f.config, sets, *quiet)?;
         let report = out.join("reports").join(&f.name);

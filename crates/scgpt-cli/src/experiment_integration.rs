@@ -101,20 +101,8 @@ pub fn run(e: &Experiment, file: &Path, out: &Path, train_sets: &[String], quiet
     for f in &e.finetune {
         let run_dir = out.join("runs").join(&f.name);
         let init = pretrain(e, f, out, &src, gene.as_deref(), train_sets, quiet)?;
-        let mut sets = vec![
-            format!("run.dir={}", toml_str(&run_dir.display().to_string())),
-            format!("data.input={}", toml_str(&src.display().to_string())),
-            format!("data.batch_col={}", toml_str(&batch_col)),
-            format!("run.seed={}", e.seed),
-        ];
-        if let Some(g) = &gene {
-            sets.push(format!("data.gene_col={}", toml_str(g)));
-        }
-        if let Some(i) = &init {
-            sets.push(format!("model.init_from={}", toml_str(&i.display().to_string())));
-        }
-        sets.extend(f.set.iter().cloned());
-        sets.extend(train_sets.iter().cloned());
+        let batch_key = [format!("data.batch_col={}", toml_str(&batch_col))];
+        let sets = crate::experiment::finetune_sets(e, f, &run_dir, &src, &batch_key, gene.as_deref(), init.as_deref(), train_sets);
         eprintln!("experiment: {}: integration fine-tuning", f.name);
         crate::experiment::train(&f.config, sets, quiet)?;
         let emb = run_dir.join("embedding.h5ad");

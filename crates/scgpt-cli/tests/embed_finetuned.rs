@@ -4,23 +4,11 @@
 //! token genes and tokenisation saved there; the output is read back with anndata. Unseen
 //! batch labels: an error listing the known ones, or `--unseen-batch mean`, stated in `uns`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
 mod common;
-use common::root;
-
-fn python() -> PathBuf {
-    std::env::var_os("SCGPT_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
-}
-
-fn pbmc() -> PathBuf {
-    root().join("tests/data/pbmc68k_reduced.h5ad")
-}
-
-fn scgpt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_scgpt")).args(args).env("HDF5_USE_FILE_LOCKING", "FALSE").output().expect("run scgpt")
-}
+use common::{pbmc, python, root, scgpt};
 
 fn fine_tune(run: &Path) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_scgpt-train"));

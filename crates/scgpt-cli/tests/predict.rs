@@ -3,23 +3,11 @@
 //! back with anndata (probabilities, argmax labels, categorical column, input kept) and the
 //! report's metrics recomputed independently; the kNN reference mapping; clear errors.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
 mod common;
-use common::root;
-
-fn python() -> PathBuf {
-    std::env::var_os("SCGPT_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
-}
-
-fn pbmc() -> PathBuf {
-    root().join("tests/data/pbmc68k_reduced.h5ad")
-}
-
-fn scgpt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_scgpt")).args(args).env("HDF5_USE_FILE_LOCKING", "FALSE").output().expect("run scgpt")
-}
+use common::{pbmc, python, root, scgpt};
 
 /// A few epochs of annotation on pbmc68k_reduced (10 cell types of `bulk_labels`).
 fn fine_tune(run: &Path) {

@@ -248,8 +248,8 @@ pub fn collate_classify(cells: &[Cell], cls_value: f32, opt: &CollateOptions) ->
 pub struct FinetuneTokens<'a> {
     /// The value of `<cls>` (0 in the tutorials).
     pub cls_value: f32,
-    /// `include_zero_gene=True`: every one of these genes (model ids) is a token, the ones a
-    /// cell lacks with value 0; `None`: the cell's nonzero genes.
+    /// `include_zero_gene=True`: every one of these genes (model ids, ascending) is a token,
+    /// the ones a cell lacks with value 0; `None`: the cell's nonzero genes.
     pub all_genes: Option<&'a [u32]>,
     /// Each cell masks exactly ⌊n·ratio⌋ of its n non-pad positions, `<cls>` included (as
     /// `random_mask_value`); 0 masks nothing.
@@ -274,8 +274,13 @@ pub fn collate_finetune(cells: &[Cell], tokens: &FinetuneTokens, opt: &CollateOp
         row_genes.clear();
         match tokens.all_genes {
             Some(all) => {
-                let bin_of: std::collections::HashMap<u32, f32> = cell.genes.iter().zip(&bins).map(|(&g, &v)| (g, v as f32)).collect();
-                row_genes.extend(all.iter().map(|g| (*g, bin_of.get(g).copied().unwrap_or(0.0))));
+                // `all` is ascending: each of the cell's genes finds its slot by binary search.
+                row_genes.extend(all.iter().map(|&g| (g, 0.0)));
+                for (g, &v) in cell.genes.iter().zip(&bins) {
+                    if let Ok(k) = all.binary_search(g) {
+                        row_genes[k].1 = v as f32;
+                    }
+                }
             }
             None => row_genes.extend(cell.genes.iter().zip(&bins).map(|(&g, &v)| (g, v as f32))),
         }

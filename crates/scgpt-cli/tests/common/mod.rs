@@ -27,3 +27,18 @@ pub fn prep(out: &Path) {
         .expect("run scgpt-prep");
     assert!(status.success());
 }
+
+/// The Python with the independent readers (anndata, numpy): `SCGPT_PYTHON` or `.venv`.
+pub fn python() -> PathBuf {
+    std::env::var_os("SCGPT_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
+}
+
+/// The bundled pbmc68k_reduced (700 cells, 10 `bulk_labels`, log-normalised raw/X).
+pub fn pbmc() -> PathBuf {
+    root().join("tests/data/pbmc68k_reduced.h5ad")
+}
+
+/// The `scgpt` binary, without HDF5 file locks.
+pub fn scgpt(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_scgpt")).args(args).env("HDF5_USE_FILE_LOCKING", "FALSE").output().expect("run scgpt")
+}
