@@ -62,26 +62,8 @@ impl Matrix {
 
     /// The columns where `keep` holds (scanpy's `adata[:, keep]`).
     fn keep_genes(&self, keep: &[bool]) -> Matrix {
-        let mut new_index = vec![u32::MAX; keep.len()];
-        let mut genes = Vec::new();
-        for (j, &k) in keep.iter().enumerate() {
-            if k {
-                new_index[j] = genes.len() as u32;
-                genes.push(self.genes[j].clone());
-            }
-        }
-        let (mut indptr, mut indices, mut data) = (vec![0], vec![], vec![]);
-        for i in 0..self.indptr.len() - 1 {
-            for p in self.indptr[i]..self.indptr[i + 1] {
-                let j = new_index[self.indices[p] as usize];
-                if j != u32::MAX {
-                    indices.push(j);
-                    data.push(self.data[p]);
-                }
-            }
-            indptr.push(indices.len());
-        }
-        Matrix { indptr, indices, data, genes }
+        let (m, kept) = scgpt_eval::keep_columns(&self.csr(), keep);
+        Matrix { indptr: m.indptr, indices: m.indices, data: m.data, genes: kept.iter().map(|&j| self.genes[j].clone()).collect() }
     }
 }
 

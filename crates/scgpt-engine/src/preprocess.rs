@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use scgpt_data::h5ad::{H5adReader, MatrixChoice};
 use scgpt_data::vocab::GeneVocab;
 use scgpt_eval::preprocess::{filter_genes_min_counts, highly_variable_genes, HvgFlavor, HvgOptions};
-use scgpt_eval::CsrMatrix;
+use scgpt_eval::{keep_columns, CsrMatrix};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
@@ -47,44 +47,6 @@ pub fn request(cfg: &TrainConfig) -> serde_json::Value {
 
 pub const SELECTION_FILE: &str = "genes.json";
 
-/// The owned columns `keep` of a CSR matrix.
-struct Columns {
-    indptr: Vec<usize>,
-    indices: Vec<u32>,
-    data: Vec<f32>,
-    n_cols: usize,
-}
-
-impl Columns {
-    fn keep(x: &CsrMatrix, keep: &[bool]) -> (Columns, Vec<usize>) {
-        let mut new_index = vec![u32::MAX; keep.len()];
-        let mut kept = Vec::new();
-        for (j, &k) in keep.iter().enumerate() {
-            if k {
-                new_index[j] = kept.len() as u32;
-                kept.push(j);
-            }
-        }
-        let (mut indptr, mut indices, mut data) = (vec![0], Vec::new(), Vec::new());
-        for i in 0..x.n_rows() {
-            let (idx, val) = x.row(i);
-            for (&j, &v) in idx.iter().zip(val) {
-                let c = new_index[j as usize];
-                if c != u32::MAX {
-                    indices.push(c);
-                    data.push(v);
-                }
-            }
-            indptr.push(indices.len());
-        }
-        (Columns { indptr, indices, data, n_cols: kept.len() }, kept)
-    }
-
-    fn csr(&self) -> anyhow::Result<CsrMatrix<'_>> {
-        CsrMatrix::new(&self.indptr, &self.indices, &self.data, self.n_cols)
-    }
-}
-
 /// Runs the `[preprocess]` selection on the single `data.input` file. `vocab`: the model
 /// vocabulary when fine-tuning a checkpoint (genes outside it are dropped first).
 pub fn select_genes(cfg: &TrainConfig, vocab: Option<&GeneVocab>) -> anyhow::Result<GeneSelection> {
@@ -103,11 +65,10 @@ pub fn select_genes(cfg: &TrainConfig, vocab: Option<&GeneVocab>) -> anyhow::Res
         bail!("{what}: the value {v} is not a count or a normalised expression (finite, >= 0); [preprocess] cannot select genes on it");
     }
     let in_vocab: Vec<bool> = names.iter().map(|n| vocab.is_none_or(|v| v.is_gene(n))).collect();
-    let (x, mut kept) = Columns::keep(&all, &in_vocab);
+    let (x, mut kept) = keep_columns(&all, &in_vocab);
     let (x, kept_now) = if p.filter_gene_by_counts > 0.0 {
         let keep = filter_genes_min_counts(&x.csr()?, p.filter_gene_by_counts);
-        let (y, k) = Columns::keep(&x.csr()?, &keep);
-        (y, k)
+        keep_columns(&x.csr()?, &keep)
     } else {
         let n = x.n_cols;
         (x, (0..n).collect())

@@ -58,9 +58,58 @@ impl<'a> CsrMatrix<'a> {
     }
 }
 
+/// An owned CSR matrix (a column subset of another, say).
+#[derive(Debug, Clone, Default)]
+pub struct OwnedCsr {
+    pub indptr: Vec<usize>,
+    pub indices: Vec<u32>,
+    pub data: Vec<f32>,
+    pub n_cols: usize,
+}
+
+impl OwnedCsr {
+    pub fn csr(&self) -> Result<CsrMatrix<'_>> {
+        CsrMatrix::new(&self.indptr, &self.indices, &self.data, self.n_cols)
+    }
+}
+
+/// The columns of `x` where `keep` holds (scanpy's `adata[:, keep]`), and the kept columns'
+/// indices in `x`.
+pub fn keep_columns(x: &CsrMatrix, keep: &[bool]) -> (OwnedCsr, Vec<usize>) {
+    let mut new_index = vec![u32::MAX; keep.len()];
+    let mut kept = Vec::new();
+    for (j, &k) in keep.iter().enumerate() {
+        if k {
+            new_index[j] = kept.len() as u32;
+            kept.push(j);
+        }
+    }
+    let mut out = OwnedCsr { indptr: vec![0], n_cols: kept.len(), ..Default::default() };
+    for i in 0..x.n_rows() {
+        let (idx, val) = x.row(i);
+        for (&j, &v) in idx.iter().zip(val) {
+            let c = new_index[j as usize];
+            if c != u32::MAX {
+                out.indices.push(c);
+                out.data.push(v);
+            }
+        }
+        out.indptr.push(out.indices.len());
+    }
+    (out, kept)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keeps_the_chosen_columns() {
+        let x = CsrMatrix::new(&[0, 2, 3], &[0, 2, 1], &[1.0, 3.0, 2.0], 3).unwrap();
+        let (y, kept) = keep_columns(&x, &[true, false, true]);
+        assert_eq!(kept, vec![0, 2]);
+        assert_eq!((y.indptr, y.indices, y.data, y.n_cols), (vec![0, 2, 2], vec![0, 1], vec![1.0, 3.0], 2));
+    }
 
     #[test]
     fn rejects_bad_structure() {

@@ -32,7 +32,7 @@ pub mod umap;
 
 pub use baseline::{annotation_baseline, BaselineOptions, BaselinePrediction};
 pub use classification::{ClassMetrics, ClassificationReport};
-pub use csr::CsrMatrix;
+pub use csr::{keep_columns, CsrMatrix, OwnedCsr};
 pub use knn::{knn_vote, KnnVote};
 /// Writes a file under a temporary name in the same folder, then renames it into place.
 pub use atomic::write as write_atomic;
