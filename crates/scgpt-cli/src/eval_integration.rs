@@ -30,6 +30,10 @@ pub enum EvalTask {
     /// ASW_label, ASW_label/batch, graph_conn, PCR_batch, iLISI, cLISI, avg_bio, avg_batch.
     /// Writes metrics.json into --report.
     Integration(IntegrationArgs),
+    /// Perturbation predictions of a fine-tuned perturbation model on a split's test
+    /// conditions: Pearson, Pearson-delta and their DE-gene and non-dropout variants, overall
+    /// and per subgroup, beside the no-change, training-mean, additive and linear baselines.
+    Perturbation(crate::eval_perturbation::EvalPerturbationArgs),
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +72,7 @@ pub struct IntegrationArgs {
 pub fn run(args: &EvalArgs) -> Result<()> {
     match &args.task {
         EvalTask::Integration(a) => integration(a),
+        EvalTask::Perturbation(a) => crate::eval_perturbation::run(a),
     }
 }
 

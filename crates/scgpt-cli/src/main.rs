@@ -1,7 +1,8 @@
 //! `scgpt`: everything but training (`scgpt-train`).
 //!
 //! `embed` (zero-shot or fine-tuned cell embeddings, `embed.rs`; fine-tuned models through
-//! `inference.rs`), `predict` (cell types), `eval integration` (scIB metrics), `baseline
+//! `inference.rs`), `predict` (cell types), `predict-perturbation` (`perturbation.rs`),
+//! `eval integration` (scIB metrics), `eval perturbation` (`eval_perturbation.rs`), `baseline
 //! annotation|integration`, `experiment run` (paper-style experiments from a TOML), and
 //! `export` / `convert` between the original's checkpoint format and ours (`export.rs`).
 
@@ -13,12 +14,14 @@ mod baseline;
 mod baseline_integration;
 mod embed;
 mod eval_integration;
+mod eval_perturbation;
 mod experiment;
 mod experiment_integration;
 mod inference;
 mod export;
 mod labelled_h5ad;
 mod model_dir;
+mod perturbation;
 mod predict;
 mod sink;
 mod source;
@@ -51,6 +54,10 @@ enum Command {
     /// Cell-type labels for a query h5ad: a fine-tuned annotation model's CLS head, or a
     /// k-nearest-neighbour vote on zero-shot embeddings of a labelled reference (--mode knn).
     Predict(predict::PredictArgs),
+    /// Expression after a perturbation: a fine-tuned perturbation model's mean prediction over
+    /// a pool of control cells for each condition ("FOSB+ctrl", "KLF1+SET"), into an h5ad with
+    /// one row per condition.
+    PredictPerturbation(perturbation::PredictPerturbationArgs),
     /// Evaluation of embeddings (`eval integration`: scIB batch-integration metrics into
     /// metrics.json).
     Eval(eval_integration::EvalArgs),
@@ -68,6 +75,7 @@ fn main() -> ExitCode {
         Command::Convert(args) => export::convert(&args),
         Command::Baseline(args) => baseline::run(&args),
         Command::Predict(args) => predict::run(&args),
+        Command::PredictPerturbation(args) => perturbation::predict_run(&args),
         Command::Experiment(args) => experiment::run(&args),
         Command::Eval(args) => eval_integration::run(&args),
     };

@@ -333,6 +333,26 @@ impl H5adReader {
         Ok(v)
     }
 
+    /// `uns[name]` when it is a dict of string (or number) arrays, as GEARS keeps its DE gene
+    /// lists (`rank_genes_groups_cov_all`, `top_non_dropout_de_20`); `None` when absent.
+    pub fn uns_string_lists(&self, name: &str) -> Result<Option<std::collections::BTreeMap<String, Vec<String>>>> {
+        let p = format!("uns/{name}");
+        if !exists(&self.file, &p) {
+            return Ok(None);
+        }
+        let g = match self.file.group(&p) {
+            Ok(g) => g,
+            Err(_) => return Err(self.invalid(&p, "expected a dict of arrays (an HDF5 group)")),
+        };
+        let mut out = std::collections::BTreeMap::new();
+        for key in g.member_names().map_err(self.err(&p))? {
+            let field = format!("{p}/{key}");
+            let ds = g.dataset(&key).map_err(|_| self.invalid(&field, "expected an array"))?;
+            out.insert(key, read_any_as_strings(&ds, &field, &self.path, None)?);
+        }
+        Ok(Some(out))
+    }
+
     fn group_at(&self, p: &str) -> Result<Group> {
         if !exists(&self.file, p) {
             return Err(H5adError::Missing {

@@ -106,6 +106,23 @@ pub struct DataSection {
     /// for the original's behaviour.
     #[serde(default)]
     pub single_batch_minibatches: bool,
+    /// Perturbation screens: obs column with each cell's condition (GEARS: `condition`).
+    #[serde(default = "default_condition_col")]
+    pub condition_col: String,
+    /// Perturbation screens: the condition label of control cells (GEARS: `ctrl`).
+    #[serde(default = "default_control")]
+    pub control: String,
+    /// Perturbation screens: what joins the genes of a condition (GEARS: `+`).
+    #[serde(default = "default_separator")]
+    pub separator: String,
+    /// Perturbation screens of raw counts: normalise each cell to 1e4 and log1p, as GEARS's
+    /// data were (log-normalised input is read as it is, and counts are refused without this).
+    #[serde(default)]
+    pub normalize: bool,
+    /// Perturbation screens: a condition whose perturbed gene is missing from the screen's
+    /// genes or the vocabulary is an error (default: skipped with a warning).
+    #[serde(default)]
+    pub strict: bool,
     /// scgpt-prep output directories.
     pub shards: Vec<PathBuf>,
     /// Sampling weight per set (empty = all 1): a set of weight w contributes w times its row
@@ -276,6 +293,47 @@ pub struct TaskSection {
     /// zeros included (the integration tutorial), instead of the nonzero genes alone.
     #[serde(default)]
     pub include_zero_gene: bool,
+    /// Perturbation: how conditions are split into train/val/test, `simulation` (GEARS's
+    /// unseen-gene split) or `no_test`.
+    #[serde(default = "default_split")]
+    pub split: String,
+    /// Perturbation: the split's seed (GEARS's default 1).
+    #[serde(default = "default_split_seed")]
+    pub split_seed: u64,
+    /// Perturbation: a `split.json` to reuse instead of drawing one.
+    #[serde(default)]
+    pub split_file: String,
+    /// Perturbation, `simulation` split: the fraction of perturbed genes seen in training.
+    #[serde(default = "default_three_quarters")]
+    pub train_gene_set_size: f64,
+    /// Perturbation, `simulation` split: the fraction of the doubles with both genes seen
+    /// that go to training.
+    #[serde(default = "default_three_quarters")]
+    pub combo_seen2_train_frac: f64,
+}
+
+fn default_condition_col() -> String {
+    "condition".into()
+}
+
+fn default_control() -> String {
+    "ctrl".into()
+}
+
+fn default_separator() -> String {
+    "+".into()
+}
+
+fn default_split() -> String {
+    "simulation".into()
+}
+
+fn default_split_seed() -> u64 {
+    1
+}
+
+fn default_three_quarters() -> f64 {
+    0.75
 }
 
 
@@ -298,7 +356,7 @@ options!(Objective { Generative = "generative", Mlm = "mlm" });
 options!(OptimizerKind { Adam = "adam", AdamW = "adamw" });
 options!(Schedule { Cosine = "cosine", Constant = "constant", Step = "step" });
 options!(Precision { Fp32 = "fp32", Bf16 = "bf16" });
-options!(TaskKind { Pretrain = "pretrain", Annotation = "annotation", Integration = "integration" });
+options!(TaskKind { Pretrain = "pretrain", Annotation = "annotation", Integration = "integration", Perturbation = "perturbation" });
 options!(ClassWeight { None = "none", Balanced = "balanced" });
 
 impl Default for ClassWeight {
@@ -474,6 +532,17 @@ impl TrainConfig {
                     "the integration task trains masked values (+ GEPC, ECS, DAR, zero probabilities) and never reads labels",
                 )?;
             }
+            TaskKind::Perturbation => {
+                ensure!(self.data.input.len() == 1, "task.kind = \"perturbation\" reads one screen: set data.input to its h5ad (GEARS format, e.g. perturb_processed.h5ad)");
+                ensure!(matches!(self.task.split.as_str(), "simulation" | "no_test"), "task.split = {:?}: expected \"simulation\" or \"no_test\"", self.task.split);
+                ensure!(self.valid.input.is_empty(), "task.kind = \"perturbation\" validates on the split's val conditions; leave valid.input empty");
+                ensure!(!self.data.control.is_empty() && !self.data.separator.is_empty(), "data.control and data.separator must not be empty");
+                off(
+                    &[(t.cce, "train.cce"), (t.cls, "train.cls"), (t.ecs, "train.ecs"), (m.DAR, "model.DAR"), (m.MVC, "model.MVC"), (m.explicit_zero_prob, "model.explicit_zero_prob")],
+                    "the perturbation task trains the expression of the perturbed cell (MSE) and does not compute that term",
+                )?;
+                ensure!(!self.needs_batch_labels(), "the perturbation model reads no batch labels: leave model.use_batch_labels off and model.domain_spec_batchnorm = \"none\"");
+            }
         }
         Ok(())
     }
@@ -501,7 +570,7 @@ impl TrainConfig {
     pub fn label_col(&self) -> Option<&str> {
         let wanted = match self.task.kind {
             TaskKind::Annotation => true,
-            TaskKind::Integration => false,
+            TaskKind::Integration | TaskKind::Perturbation => false,
             TaskKind::Pretrain => self.train.objective == Objective::Mlm && self.train.cls,
         };
         (wanted && !self.task.label_col.is_empty()).then_some(self.task.label_col.as_str())
@@ -524,11 +593,12 @@ impl TrainConfig {
         let generative = self.task.kind == TaskKind::Pretrain && t.objective == Objective::Generative;
         let annotation = self.task.kind == TaskKind::Annotation;
         let integration = self.task.kind == TaskKind::Integration;
+        let perturbation = self.task.kind == TaskKind::Perturbation;
         let extra = serde_json::json!({
             "pad_token": "<pad>",
             "n_cls": 1,
             "USE_GENERATIVE_TRAINING": generative,
-            "training_tasks": if generative { "both" } else if annotation { "cls" } else if integration { "integration" } else { "pcpt" },
+            "training_tasks": if generative { "both" } else if annotation { "cls" } else if integration { "integration" } else if perturbation { "perturbation" } else { "pcpt" },
             "lr": t.lr,
             "batch_size": t.batch_size,
             "epochs": t.epochs,

@@ -85,6 +85,9 @@ fn select(cfg: &TrainConfig, root: &Path) -> anyhow::Result<Option<crate::prepro
 
 /// Opens (and, for h5ad inputs, first prepares on rank 0) the run's data.
 pub fn open(cfg: &TrainConfig, comm: &mut dyn Collective, progress: bool) -> anyhow::Result<RunData> {
+    if cfg.task.kind == crate::config::TaskKind::Perturbation {
+        return crate::perturbation_data::open(cfg, comm, progress);
+    }
     let mut notes = Vec::new();
     if cfg.data.input.is_empty() {
         let weights = if cfg.data.weights.is_empty() { vec![1.0; cfg.data.shards.len()] } else { cfg.data.weights.clone() };

@@ -7,12 +7,13 @@
 //! - [`optim`]: PyTorch-exact Adam/AdamW keyed by parameter path, global-norm clipping, warmup + cosine.
 //! - [`init`]: fresh models, continual pretraining from original or native checkpoints, vocabulary extension.
 //! - [`tasks`]: what a run trains (generative or masked-value pretraining, annotation,
-//!   integration): collation, loss terms, validation scores.
+//!   integration, perturbation): collation, loss terms, validation scores.
 //! - [`model`]: what the loop needs of the model behind a task ([`EngineModel`]: the
 //!   `TransformerModel` or the perturbation `TransformerGenerator`).
 //! - [`trainer`]: the loop, written once for every task; [`checkpoint`], [`validation`], [`logging`] its parts.
 //! - [`data`]: shard sets, or h5ad inputs prepared into the run directory; [`preprocess`]: the
-//!   `[preprocess]` gene selection on them.
+//!   `[preprocess]` gene selection on them; [`screen`] and [`perturbation_data`]: a
+//!   perturbation screen read whole, split by condition and prepared.
 //! - [`device`]: the compute devices of the build.
 //! - [`metrics`]: kNN accuracy and ASW of cell embeddings.
 //! - [`tensorboard`]: TensorBoard event files.
@@ -27,7 +28,9 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod perturbation_data;
 pub mod preprocess;
+pub mod screen;
 pub mod tasks;
 pub mod tensorboard;
 pub mod trainer;

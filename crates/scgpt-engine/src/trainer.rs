@@ -148,6 +148,13 @@ impl Trainer<TransformerModel> {
     }
 }
 
+impl Trainer<scgpt_model::TransformerGenerator> {
+    /// Sets up a perturbation run (`task.kind = "perturbation"`) on the perturbation model.
+    pub fn perturbation(cfg: TrainConfig, comm: Box<dyn Collective>) -> anyhow::Result<Self> {
+        Self::with_tasks(cfg, comm, crate::tasks::perturbation::build)
+    }
+}
+
 impl<M: EngineModel> Trainer<M> {
     /// Sets up a run: data (shard sets, or h5ad prepared into the run directory), the task
     /// (`build`), the model (fresh, `init_from`, or resumed from the run directory),
@@ -173,7 +180,7 @@ impl<M: EngineModel> Trainer<M> {
         let resume = if cfg.run.no_resume { None } else { latest_checkpoint(&cfg.run.dir) };
         let mut scan_sets = sets.clone();
         scan_sets.extend(data.valid.iter().flatten().cloned());
-        let task = build(&cfg, &scan_sets, &cfg.run.dir, resume.is_some())?;
+        let mut task = build(&cfg, &scan_sets, &cfg.run.dir, resume.is_some())?;
         if let Some(c) = task.classes() {
             notes.push(format!("classes: {} of `{}` ({})", c.len(), cfg.task.label_col, c.iter().take(8).cloned().collect::<Vec<_>>().join(", ")));
         }
@@ -230,6 +237,7 @@ impl<M: EngineModel> Trainer<M> {
                 (init.model, init.vocab, adam, TrainState::default())
             }
         };
+        notes.extend(task.bind_vocab(&vocab)?);
         let set_maps = vocab_maps(&sets, &vocab, &mut notes)?;
         let selection = if cfg.data.input.is_empty() { None } else { crate::preprocess::load(&cfg.run.dir.join("data"))? };
         let genes = if task.include_zero_gene() {
@@ -245,6 +253,13 @@ impl<M: EngineModel> Trainer<M> {
                 (v, maps, true)
             }
             None => (sets.clone(), set_maps.clone(), false),
+        };
+        let (set_maps, valid_maps) = if task.cells_in_data_ids() {
+            // The task reads genes in the data's own ids and maps them itself.
+            let identity = |s: &ShardSet| (0..s.vocab.len() as u32).map(Some).collect::<Vec<_>>();
+            (sets.iter().map(identity).collect(), valid_sets.iter().map(identity).collect())
+        } else {
+            (set_maps, valid_maps)
         };
         // A task with labels holds out a validation split stratified by them.
         let labels = task.cell_labels().filter(|_| !separate_valid && cfg.data.valid_fraction > 0.0);

@@ -78,6 +78,20 @@ pub fn load_native_perturbation(dir: impl AsRef<Path>, device: &Device) -> Resul
     Ok((model, vocab_json))
 }
 
+/// Reads a directory written by [`export_perturbation`] (a run's `best_model/`): the
+/// configuration, `vocab.json` and every tensor of `best_model.pt`.
+pub fn load_exported_perturbation(dir: impl AsRef<Path>, device: &Device) -> Result<(TransformerGenerator, String)> {
+    let dir = dir.as_ref();
+    let config_path = dir.join(PERTURBATION_ARGS);
+    let config: PerturbationConfig = serde_json::from_str(&read_text(&config_path)?)
+        .map_err(|e| ModelError::Json { path: config_path.clone(), field: "<document>".into(), message: e.to_string() })?;
+    let vocab_json = read_text(&dir.join(VOCAB_FILE))?;
+    check(&vocab_json, &config, &dir.join(VOCAB_FILE))?;
+    let mut model = config.init(device)?;
+    model.load_checkpoint(dir.join(ORIGINAL_WEIGHTS))?;
+    Ok((model, vocab_json))
+}
+
 /// The original's format: `best_model.pt` (the generator's state_dict under the original's
 /// key names, as the tutorial's `torch.save(model.state_dict())`), its constructor arguments
 /// (`perturbation_config.json`) and `vocab.json`, written into `dir` atomically.

@@ -8,10 +8,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use scgpt_engine::config::TaskKind;
 use scgpt_engine::{RunEnd, Trainer};
 
 #[derive(Debug, Parser)]
-#[command(name = "scgpt-train", version, about = "scGPT training: pretraining (generative or masked-value) and fine-tuning (annotation, integration) from one TOML")]
+#[command(name = "scgpt-train", version, about = "scGPT training: pretraining (generative or masked-value) and fine-tuning (annotation, integration, perturbation) from one TOML")]
 struct Cli {
     /// Experiment TOML (configs/); the embedded default is configs/pretrain_tiny.toml.
     #[arg(long)]
@@ -63,9 +64,12 @@ fn run(cli: &Cli) -> anyhow::Result<RunEnd> {
     // GPU ranks exchange gradients through NCCL unless told otherwise.
     let backend = if cfg.dist.backend == "auto" && cfg.run.device == "cuda" && info.world > 1 { "nccl" } else { cfg.dist.backend.as_str() };
     let comm = scgpt_dist::connect(&info, backend, std::time::Duration::from_secs(cfg.dist.timeout_s))?;
-    let mut trainer = Trainer::new(cfg, comm)?;
-    if cli.quiet || info.rank != 0 {
-        trainer = trainer.quiet();
+    let quiet = cli.quiet || info.rank != 0;
+    // The perturbation task trains its own model (the original's TransformerGenerator).
+    if cfg.task.kind == TaskKind::Perturbation {
+        let trainer = Trainer::perturbation(cfg, comm)?;
+        return if quiet { trainer.quiet() } else { trainer }.run();
     }
-    trainer.run()
+    let trainer = Trainer::new(cfg, comm)?;
+    if quiet { trainer.quiet() } else { trainer }.run()
 }

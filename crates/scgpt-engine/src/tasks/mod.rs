@@ -25,6 +25,7 @@ pub mod generative;
 pub mod integration;
 pub mod labels;
 pub mod mlm;
+pub mod perturbation;
 
 pub(crate) mod tensors;
 
@@ -180,6 +181,17 @@ pub trait Task<M = TransformerModel>: Send {
     fn embedding_metrics(&self) -> bool {
         false
     }
+    /// The cells reach the task in their data set's vocabulary ids (every gene of the data
+    /// kept, whatever the model's vocabulary holds), not the model's: the task maps genes to
+    /// tokens itself (perturbation: genes outside the vocabulary are `<pad>` tokens).
+    fn cells_in_data_ids(&self) -> bool {
+        false
+    }
+    /// Called once the model's vocabulary is known (fresh, `init_from` or resumed); returns
+    /// notes for the run's log.
+    fn bind_vocab(&mut self, _vocab: &scgpt_data::vocab::GeneVocab) -> anyhow::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
     /// Collates a training micro-batch of optimiser step `step`.
     fn prepare(&self, batch: &Batch, step: u64, opt: &CollateOptions) -> anyhow::Result<Box<dyn MicroBatch>>;
     fn loss(&self, model: &M, batch: &dyn MicroBatch, ctx: &mut LossContext) -> anyhow::Result<Loss>;
@@ -202,6 +214,7 @@ pub fn build(cfg: &TrainConfig, sets: &[ShardSet], run_dir: &Path, resuming: boo
         },
         TaskKind::Annotation => Box::new(annotation::Annotation::new(cfg, sets, saved)?),
         TaskKind::Integration => Box::new(integration::Integration::new(cfg)),
+        TaskKind::Perturbation => anyhow::bail!("task.kind = \"perturbation\" trains the perturbation model: run it with Trainer::<TransformerGenerator>::perturbation (scgpt-train does)"),
     })
 }
 
