@@ -54,8 +54,8 @@ pub struct PoolArgs {
     /// Cells per forward pass.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// cpu, cuda[:N], wgpu, or auto.
-    #[arg(long, default_value = "auto")]
+    /// Compute device: cpu (burn's Flex backend); cuda, wgpu or vulkan in GPU builds.
+    #[arg(long, default_value = "cpu")]
     pub device: String,
 }
 
