@@ -1,4 +1,5 @@
-//! Command line: `scgpt-prep [--config F] [flags]`, `scgpt-prep inspect DIR`, `scgpt-prep simulate ...`.
+//! Command line: `scgpt-prep [--config F] [flags]`, `scgpt-prep inspect DIR`, `scgpt-prep simulate ...`,
+//! `scgpt-prep simulate-perturbation ...`.
 
 use std::path::PathBuf;
 
@@ -27,6 +28,8 @@ pub enum Command {
     },
     /// Write a synthetic CELLxGENE-shaped h5ad with planted cell types, batches and programs.
     Simulate(crate::simulate::SimulateArgs),
+    /// Write a simulated Perturb-seq screen in the GEARS format, with a planted network and its truth JSON.
+    SimulatePerturbation(crate::simulate_perturbation::SimulatePerturbationArgs),
     /// A batch effect planted into real cells (known truth for integration benchmarks).
     PlantBatch(crate::plant_batch::PlantBatchArgs),
 }

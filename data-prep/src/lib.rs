@@ -7,3 +7,4 @@ pub mod obs_filter;
 pub mod pipeline;
 pub mod plant_batch;
 pub mod simulate;
+pub mod simulate_perturbation;

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use scgpt_prep::cli::{Cli, Command};
-use scgpt_prep::{inspect, pipeline, plant_batch, simulate};
+use scgpt_prep::{inspect, pipeline, plant_batch, simulate, simulate_perturbation};
 
 fn main() -> ExitCode {
     scgpt_data::alloc::tune_for_tensors();
@@ -41,6 +41,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Simulate(args)) => simulate::run(&args),
+        Some(Command::SimulatePerturbation(args)) => simulate_perturbation::run(&args),
         Some(Command::PlantBatch(args)) => plant_batch::run(&args),
         None => {
             let (cfg, _) = cli.run.resolve()?;

@@ -105,7 +105,7 @@ struct Truth {
     marker_of: Vec<Option<usize>>,
 }
 
-fn pick_genes(n: usize) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+pub(crate) fn pick_genes(n: usize) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let vocab = GeneVocab::human();
     let table = EnsemblTable::human();
     let mut pairs: Vec<(String, String)> = table

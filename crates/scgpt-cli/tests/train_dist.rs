@@ -273,3 +273,52 @@ fn integration_on_two_ranks_matches_one_rank_with_accumulation() {
     eprintln!("integration, 2 ranks vs 1 rank with accumulation: worst parameter difference {worst:e}");
     assert!(worst < 3e-5, "worst parameter difference {worst:e}");
 }
+
+/// Perturbation (the generator, control pairing, sampled genes that keep the perturbed ones):
+/// two ranks of 8 cells each take the same micro-batches as one rank accumulating two of 8, so
+/// the pairings and gene samples, keyed by the cells' global positions, agree.
+#[test]
+fn perturbation_on_two_ranks_matches_one_rank_with_accumulation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let screen = tmp.path().join("screen.h5ad");
+    let status = Command::new(common::prep_bin())
+        .args(["simulate-perturbation", "--genes", "60", "--perturbed-genes", "10", "--doubles", "8", "--cells-per-condition", "10", "--control-cells", "80", "--targets-per-gene", "5", "--quiet", "--out"])
+        .arg(&screen)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let shards = tmp.path().join("unused");
+    let task = [
+        format!("data.input=\"{}\"", screen.display()),
+        "data.gene_col=\"gene_name\"".into(),
+        "data.shuffle_window=1000".into(),
+        "data.valid_fraction=0.0".into(),
+        "task.kind=\"perturbation\"".into(),
+        "model.MVC=false".into(),
+        "model.pad_value=0.0".into(),
+        "model.max_seq_len=40".into(),
+        "train.max_steps=4".into(),
+        "train.batch_size=8".into(),
+    ];
+    let one = tmp.path().join("one");
+    run_world(1, &one, &shards, &[&task[..], &["train.grad_accum=2".into()]].concat());
+    let two = tmp.path().join("two");
+    run_world(2, &two, &shards, &task);
+    let mse = |run: &Path| -> Vec<f64> {
+        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train/loss_mse"].as_f64()).collect()
+    };
+    let (a, b) = (mse(&one), mse(&two));
+    assert!(!a.is_empty() && a.len() == b.len(), "{a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-4 * x.abs(), "MSE: one rank {a:?} vs two ranks {b:?}");
+    }
+    let params = |run: &Path| {
+        let (_, dir) = scgpt_engine::latest_checkpoint(run).expect("a checkpoint");
+        let (m, _) = scgpt_model::perturbation_checkpoint::load_native_perturbation(dir.join("model"), &scgpt_model::burn::tensor::Device::flex()).unwrap();
+        let p = scgpt_engine::optim::list_params(&m).unwrap();
+        scgpt_engine::optim::flatten_params(&m, &p)
+    };
+    let worst = worst_difference(&params(&one), &params(&two));
+    eprintln!("perturbation, 2 ranks vs 1 rank with accumulation: worst parameter difference {worst:e}");
+    assert!(worst < 3e-5, "worst parameter difference {worst:e}");
+}
