@@ -35,7 +35,7 @@ fn screen(dir: &Path) -> PathBuf {
         synergy_targets: None,
         min_lfc: 0.5,
         max_lfc: 2.0,
-        counts_per_gene: scgpt_prep::simulate_perturbation::MEAN_COUNT_PER_GENE,
+        counts_per_gene: 4.0,
         cell_type: "K562".into(),
         seed: 3,
         quiet: true,

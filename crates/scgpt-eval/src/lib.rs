@@ -11,6 +11,10 @@
 //!   UMAP connectivities), [`leiden`], [`pcr`] and [`lisi`].
 //! - [`harmony`]: Harmony batch correction of an embedding (harmonypy 2.1.0's algorithm).
 //! - [`umap`]: a 2-D UMAP layout and the picture of it coloured by label and by batch.
+//! - [`perturbation`]: perturbation prediction as GEARS/scGPT score it: condition strings, GEARS's
+//!   seeded splits, DE genes (scanpy's t-test), the Pearson metrics and the simple baselines.
+//! - [`perturbation_plot`]: the GEARS perturbation picture (true change over control as boxes,
+//!   the prediction as red dots, per top DE gene).
 
 mod atomic;
 pub mod baseline;
@@ -26,6 +30,8 @@ pub mod logreg;
 pub mod neighbors;
 pub mod pca;
 pub mod pcr;
+pub mod perturbation;
+pub mod perturbation_plot;
 pub mod preprocess;
 pub mod scib;
 pub mod umap;
