@@ -187,16 +187,16 @@ pub fn check_log_normalised(x: &OwnedCsr, path: &Path) -> anyhow::Result<()> {
     if let Some(bad) = x.data.iter().find(|v| !v.is_finite() || **v < 0.0) {
         bail!("{}: X holds {bad}; log-normalised expression is finite and >= 0", path.display());
     }
-    if max > LOG_NORMALISED_MAX {
-        bail!(
-            "{}: X is not log-normalised: its maximum is {max} (log1p of 1e4-normalised data stays below ~10); set data.normalize = true (--normalize) to normalise counts as GEARS does",
-            path.display()
-        );
-    }
     let integers = !x.data.is_empty() && x.data.iter().all(|v| v.fract() == 0.0);
     if integers && max > 1.0 {
         bail!(
             "{}: X is not log-normalised: every value is an integer (counts?); set data.normalize = true (--normalize) to normalise to 1e4 per cell and log1p as GEARS does",
+            path.display()
+        );
+    }
+    if max > LOG_NORMALISED_MAX {
+        bail!(
+            "{}: X is not log-normalised: its maximum is {max} (log1p of 1e4-normalised data stays below ~10); set data.normalize = true (--normalize) to normalise counts as GEARS does",
             path.display()
         );
     }

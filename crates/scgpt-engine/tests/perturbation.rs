@@ -185,3 +185,49 @@ fn bad_screens_and_settings_are_refused_by_name() {
     let e = err(cfg(&["model.MVC=false", "data.separator=\"-\""]));
     assert!(e.contains("cannot be read") && e.contains("separator \"-\""), "{e}");
 }
+
+/// The simulated screen rewritten: `edit` changes the conditions and the matrix.
+fn edited_screen(src: &Path, out: &Path, edit: impl FnOnce(&mut scgpt_engine::screen::Screen)) -> PathBuf {
+    let opts = scgpt_engine::screen::ScreenOptions { condition_col: "condition".into(), control: "ctrl".into(), separator: "+".into(), gene_col: "gene_name".into(), normalize: false };
+    let mut s = scgpt_engine::screen::Screen::read(src, &opts).unwrap();
+    edit(&mut s);
+    scgpt_engine::perturbation_data::write_screen(&s, &out.to_path_buf()).unwrap();
+    out.to_path_buf()
+}
+
+#[test]
+fn genes_outside_the_screen_are_skipped_or_refused_and_counts_need_normalize() {
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let screen = screen(tmp.path());
+    // One single's cells relabelled as a gene the screen does not measure.
+    let odd = edited_screen(&screen, &tmp.path().join("odd.h5ad"), |s| {
+        let first = s.conditions.iter().find(|c| c.ends_with("+ctrl")).unwrap().clone();
+        s.conditions.iter_mut().filter(|c| **c == first).for_each(|c| *c = "NOTAGENE+ctrl".into());
+    });
+    let run = tmp.path().join("skip");
+    let mut t = start(perturbation(&run, &odd, &["train.max_steps=1", "train.epochs=1"])).unwrap();
+    t.run().unwrap();
+    let spec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("data/screen.json")).unwrap()).unwrap();
+    assert_eq!(spec["skipped"][0][0], "NOTAGENE+ctrl", "{spec}");
+    assert!(spec["skipped"][0][1].as_str().unwrap().contains("not among the screen's genes"));
+    let e = match start(perturbation(&tmp.path().join("strict"), &odd, &["data.strict=true"])) {
+        Ok(_) => panic!("strict accepted a condition of an unknown gene"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.contains("NOTAGENE+ctrl") && e.contains("data.strict"), "{e}");
+
+    // Raw counts: refused, then read after normalising as GEARS.
+    let counts = edited_screen(&screen, &tmp.path().join("counts.h5ad"), |s| {
+        s.x.data.iter_mut().for_each(|v| *v = (v.exp_m1() * 3.0).round().max(1.0));
+    });
+    let e = match start(perturbation(&tmp.path().join("counts"), &counts, &[])) {
+        Ok(_) => panic!("counts accepted as log-normalised"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.contains("integer") && e.contains("data.normalize"), "{e}");
+    let run = tmp.path().join("normalised");
+    let mut t = start(perturbation(&run, &counts, &["data.normalize=true", "train.max_steps=1", "train.epochs=1"])).unwrap();
+    t.run().unwrap();
+    assert!(run.join("data/screen.normalized.h5ad").is_file());
+}
