@@ -51,8 +51,9 @@ pub struct PoolArgs {
     /// Seed of the control-cell pools.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Cells per forward pass.
-    #[arg(long, default_value_t = 64)]
+    /// Cells per forward pass. Every screen gene is a token, so memory grows with
+    /// batch × genes² (8 heads × 5,060² scores × 4 bytes ≈ 0.8 GB per cell for Adamson).
+    #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     /// Compute device: cpu (burn's Flex backend); cuda, wgpu or vulkan in GPU builds.
     #[arg(long, default_value = "cpu")]
