@@ -15,11 +15,15 @@
 //!   seeded splits, DE genes (scanpy's t-test), the Pearson metrics and the simple baselines.
 //! - [`perturbation_plot`]: the GEARS perturbation picture (true change over control as boxes,
 //!   the prediction as red dots, per top DE gene).
+//! - [`grn`]: GRN from gene embeddings: programs, activity, enrichment, reference scoring, pictures.
+//! - [`bar_chart`]: a horizontal bar chart of ranked scores (`scgpt grn attention`'s top targets).
 
 mod atomic;
+pub mod bar_chart;
 pub mod baseline;
 pub mod classification;
 pub mod csr;
+pub mod grn;
 pub mod harmony;
 mod heatmap;
 pub mod knn;
