@@ -163,7 +163,12 @@ fn train_batch(json: &Value) -> PerturbBatch {
     for r in 0..b {
         assert_eq!(&batch.ids[r * l..(r + 1) * l], &gene_ids[..]);
     }
-    for (r, genes) in json["step"]["perturbed"].as_array().unwrap().iter().enumerate() {
+    for (r, genes) in json["step"]["perturbed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         for g in ints(genes) {
             assert_eq!(batch.flags[r * l + g as usize], PERTURBED_FLAG);
         }
@@ -177,7 +182,9 @@ fn perturbation_loss_gradients_and_pred_perturb_match_pytorch() {
     let step = &json["step"];
     let gene_ids = ints(&json["gene_ids"]);
     let outside = ints(&json["outside_vocab"]);
-    assert!(outside.iter().all(|&g| gene_ids[g as usize] == PAD_ID as i64));
+    assert!(outside
+        .iter()
+        .all(|&g| gene_ids[g as usize] == PAD_ID as i64));
 
     // Training mode: an autodiff device with the modules' training flags on (their default).
     let device = Device::flex().autodiff();
@@ -185,7 +192,10 @@ fn perturbation_loss_gradients_and_pred_perturb_match_pytorch() {
     assert!(model.is_training());
     let batch = train_batch(&json);
     let (b, l) = (batch.b, batch.l);
-    eprintln!("train step ({b} × {l}, {} genes outside the vocabulary):", outside.len());
+    eprintln!(
+        "train step ({b} × {l}, {} genes outside the vocabulary):",
+        outside.len()
+    );
 
     let mut single = scgpt_dist::Single::new();
     let mut ctx = LossContext {
@@ -197,10 +207,15 @@ fn perturbation_loss_gradients_and_pred_perturb_match_pytorch() {
     let loss = mse_loss(&model, &batch, &mut ctx).unwrap();
     assert_eq!(loss.terms.len(), 1);
     let want = step["loss"].as_f64().unwrap() as f32;
-    let sum = loss.terms[0].clone().expect("the mse term").into_scalar::<f32>();
+    let sum = loss.terms[0]
+        .clone()
+        .expect("the mse term")
+        .into_scalar::<f32>();
     let total = loss.total.clone().into_scalar::<f32>();
-    for (what, got) in [("total loss", total), ("Σ squared error / (b·l)", sum / (b * l) as f32)]
-    {
+    for (what, got) in [
+        ("total loss", total),
+        ("Σ squared error / (b·l)", sum / (b * l) as f32),
+    ] {
         let rel = (got - want).abs() / want.abs();
         eprintln!("  {what:<40} {got:>12.7} vs {want:>12.7}  rel {rel:.2e}");
         assert!(rel <= 1e-5, "{what}: {got} vs {want}");
@@ -264,7 +279,9 @@ fn perturbation_loss_gradients_and_pred_perturb_match_pytorch() {
     // padding_idx = pert_pad_id 0: the "not perturbed" row (nonzero here, so it does shift
     // every input) gets no gradient; the "perturbed" row does.
     assert!(
-        pert[PERT_PAD_ID * d..(PERT_PAD_ID + 1) * d].iter().all(|&x| x == 0.0),
+        pert[PERT_PAD_ID * d..(PERT_PAD_ID + 1) * d]
+            .iter()
+            .all(|&x| x == 0.0),
         "the pert_pad_id row of pert_encoder has a gradient"
     );
     let row1 = PERTURBED_FLAG as usize;
@@ -353,6 +370,13 @@ fn perturbation_loss_gradients_and_pred_perturb_match_pytorch() {
         flags,
         conditions: vec!["cond".into(); pb],
     };
-    let out = eval.forward(vb.input(&ed), ForwardFlags::default()).unwrap();
-    assert_close("eval forward of a PerturbBatch (mlm_pred)", &host(out.mlm_pred), &want, 1e-5);
+    let out = eval
+        .forward(vb.input(&ed), ForwardFlags::default())
+        .unwrap();
+    assert_close(
+        "eval forward of a PerturbBatch (mlm_pred)",
+        &host(out.mlm_pred),
+        &want,
+        1e-5,
+    );
 }
