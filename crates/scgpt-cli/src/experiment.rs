@@ -2,7 +2,10 @@
 //! dataset (source URL and checksum, or bundled files), a reference/query split, the recipes
 //! (fine-tuning variants, optionally after a pretraining run; kNN reference mapping on a
 //! pretrained model) and the baseline, run on the same split with the same seed, and a
-//! `report.md` with every method's metrics side by side and the confusion figures.
+//! `report.md` with every method's metrics side by side and the confusion figures. The other
+//! recipes (`recipe = "integration"`, `"perturbation"`) are in `experiment_integration.rs` and
+//! `experiment_perturbation.rs`; this file holds what they share (the file's schema, `fetch`,
+//! the training helpers, `write_report_md`).
 //!
 //! Layout of the output directory (`--out`, default `experiments/out/<name>`):
 //! `data/{reference,query}.h5ad`, `runs/<variant>/` (scgpt-train run directories),
@@ -39,6 +42,10 @@ pub enum ExperimentCommand {
         /// (e.g. `--train-set train.max_steps=4` for a smoke test); repeatable.
         #[arg(long = "train-set", value_name = "SECTION.KEY=VALUE")]
         train_sets: Vec<String>,
+        /// An override of the experiment file itself (e.g. `--set dataset.simulate.genes=100`,
+        /// `--set eval.pool_size=50`); repeatable.
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        sets: Vec<String>,
     },
 }
 
@@ -46,8 +53,9 @@ pub enum ExperimentCommand {
 #[serde(deny_unknown_fields)]
 pub struct Experiment {
     pub name: String,
-    /// `annotation` (reference/query, labels predicted) or `integration` (one file, batches
-    /// integrated, scIB metrics).
+    /// `annotation` (reference/query, labels predicted), `integration` (one file, batches
+    /// integrated, scIB metrics) or `perturbation` (one screen, `eval perturbation` beside its
+    /// baselines; `experiment_perturbation.rs`).
     #[serde(default = "annotation")]
     pub recipe: String,
     #[serde(default)]
@@ -64,6 +72,9 @@ pub struct Experiment {
     pub zero_shot: Option<ZeroShot>,
     #[serde(default = "yes")]
     pub baseline: bool,
+    /// Perturbation: the settings of `eval perturbation`.
+    #[serde(default)]
+    pub eval: Option<crate::experiment_perturbation::EvalSettings>,
 }
 
 fn yes() -> bool {
@@ -96,6 +107,8 @@ pub struct DataFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Dataset {
+    /// The obs column with the cell types (annotation, integration; not perturbation).
+    #[serde(default)]
     pub label_col: String,
     #[serde(default)]
     pub gene_col: String,
@@ -119,6 +132,20 @@ pub struct Dataset {
     /// integrate that (`batch_col` is then `planted_batch`), so the truth is known.
     #[serde(default)]
     pub plant: Option<Plant>,
+    /// Perturbation: simulate the screen (`scgpt-prep simulate-perturbation`, planted truth)
+    /// instead of reading `file`.
+    #[serde(default)]
+    pub simulate: Option<crate::experiment_perturbation::Simulate>,
+    /// Perturbation: the screen's `data.condition_col`, `data.control`, `data.separator` and
+    /// `data.normalize` for training and evaluation; empty / absent = the config's.
+    #[serde(default)]
+    pub condition_col: String,
+    #[serde(default)]
+    pub control: String,
+    #[serde(default)]
+    pub separator: String,
+    #[serde(default)]
+    pub normalize: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -190,7 +217,7 @@ fn sha256_hex(path: &Path) -> anyhow::Result<String> {
 pub(crate) fn fetch(f: &DataFile, what: &str) -> anyhow::Result<PathBuf> {
     if !f.path.is_file() {
         if f.url.is_empty() {
-            bail!("dataset.{what}: {} not found and no url to download it from", f.path.display());
+            bail!("dataset.{what}: {} not found and no url to download it from (the experiment file's header says how to get it)", f.path.display());
         }
         if let Some(dir) = f.path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -242,11 +269,16 @@ fn gene_col(e: &Experiment) -> Option<String> {
 
 pub(crate) fn train(config: &Path, sets: Vec<String>, quiet: bool) -> anyhow::Result<()> {
     let cfg = scgpt_engine::config::resolve(Some(config), &sets)?;
-    let mut t = scgpt_engine::Trainer::new(cfg, Box::new(scgpt_dist::Single::new()))?;
-    if quiet {
-        t = t.quiet();
+    let comm = Box::new(scgpt_dist::Single::new());
+    // The perturbation task trains its own model (the original's TransformerGenerator), as in
+    // scgpt-train.
+    if cfg.task.kind == scgpt_engine::config::TaskKind::Perturbation {
+        let t = scgpt_engine::Trainer::perturbation(cfg, comm)?;
+        (if quiet { t.quiet() } else { t }).run()?;
+        return Ok(());
     }
-    t.run()?;
+    let t = scgpt_engine::Trainer::new(cfg, comm)?;
+    (if quiet { t.quiet() } else { t }).run()?;
     Ok(())
 }
 
@@ -325,15 +357,24 @@ pub(crate) fn finetune_sets(e: &Experiment, f: &Finetune, run_dir: &Path, input:
 }
 
 pub fn run(args: &ExperimentArgs) -> anyhow::Result<()> {
-    let ExperimentCommand::Run { file, out, quiet, train_sets } = &args.command;
-    let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read", file.display()))?;
-    let e: Experiment = toml::from_str(&text).with_context(|| format!("{}: not a valid experiment file", file.display()))?;
+    let ExperimentCommand::Run { file, out, quiet, train_sets, sets } = &args.command;
+    let e: Experiment = scgpt_config::Layered::new().with_file(file)?.with_sets(sets)?.build().with_context(|| format!("{}: not a valid experiment file", file.display()))?;
     let out = out.clone().unwrap_or_else(|| PathBuf::from("experiments/out").join(&e.name));
     std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+    if e.recipe != "perturbation" {
+        anyhow::ensure!(!e.dataset.label_col.is_empty(), "{}: recipe = {:?} needs dataset.label_col, the obs column with the cell types", file.display(), e.recipe);
+        let d = &e.dataset;
+        anyhow::ensure!(
+            e.eval.is_none() && d.simulate.is_none() && d.condition_col.is_empty() && d.control.is_empty() && d.separator.is_empty() && d.normalize.is_none(),
+            "{}: [eval], [dataset.simulate] and dataset.condition_col/control/separator/normalize are for recipe = \"perturbation\"; remove them",
+            file.display()
+        );
+    }
     match e.recipe.as_str() {
         "annotation" => {}
         "integration" => return crate::experiment_integration::run(&e, file, &out, train_sets, *quiet),
-        other => bail!("{}: recipe = {other:?}: expected \"annotation\" or \"integration\"", file.display()),
+        "perturbation" => return crate::experiment_perturbation::run(&e, file, &out, train_sets, *quiet),
+        other => bail!("{}: recipe = {other:?}: expected \"annotation\", \"integration\" or \"perturbation\"", file.display()),
     }
     let (reference, query) = prepare_data(&e, &out)?;
     let label = e.dataset.label_col.clone();
@@ -400,6 +441,11 @@ fn write_report(e: &Experiment, file: &Path, out: &Path, methods: &[Method]) -> 
         let rel = m.report.strip_prefix(out).unwrap_or(&m.report).join("confusion.png");
         md.push_str(&format!("### {}\n\n![{}]({})\n\n", m.name, m.name, rel.display()));
     }
+    write_report_md(out, &md)
+}
+
+/// `out/report.md`, written atomically, and printed.
+pub(crate) fn write_report_md(out: &Path, md: &str) -> anyhow::Result<()> {
     let path = out.join("report.md");
     scgpt_data::atomic::write_bytes(&path, md.as_bytes())?;
     eprintln!("experiment: wrote {}", path.display());

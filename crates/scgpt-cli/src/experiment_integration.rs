@@ -177,9 +177,5 @@ fn write_report(e: &Experiment, batch_col: &str, file: &Path, out: &Path, rows: 
         md.push_str(&notes.join("\n"));
         md.push('\n');
     }
-    let path = out.join("report.md");
-    scgpt_data::atomic::write_bytes(&path, md.as_bytes())?;
-    eprintln!("experiment: wrote {}", path.display());
-    print!("{md}");
-    Ok(())
+    crate::experiment::write_report_md(out, &md)
 }

@@ -4,7 +4,8 @@
 //! `inference.rs`), `predict` (cell types), `predict-perturbation` (`perturbation.rs`),
 //! `eval integration` (scIB metrics), `eval perturbation` (`eval_perturbation.rs`), `baseline
 //! annotation|integration`, `experiment run` (paper-style experiments from a TOML), and
-//! `export` / `convert` between the original's checkpoint format and ours (`export.rs`).
+//! `export` / `convert` between the original's checkpoint format and ours (`export.rs`), and
+//! `grn embedding` / `grn attention` (`grn.rs`, `grn_embedding.rs`, `grn_attention.rs`).
 
 use std::process::ExitCode;
 
@@ -17,6 +18,10 @@ mod eval_integration;
 mod eval_perturbation;
 mod experiment;
 mod experiment_integration;
+mod experiment_perturbation;
+mod grn;
+mod grn_attention;
+mod grn_embedding;
 mod inference;
 mod export;
 mod labelled_h5ad;
@@ -61,6 +66,11 @@ enum Command {
     /// Evaluation of embeddings (`eval integration`: scIB batch-integration metrics into
     /// metrics.json).
     Eval(eval_integration::EvalArgs),
+    /// Gene regulatory networks from a model (`grn embedding`: gene programs from the gene
+    /// embeddings, as Tutorial_GRN; `grn attention`: a perturbed gene's targets from the
+    /// attention of a model fine-tuned on the screen, as Tutorial_Attention_GRN).
+    #[command(subcommand)]
+    Grn(grn::Grn),
     /// Paper-style experiments from a TOML: data (download + checksum, or bundled), a
     /// reference/query split, fine-tuning, kNN mapping and the baseline, and report.md.
     Experiment(experiment::ExperimentArgs),
@@ -78,6 +88,7 @@ fn main() -> ExitCode {
         Command::PredictPerturbation(args) => perturbation::predict_run(&args),
         Command::Experiment(args) => experiment::run(&args),
         Command::Eval(args) => eval_integration::run(&args),
+        Command::Grn(command) => grn::run(&command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

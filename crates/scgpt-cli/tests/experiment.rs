@@ -77,3 +77,54 @@ fn the_planted_batch_integration_experiment_runs_end_to_end_offline() {
     assert_eq!(report.lines().filter(|l| l.starts_with("| scGPT") || l.starts_with("| baseline")).count(), 5, "{report}");
     assert!(report.contains("planted_batch"), "{report}");
 }
+
+/// The perturbation recipe offline, on the simulated screen: the screen and its truth, the
+/// variant's eval report, and report.md with ours and the four baselines over all test
+/// conditions and per subgroup, the sentence on which baseline beats ours, and the test doubles
+/// of each planted kind. Training is cut to a few steps, the screen to 12 doubles and the
+/// control pools to 30 cells (`--set` on the experiment file).
+#[test]
+fn the_simulated_perturbation_experiment_runs_end_to_end_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("exp");
+    let o = Command::new(env!("CARGO_BIN_EXE_scgpt"))
+        .current_dir(root())
+        .env("HDF5_USE_FILE_LOCKING", "FALSE")
+        .args(["experiment", "run", "experiments/perturbation_simulated.toml", "--quiet", "--out"])
+        .arg(&out)
+        .args(["--train-set", "train.max_steps=4", "--train-set", "train.epochs=1"])
+        .args(["--set", "dataset.simulate.doubles=12", "--set", "eval.pool_size=30"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in ["data/screen.h5ad", "data/screen.truth.json", "runs/scratch/split.json", "runs/scratch/best_model/vocab.json", "reports/scratch/per_condition.csv", "reports/scratch/per_condition_baselines.csv", "report.md"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("reports/scratch/metrics.json")).unwrap()).unwrap();
+    let n = m["n_conditions"].as_u64().unwrap();
+    assert!(n > 0 && m["baselines"]["linear"].is_object(), "{m}");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    // The first table: ours and the four baselines, ours' pearson as metrics.json has it.
+    let overall: Vec<&str> = report.split("## Per subgroup").next().unwrap().lines().filter(|l| l.starts_with("| scGPT") || l.starts_with("| baseline")).collect();
+    assert_eq!(overall.len(), 5, "{report}");
+    for (row, name) in overall.iter().zip(["scGPT fine-tuned (scratch)", "no change", "training mean", "additive", "linear"]) {
+        assert!(row.contains(name), "{row} is not {name}");
+    }
+    assert!(overall[0].starts_with(&format!("| scGPT fine-tuned (scratch) | {n} | {:.3} |", m["pearson"].as_f64().unwrap())), "{}", overall[0]);
+    assert!(report.contains("baseline beats it on") || report.contains("No baseline beats scGPT fine-tuned (scratch)"), "{report}");
+    // Per subgroup, with the subgroups the split has.
+    let subgroups = m["subgroups"].as_object().unwrap();
+    assert!(!subgroups.is_empty());
+    for g in subgroups.keys() {
+        assert!(report.contains(&format!("### {g}\n")), "no table for {g}: {report}");
+    }
+    // The test doubles by planted kind, counted from the split and the truth.
+    let truth: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("data/screen.truth.json")).unwrap()).unwrap();
+    let split: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("runs/scratch/split.json")).unwrap()).unwrap();
+    let test: Vec<&str> = split["test"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(report.contains("| kind | test doubles | scGPT fine-tuned (scratch) | baseline: additive |"), "{report}");
+    for kind in ["additive", "synergy"] {
+        let k = truth["doubles"].as_array().unwrap().iter().filter(|d| d["kind"] == kind && test.contains(&d["condition"].as_str().unwrap())).count();
+        assert!(report.lines().any(|l| l.starts_with(&format!("| {kind} | {k} |"))), "no line for {kind} doubles ({k} in the test set): {report}");
+    }
+}

@@ -3,6 +3,7 @@
 //!
 //! See `STATUS.md` in this crate for what is implemented and verified against the original.
 
+pub mod attention_grn;
 pub mod checkpoint;
 pub mod config;
 mod cpu_attention;
