@@ -18,6 +18,23 @@
 //!   `--synergy-targets` targets (disjoint from A, B and both singles' targets), each with an lfc
 //!   drawn like a single's, that no single explains. The rest are `additive`.
 //!
+//! **Modules** (`--modules M`, off by default). A synergy double as above has targets of its
+//! own, so nothing else in the screen predicts them: no model can beat the additive baseline on
+//! a held-out one. With `--modules M` (M ≥ 2) the synergy is learnable instead:
+//! - the perturbed genes are cut into M modules (a seeded order, balanced sizes: the first
+//!   `perturbed_genes % M` modules have one gene more);
+//! - each unordered pair of modules {i, j} has a **program**: `--synergy-targets` targets with
+//!   lfcs drawn like a single's, free of every gene of modules i and j and of all their
+//!   singles' targets (the plan is refused when too few genes are free);
+//! - every double whose genes lie in two different modules i ≠ j is `synergy` and adds the
+//!   program of {i, j} (the same targets and lfcs for all such doubles) to the sum of its
+//!   singles; every double within one module is `additive`. Every pair of modules has a program;
+//!   `--synergy-fraction` is then the share of the doubles drawn from the pairs across modules
+//!   (the rest are drawn from the pairs within one).
+//!
+//! So the synergy of a double follows from the modules of its two genes, which a model can
+//! learn from the training doubles that involve each gene.
+//!
 //! **Cells.** A cell of condition c has expected count `library · μ_g · 2^lfc_c(g)` for gene g,
 //! with `library` ~ LogNormal(0, 0.3); counts are negative binomial (Gamma–Poisson, dispersion
 //! r = [`NB_DISPERSION`]). Each row is then normalised to a total of 1e4 and log1p'd (natural
@@ -45,13 +62,19 @@
 //!   "n_cells": 2560, "lfc_base": 2, "nb_dispersion": 2.0,
 //!   "control": { "condition": "ctrl", "n_cells": 400 },
 //!   "singles": [ { "condition": "G+ctrl", "gene": "G", "gene_id": "ENSG…", "index": 17,
-//!                  "knockdown_lfc": -2.9, "n_cells": 40, "composition_log2": 0.03,
+//!                  "knockdown_lfc": -2.9, "module": 1, "n_cells": 40, "composition_log2": 0.03,
 //!                  "targets": [ { "gene": "T", "gene_id": "ENSG…", "index": 5, "lfc": 1.3 }, … ] }, … ],
 //!   "doubles": [ { "condition": "A+B", "genes": ["A", "B"], "kind": "additive" | "synergy",
-//!                  "n_cells": 40, "composition_log2": -0.1,
-//!                  "synergy_targets": [ { "gene", "gene_id", "index", "lfc" }, … ] }, … ] }
+//!                  "program": [0, 2], "n_cells": 40, "composition_log2": -0.1,
+//!                  "synergy_targets": [ { "gene", "gene_id", "index", "lfc" }, … ] }, … ],
+//!   "modules": [ { "module": 0, "genes": ["A", …] }, … ],
+//!   "programs": [ { "modules": [0, 1], "targets": [ { "gene", "gene_id", "index", "lfc" }, … ] }, … ] }
 //! ```
 //! `index` is the gene's position in `var`. `synergy_targets` is empty for additive doubles.
+//! Only with `--modules`: `args.modules`, each single's `module`, a synergy double's `program`
+//! (its two modules, ascending; its `synergy_targets` are that program's targets), and the
+//! top-level `modules` (the genes of each) and `programs` (one per pair of modules, in order
+//! (0, 1), (0, 2), …); without it these keys are absent and the file is as before.
 //! The true lfc of any condition follows from the rules above; `composition_log2` =
 //! log2(Σ_g μ_g 2^lfc(g) / Σ_g μ_g) is how much its expected library grows.
 //!
@@ -88,9 +111,16 @@ pub struct SimulatePerturbationArgs {
     /// Number of double perturbations `A+B` among the perturbed genes.
     #[arg(long, default_value_t = 30)]
     pub doubles: usize,
-    /// Share of the doubles with a planted non-additive (synergy) effect.
+    /// Share of the doubles with a planted non-additive (synergy) effect. With --modules, the
+    /// share of the doubles drawn from pairs of genes in different modules.
     #[arg(long, default_value_t = 0.5)]
     pub synergy_fraction: f64,
+    /// Split the perturbed genes into this many modules (at least 2) and plant one synergy
+    /// program per pair of modules, shared by every double across that pair (a structure a
+    /// model can learn); doubles within a module are additive. Off by default: each synergy
+    /// double then has its own targets, which nothing else in the screen predicts.
+    #[arg(long)]
+    pub modules: Option<usize>,
     /// Cells per perturbed condition.
     #[arg(long, default_value_t = 40)]
     pub cells_per_condition: usize,
@@ -134,6 +164,7 @@ const STREAM_PROFILE: u64 = 0x9E27_0001;
 const STREAM_NETWORK: u64 = 0x9E27_0002;
 const STREAM_DOUBLES: u64 = 0x9E27_0003;
 const STREAM_ORDER: u64 = 0x9E27_0004;
+const STREAM_MODULES: u64 = 0x9E27_0005;
 const STREAM_CELL: u64 = 0x9E27_00CE;
 
 #[derive(Debug, Clone, Serialize)]
@@ -157,6 +188,9 @@ pub struct SingleTruth {
     pub gene_id: String,
     pub index: usize,
     pub knockdown_lfc: f64,
+    /// The gene's module (with `--modules` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub module: Option<usize>,
     pub n_cells: usize,
     pub composition_log2: f64,
     pub targets: Vec<TargetTruth>,
@@ -167,9 +201,27 @@ pub struct DoubleTruth {
     pub condition: String,
     pub genes: [String; 2],
     pub kind: &'static str,
+    /// The module pair whose program a synergy double carries (with `--modules` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub program: Option<[usize; 2]>,
     pub n_cells: usize,
     pub composition_log2: f64,
     pub synergy_targets: Vec<TargetTruth>,
+}
+
+/// A module of perturbed genes (`--modules`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModuleTruth {
+    pub module: usize,
+    pub genes: Vec<String>,
+}
+
+/// The synergy program of a pair of modules (`--modules`): the targets every double across the
+/// pair adds to the sum of its singles.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramTruth {
+    pub modules: [usize; 2],
+    pub targets: Vec<TargetTruth>,
 }
 
 /// The generator's settings, as given (with `synergy_targets` resolved).
@@ -180,6 +232,8 @@ pub struct ArgsTruth {
     pub perturbed_genes: usize,
     pub doubles: usize,
     pub synergy_fraction: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub modules: Option<usize>,
     pub cells_per_condition: usize,
     pub control_cells: usize,
     pub targets_per_gene: usize,
@@ -202,6 +256,11 @@ pub struct ScreenTruth {
     pub control: ControlTruth,
     pub singles: Vec<SingleTruth>,
     pub doubles: Vec<DoubleTruth>,
+    /// With `--modules`: the modules' genes, and the program of every pair of modules.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub modules: Option<Vec<ModuleTruth>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub programs: Option<Vec<ProgramTruth>>,
 }
 
 /// One condition to simulate: its name, dose, cell count and per-gene log2 fold changes.
@@ -282,6 +341,25 @@ fn validate(a: &SimulatePerturbationArgs) -> anyhow::Result<usize> {
         "--synergy-fraction = {} must be in [0, 1]",
         a.synergy_fraction
     );
+    if let Some(m) = a.modules {
+        anyhow::ensure!(
+            m >= 2 && m <= a.perturbed_genes,
+            "--modules {m} must be in 2..={}: at least two modules, each with a gene of --perturbed-genes {}",
+            a.perturbed_genes,
+            a.perturbed_genes
+        );
+        let within: usize = module_sizes(a.perturbed_genes, m).iter().map(|s| s * (s - 1) / 2).sum();
+        let cross = pairs - within;
+        let n_syn = n_synergy(a);
+        anyhow::ensure!(
+            n_syn <= cross && a.doubles - n_syn <= within,
+            "--modules {m}: {} genes make {cross} pairs across modules and {within} within one; --doubles {} at --synergy-fraction {} asks for {n_syn} across and {} within; change --doubles, --synergy-fraction or --modules",
+            a.perturbed_genes,
+            a.doubles,
+            a.synergy_fraction,
+            a.doubles - n_syn
+        );
+    }
     anyhow::ensure!(
         a.min_lfc.is_finite() && a.max_lfc.is_finite() && a.min_lfc > 0.0 && a.min_lfc <= a.max_lfc && a.max_lfc <= 10.0,
         "--min-lfc {} and --max-lfc {} must satisfy 0 < min <= max <= 10 (log2 fold changes)",
@@ -297,6 +375,16 @@ fn validate(a: &SimulatePerturbationArgs) -> anyhow::Result<usize> {
     anyhow::ensure!(a.control_cells >= 1, "--control-cells must be at least 1: GEARS pairs every perturbed cell with a control");
     anyhow::ensure!(!a.cell_type.is_empty() && !a.cell_type.contains('_'), "--cell-type {:?} must be non-empty and without '_' (condition_name joins with '_')", a.cell_type);
     Ok(syn_targets)
+}
+
+/// How many doubles are `synergy`.
+fn n_synergy(a: &SimulatePerturbationArgs) -> usize {
+    (a.doubles as f64 * a.synergy_fraction).round() as usize
+}
+
+/// The sizes of `m` modules of `p` genes (balanced: the first `p % m` have one more).
+fn module_sizes(p: usize, m: usize) -> Vec<usize> {
+    (0..m).map(|k| p / m + usize::from(k < p % m)).collect()
 }
 
 /// The gene set and base means, the conditions with their lfc vectors, and the truth.
@@ -347,6 +435,7 @@ fn plan(a: &SimulatePerturbationArgs, syn_targets: usize) -> anyhow::Result<Plan
             gene_id: ids[pg].clone(),
             index: pg,
             knockdown_lfc: kd,
+            module: None,
             n_cells: a.cells_per_condition,
             composition_log2: 0.0,
             targets,
@@ -357,20 +446,79 @@ fn plan(a: &SimulatePerturbationArgs, syn_targets: usize) -> anyhow::Result<Plan
     let p = perturbed.len();
     let all_pairs: Vec<(usize, usize)> = (0..p).flat_map(|x| (x + 1..p).map(move |y| (x, y))).collect();
     let mut dr = rng_for(a.seed, STREAM_DOUBLES, 0);
-    let chosen: Vec<usize> = draw(&(0..all_pairs.len()).collect::<Vec<_>>(), a.doubles, &mut dr);
-    let mut pairs: Vec<(usize, usize)> = chosen.iter().map(|&c| all_pairs[c]).collect();
-    pairs.sort_unstable();
-    let n_syn = (a.doubles as f64 * a.synergy_fraction).round() as usize;
-    let mut is_syn = vec![false; pairs.len()];
-    for d in draw(&(0..pairs.len()).collect::<Vec<_>>(), n_syn, &mut dr) {
-        is_syn[d] = true;
+    let n_syn = n_synergy(a);
+    let (pairs, is_syn, module_of) = match a.modules {
+        None => {
+            let chosen: Vec<usize> = draw(&(0..all_pairs.len()).collect::<Vec<_>>(), a.doubles, &mut dr);
+            let mut pairs: Vec<(usize, usize)> = chosen.iter().map(|&c| all_pairs[c]).collect();
+            pairs.sort_unstable();
+            let mut is_syn = vec![false; pairs.len()];
+            for d in draw(&(0..pairs.len()).collect::<Vec<_>>(), n_syn, &mut dr) {
+                is_syn[d] = true;
+            }
+            (pairs, is_syn, None)
+        }
+        Some(m) => {
+            // Modules: a seeded order of the perturbed genes cut into balanced runs; the
+            // synergy doubles are drawn from the pairs across modules, the rest within one.
+            let mut order: Vec<usize> = (0..p).collect();
+            shuffle(&mut order, &mut rng_for(a.seed, STREAM_MODULES, 0));
+            let mut module_of = vec![0usize; p];
+            let mut next = 0;
+            for (k, size) in module_sizes(p, m).into_iter().enumerate() {
+                for &x in &order[next..next + size] {
+                    module_of[x] = k;
+                }
+                next += size;
+            }
+            let (cross, within): (Vec<(usize, usize)>, Vec<(usize, usize)>) = all_pairs.iter().partition(|&&(x, y)| module_of[x] != module_of[y]);
+            let mut tagged: Vec<((usize, usize), bool)> = draw(&(0..cross.len()).collect::<Vec<_>>(), n_syn, &mut dr).into_iter().map(|c| (cross[c], true)).collect();
+            tagged.extend(draw(&(0..within.len()).collect::<Vec<_>>(), a.doubles - n_syn, &mut dr).into_iter().map(|c| (within[c], false)));
+            tagged.sort_unstable();
+            let (pairs, is_syn) = tagged.into_iter().unzip();
+            (pairs, is_syn, Some(module_of))
+        }
+    };
+    // The modules' programs: for each pair of modules (in order), targets free of both modules'
+    // genes and of all their singles' targets, so no single of a double across the pair
+    // explains its program.
+    let mut programs: Vec<ProgramTruth> = Vec::new();
+    if let (Some(m), Some(module_of)) = (a.modules, &module_of) {
+        for (k, (i, j)) in (0..m).flat_map(|i| (i + 1..m).map(move |j| (i, j))).enumerate() {
+            let mut r = rng_for(a.seed, STREAM_MODULES, 1 + k as u64);
+            let mut excluded = vec![false; g];
+            for s in singles.iter().zip(module_of).filter(|(_, &k)| k == i || k == j).map(|(s, _)| s) {
+                excluded[s.index] = true;
+                for t in &s.targets {
+                    excluded[t.index] = true;
+                }
+            }
+            let free: Vec<usize> = pool.iter().copied().filter(|&t| !excluded[t]).collect();
+            anyhow::ensure!(
+                free.len() >= syn_targets,
+                "modules {i} and {j}: only {} of the expressed genes are free of their genes and their singles' targets, fewer than --synergy-targets {syn_targets}; raise --genes or --modules, or lower --targets-per-gene",
+                free.len()
+            );
+            let mut ts = draw(&free, syn_targets, &mut r);
+            ts.sort_unstable();
+            programs.push(ProgramTruth { modules: [i, j], targets: ts.iter().map(|&t| target(t, signed_lfc(a, &mut r))).collect() });
+        }
     }
+    let program_of = |mi: usize, mj: usize| -> usize {
+        let (i, j) = (mi.min(mj), mi.max(mj));
+        programs.iter().position(|pr| pr.modules == [i, j]).expect("a program for every pair of modules")
+    };
     let mut doubles = Vec::new();
     let mut double_lfc = Vec::new();
     for (d, &(x, y)) in pairs.iter().enumerate() {
         let mut lfc: Vec<f64> = single_lfc[x].iter().zip(&single_lfc[y]).map(|(u, v)| u + v).collect();
         let mut synergy = Vec::new();
-        if is_syn[d] {
+        let mut program = None;
+        if let (true, Some(module_of)) = (is_syn[d], &module_of) {
+            let pr = &programs[program_of(module_of[x], module_of[y])];
+            program = Some(pr.modules);
+            synergy = pr.targets.clone();
+        } else if is_syn[d] {
             let mut r = rng_for(a.seed, STREAM_DOUBLES, 1 + d as u64);
             // Free of A, B and both singles' targets, so no single explains the synergy.
             let mut excluded = vec![false; g];
@@ -391,20 +539,29 @@ fn plan(a: &SimulatePerturbationArgs, syn_targets: usize) -> anyhow::Result<Plan
             let mut ts = draw(&free, syn_targets, &mut r);
             ts.sort_unstable();
             synergy = ts.iter().map(|&i| target(i, signed_lfc(a, &mut r))).collect::<Vec<_>>();
-            for t in &synergy {
-                lfc[t.index] += t.lfc;
-            }
+        }
+        for t in &synergy {
+            lfc[t.index] += t.lfc;
         }
         double_lfc.push(lfc);
         doubles.push(DoubleTruth {
             condition: format!("{}+{}", singles[x].gene, singles[y].gene),
             genes: [singles[x].gene.clone(), singles[y].gene.clone()],
             kind: if is_syn[d] { "synergy" } else { "additive" },
+            program,
             n_cells: a.cells_per_condition,
             composition_log2: 0.0,
             synergy_targets: synergy,
         });
     }
+    let modules = module_of.as_ref().map(|module_of| {
+        for (s, &k) in singles.iter_mut().zip(module_of) {
+            s.module = Some(k);
+        }
+        (0..a.modules.unwrap_or(0))
+            .map(|k| ModuleTruth { module: k, genes: singles.iter().filter(|s| s.module == Some(k)).map(|s| s.gene.clone()).collect() })
+            .collect::<Vec<_>>()
+    });
 
     let composition = |lfc: &[f64]| (mu.iter().zip(lfc).map(|(m, l)| m * l.exp2()).sum::<f64>() / mu.iter().sum::<f64>()).log2();
     for (s, l) in singles.iter_mut().zip(&single_lfc) {
@@ -430,6 +587,7 @@ fn plan(a: &SimulatePerturbationArgs, syn_targets: usize) -> anyhow::Result<Plan
             perturbed_genes: a.perturbed_genes,
             doubles: a.doubles,
             synergy_fraction: a.synergy_fraction,
+            modules: a.modules,
             cells_per_condition: a.cells_per_condition,
             control_cells: a.control_cells,
             targets_per_gene: a.targets_per_gene,
@@ -445,6 +603,8 @@ fn plan(a: &SimulatePerturbationArgs, syn_targets: usize) -> anyhow::Result<Plan
         control: ControlTruth { condition: "ctrl".into(), n_cells: a.control_cells },
         singles,
         doubles,
+        programs: module_of.is_some().then_some(programs),
+        modules,
     };
     Ok(Plan { ids, symbols, mu, conditions, truth })
 }

@@ -265,10 +265,15 @@ fn value(r: &Row, metric: &str) -> Option<f64> {
     r.get(metric).and_then(|v| v.parse().ok())
 }
 
+/// The rows of one baseline in `per_condition_baselines.csv`.
+fn baseline_rows<'a>(v: &'a Variant, baseline: &'a str) -> impl Iterator<Item = &'a Row> + 'a {
+    v.baselines.iter().filter(move |r| r.get("baseline").is_some_and(|b| b == baseline))
+}
+
 /// The means of `metric` for ours and for `baseline` over the conditions that `keep` accepts
 /// and where both are defined, and how many those are.
 fn paired(v: &Variant, baseline: &str, metric: &str, keep: impl Fn(&str) -> bool) -> Option<(f64, f64, usize)> {
-    let theirs: HashMap<&str, f64> = v.baselines.iter().filter(|r| r.get("baseline").is_some_and(|b| b == baseline)).filter_map(|r| Some((r.get("condition")?.as_str(), value(r, metric)?))).collect();
+    let theirs: HashMap<&str, f64> = baseline_rows(v, baseline).filter_map(|r| Some((r.get("condition")?.as_str(), value(r, metric)?))).collect();
     let (mut so, mut sb, mut n) = (0.0, 0.0, 0usize);
     for r in &v.ours {
         let Some(c) = r.get("condition").filter(|c| keep(c)) else { continue };
@@ -372,10 +377,11 @@ fn doubles_by_kind(md: &mut String, truth: &Path, variants: &[Variant], sep: &st
     // "additive" before "synergy", then any other kind.
     names.sort_by_key(|k| (k != "additive", k != "synergy", k.clone()));
     let is = |kind: &str| of_kind(&kinds, kind.to_string(), sep);
-    let additive_rows = |v: &Variant| v.baselines.iter().filter(|r| r.get("baseline").is_some_and(|b| b == "additive")).cloned().collect::<Vec<Row>>();
-    // Columns: ours per variant, the additive baseline once if every variant's is the same.
-    let mut cols: Vec<(String, Vec<(Option<f64>, usize)>)> = variants.iter().map(|v| (ours(v), names.iter().map(|k| mean_delta(v.ours.iter(), is(k))).collect())).collect();
-    let additive: Vec<Vec<(Option<f64>, usize)>> = variants.iter().map(|v| names.iter().map(|k| mean_delta(additive_rows(v).iter(), is(k))).collect()).collect();
+    // Columns: ours per variant, the additive baseline once if every variant's is the same;
+    // in each, (mean, conditions defined) per kind.
+    type Means = Vec<(Option<f64>, usize)>;
+    let mut cols: Vec<(String, Means)> = variants.iter().map(|v| (ours(v), names.iter().map(|k| mean_delta(v.ours.iter(), is(k))).collect())).collect();
+    let additive: Vec<Means> = variants.iter().map(|v| names.iter().map(|k| mean_delta(baseline_rows(v, "additive"), is(k))).collect()).collect();
     if additive.windows(2).all(|w| w[0] == w[1]) {
         cols.push(("baseline: additive".into(), additive[0].clone()));
     } else {

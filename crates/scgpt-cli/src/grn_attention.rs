@@ -238,9 +238,9 @@ pub fn run(a: &GrnAttentionArgs) -> anyhow::Result<()> {
     let Some(gene_col) = screen.genes.iter().position(|g| g == gene) else {
         bail!("--perturbed {gene}: not a gene of {} ({var_what}, {} genes); is --gene-col right?", a.input.display(), screen.n_genes());
     };
-    let Some(gene_id) = loaded.vocab.get(gene) else {
+    if loaded.vocab.get(gene).is_none() {
         bail!("--perturbed {gene}: not in the model vocabulary {}; the model has no token to attend to", loaded.vocab_path.display());
-    };
+    }
     let format = screen.format();
     let wanted = Condition::Single(gene.to_string());
     let label = format.to_gears_string(&wanted);

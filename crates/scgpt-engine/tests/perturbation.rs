@@ -29,6 +29,7 @@ fn screen(dir: &Path) -> PathBuf {
         perturbed_genes: 12,
         doubles: 10,
         synergy_fraction: 0.5,
+        modules: None,
         cells_per_condition: 12,
         control_cells: 120,
         targets_per_gene: 6,

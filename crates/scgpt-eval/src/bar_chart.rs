@@ -64,8 +64,10 @@ fn draw(path: &Path, c: &BarChart) -> Result<()> {
     let row = 24u32;
     let label_w = c.labels.iter().map(|l| text_width(l, label_size)).max().unwrap_or(0).min(280);
     let value_w = c.values.iter().map(|&v| text_width(&value_text(v), value_size)).max().unwrap_or(0);
+    // Room for values left of the bars only when some bar points left.
+    let left_value_w = if c.values.iter().any(|&v| v < 0.0) { value_w + 6 } else { 0 };
     let plot_w = 520u32;
-    let left = pad + label_w + 10 + value_w + 6;
+    let left = pad + label_w + 10 + left_value_w;
     let width = (left + plot_w + value_w + 6 + pad).max(text_width(c.title, 18.0) + 2 * pad);
     let top = pad + title_h;
     let height = top + n * row + 12 + 20 + 8 + 20 + pad;
@@ -86,7 +88,7 @@ fn draw(path: &Path, c: &BarChart) -> Result<()> {
     for (i, (label, &v)) in c.labels.iter().zip(c.values).enumerate() {
         let y0 = (top + i as u32 * row) as i32;
         let mid = y0 + row as i32 / 2;
-        root.draw_text(label, &label_style, (left as i32 - value_w as i32 - 16, mid)).map_err(draw_err)?;
+        root.draw_text(label, &label_style, ((left - left_value_w) as i32 - 10, mid)).map_err(draw_err)?;
         let x = x_of(v);
         let (a, b) = if x >= zero { (zero, x) } else { (x, zero) };
         let colour = if v >= 0.0 { positive } else { negative };

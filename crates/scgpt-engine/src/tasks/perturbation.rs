@@ -401,7 +401,7 @@ mod tests {
 
     #[test]
     fn pearson_is_undefined_for_a_constant_side() {
-        assert!((pearson(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.5]).unwrap() - 0.99926).abs() < 1e-4);
+        assert!((pearson(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.5]).unwrap() - 0.997_948_7).abs() < 1e-6, "numpy.corrcoef gives 0.9979487");
         assert!(pearson(&[1.0, 1.0, 1.0], &[2.0, 4.0, 6.0]).is_none());
     }
 }
