@@ -37,6 +37,7 @@ pub struct Simulate {
     pub perturbed_genes: Option<usize>,
     pub doubles: Option<usize>,
     pub synergy_fraction: Option<f64>,
+    pub modules: Option<usize>,
     pub cells_per_condition: Option<usize>,
     pub control_cells: Option<usize>,
     pub targets_per_gene: Option<usize>,
@@ -119,6 +120,7 @@ impl Simulate {
         put("perturbed-genes", self.perturbed_genes.map(|v| v.to_string()));
         put("doubles", self.doubles.map(|v| v.to_string()));
         put("synergy-fraction", self.synergy_fraction.map(|v| v.to_string()));
+        put("modules", self.modules.map(|v| v.to_string()));
         put("cells-per-condition", self.cells_per_condition.map(|v| v.to_string()));
         put("control-cells", self.control_cells.map(|v| v.to_string()));
         put("targets-per-gene", self.targets_per_gene.map(|v| v.to_string()));

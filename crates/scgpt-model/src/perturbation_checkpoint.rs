@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::checkpoint::{
     check_vocab_for, ckpt_err, load_safetensors_strict, read_text, state_dict, write_dir_atomically,
-    write_err, write_file, NATIVE_CONFIG, NATIVE_WEIGHTS, ORIGINAL_WEIGHTS, VOCAB_FILE,
+    write_err, write_file, NATIVE_CONFIG, NATIVE_WEIGHTS, ORIGINAL_ARGS, ORIGINAL_WEIGHTS, VOCAB_FILE,
 };
 use crate::error::{ModelError, Result};
 use crate::perturbation::{PerturbationConfig, TransformerGenerator};
@@ -94,13 +94,17 @@ pub fn load_exported_perturbation(dir: impl AsRef<Path>, device: &Device) -> Res
 
 /// The original's format: `best_model.pt` (the generator's state_dict under the original's
 /// key names, as the tutorial's `torch.save(model.state_dict())`), its constructor arguments
-/// (`perturbation_config.json`) and `vocab.json`, written into `dir` atomically.
+/// (`perturbation_config.json`), `vocab.json`, and an `args.json` of the encoder under the
+/// original's names, written into `dir` atomically. The args.json is what makes the folder
+/// load as the original's `TransformerModel` too (`pert_encoder.*` then left out), as
+/// Tutorial_Attention_GRN loads a perturbation-fine-tuned model for `scgpt grn attention`.
 pub fn export_perturbation(model: &TransformerGenerator, vocab_json: &str, dir: impl AsRef<Path>) -> Result<()> {
     let dir = dir.as_ref();
     check(vocab_json, &model.config, &dir.join(VOCAB_FILE))?;
     let tensors = state_dict(model, &dir.join(ORIGINAL_WEIGHTS))?;
     let args = serde_json::to_string_pretty(&model.config).expect("config serialises") + "\n";
-    write_dir_atomically(dir, &[ORIGINAL_WEIGHTS, PERTURBATION_ARGS, VOCAB_FILE], |tmp| {
+    let encoder_args = serde_json::to_string_pretty(&encoder_args_json(&model.config)).expect("args serialise") + "\n";
+    write_dir_atomically(dir, &[ORIGINAL_WEIGHTS, PERTURBATION_ARGS, ORIGINAL_ARGS, VOCAB_FILE], |tmp| {
         let weights = dir.join(ORIGINAL_WEIGHTS);
         match catch_unwind(AssertUnwindSafe(|| torch_zip::write_state_dict(&tmp.join(ORIGINAL_WEIGHTS), tensors))) {
             Ok(Ok(())) => {}
@@ -108,11 +112,33 @@ pub fn export_perturbation(model: &TransformerGenerator, vocab_json: &str, dir: 
             Err(_) => return Err(write_err(&weights, "reading a tensor panicked")),
         }
         write_file(&tmp.join(PERTURBATION_ARGS), args.as_bytes()).map_err(|e| write_err(&dir.join(PERTURBATION_ARGS), e.to_string()))?;
+        write_file(&tmp.join(ORIGINAL_ARGS), encoder_args.as_bytes()).map_err(|e| write_err(&dir.join(ORIGINAL_ARGS), e.to_string()))?;
         write_file(&tmp.join(VOCAB_FILE), vocab_json.as_bytes()).map_err(|e| write_err(&dir.join(VOCAB_FILE), e.to_string()))?;
         Ok(())
     })
     .map_err(|e| match e {
         ModelError::Write { .. } => e,
         other => ckpt_err(dir, other.to_string()),
+    })
+}
+
+/// The generator's shared encoder (gene and value embeddings, transformer, expression decoder)
+/// as an original args.json: the keys [`crate::ModelConfig::from_args_json`] reads.
+fn encoder_args_json(c: &PerturbationConfig) -> Value {
+    json!({
+        "embsize": c.d_model,
+        "nheads": c.nhead,
+        "d_hid": c.d_hid,
+        "nlayers": c.nlayers,
+        "n_layers_cls": c.nlayers_cls,
+        "n_cls": c.n_cls,
+        "dropout": c.dropout,
+        "pad_token": c.pad_token,
+        "pad_value": c.pad_value,
+        "input_emb_style": "continuous",
+        "MVC": false,
+        "explicit_zero_prob": c.explicit_zero_prob,
+        "DSBN": false,
+        "perturbation_model": "TransformerGenerator (perturbation_config.json); pert_encoder.* is not part of the TransformerModel",
     })
 }
