@@ -21,8 +21,8 @@ use scgpt_eval::grn::{
     activity_by_cell_type, enrichment, evaluate_against_reference, gene_programs, program_activity, read_gmt, top_k_edges, write_activity_heatmap_png, write_edges_tsv, write_program_network_png,
     GeneEmbeddings, GeneScorer, ProgramOptions, ReferenceNetwork, ScoreGenesOptions,
 };
-use scgpt_eval::preprocess::{highly_variable_genes, HvgFlavor, HvgOptions};
-use scgpt_eval::OwnedCsr;
+use scgpt_eval::preprocess::{filter_genes_min_counts, highly_variable_genes, HvgFlavor, HvgOptions};
+use scgpt_eval::{keep_columns, OwnedCsr};
 use scgpt_model::burn::tensor::{Int, Tensor, TensorData};
 use serde_json::json;
 
@@ -49,6 +49,10 @@ pub struct GrnEmbeddingArgs {
     /// Read raw/X instead of X when the file has it.
     #[arg(long)]
     pub use_raw: bool,
+    /// With `--genes hvg:N`: genes whose total over the cells is below this are left out before
+    /// the HVG step (the original's `Preprocessor(filter_gene_by_counts=3)`; 0 keeps all).
+    #[arg(long, default_value_t = 3.0)]
+    pub filter_gene_counts: f64,
     /// Leiden resolution of the gene programs (the original's 40).
     #[arg(long, default_value_t = 40.0)]
     pub resolution: f64,
@@ -106,20 +110,37 @@ pub(crate) fn read_expression(path: &Path, gene_col: Option<&str>, use_raw: bool
             x.indptr.push(x.indices.len());
         }
     }
+    // Scaled data (z-scores, e.g. scanpy's pbmc68k_reduced X) has no meaning for the HVG
+    // flavours or for score_genes' expression bins; counts or log-normalised values are needed.
+    if let Some(v) = x.data.iter().find(|v| **v < 0.0) {
+        bail!(
+            "{}: {} holds negative values (e.g. {v}): scaled data, not counts or log-normalised expression; use --use-raw if .raw holds them, or pass an h5ad whose X does",
+            path.display(),
+            if use_raw { "the matrix read (.raw/X, else X)" } else { "X" }
+        );
+    }
     Ok(Expression { genes, x, labels })
 }
 
-/// The chosen genes (columns of the file), in the file's order.
-pub(crate) fn choose_genes(spec: &str, expr: &Expression) -> anyhow::Result<(Vec<usize>, String)> {
+/// The chosen genes (columns of the file), in the file's order. `hvg:N` first drops the genes
+/// whose total is below `min_counts` (the original's Preprocessor filters before its HVG step;
+/// seurat_v3's LOESS also fails, in scanpy too, on genes seen in one or two cells).
+pub(crate) fn choose_genes(spec: &str, expr: &Expression, min_counts: f64) -> anyhow::Result<(Vec<usize>, String)> {
     if let Some(n) = spec.strip_prefix("hvg:") {
         let n: usize = n.parse().ok().filter(|&n| n > 0).with_context(|| format!("--genes {spec:?}: hvg:N needs a positive number, e.g. hvg:1200"))?;
         let integer = expr.x.data.iter().all(|v| v.fract() == 0.0);
         let flavor = if integer { HvgFlavor::SeuratV3 } else { HvgFlavor::CellRanger };
-        let mut opts = HvgOptions::new(n.min(expr.x.n_cols), flavor);
+        let csr = expr.x.csr()?;
+        let keep = if min_counts > 0.0 { filter_genes_min_counts(&csr, min_counts) } else { vec![true; expr.x.n_cols] };
+        let (x, kept) = keep_columns(&csr, &keep);
+        if kept.is_empty() {
+            bail!("--genes {spec}: no gene has a total of at least --filter-gene-counts {min_counts} over the cells");
+        }
+        let mut opts = HvgOptions::new(n.min(kept.len()), flavor);
         opts.batch = None;
-        let hvg = highly_variable_genes(&expr.x.csr()?, &opts).context("--genes hvg")?;
-        let how = format!("{} highly variable genes ({})", hvg.selected.len(), flavor.as_str());
-        return Ok((hvg.selected, how));
+        let hvg = highly_variable_genes(&x.csr()?, &opts).context("--genes hvg")?;
+        let how = format!("{} highly variable genes ({}) of the {} with totals >= {min_counts}", hvg.selected.len(), flavor.as_str(), kept.len());
+        return Ok((hvg.selected.iter().map(|&j| kept[j]).collect(), how));
     }
     let path = Path::new(spec);
     if !path.is_file() {
@@ -136,7 +157,7 @@ pub fn run(a: &GrnEmbeddingArgs) -> anyhow::Result<()> {
     let device = crate::embed::device(&a.device)?;
     let loaded = model_dir::load(&a.model, &device)?;
     let expr = read_expression(&a.input, a.gene_col.as_deref(), a.use_raw, a.label_col.as_deref())?;
-    let (cols, how) = choose_genes(&a.genes, &expr)?;
+    let (cols, how) = choose_genes(&a.genes, &expr, a.filter_gene_counts)?;
     let (kept, dropped): (Vec<usize>, Vec<usize>) = cols.into_iter().partition(|&c| loaded.vocab.get(&expr.genes[c]).is_some());
     if !dropped.is_empty() {
         let names: Vec<&str> = dropped.iter().take(20).map(|&c| expr.genes[c].as_str()).collect();

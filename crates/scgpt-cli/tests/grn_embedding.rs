@@ -132,8 +132,21 @@ fn too_few_genes_in_the_vocabulary_is_an_error() {
     let (model, _) = planted_model(tmp.path());
     let gene_file = tmp.path().join("genes.txt");
     std::fs::write(&gene_file, "NOTAGENE1\nNOTAGENE2\n").unwrap();
-    let o = scgpt(&["grn", "embedding", "--model", model.to_str().unwrap(), "--input", pbmc().to_str().unwrap(), "--output", tmp.path().join("o").to_str().unwrap(), "--genes", gene_file.to_str().unwrap()]);
+    let o = scgpt(&["grn", "embedding", "--model", model.to_str().unwrap(), "--input", pbmc().to_str().unwrap(), "--use-raw", "--output", tmp.path().join("o").to_str().unwrap(), "--genes", gene_file.to_str().unwrap()]);
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("at least 10"), "{e}");
+}
+
+#[test]
+fn scaled_data_is_refused_with_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, _) = planted_model(tmp.path());
+    let out = tmp.path().join("o");
+    // pbmc68k_reduced's X is scanpy's scaled matrix (z-scores down to -2.03); .raw is log-normalised.
+    let o = scgpt(&["grn", "embedding", "--model", model.to_str().unwrap(), "--input", pbmc().to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("negative values") && e.contains("--use-raw") && e.contains("pbmc68k_reduced.h5ad"), "{e}");
+    assert!(!out.exists(), "no output after an error");
 }
