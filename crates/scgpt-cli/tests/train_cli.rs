@@ -96,7 +96,8 @@ fn bad_config_is_an_error_naming_the_key_and_file() {
     let out = Command::new(env!("CARGO_BIN_EXE_scgpt-train")).arg("--config").arg(&cfg).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("batchsize") && stderr.contains("bad.toml"), "{stderr}");
+    assert!(stderr.contains("`train.batchsize`") && stderr.contains("bad.toml"), "{stderr}");
+    assert!(!stderr.contains("batchsize.batchsize"), "the key is named once: {stderr}");
 }
 
 extern "C" {

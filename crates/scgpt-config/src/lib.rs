@@ -155,9 +155,11 @@ impl Layered {
             let key = err.path().to_string();
             let inner = err.into_inner();
             let message = inner.to_string();
-            // For unknown fields serde's path stops at the parent; append the field name.
+            // For unknown fields serde's path may stop at the parent (then the field name is
+            // appended) or already end with the field (then it is complete as it is).
             let key = match unknown_field_name(&message) {
                 Some(field) if key == "." || key.is_empty() => field,
+                Some(field) if key == field || key.ends_with(&format!(".{field}")) => key,
                 Some(field) => format!("{key}.{field}"),
                 None => key,
             };
@@ -285,6 +287,7 @@ mod tests {
         let (_d, p) = file_with("[train]\nlr = 0.1\nlearning_rate = 3\n");
         let err = Layered::new().with_file(&p).unwrap().build::<Cfg>().unwrap_err().to_string();
         assert!(err.contains("train.learning_rate"), "{err}");
+        assert!(!err.contains("learning_rate.learning_rate"), "the field is named once: {err}");
         assert!(err.contains("exp.toml"), "{err}");
     }
 
