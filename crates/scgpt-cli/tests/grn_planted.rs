@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
-use common::{prep_bin, root, scgpt};
+use common::{prep_bin, scgpt, train_perturbation};
 
 /// 150 genes, 8 perturbed genes with 10 targets each, 40 cells per single and 300 controls.
 const SCREEN: &[&str] = &[
@@ -34,26 +34,12 @@ fn simulate(dir: &Path) -> PathBuf {
 /// model.nlayers=2" adds settings; "train.max_steps=1 train.lr=1e-12" exports the initialised
 /// weights).
 fn train(run: &Path, screen: &Path) {
-    let mut steps: Vec<String> = vec!["train.epochs=6".into(), "train.lr=3e-3".into()];
-    steps.extend(std::env::var("GRN_TRAIN").map(|s| s.split_whitespace().map(String::from).collect::<Vec<_>>()).unwrap_or_default());
-    let out = Command::new(env!("CARGO_BIN_EXE_scgpt-train"))
-        .arg("--config")
-        .arg(root().join("configs/finetune_perturbation.toml"))
-        .arg("--quiet")
-        .args(["--set", &format!("run.dir=\"{}\"", run.display())])
-        .args(["--set", &format!("data.input=\"{}\"", screen.display())])
-        .args(["--set", "model.init_from=\"\"", "--set", "model.init_prefixes=[]"])
-        .args(
-            ["model.embsize=64", "model.nheads=4", "model.d_hid=128", "model.nlayers=1", "model.max_seq_len=150", "train.batch_size=32", "train.gamma=0.9", "run.threads=2", "run.seed=0"]
-                .iter()
-                .map(|s| s.to_string())
-                .chain(steps)
-                .flat_map(|s| ["--set".to_string(), s]),
-        )
-        .env("HDF5_USE_FILE_LOCKING", "FALSE")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "scgpt-train: {}", String::from_utf8_lossy(&out.stderr));
+    let mut sets: Vec<String> = ["model.embsize=64", "model.nheads=4", "model.d_hid=128", "model.nlayers=1", "model.max_seq_len=150", "train.batch_size=32", "train.gamma=0.9", "run.threads=2", "run.seed=0", "train.epochs=6", "train.lr=3e-3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    sets.extend(std::env::var("GRN_TRAIN").map(|s| s.split_whitespace().map(String::from).collect::<Vec<_>>()).unwrap_or_default());
+    train_perturbation(run, screen, &sets);
 }
 
 /// AUROC of `score` for the positives among `items` (ties count half), by counting pairs.

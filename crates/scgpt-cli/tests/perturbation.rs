@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
-use common::{prep_bin, python, root, scgpt};
+use common::{prep_bin, python, scgpt, train_perturbation};
 
 fn simulate(dir: &Path) -> PathBuf {
     let out = dir.join("screen.h5ad");
@@ -22,18 +22,8 @@ fn simulate(dir: &Path) -> PathBuf {
 }
 
 fn train(run: &Path, screen: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_scgpt-train"))
-        .arg("--config")
-        .arg(root().join("configs/finetune_perturbation.toml"))
-        .arg("--quiet")
-        .args(["--set", &format!("run.dir=\"{}\"", run.display())])
-        .args(["--set", &format!("data.input=\"{}\"", screen.display())])
-        .args(["--set", "model.init_from=\"\"", "--set", "model.init_prefixes=[]"])
-        .args(["--set", "model.embsize=32", "--set", "model.nheads=2", "--set", "model.d_hid=32", "--set", "model.nlayers=2", "--set", "model.max_seq_len=48"])
-        .args(["--set", "train.epochs=2", "--set", "train.batch_size=16", "--set", "train.lr=2e-3", "--set", "run.threads=2"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "scgpt-train: {}", String::from_utf8_lossy(&out.stderr));
+    let sets = ["model.embsize=32", "model.nheads=2", "model.d_hid=32", "model.nlayers=2", "model.max_seq_len=48", "train.epochs=2", "train.batch_size=16", "train.lr=2e-3", "run.threads=2"];
+    train_perturbation(run, screen, &sets);
 }
 
 #[test]

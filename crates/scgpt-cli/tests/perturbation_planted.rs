@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
-use common::{prep_bin, root, scgpt};
+use common::{prep_bin, scgpt, train_perturbation};
 
 /// The screen: SCREEN settings, a seed.
 fn simulate(dir: &Path, seed: u64) -> PathBuf {
@@ -36,19 +36,8 @@ const SCREEN: &[&str] = &[
 ];
 
 fn train(run: &Path, screen: &Path, seed: u64) {
-    let out = Command::new(env!("CARGO_BIN_EXE_scgpt-train"))
-        .arg("--config")
-        .arg(root().join("configs/finetune_perturbation.toml"))
-        .arg("--quiet")
-        .args(["--set", &format!("run.dir=\"{}\"", run.display())])
-        .args(["--set", &format!("data.input=\"{}\"", screen.display())])
-        .args(["--set", &format!("run.seed={seed}")])
-        .args(["--set", "model.init_from=\"\"", "--set", "model.init_prefixes=[]"])
-        .args(TRAIN.iter().flat_map(|s| ["--set", s]))
-        .env("HDF5_USE_FILE_LOCKING", "FALSE")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "scgpt-train: {}", String::from_utf8_lossy(&out.stderr));
+    let sets: Vec<String> = std::iter::once(format!("run.seed={seed}")).chain(TRAIN.iter().map(|s| s.to_string())).collect();
+    train_perturbation(run, screen, &sets);
 }
 
 /// A one-layer model (64 wide: two layers of 32 learn the singles too slowly to match the

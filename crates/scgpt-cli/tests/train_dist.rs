@@ -138,6 +138,50 @@ fn a_killed_rank_ends_the_others_with_an_error_naming_it() {
     eprintln!("rank 0 exited {:.1} s after rank 1 was killed: {}", killed.elapsed().as_secs_f64(), stderr.lines().last().unwrap_or(""));
 }
 
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// A stop signal (SIGTERM, as Slurm sends before a time limit) that reaches one rank only stops
+/// both at the same step with one checkpoint, and the same two commands resume from it.
+#[test]
+fn sigterm_to_one_rank_stops_every_rank_at_one_checkpoint_and_they_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    prep(&shards);
+    let run = tmp.path().join("run");
+    let port = free_port();
+    let sets = ["train.max_steps=100000".to_string(), "train.batch_size=4".into()];
+    let r0 = spawn_rank(0, 2, port, &run, &shards, &sets);
+    let r1 = spawn_rank(1, 2, port, &run, &shards, &sets);
+    let start = Instant::now();
+    while std::fs::read_to_string(run.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0) < 3 {
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    unsafe {
+        libc_kill(r1.id() as i32, 15);
+    }
+    let signalled = Instant::now();
+    let outs: Vec<_> = [r0, r1].into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    assert!(signalled.elapsed() < Duration::from_secs(30), "ranks took {:?} to stop", signalled.elapsed());
+    for (r, out) in outs.iter().enumerate() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(128 + 15), "rank {r}: {stderr}");
+        assert!(stderr.contains("checkpoint written"), "rank {r}: {stderr}");
+    }
+    let ckpts: Vec<String> = std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).filter(|n| n.starts_with("step-")).collect();
+    assert_eq!(ckpts.len(), 1, "one checkpoint: {ckpts:?}");
+    let (stopped_at, _) = scgpt_engine::latest_checkpoint(&run).expect("a checkpoint");
+    assert!(stopped_at >= 3, "stopped at {stopped_at}");
+
+    // The same two commands, with a nearer end, resume from that step and finish.
+    let end = [format!("train.max_steps={}", stopped_at + 2), "train.batch_size=4".into()];
+    run_world(2, &run, &shards, &end);
+    assert_eq!(scgpt_engine::latest_checkpoint(&run).unwrap().0, stopped_at + 2);
+}
+
 #[test]
 fn launch_local_sh_runs_two_ranks() {
     let tmp = tempfile::tempdir().unwrap();

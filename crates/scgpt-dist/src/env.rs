@@ -386,9 +386,65 @@ pub fn expand_nodelist(list: &str) -> Result<Vec<String>, DistError> {
     Ok(hosts)
 }
 
+/// The GPU this rank uses, among the `visible` ones (`None`: unknown, e.g. no
+/// `CUDA_VISIBLE_DEVICES` and no driver asked yet). One visible GPU is the rank's own, whatever
+/// its local rank (Slurm's `--gpus-per-task=1` gives each task one device while
+/// `SLURM_LOCALID` runs 0..N); several are indexed by the local rank (one task sees the node's
+/// GPUs, e.g. torchrun); fewer than the local rank needs is an error that says so.
+pub fn gpu_ordinal(local_rank: usize, visible: Option<usize>) -> Result<usize, DistError> {
+    match visible {
+        Some(0) => Err(DistError::Config(
+            "no GPU is visible to this rank (CUDA_VISIBLE_DEVICES is empty or names none); check the job's GPU request (e.g. --gpus-per-task=1)".into(),
+        )),
+        Some(1) => Ok(0),
+        Some(n) if local_rank < n => Ok(local_rank),
+        Some(n) => Err(DistError::Config(format!(
+            "local rank {local_rank} needs GPU {local_rank} but only {n} are visible to it: start at most one rank per visible GPU on each node, or give each rank its own GPU (--gpus-per-task=1)"
+        ))),
+        None => Ok(local_rank),
+    }
+}
+
+/// How many GPUs `CUDA_VISIBLE_DEVICES` makes visible (`None` when it is unset): its
+/// comma-separated entries (indices or `GPU-…` UUIDs) up to the first invalid one, which is
+/// where the CUDA runtime stops reading it too (`-1` hides every GPU).
+pub fn visible_gpus(cuda_visible_devices: Option<&str>) -> Option<usize> {
+    let v = cuda_visible_devices?;
+    Some(
+        v.split(',')
+            .map(str::trim)
+            .take_while(|e| !e.is_empty() && !e.starts_with('-') && (e.chars().all(|c| c.is_ascii_digit()) || e.starts_with("GPU-") || e.starts_with("MIG-")))
+            .count(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_ordinal_follows_what_is_visible() {
+        // Slurm --gpus-per-task=1: every task sees one GPU, SLURM_LOCALID 0..3.
+        for local in 0..4 {
+            assert_eq!(gpu_ordinal(local, visible_gpus(Some("2"))).unwrap(), 0);
+        }
+        assert_eq!(gpu_ordinal(3, visible_gpus(Some("GPU-8f3a2c1e-1111-2222-3333-444455556666"))).unwrap(), 0);
+        // One task per node sees all four (torchrun, or Slurm without a per-task binding).
+        assert_eq!(visible_gpus(Some("0,1,2,3")), Some(4));
+        assert_eq!(gpu_ordinal(2, visible_gpus(Some("0,1,2,3"))).unwrap(), 2);
+        // More ranks on a node than visible GPUs, and none visible: errors that say why.
+        let e = gpu_ordinal(3, visible_gpus(Some("0,1"))).unwrap_err().to_string();
+        assert!(e.contains("local rank 3") && e.contains("only 2"), "{e}");
+        for none in ["", "-1", "NoDevFiles"] {
+            let e = gpu_ordinal(0, visible_gpus(Some(none))).unwrap_err().to_string();
+            assert!(e.contains("no GPU is visible"), "{none:?}: {e}");
+        }
+        // The runtime reads up to the first invalid entry.
+        assert_eq!(visible_gpus(Some("0,1,-1,3")), Some(2));
+        // Unset: the local rank, as before.
+        assert_eq!(visible_gpus(None), None);
+        assert_eq!(gpu_ordinal(5, None).unwrap(), 5);
+    }
 
     #[test]
     fn slurm_port_is_stable_and_in_range() {

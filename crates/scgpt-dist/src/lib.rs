@@ -48,7 +48,7 @@ mod tcp;
 
 use std::time::Duration;
 
-pub use env::{expand_nodelist, timeout_from_env, timeout_from_env_with, RankInfo};
+pub use env::{expand_nodelist, gpu_ordinal, timeout_from_env, timeout_from_env_with, visible_gpus, RankInfo};
 pub use env::{DEFAULT_MASTER_PORT, DEFAULT_TIMEOUT, TIMEOUT_ENV};
 #[cfg(feature = "nccl")]
 pub use nccl::Nccl;

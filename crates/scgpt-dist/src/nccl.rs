@@ -71,14 +71,7 @@ impl Nccl {
         }
         let count = CudaContext::device_count().map_err(|e| cuda_err("device count", e))?;
         let count = usize::try_from(count).unwrap_or(0);
-        let ordinal = if count == 1 { 0 } else { info.local_rank };
-        if ordinal >= count {
-            return Err(DistError::Backend(format!(
-                "rank {} has local rank {} but only {count} GPU(s) are visible: start at most \
-                 one rank per GPU on each node",
-                info.rank, info.local_rank
-            )));
-        }
+        let ordinal = crate::gpu_ordinal(info.local_rank, Some(count)).map_err(|e| DistError::Backend(format!("rank {}: {e}", info.rank)))?;
 
         let mut tcp = Tcp::connect(info, opts)?;
         let mut id_bytes = [0u8; 128];

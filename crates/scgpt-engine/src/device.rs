@@ -19,13 +19,19 @@ pub fn available() -> Vec<&'static str> {
     v
 }
 
-/// The plain (non-autodiff) device for `name` and this process's local rank.
+/// The plain (non-autodiff) device for `name` and this process's local rank. A CUDA rank takes
+/// the GPU [`scgpt_dist::gpu_ordinal`] picks from `CUDA_VISIBLE_DEVICES` (the one visible GPU
+/// under Slurm's `--gpus-per-task=1`, else the local rank's), as the NCCL setup does.
 pub fn select(name: &str, local_rank: usize) -> anyhow::Result<Device> {
-    let _ = local_rank;
+    #[allow(unused_variables)]
+    let ordinal = || -> anyhow::Result<usize> {
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+        Ok(scgpt_dist::gpu_ordinal(local_rank, scgpt_dist::visible_gpus(visible.as_deref()))?)
+    };
     let device = match name {
         "cpu" => Device::flex(),
         #[cfg(feature = "cuda")]
-        "cuda" => Device::cuda(local_rank),
+        "cuda" => Device::cuda(ordinal()?),
         #[cfg(feature = "wgpu")]
         "wgpu" => Device::wgpu(scgpt_model::burn::tensor::DeviceKind::DiscreteGpu(local_rank)),
         #[cfg(feature = "vulkan")]

@@ -506,12 +506,6 @@ impl<M: EngineModel> Trainer<M> {
         let mut consecutive_skips = 0u32;
         let mut epoch_done = false;
         while self.state.step < self.total_steps {
-            let signal = self.stop_signal.load(Ordering::SeqCst);
-            if signal != 0 || stop_at == Some(self.state.step) {
-                self.save_checkpoint()?;
-                bar.abandon_with_message(format!("signal {signal}: checkpoint written at step {}", self.state.step));
-                return Ok(RunEnd::Interrupted { steps: self.state.step, signal });
-            }
             // Gather the step's micro-batches; an epoch ends for all ranks when any runs dry.
             let mut micro: Vec<(Box<dyn MicroBatch>, DataPosition, usize)> = Vec::new();
             let step = self.state.step;
@@ -532,8 +526,19 @@ impl<M: EngineModel> Trainer<M> {
                     None => epoch_done = true,
                 }
             }
-            let mut have = [if micro.len() == t.grad_accum { 1.0 } else { 0.0 }];
+            // One all-reduce per step carries "this rank has a full step" and "this rank was
+            // asked to stop": a signal that reaches one rank stops every rank at the same step
+            // with one checkpoint, instead of leaving the others waiting in another collective.
+            let signal = self.stop_signal.load(Ordering::SeqCst);
+            let mut have = [if micro.len() == t.grad_accum { 1.0 } else { 0.0 }, f64::from(u8::from(signal != 0)), f64::from(signal)];
             self.comm.all_reduce_sum_f64(&mut have)?;
+            if have[1] > 0.0 || stop_at == Some(self.state.step) {
+                // A rank that saw no signal itself reports its peers' (the same one, normally).
+                let signal = if signal != 0 || have[1] == 0.0 { signal } else { (have[2] / have[1]).round() as i32 };
+                self.save_checkpoint()?;
+                bar.abandon_with_message(format!("signal {signal}: checkpoint written at step {}", self.state.step));
+                return Ok(RunEnd::Interrupted { steps: self.state.step, signal });
+            }
             if have[0] < self.comm.world() as f64 {
                 // End of epoch: the remainder that does not fill a step on every rank is dropped.
                 iter = None;

@@ -42,3 +42,18 @@ pub fn pbmc() -> PathBuf {
 pub fn scgpt(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_scgpt")).args(args).env("HDF5_USE_FILE_LOCKING", "FALSE").output().expect("run scgpt")
 }
+
+/// `scgpt-train --config configs/finetune_perturbation.toml` from scratch on `screen` into
+/// `run`, with `sets` (`section.key=value`) after the run, input and no-init settings.
+pub fn train_perturbation<S: AsRef<str>>(run: &Path, screen: &Path, sets: &[S]) {
+    let mut c = Command::new(PathBuf::from(env!("CARGO_BIN_EXE_scgpt-train")));
+    c.arg("--config").arg(root().join("configs/finetune_perturbation.toml")).arg("--quiet");
+    c.args(["--set", &format!("run.dir=\"{}\"", run.display())]);
+    c.args(["--set", &format!("data.input=\"{}\"", screen.display())]);
+    c.args(["--set", "model.init_from=\"\"", "--set", "model.init_prefixes=[]"]);
+    for s in sets {
+        c.arg("--set").arg(s.as_ref());
+    }
+    let out = c.env("HDF5_USE_FILE_LOCKING", "FALSE").output().expect("run scgpt-train");
+    assert!(out.status.success(), "scgpt-train: {}", String::from_utf8_lossy(&out.stderr));
+}
