@@ -2,6 +2,10 @@
 //! own file: `grn embedding` (`grn_embedding.rs`, the original's `Tutorial_GRN`) and
 //! `grn attention` (`grn_attention.rs`, the original's `Tutorial_Attention_GRN`).
 
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
 use crate::{grn_attention, grn_embedding};
 
 #[derive(Debug, clap::Subcommand)]
@@ -22,4 +26,29 @@ pub fn run(command: &Grn) -> anyhow::Result<()> {
         Grn::Embedding(args) => grn_embedding::run(args),
         Grn::Attention(args) => grn_attention::run(args),
     }
+}
+
+/// `--genes` of both commands: `hvg:N` or a file of gene symbols.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum GeneChoice {
+    Hvg(usize),
+    File(PathBuf),
+}
+
+pub(crate) fn parse_genes(s: &str) -> anyhow::Result<GeneChoice> {
+    if let Some(n) = s.strip_prefix("hvg:") {
+        let n: usize = n.parse().ok().filter(|&n| n > 0).with_context(|| format!("--genes {s:?}: hvg:N needs a positive number of genes, e.g. hvg:1200"))?;
+        return Ok(GeneChoice::Hvg(n));
+    }
+    let p = PathBuf::from(s);
+    if !p.is_file() {
+        bail!("--genes {s:?}: neither hvg:N nor an existing file of gene symbols (one per line)");
+    }
+    Ok(GeneChoice::File(p))
+}
+
+/// The symbols of a `--genes` file: the first word of each line, `#` starting a comment.
+pub(crate) fn read_gene_file(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("--genes {}: cannot read", path.display()))?;
+    Ok(text.lines().filter_map(|l| l.split('#').next().and_then(|l| l.split_whitespace().next())).map(str::to_string).collect())
 }

@@ -64,6 +64,7 @@ use scgpt_model::burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use scgpt_model::{load_pretrained, BatchNormStyle, ModelInput};
 use serde_json::{json, Value};
 
+use crate::grn::{parse_genes, read_gene_file, GeneChoice};
 use crate::model_dir::{self, LoadedModel};
 
 pub const TARGETS_FILE: &str = "targets.tsv";
@@ -132,24 +133,6 @@ pub struct GrnAttentionArgs {
     pub quiet: bool,
 }
 
-/// How the token genes are chosen.
-#[derive(Debug, Clone, PartialEq)]
-enum GeneChoice {
-    Hvg(usize),
-    File(PathBuf),
-}
-
-fn parse_genes(s: &str) -> anyhow::Result<GeneChoice> {
-    if let Some(n) = s.strip_prefix("hvg:") {
-        let n: usize = n.parse().ok().filter(|&n| n > 0).with_context(|| format!("--genes {s:?}: hvg:N needs a positive number of genes, e.g. hvg:1200"))?;
-        return Ok(GeneChoice::Hvg(n));
-    }
-    let p = PathBuf::from(s);
-    if !p.is_file() {
-        bail!("--genes {s:?}: neither hvg:N nor an existing file of gene symbols (one per line)");
-    }
-    Ok(GeneChoice::File(p))
-}
 
 /// One gene's scores, averaged over the cells of each condition.
 #[derive(Debug, Clone, PartialEq)]
@@ -212,15 +195,6 @@ fn take_rows(x: &OwnedCsr, rows: &[usize]) -> OwnedCsr {
 }
 
 /// Reads a gene list: the first field of each line; blank lines and `#` comments skipped.
-fn read_gene_file(path: &Path) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("--genes {}: cannot read", path.display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| l.split('#').next().and_then(|l| l.split_whitespace().next()))
-        .map(str::to_string)
-        .collect())
-}
-
 pub fn run(a: &GrnAttentionArgs) -> anyhow::Result<()> {
     let choice = parse_genes(&a.genes)?;
     anyhow::ensure!(a.batch_size > 0, "--batch-size must be at least 1");

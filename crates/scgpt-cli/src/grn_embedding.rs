@@ -26,6 +26,7 @@ use scgpt_eval::{keep_columns, OwnedCsr};
 use scgpt_model::burn::tensor::{Int, Tensor, TensorData};
 use serde_json::json;
 
+use crate::grn::{parse_genes, read_gene_file, GeneChoice};
 use crate::model_dir;
 
 #[derive(Debug, clap::Args)]
@@ -126,31 +127,30 @@ pub(crate) fn read_expression(path: &Path, gene_col: Option<&str>, use_raw: bool
 /// whose total is below `min_counts` (the original's Preprocessor filters before its HVG step;
 /// seurat_v3's LOESS also fails, in scanpy too, on genes seen in one or two cells).
 pub(crate) fn choose_genes(spec: &str, expr: &Expression, min_counts: f64) -> anyhow::Result<(Vec<usize>, String)> {
-    if let Some(n) = spec.strip_prefix("hvg:") {
-        let n: usize = n.parse().ok().filter(|&n| n > 0).with_context(|| format!("--genes {spec:?}: hvg:N needs a positive number, e.g. hvg:1200"))?;
-        let integer = expr.x.data.iter().all(|v| v.fract() == 0.0);
-        let flavor = if integer { HvgFlavor::SeuratV3 } else { HvgFlavor::CellRanger };
-        let csr = expr.x.csr()?;
-        let keep = if min_counts > 0.0 { filter_genes_min_counts(&csr, min_counts) } else { vec![true; expr.x.n_cols] };
-        let (x, kept) = keep_columns(&csr, &keep);
-        if kept.is_empty() {
-            bail!("--genes {spec}: no gene has a total of at least --filter-gene-counts {min_counts} over the cells");
+    match parse_genes(spec)? {
+        GeneChoice::Hvg(n) => {
+            let integer = expr.x.data.iter().all(|v| v.fract() == 0.0);
+            let flavor = if integer { HvgFlavor::SeuratV3 } else { HvgFlavor::CellRanger };
+            let csr = expr.x.csr()?;
+            let keep = if min_counts > 0.0 { filter_genes_min_counts(&csr, min_counts) } else { vec![true; expr.x.n_cols] };
+            let (x, kept) = keep_columns(&csr, &keep);
+            if kept.is_empty() {
+                bail!("--genes {spec}: no gene has a total of at least --filter-gene-counts {min_counts} over the cells");
+            }
+            let mut opts = HvgOptions::new(n.min(kept.len()), flavor);
+            opts.batch = None;
+            let hvg = highly_variable_genes(&x.csr()?, &opts).context("--genes hvg")?;
+            let how = format!("{} highly variable genes ({}) of the {} with totals >= {min_counts}", hvg.selected.len(), flavor.as_str(), kept.len());
+            Ok((hvg.selected.iter().map(|&j| kept[j]).collect(), how))
         }
-        let mut opts = HvgOptions::new(n.min(kept.len()), flavor);
-        opts.batch = None;
-        let hvg = highly_variable_genes(&x.csr()?, &opts).context("--genes hvg")?;
-        let how = format!("{} highly variable genes ({}) of the {} with totals >= {min_counts}", hvg.selected.len(), flavor.as_str(), kept.len());
-        return Ok((hvg.selected.iter().map(|&j| kept[j]).collect(), how));
+        GeneChoice::File(path) => {
+            let names = read_gene_file(&path)?;
+            let wanted: HashSet<&str> = names.iter().map(String::as_str).collect();
+            let cols: Vec<usize> = expr.genes.iter().enumerate().filter(|(_, g)| wanted.contains(g.as_str())).map(|(i, _)| i).collect();
+            let missing = wanted.len() - cols.len();
+            Ok((cols, format!("{} genes of {} ({missing} not in the input)", wanted.len() - missing, path.display())))
+        }
     }
-    let path = Path::new(spec);
-    if !path.is_file() {
-        bail!("--genes {spec:?}: neither hvg:N nor an existing file of gene symbols (one per line)");
-    }
-    let text = std::fs::read_to_string(path).with_context(|| format!("--genes {}: cannot read", path.display()))?;
-    let wanted: HashSet<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
-    let cols: Vec<usize> = expr.genes.iter().enumerate().filter(|(_, g)| wanted.contains(g.as_str())).map(|(i, _)| i).collect();
-    let missing = wanted.len() - cols.len();
-    Ok((cols, format!("{} genes of {} ({missing} not in the input)", wanted.len() - missing, path.display())))
 }
 
 pub fn run(a: &GrnEmbeddingArgs) -> anyhow::Result<()> {
