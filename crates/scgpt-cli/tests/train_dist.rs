@@ -104,21 +104,28 @@ fn ranks_with_the_same_global_batch_match_one_rank() {
     assert!(worst < 3e-5, "resumed 2-rank run: worst parameter difference {worst:e}");
 }
 
-#[test]
-fn a_killed_rank_ends_the_others_with_an_error_naming_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let shards = tmp.path().join("shards");
+/// Two ranks of an endless run on shards under `dir`, once `steps` steps are logged; returns the
+/// run directory and both children.
+fn two_ranks_running(dir: &Path, steps: usize) -> (std::path::PathBuf, Child, Child) {
+    let shards = dir.join("shards");
     prep(&shards);
-    let run = tmp.path().join("run");
+    let run = dir.join("run");
     let port = free_port();
     let sets = ["train.max_steps=100000".to_string(), "train.batch_size=4".into()];
-    let mut r0 = spawn_rank(0, 2, port, &run, &shards, &sets);
-    let mut r1 = spawn_rank(1, 2, port, &run, &shards, &sets);
+    let r0 = spawn_rank(0, 2, port, &run, &shards, &sets);
+    let r1 = spawn_rank(1, 2, port, &run, &shards, &sets);
     let start = Instant::now();
-    while std::fs::read_to_string(run.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0) < 2 {
+    while std::fs::read_to_string(run.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0) < steps {
         assert!(start.elapsed() < Duration::from_secs(120), "no progress");
         std::thread::sleep(Duration::from_millis(50));
     }
+    (run, r0, r1)
+}
+
+#[test]
+fn a_killed_rank_ends_the_others_with_an_error_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_run, mut r0, mut r1) = two_ranks_running(tmp.path(), 2);
     r1.kill().unwrap();
     let _ = r1.wait();
     let killed = Instant::now();
@@ -148,18 +155,7 @@ extern "C" {
 #[test]
 fn sigterm_to_one_rank_stops_every_rank_at_one_checkpoint_and_they_resume() {
     let tmp = tempfile::tempdir().unwrap();
-    let shards = tmp.path().join("shards");
-    prep(&shards);
-    let run = tmp.path().join("run");
-    let port = free_port();
-    let sets = ["train.max_steps=100000".to_string(), "train.batch_size=4".into()];
-    let r0 = spawn_rank(0, 2, port, &run, &shards, &sets);
-    let r1 = spawn_rank(1, 2, port, &run, &shards, &sets);
-    let start = Instant::now();
-    while std::fs::read_to_string(run.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0) < 3 {
-        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (run, r0, r1) = two_ranks_running(tmp.path(), 3);
     unsafe {
         libc_kill(r1.id() as i32, 15);
     }
@@ -178,7 +174,7 @@ fn sigterm_to_one_rank_stops_every_rank_at_one_checkpoint_and_they_resume() {
 
     // The same two commands, with a nearer end, resume from that step and finish.
     let end = [format!("train.max_steps={}", stopped_at + 2), "train.batch_size=4".into()];
-    run_world(2, &run, &shards, &end);
+    run_world(2, &run, &tmp.path().join("shards"), &end);
     assert_eq!(scgpt_engine::latest_checkpoint(&run).unwrap().0, stopped_at + 2);
 }
 
