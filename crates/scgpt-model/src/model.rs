@@ -95,7 +95,7 @@ pub struct TransformerModel {
 }
 
 impl ModelConfig {
-    /// Builds a freshly initialised model (original initialisation, see `layers.rs`).
+    /// Builds a freshly initialised model (original initialisation, see `layers/`).
     pub fn init(&self, device: &Device) -> Result<TransformerModel> {
         self.validate()?;
         let d = self.d_model;

@@ -229,7 +229,7 @@ impl PerturbationConfig {
         Ok(())
     }
 
-    /// A freshly initialised model (the original's initialisation, see `layers.rs`; the
+    /// A freshly initialised model (the original's initialisation, see `layers/`; the
     /// perturbation embedding is N(0, 1) with the `pert_pad_id` row zeroed, as `nn.Embedding`).
     pub fn init(&self, device: &Device) -> Result<TransformerGenerator> {
         self.validate()?;
