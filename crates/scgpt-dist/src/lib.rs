@@ -45,6 +45,7 @@ mod env;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod tcp;
+mod wire;
 
 use std::time::Duration;
 
