@@ -4,6 +4,7 @@
 #
 #   bash launch/gpu_selftest.sh pack   # on a build machine with the registries (no GPU needed)
 #   bash launch/gpu_selftest.sh run    # on the GPU machine, from the repository root
+#   bash launch/gpu_selftest.sh lavapipe   # no GPU: the Vulkan kernels on Mesa's software Vulkan
 #
 # Why two halves: burn's `cuda` feature downloads an LLVM bundle while it builds, so a GPU
 # machine without network cannot build it. `pack` builds the Vulkan variant (wgpu on Vulkan,
@@ -89,8 +90,41 @@ PY
   exit $fail
 }
 
+# The GPU backend's kernels on the CPU: burn's Vulkan backend (cubecl SPIR-V) on Mesa's
+# software Vulkan driver (lavapipe, Debian's `mesa-vulkan-drivers`), device "vulkan-cpu". Slow
+# (minutes for the build, the kernels JIT-compiled per shape), so not in CI; the point is that the
+# first real GPU run meets kernels whose numerics are already known to match the original.
+lavapipe() {
+  export CARGO_TARGET_DIR=$TD
+  local fail=0 work=${WORK:-/tmp/scgpt-lavapipe} steps=${STEPS:-2}
+  ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || {
+    echo "gpu_selftest: no lavapipe ICD; apt-get install mesa-vulkan-drivers" >&2; exit 2; }
+  echo "== parity fixtures on vulkan-cpu (the original's outputs, 1e-4)"
+  for t in parity generative; do
+    if SCGPT_TEST_DEVICE=vulkan-cpu cargo test --release -q -p scgpt-model --features vulkan --test "$t" -- --test-threads 1; then
+      echo "gpu_selftest: PASS $t"
+    else
+      echo "gpu_selftest: FAIL $t"; fail=1
+    fi
+  done
+  echo "== tiny generative pretraining on vulkan-cpu, $steps steps"
+  cargo build --release -q -p scgpt-cli -p scgpt-prep --features scgpt-cli/vulkan || exit 1
+  mkdir -p "$work"
+  [ -f "$work/shards/manifest.json" ] || "$TD/release/scgpt-prep" --input tests/data/wu2020_200.h5ad --out "$work/shards" --quiet
+  rm -rf "$work/run"
+  if "$TD/release/scgpt-train" --config configs/pretrain_tiny.toml --quiet \
+      --set run.device='"vulkan-cpu"' --set run.dir="\"$work/run\"" --set "data.shards=[\"$work/shards\"]" \
+      --set valid.label_set='""' --set train.max_steps="$steps" --set train.log_every=1; then
+    python3 -c 'import json,sys; r=[json.loads(l) for l in open(sys.argv[1]) if "train/loss" in l]; print("gpu_selftest: PASS training: losses", [round(x["train/loss"],3) for x in r])' "$work/run/metrics.jsonl"
+  else
+    echo "gpu_selftest: FAIL training"; fail=1
+  fi
+  exit $fail
+}
+
 case "$MODE" in
   pack) pack ;;
   run) run ;;
-  *) echo "usage: bash launch/gpu_selftest.sh pack|run" >&2; exit 2 ;;
+  lavapipe) lavapipe ;;
+  *) echo "usage: bash launch/gpu_selftest.sh pack|run|lavapipe" >&2; exit 2 ;;
 esac

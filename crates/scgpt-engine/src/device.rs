@@ -15,7 +15,7 @@ pub fn available() -> Vec<&'static str> {
     #[cfg(feature = "wgpu")]
     v.push("wgpu");
     #[cfg(feature = "vulkan")]
-    v.push("vulkan");
+    v.extend(["vulkan", "vulkan-cpu"]);
     v
 }
 
@@ -36,6 +36,9 @@ pub fn select(name: &str, local_rank: usize) -> anyhow::Result<Device> {
         "wgpu" => Device::wgpu(scgpt_model::burn::tensor::DeviceKind::DiscreteGpu(local_rank)),
         #[cfg(feature = "vulkan")]
         "vulkan" => Device::vulkan(scgpt_model::burn::tensor::DeviceKind::DiscreteGpu(local_rank)),
+        // Vulkan on a CPU device (Mesa's lavapipe): GPU kernels checked on a machine without one.
+        #[cfg(feature = "vulkan")]
+        "vulkan-cpu" => Device::vulkan(scgpt_model::burn::tensor::DeviceKind::Cpu),
         other => bail!(
             "device {other:?}: this build has {}; GPU builds: `cargo build --release --features cuda` (clusters) or `--features vulkan`",
             available().join(", ")

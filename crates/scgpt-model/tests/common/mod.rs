@@ -254,6 +254,9 @@ pub fn test_device() -> Device {
         "cpu" | "flex" => Device::flex(),
         #[cfg(feature = "vulkan")]
         "vulkan" => Device::vulkan(scgpt_model::burn::tensor::DeviceKind::DiscreteGpu(0)),
+        // Vulkan on a CPU device (Mesa's lavapipe): the GPU kernels, checked without a GPU.
+        #[cfg(feature = "vulkan")]
+        "vulkan-cpu" => Device::vulkan(scgpt_model::burn::tensor::DeviceKind::Cpu),
         #[cfg(feature = "wgpu")]
         "wgpu" => Device::wgpu(scgpt_model::burn::tensor::DeviceKind::DiscreteGpu(0)),
         #[cfg(feature = "cuda")]
