@@ -389,8 +389,15 @@ fn doubles_by_kind(md: &mut String, truth: &Path, variants: &[Variant], sep: &st
     } else {
         cols.extend(variants.iter().zip(additive).map(|(v, a)| (format!("baseline: additive [{}]", v.name), a)));
     }
+    // With --modules a synergy double carries its module pair's shared program (learnable from
+    // the training doubles across the same pair); without, effects of its own.
+    let synergy = if t.get("programs").is_some_and(|p| p.is_array()) {
+        "`synergy` doubles (genes in two different modules) add the planted program of their module pair, shared by every double across that pair, to the sum of their singles"
+    } else {
+        "`synergy` doubles add effects of their own that no single explains"
+    };
     md.push_str(&format!(
-        "\n## Test doubles by planted kind (truth: `{}`)\n\nMean pearson_delta over the test doubles of each kind (`n =` where a method predicts fewer): `additive` doubles are the sum of their singles' effects, `synergy` doubles add effects of their own that no single explains. The additive baseline predicts only doubles whose two singles were both in training.\n\n| kind | test doubles |",
+        "\n## Test doubles by planted kind (truth: `{}`)\n\nMean pearson_delta over the test doubles of each kind (`n =` where a method predicts fewer): `additive` doubles are the sum of their singles' effects, {synergy}. The additive baseline predicts only doubles whose two singles were both in training.\n\n| kind | test doubles |",
         truth.display()
     ));
     for (name, _) in &cols {
