@@ -87,6 +87,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Gamma, LogNormal, Poisson};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -479,29 +480,37 @@ fn plan(a: &SimulatePerturbationArgs, syn_targets: usize) -> anyhow::Result<Plan
             (pairs, is_syn, Some(module_of))
         }
     };
+    // `syn_targets` synergy targets (sorted, with drawn lfcs) among the expressed genes that
+    // none of `touched` is or targets; Err(how many were free) when too few are.
+    let untouched_targets = |touched: &[&SingleTruth], mut r: ChaCha8Rng| -> Result<Vec<TargetTruth>, usize> {
+        let mut excluded = vec![false; g];
+        for s in touched {
+            excluded[s.index] = true;
+            for t in &s.targets {
+                excluded[t.index] = true;
+            }
+        }
+        let free: Vec<usize> = pool.iter().copied().filter(|&t| !excluded[t]).collect();
+        if free.len() < syn_targets {
+            return Err(free.len());
+        }
+        let mut ts = draw(&free, syn_targets, &mut r);
+        ts.sort_unstable();
+        Ok(ts.iter().map(|&t| target(t, signed_lfc(a, &mut r))).collect())
+    };
     // The modules' programs: for each pair of modules (in order), targets free of both modules'
     // genes and of all their singles' targets, so no single of a double across the pair
     // explains its program.
     let mut programs: Vec<ProgramTruth> = Vec::new();
     if let (Some(m), Some(module_of)) = (a.modules, &module_of) {
         for (k, (i, j)) in (0..m).flat_map(|i| (i + 1..m).map(move |j| (i, j))).enumerate() {
-            let mut r = rng_for(a.seed, STREAM_MODULES, 1 + k as u64);
-            let mut excluded = vec![false; g];
-            for s in singles.iter().zip(module_of).filter(|(_, &k)| k == i || k == j).map(|(s, _)| s) {
-                excluded[s.index] = true;
-                for t in &s.targets {
-                    excluded[t.index] = true;
-                }
-            }
-            let free: Vec<usize> = pool.iter().copied().filter(|&t| !excluded[t]).collect();
-            anyhow::ensure!(
-                free.len() >= syn_targets,
-                "modules {i} and {j}: only {} of the expressed genes are free of their genes and their singles' targets, fewer than --synergy-targets {syn_targets}; raise --genes or --modules, or lower --targets-per-gene",
-                free.len()
-            );
-            let mut ts = draw(&free, syn_targets, &mut r);
-            ts.sort_unstable();
-            programs.push(ProgramTruth { modules: [i, j], targets: ts.iter().map(|&t| target(t, signed_lfc(a, &mut r))).collect() });
+            let touched: Vec<&SingleTruth> = singles.iter().zip(module_of).filter(|(_, &k)| k == i || k == j).map(|(s, _)| s).collect();
+            let targets = untouched_targets(&touched, rng_for(a.seed, STREAM_MODULES, 1 + k as u64)).map_err(|free| {
+                anyhow::anyhow!(
+                    "modules {i} and {j}: only {free} of the expressed genes are free of their genes and their singles' targets, fewer than --synergy-targets {syn_targets}; raise --genes or --modules, or lower --targets-per-gene"
+                )
+            })?;
+            programs.push(ProgramTruth { modules: [i, j], targets });
         }
     }
     let program_of = |mi: usize, mj: usize| -> usize {
@@ -519,26 +528,14 @@ fn plan(a: &SimulatePerturbationArgs, syn_targets: usize) -> anyhow::Result<Plan
             program = Some(pr.modules);
             synergy = pr.targets.clone();
         } else if is_syn[d] {
-            let mut r = rng_for(a.seed, STREAM_DOUBLES, 1 + d as u64);
             // Free of A, B and both singles' targets, so no single explains the synergy.
-            let mut excluded = vec![false; g];
-            for s in [&singles[x], &singles[y]] {
-                excluded[s.index] = true;
-                for t in &s.targets {
-                    excluded[t.index] = true;
-                }
-            }
-            let free: Vec<usize> = pool.iter().copied().filter(|&i| !excluded[i]).collect();
-            anyhow::ensure!(
-                free.len() >= syn_targets,
-                "double {}+{}: only {} of the expressed genes are free of both singles' targets, fewer than --synergy-targets {syn_targets}; raise --genes or lower --targets-per-gene",
-                singles[x].gene,
-                singles[y].gene,
-                free.len()
-            );
-            let mut ts = draw(&free, syn_targets, &mut r);
-            ts.sort_unstable();
-            synergy = ts.iter().map(|&i| target(i, signed_lfc(a, &mut r))).collect::<Vec<_>>();
+            synergy = untouched_targets(&[&singles[x], &singles[y]], rng_for(a.seed, STREAM_DOUBLES, 1 + d as u64)).map_err(|free| {
+                anyhow::anyhow!(
+                    "double {}+{}: only {free} of the expressed genes are free of both singles' targets, fewer than --synergy-targets {syn_targets}; raise --genes or lower --targets-per-gene",
+                    singles[x].gene,
+                    singles[y].gene
+                )
+            })?;
         }
         for t in &synergy {
             lfc[t.index] += t.lfc;
