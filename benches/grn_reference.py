@@ -26,8 +26,6 @@ Three steps, each timed in its own process, each printing one JSON line:
   python benches/grn_reference.py attention --model DIR --input screen.h5ad --perturbed GENE
 """
 import argparse
-import glob
-import importlib.util
 import json
 import os
 import sys
@@ -62,19 +60,14 @@ def embed(a):
                       "torch": torch.__version__}))
 
 
-def load_scgpt_grn():
-    path = os.environ.get("SCGPT_GRN_PY") or glob.glob("/work/venv-torch/lib/python3*/site-packages/scgpt/tasks/grn.py")[0]
-    spec = importlib.util.spec_from_file_location("scgpt_tasks_grn", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def programs(a):
     import anndata
     import scanpy as sc
 
-    grn = load_scgpt_grn()
+    sys.path.insert(0, str(REPO / "tests/gen/eval"))
+    from gen_grn_programs import load_grn  # scgpt 0.2.4's tasks/grn.py, loaded on its own
+
+    grn = load_grn()
     # scanpy 1.11.5 calls `getnnz` on the kNN matrix that scikit-learn (>= 4,096 points, the
     # approximate path) returns as a scipy `csr_array`, which recent scipy no longer gives that
     # method; hand it the `csr_matrix` it expects (a version mismatch, not the original's cost).
