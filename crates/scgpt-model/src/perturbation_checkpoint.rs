@@ -13,9 +13,10 @@ use serde_json::{json, Value};
 
 use crate::checkpoint::{
     check_vocab_for, ckpt_err, load_safetensors_strict, read_text, state_dict, write_dir_atomically,
-    write_err, write_file, NATIVE_CONFIG, NATIVE_WEIGHTS, ORIGINAL_ARGS, ORIGINAL_WEIGHTS, VOCAB_FILE,
+    original_args_json, write_err, write_file, NATIVE_CONFIG, NATIVE_WEIGHTS, ORIGINAL_ARGS, ORIGINAL_WEIGHTS, VOCAB_FILE,
 };
 use crate::error::{ModelError, Result};
+use crate::config::ModelConfig;
 use crate::perturbation::{PerturbationConfig, TransformerGenerator};
 use crate::torch_zip;
 
@@ -123,22 +124,18 @@ pub fn export_perturbation(model: &TransformerGenerator, vocab_json: &str, dir: 
 }
 
 /// The generator's shared encoder (gene and value embeddings, transformer, expression decoder)
-/// as an original args.json: the keys [`crate::ModelConfig::from_args_json`] reads.
+/// as an original args.json, written by the same [`original_args_json`] as a `TransformerModel`
+/// export (no MVC head: the generator's, if any, is not loaded as one).
 fn encoder_args_json(c: &PerturbationConfig) -> Value {
-    json!({
-        "embsize": c.d_model,
-        "nheads": c.nhead,
-        "d_hid": c.d_hid,
-        "nlayers": c.nlayers,
-        "n_layers_cls": c.nlayers_cls,
-        "n_cls": c.n_cls,
-        "dropout": c.dropout,
-        "pad_token": c.pad_token,
-        "pad_value": c.pad_value,
-        "input_emb_style": "continuous",
-        "MVC": false,
-        "explicit_zero_prob": c.explicit_zero_prob,
-        "DSBN": false,
-        "perturbation_model": "TransformerGenerator (perturbation_config.json); pert_encoder.* is not part of the TransformerModel",
-    })
+    let mut m = ModelConfig::new(c.ntoken, c.d_model, c.nhead, c.d_hid, c.nlayers);
+    m.nlayers_cls = c.nlayers_cls;
+    m.n_cls = c.n_cls;
+    m.dropout = c.dropout;
+    m.pad_token = c.pad_token.clone();
+    m.pad_value = c.pad_value;
+    m.cell_emb_style = c.cell_emb_style;
+    m.explicit_zero_prob = c.explicit_zero_prob;
+    let mut args = original_args_json(&m);
+    args.insert("perturbation_model".into(), "TransformerGenerator (perturbation_config.json); pert_encoder.* is not part of the TransformerModel".into());
+    Value::Object(args)
 }
