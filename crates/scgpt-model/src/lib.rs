@@ -4,6 +4,7 @@
 //! See `STATUS.md` in this crate for what is implemented and verified against the original.
 
 pub mod attention_grn;
+pub mod block_attention;
 pub mod checkpoint;
 pub mod config;
 mod cpu_attention;

@@ -165,6 +165,12 @@ pub(crate) fn host_ints<const D: usize>(t: &Tensor<D, Int>) -> Vec<i64> {
 }
 
 impl TransformerModel {
+    /// The model computing training steps with attention `mode` (`run.attention`).
+    pub fn with_attention(mut self, mode: crate::layers::AttentionMode) -> Self {
+        self.transformer_encoder = self.transformer_encoder.with_attention(mode);
+        self
+    }
+
     pub fn device(&self) -> Device {
         self.encoder.embedding.weight.lazy_device()
     }

@@ -365,6 +365,12 @@ pub struct TransformerGenerator {
 }
 
 impl TransformerGenerator {
+    /// The model computing training steps with attention `mode` (`run.attention`).
+    pub fn with_attention(mut self, mode: crate::layers::AttentionMode) -> Self {
+        self.transformer_encoder = self.transformer_encoder.with_attention(mode);
+        self
+    }
+
     pub fn device(&self) -> Device {
         self.encoder.embedding.weight.lazy_device()
     }

@@ -96,6 +96,19 @@ impl TransformerEncoder {
         Self { layers }
     }
 
+    /// Every layer's attention computing training steps with `mode`.
+    pub fn with_attention(self, mode: AttentionMode) -> Self {
+        let layers = self
+            .layers
+            .into_iter()
+            .map(|mut layer| {
+                layer.self_attn = layer.self_attn.with_attention(mode);
+                layer
+            })
+            .collect();
+        Self { layers }
+    }
+
     /// The `dev-temp` generator (`FlashscGPTGenerator`): both streams through every layer,
     /// each with its own residuals and norms but the layer's shared weights.
     pub fn forward_generative(

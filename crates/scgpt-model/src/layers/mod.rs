@@ -40,7 +40,7 @@ mod embeddings;
 mod encoder;
 mod heads;
 
-pub use attention::SelfAttention;
+pub use attention::{AttentionMode, SelfAttention};
 pub(crate) use dropout::{apply_dropout, dropout_active};
 use dropout::dropout;
 pub use embeddings::{BatchNorm1d, ContinuousValueEncoder, DomainSpecificBatchNorm, EmbeddingNorm, GeneEncoder, ValueEncoder};
