@@ -76,6 +76,30 @@ pub struct RunSection {
     /// Stop with a checkpoint once this many steps are done (0 = off), for jobs with a wall
     /// time shorter than the run: the same command resumes.
     pub stop_at_step: u64,
+    /// Attention of training steps: `explicit` keeps the `[B, H, L, L]` scores for the backward
+    /// (fastest on a CPU, memory quadratic in the cell length); `blockwise` computes query
+    /// blocks and recomputes them in the backward (memory linear in the cell length: the
+    /// whole-human recipe on one GPU). Values, gradients and dropout masks are the same.
+    #[serde(default)]
+    pub attention: AttentionKind,
+    /// Query rows per block of `attention = "blockwise"`.
+    #[serde(default = "default_attention_block_rows")]
+    pub attention_block_rows: usize,
+}
+
+fn default_attention_block_rows() -> usize {
+    scgpt_model::layers::AttentionMode::DEFAULT_BLOCK_ROWS
+}
+
+impl RunSection {
+    /// The model's attention mode for training steps.
+    pub fn attention_mode(&self) -> scgpt_model::layers::AttentionMode {
+        use scgpt_model::layers::AttentionMode;
+        match self.attention {
+            AttentionKind::Explicit => AttentionMode::Explicit,
+            AttentionKind::Blockwise => AttentionMode::Blockwise { block_rows: self.attention_block_rows },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -356,6 +380,13 @@ options!(Objective { Generative = "generative", Mlm = "mlm" });
 options!(OptimizerKind { Adam = "adam", AdamW = "adamw" });
 options!(Schedule { Cosine = "cosine", Constant = "constant", Step = "step" });
 options!(Precision { Fp32 = "fp32", Bf16 = "bf16" });
+options!(AttentionKind { Explicit = "explicit", Blockwise = "blockwise" });
+
+impl Default for AttentionKind {
+    fn default() -> Self {
+        AttentionKind::Explicit
+    }
+}
 options!(TaskKind { Pretrain = "pretrain", Annotation = "annotation", Integration = "integration", Perturbation = "perturbation" });
 options!(ClassWeight { None = "none", Balanced = "balanced" });
 
@@ -418,6 +449,7 @@ impl TrainConfig {
         let t = &self.train;
         let m = &self.model;
         ensure!(t.batch_size > 0, "train.batch_size must be at least 1");
+        ensure!(self.run.attention_block_rows > 0, "run.attention_block_rows must be at least 1");
         ensure!(t.grad_accum > 0, "train.grad_accum must be at least 1");
         ensure!(t.lr > 0.0 && t.lr.is_finite(), "train.lr must be positive");
         ensure!(t.epochs > 0 || t.max_steps > 0, "train.epochs and train.max_steps are both 0: nothing to run");

@@ -34,11 +34,16 @@ pub trait EngineModel: Module + Clone + Send + Sized + 'static {
     fn as_transformer(&self) -> Option<&TransformerModel> {
         None
     }
+    /// The model computing training steps with `mode` (`run.attention`; not part of a checkpoint).
+    fn with_attention(self, mode: scgpt_model::layers::AttentionMode) -> Self;
     /// The run's model: fresh from `[model]` over the data's genes, or `model.init_from`.
     fn init(cfg: &TrainConfig, data_vocabs: &[&GeneVocab], shape: Shape, device: &Device) -> anyhow::Result<InitModel<Self>>;
 }
 
 impl EngineModel for TransformerModel {
+    fn with_attention(self, mode: scgpt_model::layers::AttentionMode) -> Self {
+        TransformerModel::with_attention(self, mode)
+    }
     fn shape(&self) -> ModelShape {
         ModelShape { d: self.config.d_model, d_hid: self.config.d_hid, layers: self.config.nlayers }
     }
@@ -72,6 +77,9 @@ impl EngineModel for TransformerModel {
 }
 
 impl EngineModel for TransformerGenerator {
+    fn with_attention(self, mode: scgpt_model::layers::AttentionMode) -> Self {
+        TransformerGenerator::with_attention(self, mode)
+    }
     fn shape(&self) -> ModelShape {
         ModelShape { d: self.config.d_model, d_hid: self.config.d_hid, layers: self.config.nlayers }
     }

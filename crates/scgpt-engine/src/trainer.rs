@@ -237,6 +237,10 @@ impl<M: EngineModel> Trainer<M> {
                 (init.model, init.vocab, adam, TrainState::default())
             }
         };
+        let model = model.with_attention(cfg.run.attention_mode());
+        if cfg.run.attention == crate::config::AttentionKind::Blockwise {
+            notes.push(format!("attention: blockwise, {} query rows per block", cfg.run.attention_block_rows));
+        }
         notes.extend(task.bind_vocab(&vocab)?);
         let set_maps = vocab_maps(&sets, &vocab, &mut notes)?;
         let selection = if cfg.data.input.is_empty() { None } else { crate::preprocess::load(&cfg.run.dir.join("data"))? };
