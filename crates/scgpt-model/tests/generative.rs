@@ -3,6 +3,7 @@
 
 
 use scgpt_model::burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use scgpt_model::layers::AttentionMode;
 use scgpt_model::{
     load_pretrained, ForwardFlags, GenerativeInput, ModelConfig, ModelInput, TransformerModel,
 };
@@ -46,6 +47,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_on(common::test_device(), None)
+}
+
+/// The fixture's model and batch on `device`, with the model's dropout replaced when given.
+fn setup_on(device: Device, dropout: Option<f64>) -> Setup {
     let dir = data_dir();
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("generative.json")).unwrap())
@@ -54,7 +60,10 @@ fn setup() -> Setup {
         .unwrap()
         .with_pad_token_id(97);
     assert!(config.use_generative_training);
-    let device = common::test_device();
+    let mut config = config;
+    if let Some(p) = dropout {
+        config.dropout = p;
+    }
     let mut model = config.init(&device).unwrap();
     let report = load_pretrained(&mut model, dir.join("generative.pt")).unwrap();
     assert!(report.skipped.is_empty(), "{report}");
@@ -269,4 +278,68 @@ fn generative_forward_needs_the_flag_encoder() {
         .generative_forward(s.input, ForwardFlags::default())
         .unwrap_err();
     assert!(err.to_string().contains("use_generative_training"), "{err}");
+}
+
+/// Gradients differ from PyTorch's only by summation order: relative to the tensor's largest
+/// entry.
+fn assert_grad<const D: usize>(what: &str, got: Option<Tensor<D>>, want: &Value, transpose: bool) {
+    let got = got.unwrap_or_else(|| panic!("{what}: no gradient"));
+    let got: Tensor<D> = if transpose { got.swap_dims(0, 1) } else { got };
+    assert_eq!(got.dims().to_vec(), shape_of(want), "{what}: shape");
+    let got: Vec<f32> = got.into_data().convert::<f32>().try_into_vec().unwrap();
+    let want = floats(want);
+    let scale = want.iter().fold(0f32, |m, w| m.max(w.abs())).max(1e-6);
+    let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs() / scale).fold(0f32, f32::max);
+    assert!(worst <= 1e-4, "{what}: worst error {worst:.2e} of max |grad| {scale:.3e}");
+}
+
+/// The whole two-pass generative pretraining loss (GEP + GEPC, then the cell-prompted pass with
+/// pass 1's detached cell embedding), as scgpt-train's generative task computes it, against
+/// `generative_grad.json` (gen_parity.py::generate_generative_grad): loss, terms and gradients,
+/// with the explicit and with the blockwise attention.
+#[test]
+fn two_pass_generative_gradients_match_pytorch_in_both_attention_modes() {
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(data_dir().join("generative_grad.json")).unwrap()).unwrap();
+    for mode in [AttentionMode::Explicit, AttentionMode::Blockwise { block_rows: 2 }] {
+        let device = Device::flex().autodiff();
+        let Setup { model, input, .. } = setup_on(device.clone(), Some(0.0));
+        let model = model.with_attention(mode);
+        let target_json = &fixture["inputs"]["gen_target"];
+        let [b, g] = shape_of(target_json)[..] else { panic!() };
+        let p = input.pcpt_genes.dims()[1];
+        let target = Tensor::<2>::from_data(TensorData::new(floats(target_json), [b, g]), &device);
+        let keep = input.gen_key_padding_mask.clone().unwrap().bool_not().float();
+        let sq = |pred: Tensor<2>| ((pred - target.clone()) * keep.clone()).square().sum();
+        let out = model.generative_forward(input.clone(), mvc()).unwrap();
+        let gep = sq(out.gen_preds.clone().unwrap());
+        let gepc = sq(out.mvc_output.clone().unwrap().slice([0..b, p..p + g]));
+        let second = GenerativeInput { input_cell_emb: Some(out.cell_emb.detach()), ..input };
+        let cell_prompt = sq(model.generative_forward(second, ForwardFlags::default()).unwrap().gen_preds.unwrap());
+        let units = keep.sum().into_scalar::<f32>();
+        let loss = (gep.clone() + gepc.clone() + cell_prompt.clone()).div_scalar(units);
+        for (name, t) in [("gep", &gep), ("gepc", &gepc), ("cell_prompt", &cell_prompt), ("loss", &loss)] {
+            let got = t.clone().into_scalar::<f32>();
+            let want = if name == "loss" { fixture["loss"].as_f64() } else { fixture["terms"][name].as_f64() }.unwrap() as f32;
+            assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{mode:?} {name}: {got} vs {want}");
+        }
+        let grads = loss.backward();
+        let gr = &fixture["grads"];
+        let layers = &model.transformer_encoder.layers;
+        let what = |s: &str| format!("{mode:?} {s}");
+        assert_grad(&what("embedding"), model.encoder.embedding.weight.val().grad(&grads), &gr["encoder.embedding.weight"], false);
+        assert_grad(&what("enc_norm"), model.encoder.enc_norm.gamma.val().grad(&grads), &gr["encoder.enc_norm.weight"], false);
+        assert_grad(&what("flag_encoder"), model.flag_encoder.as_ref().unwrap().weight.val().grad(&grads), &gr["flag_encoder.weight"], false);
+        let scgpt_model::layers::ValueEncoder::Continuous(ve) = model.value_encoder.as_ref().unwrap() else { panic!() };
+        assert_grad(&what("value_encoder.linear1"), ve.linear1.weight.val().grad(&grads), &gr["value_encoder.linear1.weight"], true);
+        assert_grad(&what("layers.0.Wqkv.weight"), layers[0].self_attn.Wqkv.weight.val().grad(&grads), &gr["transformer_encoder.layers.0.self_attn.in_proj_weight"], true);
+        assert_grad(&what("layers.0.Wqkv.bias"), layers[0].self_attn.Wqkv.bias.as_ref().unwrap().val().grad(&grads), &gr["transformer_encoder.layers.0.self_attn.in_proj_bias"], false);
+        assert_grad(&what("layers.1.Wqkv.weight"), layers[1].self_attn.Wqkv.weight.val().grad(&grads), &gr["transformer_encoder.layers.1.self_attn.in_proj_weight"], true);
+        assert_grad(&what("layers.1.out_proj"), layers[1].self_attn.out_proj.weight.val().grad(&grads), &gr["transformer_encoder.layers.1.self_attn.out_proj.weight"], true);
+        assert_grad(&what("layers.0.linear1"), layers[0].linear1.weight.val().grad(&grads), &gr["transformer_encoder.layers.0.linear1.weight"], true);
+        assert_grad(&what("layers.1.norm1"), layers[1].norm1.gamma.val().grad(&grads), &gr["transformer_encoder.layers.1.norm1.weight"], false);
+        assert_grad(&what("decoder.fc.4"), model.decoder.fc[2].weight.val().grad(&grads), &gr["decoder.fc.4.weight"], true);
+        let mvc = model.mvc_decoder.as_ref().unwrap();
+        assert_grad(&what("mvc_decoder.W"), mvc.W.weight.val().grad(&grads), &gr["mvc_decoder.W.weight"], true);
+        assert_grad(&what("mvc_decoder.gene2query"), mvc.gene2query.weight.val().grad(&grads), &gr["mvc_decoder.gene2query.weight"], true);
+    }
 }

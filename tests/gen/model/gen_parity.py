@@ -339,11 +339,10 @@ def dev_temp_generative_forward(model, flag_w, pg, pv, pm, gg, gm, input_cell_em
     return out, preds[:, :P], preds[:, P:], cell, mvc
 
 
-def generate_generative(mm, seed, out_dir):
-    """The whole-human pretraining layout: generative model, flag_encoder in the checkpoint."""
-    name = "generative"
+def generative_setup(mm, seed):
+    """The generative fixture's model, flag embedding and two-stream batch (B 3, P 7, G 4)."""
     spec = VARIANTS["continuous"]
-    model, gen = build(mm, name, spec, seed)
+    model, gen = build(mm, "generative", spec, seed)
     flag_w = torch.randn(2, DIMS["embsize"], generator=gen)
     B, P, G = 3, 7, 4
     pcpt_len, gen_len = [7, 5, 6], [4, 3, 2]
@@ -357,6 +356,13 @@ def generate_generative(mm, seed, out_dir):
         pv[i, 1:pcpt_len[i]] = torch.randint(1, 51, (pcpt_len[i] - 1,), generator=gen).float()
         gg[i, : gen_len[i]] = genes[pcpt_len[i] - 1 : pcpt_len[i] - 1 + gen_len[i]]
     pm, gm = pg.eq(PAD_ID), gg.eq(PAD_ID)
+    return model, spec, flag_w, pg, pv, pm, gg, gm
+
+
+def generate_generative(mm, seed, out_dir):
+    """The whole-human pretraining layout: generative model, flag_encoder in the checkpoint."""
+    name = "generative"
+    model, spec, flag_w, pg, pv, pm, gg, gm = generative_setup(mm, seed)
     with torch.no_grad():
         out, pp, gp, cell, mvc = dev_temp_generative_forward(model, flag_w, pg, pv, pm, gg, gm)
         # The cell-prompt second pass of pretraining: pass 1's cell embedding at <cls>.
@@ -482,6 +488,59 @@ def generate_training(mm, out_dir):
     print(f"training: {(out_dir / 'training.json').stat().st_size} B")
 
 
+GENERATIVE_GRAD_PARAMS = [
+    "encoder.embedding.weight",
+    "encoder.enc_norm.weight",
+    "value_encoder.linear1.weight",
+    "transformer_encoder.layers.0.self_attn.in_proj_weight",
+    "transformer_encoder.layers.0.self_attn.in_proj_bias",
+    "transformer_encoder.layers.1.self_attn.in_proj_weight",
+    "transformer_encoder.layers.1.self_attn.out_proj.weight",
+    "transformer_encoder.layers.0.linear1.weight",
+    "transformer_encoder.layers.1.norm1.weight",
+    "decoder.fc.4.weight",
+    "mvc_decoder.W.weight",
+    "mvc_decoder.gene2query.weight",
+]
+
+
+def generate_generative_grad(mm, seed, out_dir):
+    """Gradients of the whole two-pass generative pretraining loss on generative.pt's weights
+    and batch (dropout 0): pass 1 gene-prompted, GEP (gen-token expression) + GEPC (the MVC
+    head at the gen positions); pass 2 cell-prompted with pass 1's detached cell embedding at
+    <cls>, GEP again; squared errors over non-padded gen tokens, summed, divided by their count
+    (what scgpt-train's generative task computes for one micro-batch)."""
+    model, _, flag_w, pg, pv, pm, gg, gm = generative_setup(mm, seed)
+    # Eval mode is the dropout-0 training step: the continuous model has no batch norm, and
+    # dropout is the only module that reads the mode.
+    model.eval()
+    flag_w = flag_w.clone().requires_grad_(True)
+    gen = torch.Generator().manual_seed(seed + 100)
+    P = pg.shape[1]
+    target = torch.randint(1, 51, gg.shape, generator=gen).float()
+    keep = (~gm).float()
+    sq = lambda pred: (((pred - target) * keep) ** 2).sum()
+    out, pp, gp, cell, mvc = dev_temp_generative_forward(model, flag_w, pg, pv, pm, gg, gm)
+    gep, gepc = sq(gp), sq(mvc[:, P:])
+    _, _, gp2, _, _ = dev_temp_generative_forward(model, flag_w, pg, pv, pm, gg, gm, cell.detach())
+    cell_prompt = sq(gp2)
+    loss = (gep + gepc + cell_prompt) / keep.sum()
+    loss.backward()
+    params = dict(model.named_parameters())
+    grads = {k: tensor_json(params[k].grad) for k in GENERATIVE_GRAD_PARAMS}
+    grads["flag_encoder.weight"] = tensor_json(flag_w.grad)
+    fixture = {
+        "generator": "tests/gen/model/gen_parity.py (generate_generative_grad)",
+        "torch": torch.__version__, "checkpoint": "generative.pt",
+        "inputs": {"gen_target": tensor_json(target)},
+        "terms": {"gep": float(gep.detach()), "gepc": float(gepc.detach()), "cell_prompt": float(cell_prompt.detach())},
+        "loss": float(loss.detach()),
+        "grads": grads,
+    }
+    (out_dir / "generative_grad.json").write_text(json.dumps(fixture) + "\n")
+    print(f"generative_grad: {(out_dir / 'generative_grad.json').stat().st_size} B")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "tests/data/model")
@@ -497,6 +556,8 @@ def main():
         generate(mm, name, spec, seed=1000 + i, out_dir=a.out)
     if not a.only or "generative" in a.only:
         generate_generative(mm, seed=2000, out_dir=a.out)
+    if not a.only or "generative_grad" in a.only:
+        generate_generative_grad(mm, seed=2000, out_dir=a.out)
     if not a.only or "training" in a.only:
         generate_training(mm, out_dir=a.out)
 
