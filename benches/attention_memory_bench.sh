@@ -40,7 +40,7 @@ for L in $LENGTHS; do
         --set train.warmup_steps=0 --set train.max_steps="$STEPS" --set train.log_every=1 \
         --set train.eval_every=100000 --set train.save_every=100000 ) > "$WORK/$A-$L.out" 2>&1
     if [ $? -ne 0 ]; then
-      printf '%-8s %-10s %10s %10s\n' "$L" "$A" "-" "> ${MEM_LIMIT_GB} GB (did not fit)"
+      printf '%-8s %-10s %10s %10s\n' "$L" "$A" "-" "> ${MEM_LIMIT_GB} GiB (did not fit)"
       continue
     fi
     python3 - "$RUN" "$BATCH" "$(cat "$WORK/time.txt")" "$L" "$A" <<'PYEOF'
@@ -49,7 +49,7 @@ run, batch, (wall, kb), L, A = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(
 cps = [json.loads(l).get("train/cells_per_s") for l in open(f"{run}/metrics.jsonl")]
 cps = [c for c in cps if c][1:]
 step = batch / statistics.median(cps) if cps else float("nan")
-print(f"{L:<8} {A:<10} {step:>10.1f} {int(kb) / 1024 / 1024:>8.2f} GB")
+print(f"{L:<8} {A:<10} {step:>10.1f} {int(kb) / 1024 / 1024:>8.2f} GiB")
 PYEOF
   done
 done

@@ -246,7 +246,8 @@ pub struct TrainSection {
     pub log_every: u64,
     /// Periodic checkpoints kept (the best by validation is kept besides).
     pub keep_last: usize,
-    /// `fp32` or `bf16` (pure bf16 where the backend supports it).
+    /// `fp32`; `bf16`: bf16 compute with fp32 master weights, gradients and Adam moments
+    /// (`precision.rs`); `bf16-pure`: everything bf16 (does not learn at small learning rates).
     pub precision: Precision,
     /// Validate (and keep `best_model/` by the task's criterion) at each epoch's end too, as
     /// the fine-tuning tutorials do.
@@ -379,7 +380,7 @@ macro_rules! options {
 options!(Objective { Generative = "generative", Mlm = "mlm" });
 options!(OptimizerKind { Adam = "adam", AdamW = "adamw" });
 options!(Schedule { Cosine = "cosine", Constant = "constant", Step = "step" });
-options!(Precision { Fp32 = "fp32", Bf16 = "bf16" });
+options!(Precision { Fp32 = "fp32", Bf16 = "bf16", PureBf16 = "bf16-pure" });
 options!(AttentionKind { Explicit = "explicit", Blockwise = "blockwise" });
 
 impl Default for AttentionKind {

@@ -1,7 +1,8 @@
 //! The device a run trains on: burn Flex on the CPU in every build; CUDA (`--features cuda`,
 //! one process per GPU, `LOCAL_RANK` picks it) and wgpu/Vulkan (`--features wgpu`/`vulkan`)
-//! in GPU builds. `precision = "bf16"` switches the device's default float type to bf16 (pure
-//! bf16: parameters, activations and optimiser state) where the backend computes in it.
+//! in GPU builds. `precision = "bf16"` or `"bf16-pure"` switches the device's default float type
+//! to bf16 (activations and inputs) where the backend computes in it; `precision.rs` decides what
+//! stays fp32.
 
 use anyhow::bail;
 use scgpt_model::burn::tensor::{Device, FloatDType};
@@ -51,12 +52,18 @@ pub fn select(name: &str, local_rank: usize) -> anyhow::Result<Device> {
 pub fn configure_precision(device: &mut Device, precision: &str) -> anyhow::Result<()> {
     match precision {
         "fp32" => Ok(()),
-        "bf16" => {
+        "bf16" | "bf16-pure" => {
             if !device.supports_dtype(FloatDType::BF16) {
-                bail!("train.precision = \"bf16\": this device cannot compute in bf16; use \"fp32\"");
+                bail!("train.precision = {precision:?}: this device cannot compute in bf16; use \"fp32\"");
             }
-            device.configure(FloatDType::BF16).map_err(|e| anyhow::anyhow!("train.precision = \"bf16\": {e:?}"))
+            match device.configure(FloatDType::BF16) {
+                Ok(()) => Ok(()),
+                // Set once per process: a second run in the same process (tests, a resume in
+                // one program) finds it done.
+                Err(_) if scgpt_model::burn::tensor::Tensor::<1>::zeros([1], &*device).dtype() == scgpt_model::burn::tensor::DType::BF16 => Ok(()),
+                Err(e) => Err(anyhow::anyhow!("train.precision = {precision:?}: {e:?}")),
+            }
         }
-        other => bail!("train.precision = {other:?}: expected \"fp32\" or \"bf16\""),
+        other => bail!("train.precision = {other:?}: expected \"fp32\", \"bf16\" or \"bf16-pure\""),
     }
 }

@@ -15,7 +15,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use scgpt_model::burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use scgpt_model::burn::optim::GradientsParams;
-use scgpt_model::burn::tensor::{Tensor, TensorData};
+use scgpt_model::burn::tensor::{DType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 /// One trainable float parameter: its module path, id and shape, in visiting order.
@@ -142,8 +142,10 @@ pub fn unflatten_grads(grads: &mut GradientsParams, params: &[ParamEntry], flat:
     let mut off = 0;
     for p in params {
         let n = p.numel();
-        let dev = get_flat(grads, p).map(|g| g.device()).unwrap_or_else(|| device.clone());
-        let t = Tensor::<1>::from_data(TensorData::new(flat[off..off + n].to_vec(), [n]), &dev);
+        // The reduced values come back in the gradient's own dtype (fp32 under mixed bf16,
+        // whatever the device's default).
+        let (dev, dtype) = get_flat(grads, p).map(|g| (g.device(), g.dtype())).unwrap_or_else(|| (device.clone(), DType::F32));
+        let t = Tensor::<1>::from_data(TensorData::new(flat[off..off + n].to_vec(), [n]), (&dev, dtype));
         register_flat(grads, p, t);
         off += n;
     }
@@ -182,7 +184,7 @@ impl ModuleMapper for ParamLoader<'_> {
         let n: usize = dims.iter().product();
         let data = TensorData::new(self.flat[self.off..self.off + n].to_vec(), dims);
         self.off += n;
-        let mut t = Tensor::<D>::from_data(data, self.device);
+        let mut t = Tensor::<D>::from_data(data, (self.device, tensor.dtype()));
         if require_grad {
             t = t.require_grad();
         }
@@ -250,7 +252,7 @@ impl ModuleMapper for AdamMapper<'_> {
             g = g + p.clone().mul_scalar(c.weight_decay);
         }
         let key = self.path.path();
-        let (m, v) = match self.adam.moments.remove(&key) {
+        let (m, v) = match self.adam.moments.remove(&key).map(|(m, v)| (m.cast(g.dtype()), v.cast(g.dtype()))) {
             Some((m, v)) => (m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1), v.mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2)),
             None => (g.clone().mul_scalar(1.0 - c.beta1), g.square().mul_scalar(1.0 - c.beta2)),
         };
@@ -335,8 +337,10 @@ impl Adam {
                 None => bail!("{}: moments for {k}, which the model does not have", path.display()),
             }
             anyhow::ensure!(off + 2 * n <= floats.len(), "{}: truncated optimiser state (at {k})", path.display());
-            let m = Tensor::<1>::from_data(TensorData::new(floats[off..off + n].to_vec(), [n]), device);
-            let v = Tensor::<1>::from_data(TensorData::new(floats[off + n..off + 2 * n].to_vec(), [n]), device);
+            // Saved as f32 and loaded as f32 whatever the device's default (mixed bf16 keeps fp32
+            // moments); a step casts them to the gradients' dtype.
+            let m = Tensor::<1>::from_data(TensorData::new(floats[off..off + n].to_vec(), [n]), (device, DType::F32));
+            let v = Tensor::<1>::from_data(TensorData::new(floats[off + n..off + 2 * n].to_vec(), [n]), (device, DType::F32));
             moments.insert(k, (m, v));
         }
         Ok(Adam { config: header.config, t: header.t, moments })

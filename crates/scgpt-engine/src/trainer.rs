@@ -237,7 +237,7 @@ impl<M: EngineModel> Trainer<M> {
                 (init.model, init.vocab, adam, TrainState::default())
             }
         };
-        let model = model.with_attention(cfg.run.attention_mode());
+        let model = crate::precision::masters(model.with_attention(cfg.run.attention_mode()), cfg.train.precision);
         if cfg.run.attention == crate::config::AttentionKind::Blockwise {
             notes.push(format!("attention: blockwise, {} query rows per block", cfg.run.attention_block_rows));
         }
@@ -665,6 +665,7 @@ impl<M: EngineModel> Trainer<M> {
         let accum = micro.len() as f64;
         let n_terms = self.task.terms().len();
         let mut model = self.model.take().expect("model");
+        let compute = crate::precision::compute(&model, self.cfg.train.precision);
         let mut acc = GradientsAccumulator::<M>::new();
         let mut losses = StepLosses { sums: vec![0.0; n_terms], present: vec![false; n_terms], ..Default::default() };
         let mut terms: Vec<Option<Tensor<1>>> = vec![None; n_terms];
@@ -672,7 +673,7 @@ impl<M: EngineModel> Trainer<M> {
             // Dropout draws: fixed by (seed, step, micro-batch, rank), so a resume replays them.
             self.device.seed(mix64(self.cfg.run.seed ^ mix64(step) ^ mix64((mi as u64) << 20 | self.comm.rank() as u64) ^ hash_str("dropout")));
             let mut ctx = LossContext { device: &self.device, comm: self.comm.as_mut(), per_unit: world / units, per_batch: 1.0 / accum };
-            let loss = self.task.loss(&model, batch.as_ref(), &mut ctx)?;
+            let loss = self.task.loss(&compute, batch.as_ref(), &mut ctx)?;
             for (k, (acc, term)) in terms.iter_mut().zip(loss.terms).enumerate() {
                 losses.present[k] |= term.is_some();
                 *acc = match (acc.take(), term) {

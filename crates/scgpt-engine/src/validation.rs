@@ -30,7 +30,7 @@ impl<M: crate::model::EngineModel> Trainer<M> {
     /// One validation pass. `epoch_end`: this is the validation at an epoch's end, which
     /// counts for early stopping. Returns true when the run should stop early.
     pub(crate) fn evaluate(&mut self, bar: &ProgressBar, epoch_end: bool) -> anyhow::Result<bool> {
-        let model = self.model().valid();
+        let model = crate::precision::compute(&self.model().valid(), self.cfg.train.precision);
         let dev = self.device.clone().inner();
         let v = self.cfg.valid.clone();
         let mut sums = vec![0f64; self.task.eval_width()];

@@ -350,7 +350,9 @@ pub fn load_native(dir: impl AsRef<Path>, device: &Device) -> Result<NativeCheck
     check_vocab(&vocab_json, &config)
         .map_err(|(field, message)| json_err(&vocab_path, &field, message))?;
 
-    let mut model = config.init(device)?;
+    // Loaded into f32 parameters whatever the device's default float type: the file holds f32,
+    // and a bf16 default (mixed precision) would round a resumed run's fp32 masters.
+    let mut model = crate::cast::cast_params(config.init(device)?, burn::tensor::FloatDType::F32, crate::cast::CastGraph::Leaf);
     let weights = dir.join(NATIVE_WEIGHTS);
     load_safetensors_strict(&mut model, &weights)?;
     Ok(NativeCheckpoint { model, vocab_json })
@@ -480,11 +482,23 @@ pub(crate) fn load_safetensors_strict<M: ModuleSnapshot>(model: &mut M, path: &P
 }
 
 /// The float dtype of the device the module lives on (without materialising parameters).
+/// The float type the module's parameters hold (the first one's), else the device default: a
+/// loaded tensor takes it, so fp32 masters under a bf16 device default load exactly.
 fn model_float_dtype<M: Module>(model: &M) -> DType {
-    match model.devices().first() {
+    struct First(Option<DType>);
+    impl burn::module::ModuleVisitor for First {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
+            if self.0.is_none() {
+                self.0 = Some(param.val().dtype());
+            }
+        }
+    }
+    let mut first = First(None);
+    model.visit(&mut first);
+    first.0.unwrap_or_else(|| match model.devices().first() {
         Some(d) => d.settings().float_dtype.into(),
         None => DType::F32,
-    }
+    })
 }
 
 /// A JSON number that is an integer when the value is whole (the original scripts' argparse

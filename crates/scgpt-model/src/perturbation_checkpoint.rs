@@ -74,7 +74,8 @@ pub fn load_native_perturbation(dir: impl AsRef<Path>, device: &Device) -> Resul
     let config: PerturbationConfig = serde_json::from_value(doc["config"].clone()).map_err(|e| err("config", e.to_string()))?;
     let vocab_json = read_text(&dir.join(VOCAB_FILE))?;
     check(&vocab_json, &config, &dir.join(VOCAB_FILE))?;
-    let mut model = config.init(device)?;
+    // f32 parameters whatever the device default, as `load_native` (exact fp32 masters).
+    let mut model = crate::cast::cast_params(config.init(device)?, burn::tensor::FloatDType::F32, crate::cast::CastGraph::Leaf);
     load_safetensors_strict(&mut model, &dir.join(NATIVE_WEIGHTS))?;
     Ok((model, vocab_json))
 }
