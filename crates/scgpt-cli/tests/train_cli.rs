@@ -104,3 +104,32 @@ extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+#[test]
+fn plan_prints_memory_and_batch_without_data() {
+    // pretrain_human.toml names census shards that do not exist here: --plan must not open them.
+    let out = Command::new(env!("CARGO_BIN_EXE_scgpt-train"))
+        .args(["--config"])
+        .arg(root().join("configs/pretrain_human.toml"))
+        .args(["--plan", "--gpu-mem", "80GB"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The whole-human model: 60,697 tokens, d 512, 12 layers (51,857,922 parameters).
+    assert!(text.contains("51.9M parameters"), "{text}");
+    assert!(text.contains("attention blockwise"), "{text}");
+    assert!(text.contains("train.batch_size = 32, train.grad_accum = 1"), "{text}");
+    // Explicit attention at fp32 cannot hold 32 cells on 80 GB: the plan splits the step.
+    let out = Command::new(env!("CARGO_BIN_EXE_scgpt-train"))
+        .args(["--config"])
+        .arg(root().join("configs/pretrain_human.toml"))
+        .args(["--plan", "--gpu-mem", "80GB", "--set", "run.attention=\"explicit\""])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("train.grad_accum = 2"), "{text}");
+    let bad = Command::new(env!("CARGO_BIN_EXE_scgpt-train")).args(["--plan", "--gpu-mem", "lots"]).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--gpu-mem"), "names the flag");
+}

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod perturbation_data;
+pub mod plan;
 pub mod precision;
 pub mod preprocess;
 pub mod screen;

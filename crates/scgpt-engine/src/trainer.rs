@@ -283,6 +283,7 @@ impl<M: EngineModel> Trainer<M> {
         let _ = crate::optim::flatten_params(&model, &params);
         let n_params: usize = params.iter().map(ParamEntry::numel).sum();
         notes.push(format!("parameters: {n_params} in {} tensors; rank {rank} of {world}", params.len()));
+        notes.extend(crate::plan::Plan::new(crate::plan::PlanInput::from_config(&cfg, n_params)).report(None));
         let frozen = if cfg.model.init_from.is_empty() { Vec::new() } else { matching(&params, &cfg.train.freeze) };
         if !frozen.is_empty() {
             notes.push(format!("frozen: {} parameters in {} tensors ({})", frozen.iter().map(ParamEntry::numel).sum::<usize>(), frozen.len(), cfg.train.freeze.join(", ")));

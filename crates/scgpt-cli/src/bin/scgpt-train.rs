@@ -26,6 +26,14 @@ struct Cli {
     /// No progress bar (log lines only).
     #[arg(long)]
     quiet: bool,
+    /// Print the memory and compute plan (parameters, gradients, optimiser state, activations,
+    /// FLOPs) without opening the data or training, and exit.
+    #[arg(long)]
+    plan: bool,
+    /// With --plan: one GPU's memory (80GB, 80GiB, 40960MiB); adds the largest micro-batch that
+    /// fits and the grad_accum that keeps the config's cells per step.
+    #[arg(long, value_name = "SIZE", requires = "plan")]
+    gpu_mem: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +63,17 @@ fn run(cli: &Cli) -> anyhow::Result<RunEnd> {
     let cfg = scgpt_engine::config::resolve(cli.config.as_deref(), &cli.sets)?;
     if cli.print_config {
         println!("{}", toml::to_string_pretty(&cfg)?);
+        std::process::exit(0);
+    }
+    if cli.plan {
+        use scgpt_engine::plan::{count_params, parse_mem, plan_vocab, Plan, PlanInput};
+        let gpu_mem = cli.gpu_mem.as_deref().map(parse_mem).transpose()?;
+        let (vocab, source) = plan_vocab(&cfg)?;
+        println!("vocabulary: {source}");
+        let plan = Plan::new(PlanInput::from_config(&cfg, count_params(&cfg, vocab)?));
+        for line in plan.report(gpu_mem) {
+            println!("{line}");
+        }
         std::process::exit(0);
     }
     if cfg.run.threads > 0 {

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The plan's peak memory (`scgpt-train --plan`) against the measured peak RSS of real
+# `scgpt-train` steps on the CPU, at three model sizes, explicit and blockwise attention, with
+# configs/pretrain_human.toml's objective (generative, both passes, gen share fixed at 0.25).
+#
+#   bash benches/plan_check.sh [WORKDIR] [STEPS]
+#
+# Uses the shards of benches/attention_memory_bench.sh (made here if missing).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-/tmp/scgpt-attention-bench}
+STEPS=${2:-2}
+THREADS=${THREADS:-2}
+BIN=${CARGO_TARGET_DIR:-target}/release
+mkdir -p "$WORK"
+cargo build --release -p scgpt-cli -p scgpt-prep || exit 1
+SIM=$WORK/sim.h5ad
+[ -f "$SIM" ] || "$BIN/scgpt-prep" simulate --cells 96 --genes 20000 --genes-per-cell 3000 --seed 5 --out "$SIM" --quiet || exit 1
+[ -f "$WORK/shards/manifest.json" ] || "$BIN/scgpt-prep" --input "$SIM" --gene-col feature_name --out "$WORK/shards" --quiet || exit 1
+
+printf '%-34s %-10s %10s %10s %8s\n' model attention "plan GiB" "meas. GiB" "plan/meas"
+# d layers heads d_hid tokens batch
+for SIZE in "128 2 4 128 600 8" "256 4 8 256 1200 4" "512 12 8 512 600 4"; do
+  set -- $SIZE
+  for A in explicit blockwise; do
+    RUN=$WORK/plan-$1-$2-$A
+    rm -rf "$RUN"
+    ARGS=(--config configs/pretrain_human.toml --set run.dir="$RUN" --set "data.shards=[\"$WORK/shards\"]"
+      --set valid.label_set='""' --set data.valid_fraction=0.0 --set run.threads="$THREADS"
+      --set run.attention="\"$A\"" --set model.embsize=$1 --set model.nlayers=$2 --set model.nheads=$3
+      --set model.d_hid=$4 --set model.max_seq_len=$5 --set 'train.gen_ratios=[0.25]' --set train.batch_size=$6
+      --set train.warmup_steps=0 --set train.max_steps="$STEPS" --set train.log_every=1
+      --set train.eval_every=100000 --set train.save_every=100000)
+    PLAN=$("$BIN/scgpt-train" "${ARGS[@]}" --plan | sed -n 's/.*peak ≈ \([0-9.]*\) GiB.*/\1/p')
+    /usr/bin/time -f "%M" -o "$WORK/time.txt" "$BIN/scgpt-train" --quiet "${ARGS[@]}" > "$WORK/plan.out" 2>&1 || { cat "$WORK/plan.out" >&2; exit 1; }
+    MEAS=$(awk '{printf "%.2f", $1 / 1024 / 1024}' "$WORK/time.txt")
+    printf '%-34s %-10s %10s %10s %8.2f\n' "d $1, $2 layers, $5 tokens, batch $6" "$A" "$PLAN" "$MEAS" "$(echo "$PLAN / $MEAS" | bc -l)"
+  done
+done
