@@ -14,14 +14,19 @@ use common::{metrics, prep, tiny};
 fn bf16_training_keeps_fp32_masters_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let shards = tmp.path().join("wu");
-    prep("wu2020_200.h5ad", &shards, &[]);
-    let cfg = |run: &std::path::Path| tiny(run, &shards, &["train.precision=\"bf16\"".into(), "train.max_steps=6".into(), "train.log_every=2".into(), "train.save_every=3".into(), "train.lr=4e-3".into(), "valid.label_set=\"\"".into()]);
+    prep("wu2020_200.h5ad", &shards, &["output.obs_cols=[\"cluster_orig\"]"]);
+    let cfg = |run: &std::path::Path| tiny(run, &shards, &["train.precision=\"bf16\"".into(), "train.max_steps=6".into(), "train.log_every=2".into(), "train.save_every=3".into(), "train.eval_every=3".into(), "train.lr=4e-3".into()]);
     let run = tmp.path().join("run");
     let mut t = Trainer::new(cfg(&run), Box::new(scgpt_dist::Single::new())).unwrap().quiet();
     t.run().unwrap();
     let gep: Vec<f64> = metrics(&run).iter().filter_map(|l| l["train/loss_gep"].as_f64()).collect();
     assert_eq!(gep.len(), 3);
     assert!(gep.iter().all(|g| g.is_finite()), "{gep:?}");
+    // Validation (MSE and the embedding metrics) runs on the bf16 compute copy.
+    let valid: Vec<f64> = metrics(&run).iter().filter_map(|l| l["valid/mse"].as_f64()).collect();
+    assert_eq!(valid.len(), 2, "validated at steps 3 and 6");
+    assert!(valid.iter().all(|v| v.is_finite()), "{valid:?}");
+    assert!(metrics(&run).iter().any(|l| l["valid/knn_accuracy"].is_number()), "embedding metrics in bf16");
     assert_eq!(t.model().encoder.embedding.weight.val().dtype(), DType::F32, "masters stay fp32");
     let want = flatten_params(t.model(), &list_params(t.model()).unwrap());
 
