@@ -75,16 +75,43 @@ pub trait BlockAttentionOps: Backend {
         forward::<Self>(&Inputs { q, k, v, k_self, v_self, key_bias, self_bias }, &spec).0
     }
 
-    /// The dropout mask of rows `rows` of a `[B, H, Lq, Lk]` weight tensor (see [`keep_mask`]),
-    /// on `like`'s device and in its float dtype. The explicit path multiplies by it.
+    /// The dropout mask of a whole `[B, H, Lq, Lk]` weight tensor (see [`keep_mask`]), on
+    /// `like`'s device and in its float dtype. The explicit path multiplies by it.
     fn attention_keep_mask(like: FloatTensor<Self>, dims: [usize; 4], seed: u64, dropout: f64) -> FloatTensor<Self> {
-        let device = like.device();
-        let dtype = FloatDType::from(like.dtype());
-        keep_mask::<Self>(seed, 1.0 - dropout, dims, 0..dims[2], &device, dtype)
+        Self::block_keep_mask(like, dims, [0, dims[2]], seed, 1.0 - dropout)
+    }
+
+    /// Query rows `rows[0]..rows[1]` of that mask. By default integer tensor operations on the
+    /// device; Flex fills it on the host's cores (the same values, [`mask_draw`]).
+    fn block_keep_mask(like: FloatTensor<Self>, dims: [usize; 4], rows: [usize; 2], seed: u64, keep: f64) -> FloatTensor<Self> {
+        keep_mask::<Self>(seed, keep, dims, rows[0]..rows[1], &like.device(), FloatDType::from(like.dtype()))
     }
 }
 
-impl BlockAttentionOps for burn::backend::Flex {}
+impl BlockAttentionOps for burn::backend::Flex {
+    fn block_keep_mask(like: FloatTensor<Self>, dims: [usize; 4], rows: [usize; 2], seed: u64, keep: f64) -> FloatTensor<Self> {
+        use burn::tensor::{DType, TensorData};
+        use rayon::prelude::*;
+        let device = like.device();
+        if like.dtype() != DType::F32 {
+            return keep_mask::<Self>(seed, keep, dims, rows[0]..rows[1], &device, FloatDType::from(like.dtype()));
+        }
+        let [b, h, lq, lk] = dims;
+        let n = rows[1] - rows[0];
+        let threshold = keep_threshold(keep);
+        let scale = (1.0 / keep) as f32;
+        let mut mask = vec![0f32; b * h * n * lk];
+        // One chunk per (head, query row): row = (b·H + h)·Lq + i.
+        mask.par_chunks_mut(lk.max(1)).enumerate().for_each(|(r, out)| {
+            let (bh, i) = (r / n, rows[0] + r % n);
+            let row = (bh * lq + i) as u64;
+            for (j, m) in out.iter_mut().enumerate() {
+                *m = if mask_draw(seed, row, j as u64) < threshold { scale } else { 0.0 };
+            }
+        });
+        <Self as burn::backend::ops::FloatTensorOps<Self>>::float_from_data(TensorData::new(mask, [b, h, n, lk]), &device)
+    }
+}
 
 #[cfg(any(feature = "cuda", feature = "wgpu", feature = "vulkan"))]
 impl BlockAttentionOps for burn::backend::Cube {}
@@ -180,18 +207,17 @@ fn weighted_values<B: Backend>(x: &Inputs<B>, spec: &BlockSpec, rows: &Range<usi
 }
 
 /// The block's dropout mask (`1/keep` or 0), or `None` without dropout.
-fn block_mask<B: Backend>(x: &Inputs<B>, spec: &BlockSpec, rows: &Range<usize>, like: &FloatTensor<B>) -> Option<FloatTensor<B>> {
+fn block_mask<B: BlockAttentionOps>(x: &Inputs<B>, spec: &BlockSpec, rows: &Range<usize>, like: &FloatTensor<B>) -> Option<FloatTensor<B>> {
     if spec.dropout <= 0.0 {
         return None;
     }
     let [b, h, lq, _] = dims4(&x.q.shape());
     let cols = x.k.shape()[2] + spec.has_self as usize;
-    let device = like.device();
-    Some(keep_mask::<B>(spec.seed, 1.0 - spec.dropout, [b, h, lq, cols], rows.clone(), &device, FloatDType::from(like.dtype())))
+    Some(B::block_keep_mask(like.clone(), [b, h, lq, cols], [rows.start, rows.end], spec.seed, 1.0 - spec.dropout))
 }
 
 /// Forward: the output `[B, H, Lq, dh]` and the per-row log-sum-exp `[B, H, Lq, 1]`.
-pub(crate) fn forward<B: Backend>(x: &Inputs<B>, spec: &BlockSpec) -> (FloatTensor<B>, FloatTensor<B>) {
+pub(crate) fn forward<B: BlockAttentionOps>(x: &Inputs<B>, spec: &BlockSpec) -> (FloatTensor<B>, FloatTensor<B>) {
     let lq = x.q.shape()[2];
     let mut outs = Vec::new();
     let mut lses = Vec::new();
@@ -212,7 +238,7 @@ pub(crate) fn forward<B: Backend>(x: &Inputs<B>, spec: &BlockSpec) -> (FloatTens
 }
 
 /// Backward from the forward's output `out` and log-sum-exp `lse` and the output's gradient.
-pub(crate) fn backward<B: Backend>(
+pub(crate) fn backward<B: BlockAttentionOps>(
     x: &Inputs<B>,
     spec: &BlockSpec,
     out: &FloatTensor<B>,
@@ -311,6 +337,17 @@ pub fn keep_threshold(keep: f64) -> u64 {
     (keep * 4_294_967_296.0) as u64
 }
 
+/// Rows `rows` of the mask of a `dims` weight tensor by integer tensor operations on `like`'s
+/// device, whatever the backend's own [`BlockAttentionOps::block_keep_mask`] (Flex fills it on
+/// the host): what GPU backends run, testable on the CPU.
+pub fn keep_mask_by_tensor_ops(like: &burn::tensor::Tensor<1>, dims: [usize; 4], rows: Range<usize>, seed: u64, keep: f64) -> burn::tensor::Tensor<4> {
+    use burn::backend::Dispatch;
+    let t = like.clone().into_dispatch();
+    let device = t.device();
+    let dtype = FloatDType::from(t.dtype());
+    burn::tensor::Tensor::from_dispatch(keep_mask::<Dispatch>(seed, keep, dims, rows, &device, dtype))
+}
+
 fn hash32_tensor<B: Backend>(x: IntTensor<B>) -> IntTensor<B> {
     let shift = |x: IntTensor<B>, n: i64| B::bitwise_xor(x.clone(), B::bitwise_right_shift_scalar(x, n.into()));
     let x = shift(x, 16);
@@ -371,7 +408,7 @@ mod autodiff {
         lse: FloatTensor<B>,
     }
 
-    impl<B: Backend> Backward<B, 5> for BlockAttentionBackward {
+    impl<B: BlockAttentionOps> Backward<B, 5> for BlockAttentionBackward {
         type State = Saved<B>;
 
         fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
@@ -414,10 +451,15 @@ mod autodiff {
                 self_bias: self_bias.into_primitive(),
             };
             let (out, lse) = forward::<B>(&inputs, &spec);
-            match BlockAttentionBackward.prepare::<C>(guards).compute_bound().stateful() {
+            match <BlockAttentionBackward as Backward<B, 5>>::prepare::<C>(BlockAttentionBackward, guards).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => prep.finish(Saved { inputs, spec, out: out.clone(), lse }, out),
                 OpsKind::UnTracked(prep) => prep.finish(out),
             }
+        }
+
+        fn block_keep_mask(like: FloatTensor<Self>, dims: [usize; 4], rows: [usize; 2], seed: u64, keep: f64) -> FloatTensor<Self> {
+            // The inner backend's mask, as a constant of the graph.
+            <Self as burn::backend::AutodiffBackend>::from_inner(B::block_keep_mask(like.into_primitive(), dims, rows, seed, keep))
         }
     }
 }

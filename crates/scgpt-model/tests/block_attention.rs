@@ -3,7 +3,7 @@
 //! dropout mask against the counter hash evaluated on the host.
 
 use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
-use scgpt_model::block_attention::{keep_threshold, mask_draw};
+use scgpt_model::block_attention::{keep_mask_by_tensor_ops, keep_threshold, mask_draw};
 use scgpt_model::layers::{AttentionMode, SelfAttention};
 use scgpt_model::burn;
 
@@ -151,7 +151,15 @@ fn keep_mask_is_the_host_hash_and_keeps_the_right_share() {
     let like = Tensor::<4>::zeros(dims, &device);
     let mask = Dispatch::attention_keep_mask(like.into_dispatch(), dims, seed, dropout);
     let got = values(Tensor::<4>::from_dispatch(mask));
+    // The integer tensor operations GPU backends run give the same mask as Flex's host fill,
+    // whole and for a block of rows.
+    let one = Tensor::<1>::zeros([1], &device);
+    assert_eq!(values(keep_mask_by_tensor_ops(&one, dims, 0..dims[2], seed, keep)), got, "tensor-op mask and host mask differ");
     let [b, h, lq, lk] = dims;
+    let rows = 13..37;
+    let block = values(keep_mask_by_tensor_ops(&one, dims, rows.clone(), seed, keep));
+    let want_block: Vec<f32> = (0..b * h).flat_map(|bh| rows.clone().flat_map(move |i| (0..lk).map(move |j| (bh * lq + i) * lk + j))).map(|at| got[at]).collect();
+    assert_eq!(block, want_block, "a block of rows is the whole mask's rows");
     let mut want = Vec::new();
     for row in 0..(b * h * lq) as u64 {
         for j in 0..lk as u64 {
