@@ -19,12 +19,7 @@ shift 3 2>/dev/null || shift $#
 LENGTHS=${*:-600 1200 2400}
 THREADS=${THREADS:-2}
 MEM_LIMIT_GB=${MEM_LIMIT_GB:-22}
-BIN=${CARGO_TARGET_DIR:-target}/release
-mkdir -p "$WORK"
-cargo build --release -p scgpt-cli -p scgpt-prep || exit 1
-SIM=$WORK/sim.h5ad
-[ -f "$SIM" ] || "$BIN/scgpt-prep" simulate --cells 96 --genes 20000 --genes-per-cell 3000 --seed 5 --out "$SIM" --quiet || exit 1
-[ -f "$WORK/shards/manifest.json" ] || "$BIN/scgpt-prep" --input "$SIM" --gene-col feature_name --out "$WORK/shards" --quiet || exit 1
+source benches/whole_human_shards.sh
 
 echo "whole-human generative step (d 512, 12 layers, 8 heads, both passes, gen share 0.25), batch $BATCH, $THREADS threads, CPU"
 printf '%-8s %-10s %10s %10s\n' tokens attention "s/step" "peak RSS"

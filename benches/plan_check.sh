@@ -11,12 +11,7 @@ cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/scgpt-attention-bench}
 STEPS=${2:-2}
 THREADS=${THREADS:-2}
-BIN=${CARGO_TARGET_DIR:-target}/release
-mkdir -p "$WORK"
-cargo build --release -p scgpt-cli -p scgpt-prep || exit 1
-SIM=$WORK/sim.h5ad
-[ -f "$SIM" ] || "$BIN/scgpt-prep" simulate --cells 96 --genes 20000 --genes-per-cell 3000 --seed 5 --out "$SIM" --quiet || exit 1
-[ -f "$WORK/shards/manifest.json" ] || "$BIN/scgpt-prep" --input "$SIM" --gene-col feature_name --out "$WORK/shards" --quiet || exit 1
+source benches/whole_human_shards.sh
 
 printf '%-34s %-10s %10s %10s %8s\n' model attention "plan GiB" "meas. GiB" "plan/meas"
 # d layers heads d_hid tokens batch

@@ -10,7 +10,7 @@ use scgpt_model::{
 use serde_json::Value;
 
 mod common;
-use common::{bools, data_dir, floats, ints, shape_of};
+use common::{assert_grad, bools, data_dir, floats, ints, shape_of};
 
 const TOL: f32 = 1e-4;
 fn assert_close<const D: usize>(
@@ -280,18 +280,6 @@ fn generative_forward_needs_the_flag_encoder() {
     assert!(err.to_string().contains("use_generative_training"), "{err}");
 }
 
-/// Gradients differ from PyTorch's only by summation order: relative to the tensor's largest
-/// entry.
-fn assert_grad<const D: usize>(what: &str, got: Option<Tensor<D>>, want: &Value, transpose: bool) {
-    let got = got.unwrap_or_else(|| panic!("{what}: no gradient"));
-    let got: Tensor<D> = if transpose { got.swap_dims(0, 1) } else { got };
-    assert_eq!(got.dims().to_vec(), shape_of(want), "{what}: shape");
-    let got: Vec<f32> = got.into_data().convert::<f32>().try_into_vec().unwrap();
-    let want = floats(want);
-    let scale = want.iter().fold(0f32, |m, w| m.max(w.abs())).max(1e-6);
-    let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs() / scale).fold(0f32, f32::max);
-    assert!(worst <= 1e-4, "{what}: worst error {worst:.2e} of max |grad| {scale:.3e}");
-}
 
 /// The whole two-pass generative pretraining loss (GEP + GEPC, then the cell-prompted pass with
 /// pass 1's detached cell embedding), as scgpt-train's generative task computes it, against

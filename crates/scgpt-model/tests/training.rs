@@ -11,31 +11,12 @@ use scgpt_model::{load_pretrained, ForwardFlags, ModelConfig, ModelInput};
 use serde_json::Value;
 
 mod common;
-use common::{bools, data_dir, floats, shape_of};
+use common::{assert_grad, bools, data_dir, floats, shape_of};
 fn tensor<const D: usize>(v: &Value, device: &Device) -> Tensor<D> {
     let s: [usize; D] = shape_of(v).try_into().unwrap();
     Tensor::from_data(TensorData::new(floats(v), s), device)
 }
 
-/// Gradients differ from PyTorch's only by summation order; relative to the largest entry of
-/// the tensor, so tiny entries of a large gradient are not held to a tighter bound.
-fn assert_grad<const D: usize>(what: &str, got: Option<Tensor<D>>, want: &Value, transpose: bool) {
-    let got = got.unwrap_or_else(|| panic!("{what}: no gradient"));
-    let got: Tensor<D> = if transpose { got.swap_dims(0, 1) } else { got };
-    assert_eq!(got.dims().to_vec(), shape_of(want), "{what}: shape");
-    let got: Vec<f32> = got.into_data().convert::<f32>().try_into_vec().unwrap();
-    let want = floats(want);
-    let scale = want.iter().fold(0f32, |m, w| m.max(w.abs())).max(1e-6);
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(g, w)| (g - w).abs() / scale)
-        .fold(0f32, f32::max);
-    assert!(
-        worst <= 1e-4,
-        "{what}: worst error {worst:.2e} of max |grad| {scale:.3e}"
-    );
-}
 
 #[test]
 fn gradients_match_pytorch() {

@@ -264,3 +264,18 @@ pub fn test_device() -> Device {
         other => panic!("SCGPT_TEST_DEVICE={other}: not in this build (build the tests with --features {other})"),
     }
 }
+
+/// A gradient against PyTorch's (`transpose`: burn's `[in, out]` Linear weight against
+/// PyTorch's `[out, in]`). They differ only by summation order: relative to the tensor's largest
+/// entry, so tiny entries of a large gradient are not held to a tighter bound.
+#[allow(dead_code)]
+pub fn assert_grad<const D: usize>(what: &str, got: Option<Tensor<D>>, want: &Value, transpose: bool) {
+    let got = got.unwrap_or_else(|| panic!("{what}: no gradient"));
+    let got: Tensor<D> = if transpose { got.swap_dims(0, 1) } else { got };
+    assert_eq!(got.dims().to_vec(), shape_of(want), "{what}: shape");
+    let got: Vec<f32> = got.into_data().convert::<f32>().try_into_vec().unwrap();
+    let want = floats(want);
+    let scale = want.iter().fold(0f32, |m, w| m.max(w.abs())).max(1e-6);
+    let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs() / scale).fold(0f32, f32::max);
+    assert!(worst <= 1e-4, "{what}: worst error {worst:.2e} of max |grad| {scale:.3e}");
+}
