@@ -252,7 +252,10 @@ impl ModuleMapper for AdamMapper<'_> {
             g = g + p.clone().mul_scalar(c.weight_decay);
         }
         let key = self.path.path();
-        let (m, v) = match self.adam.moments.remove(&key).map(|(m, v)| (m.cast(g.dtype()), v.cast(g.dtype()))) {
+        // Moments loaded as f32 follow the gradients' dtype (bf16-pure); a same-dtype cast is
+        // skipped, as a cast that changes nothing need not touch the tensor.
+        let to_grad = |t: Tensor<1>| if t.dtype() == g.dtype() { t } else { t.cast(g.dtype()) };
+        let (m, v) = match self.adam.moments.remove(&key).map(|(m, v)| (to_grad(m), to_grad(v))) {
             Some((m, v)) => (m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1), v.mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2)),
             None => (g.clone().mul_scalar(1.0 - c.beta1), g.square().mul_scalar(1.0 - c.beta2)),
         };

@@ -105,8 +105,12 @@ impl BlockAttentionOps for burn::backend::Flex {
         mask.par_chunks_mut(lk.max(1)).enumerate().for_each(|(r, out)| {
             let (bh, i) = (r / n, rows[0] + r % n);
             let row = (bh * lq + i) as u64;
+            let (s0, s1) = seed_halves(seed);
+            // mask_draw with the row's hash taken once.
+            let a = hash32(row ^ s0);
             for (j, m) in out.iter_mut().enumerate() {
-                *m = if mask_draw(seed, row, j as u64) < threshold { scale } else { 0.0 };
+                let draw = hash32(((a + j as u64 * MUL_COL as u64) & MASK32 as u64) ^ s1);
+                *m = if draw < threshold { scale } else { 0.0 };
             }
         });
         <Self as burn::backend::ops::FloatTensorOps<Self>>::float_from_data(TensorData::new(mask, [b, h, n, lk]), &device)

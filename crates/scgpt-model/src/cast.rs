@@ -20,6 +20,10 @@ struct CastParams {
 impl ModuleMapper for CastParams {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (id, tensor, mapper) = param.consume();
+        if tensor.dtype() == self.dtype.into() {
+            // Already there: the same tensor, whatever its layout.
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
         let cast = match self.graph {
             CastGraph::Leaf => {
                 let require_grad = tensor.is_require_grad();
