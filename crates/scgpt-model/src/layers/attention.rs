@@ -53,7 +53,8 @@ impl AttentionMode {
 /// fixes every mask; both attention paths draw it the same way and so drop the same weights.
 fn attention_dropout_seed(device: &Device) -> u64 {
     let plain = device.clone().inner();
-    let draws = Tensor::<1>::random([4], Distribution::Uniform(0.0, 65_536.0), &plain);
+    // f32 whatever the device's default (a bf16 draw would keep 8 bits of each).
+    let draws = Tensor::<1>::random([4], Distribution::Uniform(0.0, 65_536.0), (&plain, DType::F32));
     let draws: Vec<f32> = draws.into_data().convert::<f32>().try_to_vec().expect("f32 draws");
     draws.iter().fold(0u64, |acc, &d| (acc << 16) | (d as u64 & 0xFFFF))
 }
