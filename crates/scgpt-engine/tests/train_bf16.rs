@@ -42,4 +42,14 @@ fn bf16_training_keeps_fp32_masters_and_resumes_exactly() {
     let got = flatten_params(b.model(), &list_params(b.model()).unwrap());
     let differing = want.iter().zip(&got).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
     assert_eq!(differing, 0, "{differing} parameters differ after a bf16 resume");
+
+    // Blockwise attention under bf16 compute: trains with finite losses too.
+    let blockwise = tmp.path().join("blockwise");
+    let mut c = tiny(&blockwise, &shards, &["train.precision=\"bf16\"".into(), "run.attention=\"blockwise\"".into(), "run.attention_block_rows=16".into(), "train.max_steps=4".into(), "train.log_every=2".into(), "train.lr=4e-3".into(), "valid.label_set=\"\"".into()]);
+    c.train.eval_every = 100;
+    let mut t = Trainer::new(c, Box::new(scgpt_dist::Single::new())).unwrap().quiet();
+    t.run().unwrap();
+    let gep: Vec<f64> = metrics(&blockwise).iter().filter_map(|l| l["train/loss_gep"].as_f64()).collect();
+    assert_eq!(gep.len(), 2);
+    assert!(gep.iter().all(|g| g.is_finite()), "{gep:?}");
 }
