@@ -75,6 +75,53 @@ pub trait BlockAttentionOps: Backend {
         forward::<Self>(&Inputs { q, k, v, k_self, v_self, key_bias, self_bias }, &spec).0
     }
 
+    /// The forward on this backend's primitives: output and per-row log-sum-exp. By default the
+    /// generic tensor-operation path; Flex runs a fused kernel (`block_attention_cpu.rs`).
+    #[allow(clippy::too_many_arguments)]
+    fn block_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        k_self: FloatTensor<Self>,
+        v_self: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        self_bias: FloatTensor<Self>,
+        scale: f64,
+        dropout: f64,
+        seed: u64,
+        block_rows: usize,
+        has_self: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let spec = BlockSpec { scale, dropout, seed, block_rows, has_self };
+        forward::<Self>(&Inputs { q, k, v, k_self, v_self, key_bias, self_bias }, &spec)
+    }
+
+    /// The backward from the saved output and log-sum-exp: gradients of q, k, v and (with an own
+    /// key) of k_self and v_self, else those two inputs back unchanged.
+    #[allow(clippy::too_many_arguments)]
+    fn block_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        k_self: FloatTensor<Self>,
+        v_self: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        self_bias: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f64,
+        dropout: f64,
+        seed: u64,
+        block_rows: usize,
+        has_self: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let spec = BlockSpec { scale, dropout, seed, block_rows, has_self };
+        let (ks, vs) = (k_self.clone(), v_self.clone());
+        let g = backward::<Self>(&Inputs { q, k, v, k_self, v_self, key_bias, self_bias }, &spec, &out, &lse, grad);
+        (g.q, g.k, g.v, g.k_self.unwrap_or(ks), g.v_self.unwrap_or(vs))
+    }
+
     /// The dropout mask of a whole `[B, H, Lq, Lk]` weight tensor (see [`keep_mask`]), on
     /// `like`'s device and in its float dtype. The explicit path multiplies by it.
     fn attention_keep_mask(like: FloatTensor<Self>, dims: [usize; 4], seed: u64, dropout: f64) -> FloatTensor<Self> {
@@ -88,7 +135,61 @@ pub trait BlockAttentionOps: Backend {
     }
 }
 
+fn all_f32(ts: &[&FloatTensor<burn::backend::Flex>]) -> bool {
+    ts.iter().all(|t| t.dtype() == burn::tensor::DType::F32)
+}
+
 impl BlockAttentionOps for burn::backend::Flex {
+    fn block_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        k_self: FloatTensor<Self>,
+        v_self: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        self_bias: FloatTensor<Self>,
+        scale: f64,
+        dropout: f64,
+        seed: u64,
+        block_rows: usize,
+        has_self: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let spec = BlockSpec { scale, dropout, seed, block_rows, has_self };
+        if crate::block_attention_cpu::fused() && all_f32(&[&q, &k, &v, &k_self, &v_self]) {
+            let x = crate::block_attention_cpu::HostInputs::new(q, k, v, k_self, v_self, key_bias, self_bias);
+            return crate::block_attention_cpu::forward(&x, &spec);
+        }
+        forward::<Self>(&Inputs { q, k, v, k_self, v_self, key_bias, self_bias }, &spec)
+    }
+
+    fn block_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        k_self: FloatTensor<Self>,
+        v_self: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        self_bias: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f64,
+        dropout: f64,
+        seed: u64,
+        block_rows: usize,
+        has_self: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let spec = BlockSpec { scale, dropout, seed, block_rows, has_self };
+        if crate::block_attention_cpu::fused() && all_f32(&[&q, &k, &v, &k_self, &v_self, &grad]) {
+            let x = crate::block_attention_cpu::HostInputs::new(q, k, v, k_self, v_self, key_bias, self_bias);
+            let [dq, dk, dv, dks, dvs] = crate::block_attention_cpu::backward(&x, &spec, out, lse, grad);
+            return (dq, dk, dv, dks, dvs);
+        }
+        let (ks, vs) = (k_self.clone(), v_self.clone());
+        let g = backward::<Self>(&Inputs { q, k, v, k_self, v_self, key_bias, self_bias }, &spec, &out, &lse, grad);
+        (g.q, g.k, g.v, g.k_self.unwrap_or(ks), g.v_self.unwrap_or(vs))
+    }
+
     fn block_keep_mask(like: FloatTensor<Self>, dims: [usize; 4], rows: [usize; 2], seed: u64, keep: f64) -> FloatTensor<Self> {
         use burn::tensor::{DType, TensorData};
         use rayon::prelude::*;
@@ -104,13 +205,9 @@ impl BlockAttentionOps for burn::backend::Flex {
         // One chunk per (head, query row): row = (b·H + h)·Lq + i.
         mask.par_chunks_mut(lk.max(1)).enumerate().for_each(|(r, out)| {
             let (bh, i) = (r / n, rows[0] + r % n);
-            let row = (bh * lq + i) as u64;
-            let (s0, s1) = seed_halves(seed);
-            // mask_draw with the row's hash taken once.
-            let a = hash32(row ^ s0);
+            let a = hash32_row(seed, (bh * lq + i) as u64);
             for (j, m) in out.iter_mut().enumerate() {
-                let draw = hash32(((a + j as u64 * MUL_COL as u64) & MASK32 as u64) ^ s1);
-                *m = if draw < threshold { scale } else { 0.0 };
+                *m = if mask_column(seed, a, j as u64) < threshold { scale } else { 0.0 };
             }
         });
         <Self as burn::backend::ops::FloatTensorOps<Self>>::float_from_data(TensorData::new(mask, [b, h, n, lk]), &device)
@@ -331,9 +428,17 @@ fn seed_halves(seed: u64) -> (u64, u64) {
 
 /// The uniform 32-bit draw of element `(row, col)` where `row = (b·H + h)·Lq + i`.
 pub fn mask_draw(seed: u64, row: u64, col: u64) -> u64 {
-    let (s0, s1) = seed_halves(seed);
-    let a = hash32(row ^ s0);
-    hash32(((a + col * MUL_COL as u64) & MASK32 as u64) ^ s1)
+    mask_column(seed, hash32_row(seed, row), col)
+}
+
+/// The part of [`mask_draw`] that depends on the row only.
+pub(crate) fn hash32_row(seed: u64, row: u64) -> u64 {
+    hash32(row ^ seed_halves(seed).0)
+}
+
+/// [`mask_draw`] from the row's hash.
+pub(crate) fn mask_column(seed: u64, row_hash: u64, col: u64) -> u64 {
+    hash32(((row_hash + col * MUL_COL as u64) & MASK32 as u64) ^ seed_halves(seed).1)
 }
 
 /// The keep threshold of a 32-bit draw for keep probability `keep`.
@@ -418,9 +523,11 @@ mod autodiff {
         fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
             let grad = grads.consume::<B>(&ops.node);
             let s = ops.state;
-            let g = super::backward::<B>(&s.inputs, &s.spec, &s.out, &s.lse, grad);
+            let (x, p) = (s.inputs, s.spec);
+            let (dq, dk, dv, dks, dvs) = B::block_attention_backward(x.q, x.k, x.v, x.k_self, x.v_self, x.key_bias, x.self_bias, s.out, s.lse, grad, p.scale, p.dropout, p.seed, p.block_rows, p.has_self);
+            let own = |g| p.has_self.then_some(g);
             let [q, k, v, k_self, v_self] = ops.parents;
-            for (node, grad) in [(q, Some(g.q)), (k, Some(g.k)), (v, Some(g.v)), (k_self, g.k_self), (v_self, g.v_self)] {
+            for (node, grad) in [(q, Some(dq)), (k, Some(dk)), (v, Some(dv)), (k_self, own(dks)), (v_self, own(dvs))] {
                 if let (Some(node), Some(grad)) = (node, grad) {
                     grads.register::<B>(node.id, grad);
                 }
@@ -454,7 +561,8 @@ mod autodiff {
                 key_bias: key_bias.into_primitive(),
                 self_bias: self_bias.into_primitive(),
             };
-            let (out, lse) = forward::<B>(&inputs, &spec);
+            let x = inputs.clone();
+            let (out, lse) = B::block_attention_forward(x.q, x.k, x.v, x.k_self, x.v_self, x.key_bias, x.self_bias, scale, dropout, seed, block_rows, has_self);
             match <BlockAttentionBackward as Backward<B, 5>>::prepare::<C>(BlockAttentionBackward, guards).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => prep.finish(Saved { inputs, spec, out: out.clone(), lse }, out),
                 OpsKind::UnTracked(prep) => prep.finish(out),

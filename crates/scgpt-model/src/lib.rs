@@ -5,6 +5,7 @@
 
 pub mod attention_grn;
 pub mod block_attention;
+pub mod block_attention_cpu;
 pub mod cast;
 pub mod checkpoint;
 pub mod config;

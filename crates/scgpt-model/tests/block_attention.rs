@@ -46,7 +46,13 @@ struct Run {
 /// The classic (pcpt) attention under autodiff: output, and gradients of a weighted sum of it
 /// with respect to the input and the packed projection.
 fn classic(mode: AttentionMode, p: f64, pads: &[usize], l: usize) -> Run {
+    classic_on(mode, true, p, pads, l)
+}
+
+/// `fused`: Flex's fused kernel, or the generic tensor-operation path GPU backends run.
+fn classic_on(mode: AttentionMode, fused: bool, p: f64, pads: &[usize], l: usize) -> Run {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    scgpt_model::block_attention_cpu::set_fused(fused);
     let device = Device::flex().autodiff();
     let att = block(p, &device).with_attention(mode);
     device.seed(11);
@@ -69,8 +75,9 @@ fn classic(mode: AttentionMode, p: f64, pads: &[usize], l: usize) -> Run {
 
 /// The generative two-stream attention: both contexts and the gradients of both inputs and of
 /// `Wqkv` through both streams.
-fn generative(mode: AttentionMode, p: f64, pcpt_pads: &[usize], gen_pads: &[usize], lp: usize, lg: usize) -> Run {
+fn generative(mode: AttentionMode, fused: bool, p: f64, pcpt_pads: &[usize], gen_pads: &[usize], lp: usize, lg: usize) -> Run {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    scgpt_model::block_attention_cpu::set_fused(fused);
     let device = Device::flex().autodiff();
     let att = block(p, &device).with_attention(mode);
     device.seed(13);
@@ -111,8 +118,10 @@ fn classic_attention_matches_the_explicit_path() {
     // 7 rows in blocks of 3 (a short last block), padded and unpadded batches.
     for pads in [&[0, 0][..], &[0, 3][..], &[2, 5, 0][..]] {
         for p in [0.0, 0.3] {
-            let what = format!("pads {pads:?} dropout {p}");
-            assert_same(&what, classic(BLOCKWISE, p, pads, 7), classic(AttentionMode::Explicit, p, pads, 7), 1e-5);
+            for fused in [true, false] {
+                let what = format!("pads {pads:?} dropout {p} fused {fused}");
+                assert_same(&what, classic_on(BLOCKWISE, fused, p, pads, 7), classic(AttentionMode::Explicit, p, pads, 7), 1e-5);
+            }
         }
     }
 }
@@ -121,8 +130,10 @@ fn classic_attention_matches_the_explicit_path() {
 fn generative_attention_matches_the_explicit_path() {
     for (pp, gp) in [(&[0, 0][..], &[0, 0][..]), (&[0, 4][..], &[2, 0][..]), (&[3, 1][..], &[1, 5][..])] {
         for p in [0.0, 0.3] {
-            let what = format!("pcpt pads {pp:?} gen pads {gp:?} dropout {p}");
-            assert_same(&what, generative(BLOCKWISE, p, pp, gp, 9, 5), generative(AttentionMode::Explicit, p, pp, gp, 9, 5), 1e-5);
+            for fused in [true, false] {
+                let what = format!("pcpt pads {pp:?} gen pads {gp:?} dropout {p} fused {fused}");
+                assert_same(&what, generative(BLOCKWISE, fused, p, pp, gp, 9, 5), generative(AttentionMode::Explicit, true, p, pp, gp, 9, 5), 1e-5);
+            }
         }
     }
 }
