@@ -33,6 +33,7 @@
 # STEPS    default 4 optimizer steps per side; s/step is the median over steps 2..STEPS
 # THREADS  environment, default 2 (rayon for ours, torch.set_num_threads for the reference)
 # MICRO    environment, default 8 cells per micro-batch on our side (64 = one pass)
+# ATTENTION environment, default explicit: our run.attention (blockwise fits 64 cells in one pass)
 # GENES    environment, default 2000 genes in the simulated screen (> 1,536)
 # TORCH_PY environment, default /work/venv-torch/bin/python: torch, numpy and
 #          `pip install --no-deps scgpt==0.2.4`
@@ -43,6 +44,7 @@ STEPS=${2:-4}
 THREADS=${THREADS:-2}
 MICRO=${MICRO:-8}
 GENES=${GENES:-2000}
+export ATTENTION=${ATTENTION:-explicit}
 TORCH_PY=${TORCH_PY:-/work/venv-torch/bin/python}
 BIN=${CARGO_TARGET_DIR:-target}/release
 BATCH=64
@@ -73,7 +75,7 @@ OURS=$(measure ours_train env RAYON_NUM_THREADS="$THREADS" "$BIN/scgpt-train" --
   --set run.dir="\"$WORK/run\"" --set data.input="\"$SIM\"" \
   --set model.init_from='""' --set 'model.init_prefixes=[]' --set run.threads="$THREADS" \
   --set model.embsize=256 --set model.nheads=8 --set model.d_hid=256 --set model.nlayers=4 \
-  --set model.max_seq_len=$LEN --set model.dropout=0.0 \
+  --set model.max_seq_len=$LEN --set model.dropout=0.0 --set run.attention="\"$ATTENTION\"" \
   --set train.batch_size="$MICRO" --set train.grad_accum=$ACCUM \
   --set train.lr=1e-4 --set train.eps=1e-8 --set train.clip_norm=1.0 \
   --set train.max_steps="$STEPS" --set train.log_every=1 --set train.save_every=100000)
@@ -102,7 +104,7 @@ r = json.loads([l for l in open(f"{work}/ref_train.out") if l.startswith("{")][-
 print(f"\nperturbation fine-tuning step (TransformerGenerator, MSE over all tokens), vocab {ntoken} "
       f"(the screen's genes), d 256, 4 layers, 8 heads, d_hid 256, {tok:.0f} tokens/cell "
       f"(ref {r['len']}), batch {batch} (ours {batch // micro} x {micro} accumulated), "
-      f"dropout 0, {threads} threads, CPU")
+      f"dropout 0, {threads} threads, CPU, our attention {__import__('os').environ.get('ATTENTION', 'explicit')}")
 print(f"{'':<34}{'s/step':>9}{'cells/s':>9}{'peak RSS':>10}{'process':>10}{'CPU s':>8}")
 print(f"{'scgpt-train (burn flex)':<34}{batch / o_cps:>9.2f}{o_cps:>9.2f}{ot_mb:>8.0f}MB{ot_wall:>9.1f}s{ot_cpu:>8.1f}")
 print(f"{'reference (PyTorch ' + r['torch'] + ')':<34}{r['seconds_per_step']:>9.2f}{r['cells_per_s']:>9.2f}{rt_mb:>8.0f}MB{rt_wall:>9.1f}s{rt_cpu:>8.1f}")
