@@ -29,11 +29,11 @@ pub struct SelfAttention {
 /// Which attention computes training steps (`run.attention`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionMode {
-    /// Scores, softmax and dropout as whole `[B, H, L, L]` tensors: fastest on a CPU, memory
-    /// quadratic in the cell length under autodiff.
+    /// Scores, softmax and dropout as whole `[B, H, L, L]` tensors under autodiff: the reference
+    /// path, memory quadratic in the cell length.
     Explicit,
     /// Query blocks of this many rows, probabilities recomputed in the backward: memory linear in
-    /// the cell length.
+    /// the cell length (and, on Flex, a fused kernel faster than explicit at long cells).
     Blockwise { block_rows: usize },
 }
 
