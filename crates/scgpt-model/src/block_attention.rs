@@ -135,8 +135,11 @@ pub trait BlockAttentionOps: Backend {
     }
 }
 
-fn all_f32(ts: &[&FloatTensor<burn::backend::Flex>]) -> bool {
-    ts.iter().all(|t| t.dtype() == burn::tensor::DType::F32)
+/// Whether the fused Flex kernel takes the call: switched on, f32, and no empty dimension (the
+/// generic path handles those).
+fn fused_ok(ts: &[&FloatTensor<burn::backend::Flex>]) -> bool {
+    crate::block_attention_cpu::fused()
+        && ts.iter().all(|t| t.dtype() == burn::tensor::DType::F32 && t.shape().iter().all(|&n| n > 0))
 }
 
 impl BlockAttentionOps for burn::backend::Flex {
@@ -155,7 +158,7 @@ impl BlockAttentionOps for burn::backend::Flex {
         has_self: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let spec = BlockSpec { scale, dropout, seed, block_rows, has_self };
-        if crate::block_attention_cpu::fused() && all_f32(&[&q, &k, &v, &k_self, &v_self]) {
+        if fused_ok(&[&q, &k, &v, &k_self, &v_self]) {
             let x = crate::block_attention_cpu::HostInputs::new(q, k, v, k_self, v_self, key_bias, self_bias);
             return crate::block_attention_cpu::forward(&x, &spec);
         }
@@ -180,7 +183,7 @@ impl BlockAttentionOps for burn::backend::Flex {
         has_self: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let spec = BlockSpec { scale, dropout, seed, block_rows, has_self };
-        if crate::block_attention_cpu::fused() && all_f32(&[&q, &k, &v, &k_self, &v_self, &grad]) {
+        if fused_ok(&[&q, &k, &v, &k_self, &v_self, &grad]) {
             let x = crate::block_attention_cpu::HostInputs::new(q, k, v, k_self, v_self, key_bias, self_bias);
             let [dq, dk, dv, dks, dvs] = crate::block_attention_cpu::backward(&x, &spec, out, lse, grad);
             return (dq, dk, dv, dks, dvs);

@@ -109,6 +109,10 @@ impl SelfAttention {
     ) -> Tensor<4> {
         let [b, _, lq, dh] = q.dims();
         let lk = k.dims()[2];
+        if lq == 0 {
+            // No queries (a batch without gen tokens): the empty output has q's shape.
+            return q;
+        }
         let key_bias = score_bias(key_pad, b, lk, &q).reshape([b, 1, 1, lk]);
         let (has_self, k_self, v_self, self_bias) = match own {
             Some((ks, vs, pad)) => (true, ks, vs, score_bias(pad, b, lq, &q).reshape([b, 1, lq, 1])),
