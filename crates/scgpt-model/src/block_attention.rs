@@ -117,9 +117,7 @@ pub trait BlockAttentionOps: Backend {
         has_self: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let spec = BlockSpec { scale, dropout, seed, block_rows, has_self };
-        let (ks, vs) = (k_self.clone(), v_self.clone());
-        let g = backward::<Self>(&Inputs { q, k, v, k_self, v_self, key_bias, self_bias }, &spec, &out, &lse, grad);
-        (g.q, g.k, g.v, g.k_self.unwrap_or(ks), g.v_self.unwrap_or(vs))
+        generic_backward::<Self>(Inputs { q, k, v, k_self, v_self, key_bias, self_bias }, &spec, out, lse, grad)
     }
 
     /// The dropout mask of a whole `[B, H, Lq, Lk]` weight tensor (see [`keep_mask`]), on
@@ -133,6 +131,16 @@ pub trait BlockAttentionOps: Backend {
     fn block_keep_mask(like: FloatTensor<Self>, dims: [usize; 4], rows: [usize; 2], seed: u64, keep: f64) -> FloatTensor<Self> {
         keep_mask::<Self>(seed, keep, dims, rows[0]..rows[1], &like.device(), FloatDType::from(like.dtype()))
     }
+}
+
+/// The trait's backward tuple: without an own key, k_self and v_self come back unchanged in its
+/// last two slots.
+type Five<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+fn generic_backward<B: BlockAttentionOps>(x: Inputs<B>, spec: &BlockSpec, out: FloatTensor<B>, lse: FloatTensor<B>, grad: FloatTensor<B>) -> Five<B> {
+    let (ks, vs) = (x.k_self.clone(), x.v_self.clone());
+    let g = backward::<B>(&x, spec, &out, &lse, grad);
+    (g.q, g.k, g.v, g.k_self.unwrap_or(ks), g.v_self.unwrap_or(vs))
 }
 
 /// Whether the fused Flex kernel takes the call: switched on, f32, and no empty dimension (the
@@ -188,9 +196,7 @@ impl BlockAttentionOps for burn::backend::Flex {
             let [dq, dk, dv, dks, dvs] = crate::block_attention_cpu::backward(&x, &spec, out, lse, grad);
             return (dq, dk, dv, dks, dvs);
         }
-        let (ks, vs) = (k_self.clone(), v_self.clone());
-        let g = backward::<Self>(&Inputs { q, k, v, k_self, v_self, key_bias, self_bias }, &spec, &out, &lse, grad);
-        (g.q, g.k, g.v, g.k_self.unwrap_or(ks), g.v_self.unwrap_or(vs))
+        generic_backward::<Self>(Inputs { q, k, v, k_self, v_self, key_bias, self_bias }, &spec, out, lse, grad)
     }
 
     fn block_keep_mask(like: FloatTensor<Self>, dims: [usize; 4], rows: [usize; 2], seed: u64, keep: f64) -> FloatTensor<Self> {
