@@ -19,7 +19,9 @@
 #          validation, as the tutorial), predict runs over all of them
 # TORCH_PY environment, default /work/venv-torch/bin/python: torch, numpy and
 #          `pip install --no-deps scgpt==0.2.4`
+# ATTENTION environment, default explicit: our run.attention during fine-tuning
 set -euo pipefail
+export ATTENTION=${ATTENTION:-explicit}
 cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/scgpt-annotate-bench}
 STEPS=${2:-8}
@@ -57,7 +59,7 @@ OURS_TRAIN=$(measure ours_train env RAYON_NUM_THREADS="$THREADS" "$BIN/scgpt-tra
   --set run.dir="$WORK/run" --set 'data.input=[]' --set "data.shards=[\"$WORK/shards\"]" \
   --set task.label_col=cell_type --set model.init_from='""' --set run.threads="$THREADS" \
   --set model.embsize=256 --set model.nheads=8 --set model.d_hid=256 --set model.nlayers=4 \
-  --set model.n_layers_cls=3 --set model.max_seq_len=512 --set model.dropout=0.2 \
+  --set model.n_layers_cls=3 --set model.max_seq_len=512 --set model.dropout=0.2 --set run.attention="\"$ATTENTION\"" \
   --set train.batch_size=$BATCH --set train.lr=1e-4 --set train.eps=1e-4 --set train.clip_norm=1.0 \
   --set train.max_steps="$STEPS" --set train.log_every=1 --set train.save_every=100000)
 [ -f "$WORK/run/best_model/best_model.pt" ] || { echo "no best_model/ written" >&2; cat "$WORK/ours_train.out" >&2; exit 1; }
