@@ -36,7 +36,9 @@
 # BATCHES  environment, default 2 batch labels
 # TORCH_PY environment, default /work/venv-torch/bin/python: torch, numpy and
 #          `pip install --no-deps scgpt==0.2.4`
+# ATTENTION environment, default explicit: our run.attention
 set -euo pipefail
+export ATTENTION=${ATTENTION:-explicit}
 cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/scgpt-integrate-bench}
 STEPS=${2:-6}
@@ -75,7 +77,7 @@ OURS=$(measure ours_train env RAYON_NUM_THREADS="$THREADS" "$BIN/scgpt-train" --
   --set data.batch_col=batch --set preprocess.hvg=0 --set preprocess.filter_gene_by_counts=0 \
   --set model.init_from='""' --set run.threads="$THREADS" \
   --set model.embsize=256 --set model.nheads=8 --set model.d_hid=256 --set model.nlayers=4 \
-  --set model.max_seq_len=$LEN --set model.dropout=0.2 \
+  --set model.max_seq_len=$LEN --set model.dropout=0.2 --set run.attention="\"$ATTENTION\"" \
   --set train.batch_size=$BATCH --set train.lr=1e-4 --set train.eps=1e-4 --set train.clip_norm=1.0 \
   --set train.max_steps="$STEPS" --set train.log_every=1 --set train.save_every=100000)
 REF=$(measure ref_train env OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" "$TORCH_PY" \
