@@ -19,9 +19,9 @@
 #          validation, as the tutorial), predict runs over all of them
 # TORCH_PY environment, default /work/venv-torch/bin/python: torch, numpy and
 #          `pip install --no-deps scgpt==0.2.4`
-# ATTENTION environment, default explicit: our run.attention during fine-tuning
+# ATTENTION environment, default blockwise (the recipe's): our run.attention during fine-tuning
 set -euo pipefail
-export ATTENTION=${ATTENTION:-explicit}
+export ATTENTION=${ATTENTION:-blockwise}
 cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/scgpt-annotate-bench}
 STEPS=${2:-8}

@@ -36,9 +36,9 @@
 # BATCHES  environment, default 2 batch labels
 # TORCH_PY environment, default /work/venv-torch/bin/python: torch, numpy and
 #          `pip install --no-deps scgpt==0.2.4`
-# ATTENTION environment, default explicit: our run.attention
+# ATTENTION environment, default blockwise (the recipe's): our run.attention
 set -euo pipefail
-export ATTENTION=${ATTENTION:-explicit}
+export ATTENTION=${ATTENTION:-blockwise}
 cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/scgpt-integrate-bench}
 STEPS=${2:-6}

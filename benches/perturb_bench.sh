@@ -33,7 +33,7 @@
 # STEPS    default 4 optimizer steps per side; s/step is the median over steps 2..STEPS
 # THREADS  environment, default 2 (rayon for ours, torch.set_num_threads for the reference)
 # MICRO    environment, default 8 cells per micro-batch on our side (64 = one pass)
-# ATTENTION environment, default explicit: our run.attention (blockwise fits 64 cells in one pass)
+# ATTENTION environment, default blockwise (the recipe's; fits 64 cells in one pass with MICRO=64)
 # GENES    environment, default 2000 genes in the simulated screen (> 1,536)
 # TORCH_PY environment, default /work/venv-torch/bin/python: torch, numpy and
 #          `pip install --no-deps scgpt==0.2.4`
@@ -44,7 +44,7 @@ STEPS=${2:-4}
 THREADS=${THREADS:-2}
 MICRO=${MICRO:-8}
 GENES=${GENES:-2000}
-export ATTENTION=${ATTENTION:-explicit}
+export ATTENTION=${ATTENTION:-blockwise}
 TORCH_PY=${TORCH_PY:-/work/venv-torch/bin/python}
 BIN=${CARGO_TARGET_DIR:-target}/release
 BATCH=64
@@ -104,7 +104,7 @@ r = json.loads([l for l in open(f"{work}/ref_train.out") if l.startswith("{")][-
 print(f"\nperturbation fine-tuning step (TransformerGenerator, MSE over all tokens), vocab {ntoken} "
       f"(the screen's genes), d 256, 4 layers, 8 heads, d_hid 256, {tok:.0f} tokens/cell "
       f"(ref {r['len']}), batch {batch} (ours {batch // micro} x {micro} accumulated), "
-      f"dropout 0, {threads} threads, CPU, our attention {__import__('os').environ.get('ATTENTION', 'explicit')}")
+      f"dropout 0, {threads} threads, CPU, our attention {__import__('os').environ.get('ATTENTION', 'blockwise')}")
 print(f"{'':<34}{'s/step':>9}{'cells/s':>9}{'peak RSS':>10}{'process':>10}{'CPU s':>8}")
 print(f"{'scgpt-train (burn flex)':<34}{batch / o_cps:>9.2f}{o_cps:>9.2f}{ot_mb:>8.0f}MB{ot_wall:>9.1f}s{ot_cpu:>8.1f}")
 print(f"{'reference (PyTorch ' + r['torch'] + ')':<34}{r['seconds_per_step']:>9.2f}{r['cells_per_s']:>9.2f}{rt_mb:>8.0f}MB{rt_wall:>9.1f}s{rt_cpu:>8.1f}")
