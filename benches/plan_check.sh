@@ -6,6 +6,10 @@
 #   bash benches/plan_check.sh [WORKDIR] [STEPS]
 #
 # Uses the shards of benches/attention_memory_bench.sh (made here if missing).
+# PRECISION environment, default fp32: train.precision for both the plan and the run (bf16 =
+#           bf16 compute copy, fp32 masters; bf16-pure)
+# SIZES     environment: the model sizes to check, ";"-separated "d layers heads d_hid tokens
+#           batch" (default the three below)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/scgpt-attention-bench}
@@ -13,9 +17,11 @@ STEPS=${2:-2}
 THREADS=${THREADS:-2}
 source benches/whole_human_shards.sh
 
-printf '%-34s %-10s %10s %10s %8s\n' model attention "plan GiB" "meas. GiB" "plan/meas"
+PRECISION=${PRECISION:-fp32}
+printf '%-34s %-10s %10s %10s %8s\n' "model ($PRECISION)" attention "plan GiB" "meas. GiB" "plan/meas"
 # d layers heads d_hid tokens batch
-for SIZE in "128 2 4 128 600 8" "256 4 8 256 1200 4" "512 12 8 512 600 4"; do
+IFS=';' read -r -a SIZE_LIST <<< "${SIZES:-128 2 4 128 600 8;256 4 8 256 1200 4;512 12 8 512 600 4}"
+for SIZE in "${SIZE_LIST[@]}"; do
   set -- $SIZE
   for A in explicit blockwise; do
     RUN=$WORK/plan-$1-$2-$A
@@ -25,7 +31,7 @@ for SIZE in "128 2 4 128 600 8" "256 4 8 256 1200 4" "512 12 8 512 600 4"; do
       --set run.attention="\"$A\"" --set model.embsize=$1 --set model.nlayers=$2 --set model.nheads=$3
       --set model.d_hid=$4 --set model.max_seq_len=$5 --set 'train.gen_ratios=[0.25]' --set train.batch_size=$6
       --set train.warmup_steps=0 --set train.max_steps="$STEPS" --set train.log_every=1
-      --set train.eval_every=100000 --set train.save_every=100000)
+      --set train.eval_every=100000 --set train.save_every=100000 --set train.precision="\"$PRECISION\"")
     PLAN=$("$BIN/scgpt-train" "${ARGS[@]}" --plan | sed -n 's/.*peak ≈ \([0-9.]*\) GiB.*/\1/p')
     /usr/bin/time -f "%M" -o "$WORK/time.txt" "$BIN/scgpt-train" --quiet "${ARGS[@]}" > "$WORK/plan.out" 2>&1 || { cat "$WORK/plan.out" >&2; exit 1; }
     MEAS=$(awk '{printf "%.2f", $1 / 1024 / 1024}' "$WORK/time.txt")

@@ -9,7 +9,12 @@ use scgpt_config::{Layered, Origin};
 use crate::config::{PrepConfig, DEFAULTS_TOML};
 
 #[derive(Debug, Parser)]
-#[command(name = "scgpt-prep", version, about = "Shard h5ad files into binned Parquet shards for scGPT", args_conflicts_with_subcommands = true)]
+#[command(
+    name = "scgpt-prep",
+    version,
+    about = "Shard h5ad files into binned Parquet shards for scGPT",
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,

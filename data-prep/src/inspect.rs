@@ -74,10 +74,7 @@ pub fn inspect(dir: &Path) -> anyhow::Result<Inspection> {
 
 pub fn print(dir: &Path, i: &Inspection) {
     println!("{}: {} cells in {} shard(s)", dir.display(), i.cells, i.shards);
-    println!(
-        "genes per cell: min {} / median {} / max {}",
-        i.genes_per_cell_min, i.genes_per_cell_median, i.genes_per_cell_max
-    );
+    println!("genes per cell: min {} / median {} / max {}", i.genes_per_cell_min, i.genes_per_cell_median, i.genes_per_cell_max);
     println!(
         "vocabulary: {} tokens, {} genes seen in the data ({:.1}% coverage)",
         i.vocab_tokens,

@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod config;
 pub mod inspect;
+pub mod io;
 pub mod obs_filter;
 pub mod pipeline;
 pub mod plant_batch;

@@ -47,7 +47,8 @@ pub fn run(a: &PlantBatchArgs) -> anyhow::Result<()> {
     let mut r = H5adReader::open(&a.input, MatrixChoice::RawThenX)?;
     let genes = r.var_names(a.gene_col.as_deref())?;
     let names = r.obs_names()?;
-    let kept: Vec<Vec<String>> = a.keep_cols.iter().map(|c| r.obs_column(c).with_context(|| format!("--keep-col {c:?}"))).collect::<anyhow::Result<_>>()?;
+    let kept: Vec<Vec<String>> =
+        a.keep_cols.iter().map(|c| r.obs_column(c).with_context(|| format!("--keep-col {c:?}"))).collect::<anyhow::Result<_>>()?;
     let block = r.read_rows(0, r.n_obs())?;
     if let Some(v) = block.data.iter().find(|v| !v.is_finite() || **v < 0.0 || v.fract() != 0.0) {
         anyhow::bail!("{}: the value {v} is not a count; planting a batch effect needs raw counts (raw/X or X)", a.input.display());

@@ -108,11 +108,8 @@ struct Truth {
 pub(crate) fn pick_genes(n: usize) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let vocab = GeneVocab::human();
     let table = EnsemblTable::human();
-    let mut pairs: Vec<(String, String)> = table
-        .iter()
-        .filter(|(id, sym)| id != sym && vocab.is_gene(sym))
-        .map(|(id, sym)| (id.to_string(), sym.to_string()))
-        .collect();
+    let mut pairs: Vec<(String, String)> =
+        table.iter().filter(|(id, sym)| id != sym && vocab.is_gene(sym)).map(|(id, sym)| (id.to_string(), sym.to_string())).collect();
     pairs.sort_by(|a, b| vocab.get(&a.1).cmp(&vocab.get(&b.1)).then(a.0.cmp(&b.0)));
     pairs.dedup_by(|a, b| a.1 == b.1);
     anyhow::ensure!(n <= pairs.len(), "--genes {n}: at most {} vocabulary genes have Ensembl ids", pairs.len());
@@ -151,15 +148,12 @@ fn build_truth(a: &SimulateArgs) -> anyhow::Result<Truth> {
         }
     }
     let batch_effect = Normal::<f64>::new(0.0, 0.5).unwrap();
-    let batch_factors: Vec<Vec<f64>> =
-        (0..a.batches).map(|_| (0..g).map(|_| batch_effect.sample(&mut rng).exp()).collect()).collect();
+    let batch_factors: Vec<Vec<f64>> = (0..a.batches).map(|_| (0..g).map(|_| batch_effect.sample(&mut rng).exp()).collect()).collect();
     let mut tables = Vec::new();
     let mut means = Vec::new();
     for t in 0..a.cell_types {
         for bf in &batch_factors {
-            let w: Vec<f64> = (0..g)
-                .map(|i| base[i] * bf[i] * if marker_of[i] == Some(t) { MARKER_BOOST } else { 1.0 })
-                .collect();
+            let w: Vec<f64> = (0..g).map(|i| base[i] * bf[i] * if marker_of[i] == Some(t) { MARKER_BOOST } else { 1.0 }).collect();
             let mean_scale: Vec<f64> = w.iter().map(|x| x.sqrt()).collect();
             tables.push(Alias::new(&w));
             means.push(mean_scale);
@@ -227,7 +221,10 @@ pub fn run(a: &SimulateArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         a.cell_types * a.markers + a.programs * PROGRAM_SIZE <= a.genes,
         "--genes {} too small for {} types x {} markers + {} programs x {PROGRAM_SIZE} genes",
-        a.genes, a.cell_types, a.markers, a.programs
+        a.genes,
+        a.cell_types,
+        a.markers,
+        a.programs
     );
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
@@ -249,7 +246,10 @@ pub fn run(a: &SimulateArgs) -> anyhow::Result<()> {
     };
     let mut writer = H5adWriter::create(&a.out, a.genes)?;
     let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(a.cells as u64) };
-    bar.set_style(ProgressStyle::with_template("simulate [{elapsed_precise}] {bar:40} {human_pos}/{human_len} cells  {per_sec}  ETA {eta}").expect("valid"));
+    bar.set_style(
+        ProgressStyle::with_template("simulate [{elapsed_precise}] {bar:40} {human_pos}/{human_len} cells  {per_sec}  ETA {eta}")
+            .expect("valid"),
+    );
     let block = 8192;
     let mut obs_type = Vec::with_capacity(a.cells);
     let mut obs_batch = Vec::with_capacity(a.cells);
@@ -296,8 +296,7 @@ pub fn run(a: &SimulateArgs) -> anyhow::Result<()> {
     };
     let program: Vec<String> =
         truth.gene_program.iter().map(|p| p.map(|p| format!("program_{p:02}")).unwrap_or_else(|| "none".into())).collect();
-    let marker: Vec<String> =
-        truth.marker_of.iter().map(|m| m.map(|t| format!("type_{t:02}")).unwrap_or_else(|| "none".into())).collect();
+    let marker: Vec<String> = truth.marker_of.iter().map(|m| m.map(|t| format!("type_{t:02}")).unwrap_or_else(|| "none".into())).collect();
     let var = Frame {
         index: truth.gene_ensembl.clone(),
         columns: vec![

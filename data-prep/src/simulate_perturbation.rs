@@ -337,11 +337,7 @@ fn validate(a: &SimulatePerturbationArgs) -> anyhow::Result<usize> {
         a.doubles,
         a.perturbed_genes
     );
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&a.synergy_fraction),
-        "--synergy-fraction = {} must be in [0, 1]",
-        a.synergy_fraction
-    );
+    anyhow::ensure!((0.0..=1.0).contains(&a.synergy_fraction), "--synergy-fraction = {} must be in [0, 1]", a.synergy_fraction);
     if let Some(m) = a.modules {
         anyhow::ensure!(
             m >= 2 && m <= a.perturbed_genes,
@@ -367,14 +363,14 @@ fn validate(a: &SimulatePerturbationArgs) -> anyhow::Result<usize> {
         a.min_lfc,
         a.max_lfc
     );
-    anyhow::ensure!(
-        a.counts_per_gene.is_finite() && a.counts_per_gene > 0.0,
-        "--counts-per-gene = {} must be positive",
-        a.counts_per_gene
-    );
+    anyhow::ensure!(a.counts_per_gene.is_finite() && a.counts_per_gene > 0.0, "--counts-per-gene = {} must be positive", a.counts_per_gene);
     anyhow::ensure!(a.cells_per_condition >= 1, "--cells-per-condition must be at least 1");
     anyhow::ensure!(a.control_cells >= 1, "--control-cells must be at least 1: GEARS pairs every perturbed cell with a control");
-    anyhow::ensure!(!a.cell_type.is_empty() && !a.cell_type.contains('_'), "--cell-type {:?} must be non-empty and without '_' (condition_name joins with '_')", a.cell_type);
+    anyhow::ensure!(
+        !a.cell_type.is_empty() && !a.cell_type.contains('_'),
+        "--cell-type {:?} must be non-empty and without '_' (condition_name joins with '_')",
+        a.cell_type
+    );
     Ok(syn_targets)
 }
 
@@ -472,8 +468,10 @@ fn plan(a: &SimulatePerturbationArgs, syn_targets: usize) -> anyhow::Result<Plan
                 }
                 next += size;
             }
-            let (cross, within): (Vec<(usize, usize)>, Vec<(usize, usize)>) = all_pairs.iter().partition(|&&(x, y)| module_of[x] != module_of[y]);
-            let mut tagged: Vec<((usize, usize), bool)> = draw(&(0..cross.len()).collect::<Vec<_>>(), n_syn, &mut dr).into_iter().map(|c| (cross[c], true)).collect();
+            let (cross, within): (Vec<(usize, usize)>, Vec<(usize, usize)>) =
+                all_pairs.iter().partition(|&&(x, y)| module_of[x] != module_of[y]);
+            let mut tagged: Vec<((usize, usize), bool)> =
+                draw(&(0..cross.len()).collect::<Vec<_>>(), n_syn, &mut dr).into_iter().map(|c| (cross[c], true)).collect();
             tagged.extend(draw(&(0..within.len()).collect::<Vec<_>>(), a.doubles - n_syn, &mut dr).into_iter().map(|c| (within[c], false)));
             tagged.sort_unstable();
             let (pairs, is_syn) = tagged.into_iter().unzip();
@@ -644,7 +642,12 @@ pub fn run(a: &SimulatePerturbationArgs) -> anyhow::Result<()> {
 
     let mut writer = H5adWriter::create(&a.out, a.genes)?;
     let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(n as u64) };
-    bar.set_style(ProgressStyle::with_template("simulate-perturbation [{elapsed_precise}] {bar:40} {human_pos}/{human_len} cells  {per_sec}  ETA {eta}").expect("valid"));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "simulate-perturbation [{elapsed_precise}] {bar:40} {human_pos}/{human_len} cells  {per_sec}  ETA {eta}",
+        )
+        .expect("valid"),
+    );
     let block = 8192;
     for start in (0..n).step_by(block) {
         let end = (start + block).min(n);
@@ -678,7 +681,8 @@ pub fn run(a: &SimulatePerturbationArgs) -> anyhow::Result<()> {
     let var = Frame { index: ids, columns: vec![("gene_name".into(), Column::Strings(symbols))] };
     writer.finish(&obs, &var)?;
     let json = serde_json::to_string_pretty(&truth)?;
-    scgpt_data::atomic::write_bytes(&truth_path, json.as_bytes()).with_context(|| format!("{}: cannot write the truth", truth_path.display()))?;
+    scgpt_data::atomic::write_bytes(&truth_path, json.as_bytes())
+        .with_context(|| format!("{}: cannot write the truth", truth_path.display()))?;
     eprintln!(
         "wrote {} ({n} cells x {} genes; {} conditions: ctrl, {} singles, {} doubles of which {} synergy) and its truth {}",
         a.out.display(),

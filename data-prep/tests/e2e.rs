@@ -17,10 +17,7 @@ fn python() -> PathBuf {
         return PathBuf::from(p);
     }
     let venv = repo().join(".venv/bin/python");
-    assert!(
-        venv.exists(),
-        "these tests check shards with Python (anndata, pyarrow): run `bash launch/setup.sh` or set SCGPT_PYTHON"
-    );
+    assert!(venv.exists(), "these tests check shards with Python (anndata, pyarrow): run `bash launch/setup.sh` or set SCGPT_PYTHON");
     venv
 }
 
@@ -48,12 +45,8 @@ fn err(out: Output) -> String {
 }
 
 fn check(args: &[&str]) {
-    let out = Command::new(python())
-        .arg(repo().join("tests/py/check_shards.py"))
-        .args(args)
-        .current_dir(repo())
-        .output()
-        .expect("run python");
+    let out =
+        Command::new(python()).arg(repo().join("tests/py/check_shards.py")).args(args).current_dir(repo()).output().expect("run python");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.contains("OK:"), "independent check failed:\n{text}");
 }
@@ -88,7 +81,19 @@ fn wu2020_shards_match_an_independent_reading_and_are_deterministic() {
     let t = tempfile::tempdir().unwrap();
     let (a, b) = (t.path().join("a"), t.path().join("b"));
     for (dir, workers) in [(&a, "2"), (&b, "1")] {
-        ok(prep(&["--input", "tests/data/wu2020_200.h5ad", "--out", s(dir), "--deterministic", "--obs-cols", "cluster_orig,patient,source", "--set", "filter.min_genes_per_cell=300", "--workers", workers]));
+        ok(prep(&[
+            "--input",
+            "tests/data/wu2020_200.h5ad",
+            "--out",
+            s(dir),
+            "--deterministic",
+            "--obs-cols",
+            "cluster_orig,patient,source",
+            "--set",
+            "filter.min_genes_per_cell=300",
+            "--workers",
+            workers,
+        ]));
     }
     check(&["--h5ad", "tests/data/wu2020_200.h5ad", "--shards", s(&a), "--min-genes", "300", "--deterministic"]);
     assert_eq!(shard_digests(&a), shard_digests(&b), "--deterministic output is identical across runs and thread counts");
@@ -125,7 +130,16 @@ fn log_normalised_raw_needs_allow_non_integer() {
 fn legacy_anndata_encodings_read_with_a_built_vocabulary() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("o");
-    ok(prep(&["--input", "tests/data/legacy_v0.7.0.h5ad", "tests/data/legacy_v0.7.8.h5ad", "--out", s(&out), "--build-vocab", "--obs-cols", "obs_cat"]));
+    ok(prep(&[
+        "--input",
+        "tests/data/legacy_v0.7.0.h5ad",
+        "tests/data/legacy_v0.7.8.h5ad",
+        "--out",
+        s(&out),
+        "--build-vocab",
+        "--obs-cols",
+        "obs_cat",
+    ]));
     check(&["--h5ad", "tests/data/legacy_v0.7.0.h5ad", "--h5ad", "tests/data/legacy_v0.7.8.h5ad", "--shards", s(&out)]);
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("vocab.json")).unwrap()).unwrap();
     assert_eq!(v["gene0"], 0, "a built vocabulary numbers genes first");
@@ -153,8 +167,27 @@ fn simulated_cellxgene_file_with_ensembl_ids_and_obs_filters() {
     // var index = Ensembl ids: bridged to symbols; feature_name gives the same genes.
     let (by_id, by_name) = (t.path().join("id"), t.path().join("name"));
     let filters = ["--set", r#"filter.obs=["disease == \"normal\"", "suspension_type != \"na\""]"#];
-    ok(prep(&[&["--input", s(&h5), "--out", s(&by_id), "--obs-cols", "cell_type,batch", "--shard-cells", "500"][..], &filters[..]].concat()));
-    ok(prep(&[&["--input", s(&h5), "--out", s(&by_name), "--gene-col", "feature_name", "--obs-cols", "cell_type,batch", "--shard-cells", "500"][..], &filters[..]].concat()));
+    ok(prep(
+        &[&["--input", s(&h5), "--out", s(&by_id), "--obs-cols", "cell_type,batch", "--shard-cells", "500"][..], &filters[..]].concat(),
+    ));
+    ok(prep(
+        &[
+            &[
+                "--input",
+                s(&h5),
+                "--out",
+                s(&by_name),
+                "--gene-col",
+                "feature_name",
+                "--obs-cols",
+                "cell_type,batch",
+                "--shard-cells",
+                "500",
+            ][..],
+            &filters[..],
+        ]
+        .concat(),
+    ));
     let f = ["--obs-filter", r#"disease == "normal""#, "--obs-filter", r#"suspension_type != "na""#];
     check(&[&["--h5ad", s(&h5), "--shards", s(&by_id)][..], &f[..]].concat());
     check(&[&["--h5ad", s(&h5), "--shards", s(&by_name), "--gene-col", "feature_name"][..], &f[..]].concat());
@@ -190,7 +223,8 @@ fn a_killed_run_resumes_to_identical_shards() {
             .unwrap();
         assert!(!crashed.status.success(), "the run was killed");
         assert!(!killed.join("manifest.json").exists(), "no manifest before the run finishes");
-        let visible: Vec<String> = std::fs::read_dir(&killed).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let visible: Vec<String> =
+            std::fs::read_dir(&killed).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         // Shards being written or finished when the run died are hidden temp files.
         let shards = visible.iter().filter(|n| n.ends_with(".parquet") && !n.starts_with('.')).count();
         assert_eq!(shards, 3, "exactly the finished shards are visible: {visible:?}");
@@ -202,7 +236,8 @@ fn a_killed_run_resumes_to_identical_shards() {
         }
         let rerun = run(args(&killed, sync_every));
         assert!(rerun.contains("1 file(s) processed"), "{rerun}");
-        let left: Vec<String> = std::fs::read_dir(&killed).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let left: Vec<String> =
+            std::fs::read_dir(&killed).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert!(left.iter().all(|n| !n.starts_with(".tmp-")), "the rerun removes the dead run's temp files: {left:?}");
         assert_eq!(shard_digests(&full), shard_digests(&killed), "sync every {sync_every} s");
         let again = run(args(&killed, sync_every));
@@ -341,7 +376,13 @@ fn gene_filter_from_counts_agrees_with_exact_totals() {
         let h5 = t.path().join(format!("{stem}.h5ad"));
         write_gene_filter_case(&h5, zeros);
         let run = |dir: &Path, extra: &[&str]| {
-            ok(prep(&[&["--input", s(&h5), "--out", s(dir), "--deterministic", "--set", "filter.gene_min_counts_per_10k_cells=5000"][..], extra].concat()))
+            ok(prep(
+                &[
+                    &["--input", s(&h5), "--out", s(dir), "--deterministic", "--set", "filter.gene_min_counts_per_10k_cells=5000"][..],
+                    extra,
+                ]
+                .concat(),
+            ))
         };
         let counted = t.path().join(format!("{stem}-counted"));
         let said = run(&counted, &[]);
@@ -359,4 +400,29 @@ fn gene_filter_from_counts_agrees_with_exact_totals() {
         let bytes = |dir: &Path| std::fs::read(dir.join(format!("{stem}.00000.parquet"))).unwrap();
         assert_eq!(bytes(&counted), bytes(&exact), "same shard from counts and from exact totals ({stem})");
     }
+}
+
+/// `SCGPT_PORTABLE=1` sends every SIMD kernel down its portable twin; the shards must not
+/// change. On a machine without AVX-512 both runs take the portable paths and this checks only
+/// the switch; on one with it (or in CI's portable run beside the default one) it compares the
+/// AVX-512 kernels (row compaction, small-integer bins and dictionaries, seeded tie draws)
+/// against their twins end to end.
+#[test]
+fn portable_kernels_write_the_same_shards() {
+    let t = tempfile::tempdir().unwrap();
+    let h5 = t.path().join("sim.h5ad");
+    simulate(&h5, 3000);
+    let run = |dir: &Path, portable: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_scgpt-prep"))
+            .args(["--input", s(&h5), "--out", s(dir), "--shard-cells", "1000", "--seed", "4", "--obs-cols", "cell_type", "--quiet"])
+            .env("SCGPT_PORTABLE", portable)
+            .env_remove("SCGPT_PREP_ABORT_AFTER_SHARDS")
+            .output()
+            .unwrap();
+        ok(out);
+        shard_digests(dir)
+    };
+    let vector = run(&t.path().join("vector"), "0");
+    assert_eq!(vector.len(), 3);
+    assert_eq!(vector, run(&t.path().join("portable"), "1"), "{}", scgpt_data::simd::describe());
 }

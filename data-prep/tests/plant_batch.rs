@@ -13,7 +13,19 @@ fn a_planted_batch_keeps_a_and_shifts_b() {
     let input = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/wu2020_200.h5ad");
     let out = tmp.path().join("planted.h5ad");
     let o = Command::new(env!("CARGO_BIN_EXE_scgpt-prep"))
-        .args(["plant-batch", "--input", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--keep-col", "cluster_orig", "--keep-col", "patient", "--seed", "4"])
+        .args([
+            "plant-batch",
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--keep-col",
+            "cluster_orig",
+            "--keep-col",
+            "patient",
+            "--seed",
+            "4",
+        ])
         .env("HDF5_USE_FILE_LOCKING", "FALSE")
         .output()
         .unwrap();

@@ -80,13 +80,38 @@ fn other_sizes_all_synergy_and_an_explicit_truth_path() {
     let out = tmp.path().join("s.h5ad");
     let truth = tmp.path().join("t/truth.json");
     let args = [
-        "--out", s(&out), "--truth", s(&truth), "--genes", "200", "--perturbed-genes", "8", "--doubles", "6",
-        "--synergy-fraction", "1", "--cells-per-condition", "60", "--control-cells", "300", "--targets-per-gene", "10",
-        "--synergy-targets", "12", "--cell-type", "RPE1", "--seed", "9",
+        "--out",
+        s(&out),
+        "--truth",
+        s(&truth),
+        "--genes",
+        "200",
+        "--perturbed-genes",
+        "8",
+        "--doubles",
+        "6",
+        "--synergy-fraction",
+        "1",
+        "--cells-per-condition",
+        "60",
+        "--control-cells",
+        "300",
+        "--targets-per-gene",
+        "10",
+        "--synergy-targets",
+        "12",
+        "--cell-type",
+        "RPE1",
+        "--seed",
+        "9",
     ];
     ok(simulate(&args, "2"));
     let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&truth).unwrap()).unwrap();
-    assert!(t["doubles"].as_array().unwrap().iter().all(|d| d["kind"] == "synergy" && d["synergy_targets"].as_array().unwrap().len() == 12));
+    assert!(t["doubles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["kind"] == "synergy" && d["synergy_targets"].as_array().unwrap().len() == 12));
     assert_eq!(t["n_cells"], 300 + 14 * 60);
     println!("{}", check(&out, &truth));
 }
@@ -105,7 +130,20 @@ fn contents(path: &Path) -> Contents {
 fn same_seed_gives_the_same_screen_whatever_the_thread_count_and_another_seed_does_not() {
     let tmp = tempfile::tempdir().unwrap();
     let dirs: Vec<PathBuf> = ["one", "two", "other"].iter().map(|d| tmp.path().join(d)).collect();
-    let small = ["--genes", "120", "--perturbed-genes", "6", "--doubles", "5", "--cells-per-condition", "20", "--control-cells", "100", "--targets-per-gene", "8"];
+    let small = [
+        "--genes",
+        "120",
+        "--perturbed-genes",
+        "6",
+        "--doubles",
+        "5",
+        "--cells-per-condition",
+        "20",
+        "--control-cells",
+        "100",
+        "--targets-per-gene",
+        "8",
+    ];
     for (dir, (seed, threads)) in dirs.iter().zip([("5", "1"), ("5", "2"), ("6", "2")]) {
         let out = dir.join("screen.h5ad");
         let mut args = vec!["--out", s(&out), "--seed", seed];
@@ -135,7 +173,10 @@ fn impossible_plans_are_errors_that_name_the_flag() {
         (vec!["--genes", "40", "--perturbed-genes", "5", "--doubles", "4", "--targets-per-gene", "9"], "--synergy-targets"),
         (vec!["--modules", "1"], "--modules"),
         (vec!["--perturbed-genes", "6", "--modules", "3", "--doubles", "10", "--synergy-fraction", "0.2"], "--synergy-fraction"),
-        (vec!["--genes", "60", "--perturbed-genes", "12", "--modules", "2", "--doubles", "10", "--targets-per-gene", "12"], "--synergy-targets"),
+        (
+            vec!["--genes", "60", "--perturbed-genes", "12", "--modules", "2", "--doubles", "10", "--targets-per-gene", "12"],
+            "--synergy-targets",
+        ),
     ] {
         let mut args = vec!["--out", s(&out)];
         args.extend(extra.iter().copied());
@@ -160,7 +201,10 @@ fn shifts(path: &Path) -> std::collections::HashMap<String, Vec<f64>> {
     }
     let mean = |(v, n): &(Vec<f64>, usize)| v.iter().map(|x| x / *n as f64).collect::<Vec<f64>>();
     let ctrl = mean(&sum["ctrl"]);
-    sum.iter().filter(|(c, _)| c.as_str() != "ctrl").map(|(c, s)| (c.clone(), mean(s).iter().zip(&ctrl).map(|(x, c)| x - c).collect())).collect()
+    sum.iter()
+        .filter(|(c, _)| c.as_str() != "ctrl")
+        .map(|(c, s)| (c.clone(), mean(s).iter().zip(&ctrl).map(|(x, c)| x - c).collect()))
+        .collect()
 }
 
 fn pearson(x: &[f64], y: &[f64]) -> f64 {
@@ -180,8 +224,24 @@ fn modules_plant_one_program_per_module_pair_that_every_double_across_it_shares(
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("m.h5ad");
     let args = [
-        "--out", s(&out), "--genes", "150", "--perturbed-genes", "12", "--modules", "3", "--doubles", "30", "--synergy-fraction", "0.6",
-        "--targets-per-gene", "8", "--synergy-targets", "12", "--seed", "4",
+        "--out",
+        s(&out),
+        "--genes",
+        "150",
+        "--perturbed-genes",
+        "12",
+        "--modules",
+        "3",
+        "--doubles",
+        "30",
+        "--synergy-fraction",
+        "0.6",
+        "--targets-per-gene",
+        "8",
+        "--synergy-targets",
+        "12",
+        "--seed",
+        "4",
     ];
     let said = ok(simulate(&args, "2"));
     assert!(said.contains("30 doubles of which 18 synergy"), "{said}");
@@ -208,13 +268,16 @@ fn modules_plant_one_program_per_module_pair_that_every_double_across_it_shares(
 
     // One program per pair of modules, in order, its targets free of both modules' genes and targets.
     let programs = t["programs"].as_array().unwrap();
-    let pairs: Vec<[usize; 2]> = programs.iter().map(|p| [p["modules"][0].as_u64().unwrap() as usize, p["modules"][1].as_u64().unwrap() as usize]).collect();
+    let pairs: Vec<[usize; 2]> =
+        programs.iter().map(|p| [p["modules"][0].as_u64().unwrap() as usize, p["modules"][1].as_u64().unwrap() as usize]).collect();
     assert_eq!(pairs, vec![[0, 1], [0, 2], [1, 2]]);
     for (p, pair) in programs.iter().zip(&pairs) {
         let targets: Vec<u64> = p["targets"].as_array().unwrap().iter().map(|x| x["index"].as_u64().unwrap()).collect();
         assert_eq!(targets.len(), 12);
         for s in singles.iter().filter(|s| pair.contains(&(s["module"].as_u64().unwrap() as usize))) {
-            let touched: Vec<u64> = std::iter::once(s["index"].as_u64().unwrap()).chain(s["targets"].as_array().unwrap().iter().map(|x| x["index"].as_u64().unwrap())).collect();
+            let touched: Vec<u64> = std::iter::once(s["index"].as_u64().unwrap())
+                .chain(s["targets"].as_array().unwrap().iter().map(|x| x["index"].as_u64().unwrap()))
+                .collect();
             assert!(targets.iter().all(|x| !touched.contains(x)), "program {pair:?} touches {}'s genes", s["gene"]);
         }
     }
@@ -241,7 +304,8 @@ fn modules_plant_one_program_per_module_pair_that_every_double_across_it_shares(
     // In the data: what a synergy double adds to the sum of its singles' shifts, on its program's
     // targets, follows the planted lfcs, and two doubles of the same module pair share it.
     let shift = shifts(&out);
-    let single_of: std::collections::HashMap<&str, &str> = singles.iter().map(|s| (s["gene"].as_str().unwrap(), s["condition"].as_str().unwrap())).collect();
+    let single_of: std::collections::HashMap<&str, &str> =
+        singles.iter().map(|s| (s["gene"].as_str().unwrap(), s["condition"].as_str().unwrap())).collect();
     let residual = |d: &serde_json::Value, idx: &[usize]| -> Vec<f64> {
         let (sa, sb) = (&shift[single_of[d["genes"][0].as_str().unwrap()]], &shift[single_of[d["genes"][1].as_str().unwrap()]]);
         let sd = &shift[d["condition"].as_str().unwrap()];
@@ -272,9 +336,18 @@ fn modules_plant_one_program_per_module_pair_that_every_double_across_it_shares(
             let touched: Vec<usize> = singles
                 .iter()
                 .filter(|s| d["genes"].as_array().unwrap().contains(&s["gene"]))
-                .flat_map(|s| std::iter::once(s["index"].as_u64().unwrap() as usize).chain(s["targets"].as_array().unwrap().iter().map(|x| x["index"].as_u64().unwrap() as usize)))
+                .flat_map(|s| {
+                    std::iter::once(s["index"].as_u64().unwrap() as usize)
+                        .chain(s["targets"].as_array().unwrap().iter().map(|x| x["index"].as_u64().unwrap() as usize))
+                })
                 .collect();
-            let idx_o: Vec<usize> = programs[other]["targets"].as_array().unwrap().iter().map(|x| x["index"].as_u64().unwrap() as usize).filter(|i| !touched.contains(i) && !idx.contains(i)).collect();
+            let idx_o: Vec<usize> = programs[other]["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x["index"].as_u64().unwrap() as usize)
+                .filter(|i| !touched.contains(i) && !idx.contains(i))
+                .collect();
             off += residual(d, &idx_o).iter().map(|x| x.abs()).sum::<f64>();
             n_off += idx_o.len();
         }
@@ -286,7 +359,25 @@ fn modules_plant_one_program_per_module_pair_that_every_double_across_it_shares(
 
     // Without --modules the truth has none of these keys.
     let plain = tmp.path().join("p.h5ad");
-    ok(simulate(&["--out", s(&plain), "--genes", "120", "--perturbed-genes", "6", "--doubles", "5", "--cells-per-condition", "5", "--control-cells", "20", "--targets-per-gene", "8"], "2"));
+    ok(simulate(
+        &[
+            "--out",
+            s(&plain),
+            "--genes",
+            "120",
+            "--perturbed-genes",
+            "6",
+            "--doubles",
+            "5",
+            "--cells-per-condition",
+            "5",
+            "--control-cells",
+            "20",
+            "--targets-per-gene",
+            "8",
+        ],
+        "2",
+    ));
     let text = std::fs::read_to_string(tmp.path().join("p.truth.json")).unwrap();
     for key in ["\"modules\"", "\"programs\"", "\"module\"", "\"program\""] {
         assert!(!text.contains(key), "{key} in a screen without --modules");

@@ -162,16 +162,12 @@ fn annotation(args: &AnnotationArgs) -> Result<()> {
         }
     }
     let opts = BaselineOptions { n_hvg: args.n_hvg, n_pcs: args.n_pcs, seed: args.seed, ..Default::default() };
-    let pred = annotation_baseline(&train.matrix()?, &train.genes, &train.labels, &test.matrix()?, &test.genes, &opts)
-        .map_err(|e| {
-            // A negative value means the matrix is scaled (scanpy keeps counts in raw/X then).
-            let hint = if e.to_string().contains("non-negative") && !args.use_raw {
-                "; if X holds scaled values, --use-raw reads raw/X"
-            } else {
-                ""
-            };
-            e.context(format!("baseline on {} -> {}{hint}", args.train.display(), args.test.display()))
-        })?;
+    let pred = annotation_baseline(&train.matrix()?, &train.genes, &train.labels, &test.matrix()?, &test.genes, &opts).map_err(|e| {
+        // A negative value means the matrix is scaled (scanpy keeps counts in raw/X then).
+        let hint =
+            if e.to_string().contains("non-negative") && !args.use_raw { "; if X holds scaled values, --use-raw reads raw/X" } else { "" };
+        e.context(format!("baseline on {} -> {}{hint}", args.train.display(), args.test.display()))
+    })?;
     if pred.hvg_missing_in_test == pred.hvg.len() {
         bail!(
             "{}: none of the reference's {} highly variable genes is among the query's gene names; \
@@ -186,12 +182,7 @@ fn annotation(args: &AnnotationArgs) -> Result<()> {
     let mut csv = String::from("cell,true,predicted,probability\n");
     for (i, cell) in test.cells.iter().enumerate() {
         let p = pred.probabilities.row(i).fold(0f64, |a, &v| a.max(v));
-        csv.push_str(&format!(
-            "{},{},{},{p:.6}\n",
-            csv_field(cell),
-            csv_field(&test.labels[i]),
-            csv_field(&pred.labels[i])
-        ));
+        csv.push_str(&format!("{},{},{},{p:.6}\n", csv_field(cell), csv_field(&test.labels[i]), csv_field(&pred.labels[i])));
     }
     scgpt_eval::write_atomic(&args.report, "predictions.csv", csv.as_bytes())?;
     let info = RunInfo {

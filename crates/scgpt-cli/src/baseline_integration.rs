@@ -147,7 +147,12 @@ pub fn run(args: &IntegrationArgs) -> Result<()> {
         eprintln!("warning: {dropped} cells have no `{}` or `{}` value and are left out", args.label_col, args.batch_col);
     }
     if n < 3 {
-        bail!("{}: only {n} cells have both a `{}` and a `{}` value; the baseline needs at least 3", path.display(), args.label_col, args.batch_col);
+        bail!(
+            "{}: only {n} cells have both a `{}` and a `{}` value; the baseline needs at least 3",
+            path.display(),
+            args.label_col,
+            args.batch_col
+        );
     }
     let (bat, bat_names) = codes(&cells.batches);
     if bat_names.len() < 2 {
@@ -164,7 +169,8 @@ pub fn run(args: &IntegrationArgs) -> Result<()> {
     let x = CsrMatrix::new(&cells.indptr, &cells.indices, &cells.data, cells.n_genes).with_context(|| format!("{}: X", path.display()))?;
     let log = normalize_log1p(&x, 1e4, &path.display().to_string()).map_err(|e| {
         // A negative value means the matrix is scaled (scanpy keeps counts in raw/X then).
-        let hint = if e.to_string().contains("non-negative") && !args.use_raw { "; if X holds scaled values, --use-raw reads raw/X" } else { "" };
+        let hint =
+            if e.to_string().contains("non-negative") && !args.use_raw { "; if X holds scaled values, --use-raw reads raw/X" } else { "" };
         e.context(format!("normalising {}{hint}", path.display()))
     })?;
     let hvg = highly_variable_seurat(&log, args.n_hvg, 20).with_context(|| format!("{}: highly variable genes", path.display()))?;
@@ -215,7 +221,10 @@ pub fn run(args: &IntegrationArgs) -> Result<()> {
         let t = Instant::now();
         for (name, emb) in [("pca", &pcs), ("harmony", &h.corrected)] {
             let y = umap(emb, dim, &u_opts).with_context(|| format!("UMAP of `{name}`"))?;
-            let title = format!("{name}: {} ({n} cells)", path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned()));
+            let title = format!(
+                "{name}: {} ({n} cells)",
+                path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned())
+            );
             let panels = [
                 Colouring { title: &format!("label ({})", args.label_col), values: &cells.labels },
                 Colouring { title: &format!("batch ({})", args.batch_col), values: &cells.batches },

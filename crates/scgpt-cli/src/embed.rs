@@ -103,19 +103,12 @@ fn output_format(args: &EmbedArgs) -> anyhow::Result<Format> {
     if let Some(f) = args.format {
         return Ok(f);
     }
-    let ext = args
-        .output
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
+    let ext = args.output.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     Ok(match ext.as_deref() {
         Some("h5ad") => Format::H5ad,
         Some("parquet") | Some("pq") => Format::Parquet,
         Some("npy") => Format::Npy,
-        _ => bail!(
-            "{}: cannot tell the output format from the extension; use .h5ad, .parquet or .npy, or --format",
-            args.output.display()
-        ),
+        _ => bail!("{}: cannot tell the output format from the extension; use .h5ad, .parquet or .npy, or --format", args.output.display()),
     })
 }
 
@@ -138,16 +131,10 @@ fn validate(args: &EmbedArgs) -> anyhow::Result<()> {
         bail!("--max-seq-len must be at least 2 (<cls> plus one gene)");
     }
     if !(0.0..=1.0).contains(&args.min_gene_match) {
-        bail!(
-            "--min-gene-match must be a fraction in [0, 1], got {}",
-            args.min_gene_match
-        );
+        bail!("--min-gene-match must be a fraction in [0, 1], got {}", args.min_gene_match);
     }
     if args.input.is_dir() && args.use_raw {
-        bail!(
-            "--use-raw applies to h5ad input only; {} is a shard directory",
-            args.input.display()
-        );
+        bail!("--use-raw applies to h5ad input only; {} is a shard directory", args.input.display());
     }
     if !args.input.exists() {
         bail!("{}: input not found", args.input.display());
@@ -157,17 +144,10 @@ fn validate(args: &EmbedArgs) -> anyhow::Result<()> {
         _ => PathBuf::from("."),
     };
     if !parent.is_dir() {
-        bail!(
-            "{}: output directory {} does not exist",
-            args.output.display(),
-            parent.display()
-        );
+        bail!("{}: output directory {} does not exist", args.output.display(), parent.display());
     }
     if args.output.is_dir() {
-        bail!(
-            "{}: output is a directory; give a file name",
-            args.output.display()
-        );
+        bail!("{}: output is a directory; give a file name", args.output.display());
     }
     Ok(())
 }
@@ -182,10 +162,7 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
     validate(args)?;
     let format = output_format(args)?;
     if let Some(n) = args.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("--threads: cannot configure the thread pool")?;
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("--threads: cannot configure the thread pool")?;
     }
     let device = device(&args.device)?;
     let t0 = Instant::now();
@@ -197,16 +174,7 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
         }
     }
 
-    let LoadedModel {
-        model,
-        vocab,
-        vocab_path,
-        pad_id,
-        cls_id,
-        pad_value,
-        d_model,
-        report,
-    } = model_dir::load(&args.model, &device)?;
+    let LoadedModel { model, vocab, vocab_path, pad_id, cls_id, pad_value, d_model, report } = model_dir::load(&args.model, &device)?;
     let c = &model.config;
     eprintln!(
         "model: {} ({} layers, d {}, {} heads, d_hid {}, vocabulary {} tokens); {} tensors loaded, {} not used",
@@ -222,34 +190,13 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
 
     let window = args.batch_size.saturating_mul(WINDOW_BATCHES).max(1);
     let mut source = if args.input.is_dir() {
-        Source::Shards(ShardSource::open(
-            &args.input,
-            &vocab,
-            &vocab_path,
-            args.min_gene_match,
-            window,
-        )?)
+        Source::Shards(ShardSource::open(&args.input, &vocab, &vocab_path, args.min_gene_match, window)?)
     } else {
-        let matrix = if args.use_raw {
-            MatrixChoice::RawThenX
-        } else {
-            MatrixChoice::X
-        };
-        Source::H5ad(H5adSource::open(
-            &args.input,
-            matrix,
-            args.gene_col.as_deref(),
-            &vocab,
-            &vocab_path,
-            args.min_gene_match,
-        )?)
+        let matrix = if args.use_raw { MatrixChoice::RawThenX } else { MatrixChoice::X };
+        Source::H5ad(H5adSource::open(&args.input, matrix, args.gene_col.as_deref(), &vocab, &vocab_path, args.min_gene_match)?)
     };
     let g = source.genes();
-    let via = if g.via_ensembl > 0 {
-        format!(" ({} via Ensembl ids)", g.via_ensembl)
-    } else {
-        String::new()
-    };
+    let via = if g.via_ensembl > 0 { format!(" ({} via Ensembl ids)", g.via_ensembl) } else { String::new() };
     eprintln!(
         "genes: {} of {} {} matched the model vocabulary{via} ({:.1}%)",
         g.matched,
@@ -266,30 +213,14 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
     }
 
     let mut sink: Box<dyn Sink> = match format {
-        Format::H5ad if source.is_shards() => {
-            Box::new(H5adNewSink::create(&args.output, n, d_model)?)
-        }
+        Format::H5ad if source.is_shards() => Box::new(H5adNewSink::create(&args.output, n, d_model)?),
         Format::H5ad => Box::new(H5adCopySink::create(&args.input, &args.output, n, d_model)?),
-        Format::Parquet => Box::new(ParquetSink::create(
-            &args.output,
-            n,
-            d_model,
-            source.is_shards(),
-        )?),
+        Format::Parquet => Box::new(ParquetSink::create(&args.output, n, d_model, source.is_shards())?),
         Format::Npy => Box::new(NpySink::create(&args.output, n, d_model)?),
     };
 
-    let opts = TokenizeOptions {
-        max_seq_len: args.max_seq_len,
-        cls_id,
-        pad_value,
-        seed: (!args.deterministic).then_some(args.seed),
-    };
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(n as u64)
-    };
+    let opts = TokenizeOptions { max_seq_len: args.max_seq_len, cls_id, pad_value, seed: (!args.deterministic).then_some(args.seed) };
+    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(n as u64) };
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {human_pos}/{human_len} cells  {per_sec}  ETA {eta}")
             .expect("valid template"),
@@ -327,34 +258,16 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
         });
         for w in rx {
             let w = w?;
-            let emb = embed_window(
-                &model,
-                &device,
-                &w.tokens,
-                pad_id,
-                pad_value,
-                args.batch_size,
-                d_model,
-            )?;
+            let emb = embed_window(&model, &device, &w.tokens, pad_id, pad_value, args.batch_size, d_model)?;
             stats.add(&w.tokens);
-            sink.write(
-                w.block.start,
-                &emb,
-                &w.block.cell_ids,
-                w.block.datasets.as_deref(),
-            )?;
+            sink.write(w.block.start, &emb, &w.block.cell_ids, w.block.datasets.as_deref())?;
             bar.inc(w.block.len() as u64);
         }
         Ok(())
     })?;
     bar.finish_and_clear();
     if stats.cells != n {
-        bail!(
-            "{}: read {} of {} cells",
-            args.input.display(),
-            stats.cells,
-            n
-        );
+        bail!("{}: read {} of {} cells", args.input.display(), stats.cells, n);
     }
     let secs = t_embed.elapsed().as_secs_f64();
     let written = sink.finish()?;
@@ -366,11 +279,7 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
         );
     }
     if stats.subsampled > 0 {
-        let how = if args.deterministic {
-            "kept the highest-valued genes"
-        } else {
-            "random subset, seeded per cell"
-        };
+        let how = if args.deterministic { "kept the highest-valued genes" } else { "random subset, seeded per cell" };
         eprintln!(
             "note: {} cell(s) had more than {} genes and were subsampled ({how}); {} genes dropped in all",
             stats.subsampled,
@@ -393,7 +302,13 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
 /// `scgpt embed` of a `best_model/` with a `scgpt.json` that changes the input: the `<cls>`
 /// value, token genes, batch labels and `max_seq_len` of its training run, the cell embedding
 /// its heads read (`cell_emb_style`).
-fn run_with_spec(args: &EmbedArgs, spec: &scgpt_engine::checkpoint::InferenceSpec, format: Format, device: &Device, t0: Instant) -> anyhow::Result<()> {
+fn run_with_spec(
+    args: &EmbedArgs,
+    spec: &scgpt_engine::checkpoint::InferenceSpec,
+    format: Format,
+    device: &Device,
+    t0: Instant,
+) -> anyhow::Result<()> {
     use crate::inference::{run_model, Encoding, Head, TokenGenes};
     if args.input.is_dir() {
         bail!("{}: a fine-tuned model embeds h5ad input (its tokenisation needs the cells' genes by name); prepare shards only for pretraining", args.input.display());
@@ -415,7 +330,12 @@ fn run_with_spec(args: &EmbedArgs, spec: &scgpt_engine::checkpoint::InferenceSpe
         if batch_ids.is_some() { ", batch labels" } else { "" }
     );
     let enc = Encoding {
-        tokens: TokenizeOptions { max_seq_len: spec.max_seq_len, cls_id: loaded.cls_id, pad_value: loaded.pad_value, seed: (!args.deterministic).then_some(args.seed) },
+        tokens: TokenizeOptions {
+            max_seq_len: spec.max_seq_len,
+            cls_id: loaded.cls_id,
+            pad_value: loaded.pad_value,
+            seed: (!args.deterministic).then_some(args.seed),
+        },
         cls_value: spec.cls_value,
         pad_id: loaded.pad_id,
         token_genes,
@@ -423,7 +343,19 @@ fn run_with_spec(args: &EmbedArgs, spec: &scgpt_engine::checkpoint::InferenceSpe
     };
     // What the training run's data preparation read (raw/X when present, else X).
     let matrix = MatrixChoice::RawThenX;
-    let out = run_model(&loaded.model, &args.input, matrix, gene_col.as_deref(), &loaded, &enc, args.batch_size, args.min_gene_match, args.quiet, Head::Embedding, device)?;
+    let out = run_model(
+        &loaded.model,
+        &args.input,
+        matrix,
+        gene_col.as_deref(),
+        &loaded,
+        &enc,
+        args.batch_size,
+        args.min_gene_match,
+        args.quiet,
+        Head::Embedding,
+        device,
+    )?;
     let n = out.rows.len() / out.width.max(1);
     let ids = scgpt_data::h5ad::H5adReader::open(&args.input, MatrixChoice::X)?.obs_names()?;
     let mut notes = vec![format!("model={}", args.model.display()), format!("task={}", spec.task)];
@@ -497,36 +429,16 @@ fn embed_window(
 }
 
 /// `_encode`, position 0, L2 normalisation: `[b * d]` row-major.
-fn forward(
-    model: &TransformerModel,
-    device: &Device,
-    batch: Batch,
-    d: usize,
-) -> anyhow::Result<Vec<f32>> {
-    let Batch {
-        b,
-        l,
-        ids,
-        values,
-        pad,
-    } = batch;
+fn forward(model: &TransformerModel, device: &Device, batch: Batch, d: usize) -> anyhow::Result<Vec<f32>> {
+    let Batch { b, l, ids, values, pad } = batch;
     let src = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, l]), device);
     let values = Tensor::<2>::from_data(TensorData::new(values, [b, l]), device);
     // `_encode` = embedding + transformer. As the original's flash path, a batch without any
     // padding runs without a mask: identical results, and the attention kernel then does not
     // have to materialise a [B, heads, L, L] mask in every layer.
-    let mask = pad
-        .iter()
-        .any(|&p| p)
-        .then(|| Tensor::<2, Bool>::from_data(TensorData::new(pad, [b, l]), device));
-    let emb = model
-        .embed(src, Some(values), None)
-        .context("model forward")?;
+    let mask = pad.iter().any(|&p| p).then(|| Tensor::<2, Bool>::from_data(TensorData::new(pad, [b, l]), device));
+    let emb = model.embed(src, Some(values), None).context("model forward")?;
     let out = model.transformer_encoder.forward(emb.total_embs, mask);
     let cls = out.slice([0..b, 0..1, 0..d]).reshape([b, d]);
-    l2_normalize(cls)
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .map_err(|e| anyhow::anyhow!("reading the embeddings back: {e:?}"))
+    l2_normalize(cls).into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow::anyhow!("reading the embeddings back: {e:?}"))
 }

@@ -272,12 +272,9 @@ fn integration(args: &IntegrationArgs) -> Result<()> {
     let rows = |m: Obsm| -> (Vec<f32>, usize) { (if subset { rows_of(&m.data, m.dim, &keep) } else { m.data }, m.dim) };
     let (pre_desc, pre_dense, pre_var, pre_csr): (String, Dense, Option<Vec<f64>>, Option<CsrParts>) = match pre {
         Pre::Obsm(m, k) => (format!("obsm/{k} ({} dims), PCA of it", m.dim), Some(rows(m)), None, None),
-        Pre::Pca(m, v) => (
-            format!("obsm/X_pca ({} components) with uns/pca/variance, as scib uses an existing PCA", m.dim),
-            Some(rows(m)),
-            Some(v),
-            None,
-        ),
+        Pre::Pca(m, v) => {
+            (format!("obsm/X_pca ({} components) with uns/pca/variance, as scib uses an existing PCA", m.dim), Some(rows(m)), Some(v), None)
+        }
         Pre::X(x) => (format!("X ({} genes), PCA of it", x.n_cols), None, None, Some(if subset { csr_rows(&x, &keep) } else { x })),
         Pre::None => ("none: X has no genes; pass --pre-embedding for PCR_batch".to_string(), None, None, None),
     };
@@ -292,7 +289,8 @@ fn integration(args: &IntegrationArgs) -> Result<()> {
 
     let input = IntegrationInput { embedding: &emb_data, dim: emb.dim, labels: &labels, batches: &batches, pre: pre_input };
     let opts = IntegrationOptions { seed: args.seed, lisi: !args.no_lisi, ..Default::default() };
-    let rep = integration_metrics(&input, &opts, &mut |m| say(m)).with_context(|| format!("{}: obsm/{}", path.display(), args.embedding))?;
+    let rep =
+        integration_metrics(&input, &opts, &mut |m| say(m)).with_context(|| format!("{}: obsm/{}", path.display(), args.embedding))?;
 
     let report = Report {
         metrics: &rep,
@@ -312,8 +310,14 @@ fn integration(args: &IntegrationArgs) -> Result<()> {
     let out = scgpt_eval::write_atomic(&args.report, "metrics.json", json.as_bytes())?;
     if !args.no_umap {
         let opts = scgpt_eval::umap::UmapOptions { seed: args.seed, ..Default::default() };
-        let y = scgpt_eval::umap::umap(&emb_data, emb.dim, &opts).with_context(|| format!("{}: UMAP of obsm/{}", path.display(), args.embedding))?;
-        let title = format!("obsm/{} of {} ({} cells)", args.embedding, path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned()), labels.len());
+        let y = scgpt_eval::umap::umap(&emb_data, emb.dim, &opts)
+            .with_context(|| format!("{}: UMAP of obsm/{}", path.display(), args.embedding))?;
+        let title = format!(
+            "obsm/{} of {} ({} cells)",
+            args.embedding,
+            path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned()),
+            labels.len()
+        );
         let panels = [
             scgpt_eval::umap::Colouring { title: &format!("label ({})", args.label_col), values: &labels },
             scgpt_eval::umap::Colouring { title: &format!("batch ({})", args.batch_col), values: &batches },

@@ -19,7 +19,10 @@ use anyhow::{bail, Context};
 use scgpt_engine::perturbation_data::conditions_in_order;
 use scgpt_engine::screen::Screen;
 use scgpt_eval::perturbation::baselines::{self, BaselineInputs, BaselineKind, GeneEmbeddings, LinearOptions, TrainingCondition};
-use scgpt_eval::perturbation::{evaluate, rank_genes_groups, write_per_condition_csv, Condition, ConditionInput, DeOptions, MetricOptions, PerturbationMetrics, PerturbationSplit};
+use scgpt_eval::perturbation::{
+    evaluate, rank_genes_groups, write_per_condition_csv, Condition, ConditionInput, DeOptions, MetricOptions, PerturbationMetrics,
+    PerturbationSplit,
+};
 use scgpt_eval::perturbation_plot::{write_de_plot, DePlot};
 use scgpt_model::burn::tensor::{Int, Tensor, TensorData};
 use serde_json::{json, Value};
@@ -57,7 +60,13 @@ pub struct EvalPerturbationArgs {
 
 /// The DE lists of every condition: GEARS's from `uns` (ids of the var index, keyed by
 /// `condition_name`), or computed.
-fn de_lists(screen: &Screen, names: &[String], group_of: &[usize], control: usize, n_de: usize) -> anyhow::Result<(BTreeMap<String, (Vec<usize>, Vec<usize>)>, &'static str)> {
+fn de_lists(
+    screen: &Screen,
+    names: &[String],
+    group_of: &[usize],
+    control: usize,
+    n_de: usize,
+) -> anyhow::Result<(BTreeMap<String, (Vec<usize>, Vec<usize>)>, &'static str)> {
     let reader = scgpt_data::h5ad::H5adReader::open(&screen.path, scgpt_data::h5ad::MatrixChoice::X)?;
     let ranked = reader.uns_string_lists("rank_genes_groups_cov_all")?;
     let non_dropout = reader.uns_string_lists("top_non_dropout_de_20")?;
@@ -73,7 +82,12 @@ fn de_lists(screen: &Screen, names: &[String], group_of: &[usize], control: usiz
                 list.map(|l| {
                     l.iter()
                         .take(n_de)
-                        .map(|g| index.get(g.as_str()).copied().with_context(|| format!("{}: uns DE list of {key} names {g}, not in the var index", screen.path.display())))
+                        .map(|g| {
+                            index
+                                .get(g.as_str())
+                                .copied()
+                                .with_context(|| format!("{}: uns DE list of {key} names {g}, not in the var index", screen.path.display()))
+                        })
                         .collect()
                 })
                 .unwrap_or(Ok(Vec::new()))
@@ -169,11 +183,22 @@ pub fn run(a: &EvalPerturbationArgs) -> anyhow::Result<()> {
         .train
         .iter()
         .filter(|c| means.contains_key(c))
-        .filter_map(|c| format.parse(c).ok().filter(|p| !p.is_control()).map(|p| TrainingCondition { condition: p, mean: &means[c], n_cells: rows[c].len() }))
+        .filter_map(|c| {
+            format.parse(c).ok().filter(|p| !p.is_control()).map(|p| TrainingCondition {
+                condition: p,
+                mean: &means[c],
+                n_cells: rows[c].len(),
+            })
+        })
         .collect();
     let parsed: Vec<Condition> = test.iter().map(|c| format.parse(c)).collect::<anyhow::Result<_>>()?;
     let embeddings = gene_embeddings(&m, &screen)?;
-    let inputs = BaselineInputs { control_mean, train: &train_conditions, embeddings: Some(&embeddings), linear: LinearOptions { lambda: a.ridge_lambda } };
+    let inputs = BaselineInputs {
+        control_mean,
+        train: &train_conditions,
+        embeddings: Some(&embeddings),
+        linear: LinearOptions { lambda: a.ridge_lambda },
+    };
     let mut baseline_json = serde_json::Map::new();
     let mut baseline_rows = Vec::new();
     let mut additive = None;
@@ -225,7 +250,8 @@ fn write_plots(
     metrics: &PerturbationMetrics,
 ) -> anyhow::Result<()> {
     let key = scgpt_eval::perturbation::METRICS.iter().position(|m| *m == "pearson_de_delta").expect("a metric");
-    let mut ranked: Vec<(usize, f64)> = metrics.per_condition.iter().enumerate().filter_map(|(i, r)| r.values[key].map(|v| (i, v))).collect();
+    let mut ranked: Vec<(usize, f64)> =
+        metrics.per_condition.iter().enumerate().filter_map(|(i, r)| r.values[key].map(|v| (i, v))).collect();
     ranked.sort_by(|x, y| y.1.total_cmp(&x.1));
     let mut chosen: Vec<(usize, &str)> = ranked.iter().take(5).map(|&(i, _)| (i, "best")).collect();
     for &(i, _) in ranked.iter().rev().take(5) {
@@ -249,7 +275,8 @@ fn write_plots(
         }
         let predicted: Vec<f64> = genes.iter().map(|&g| ours[i][g] - control_mean[g]).collect();
         let extra: Option<Vec<f64>> = additive.and_then(|p| p[i].as_ref()).map(|p| genes.iter().map(|&g| p[g] - control_mean[g]).collect());
-        let plot = DePlot { condition: c, genes: &names, truth: &truth, predicted: &predicted, extra: extra.as_deref().map(|e| ("additive", e)) };
+        let plot =
+            DePlot { condition: c, genes: &names, truth: &truth, predicted: &predicted, extra: extra.as_deref().map(|e| ("additive", e)) };
         write_de_plot(&plot, &dir.join(format!("{tag}_{}.png", file_name(c))))?;
     }
     Ok(())

@@ -217,7 +217,10 @@ fn sha256_hex(path: &Path) -> anyhow::Result<String> {
 pub(crate) fn fetch(f: &DataFile, what: &str) -> anyhow::Result<PathBuf> {
     if !f.path.is_file() {
         if f.url.is_empty() {
-            bail!("dataset.{what}: {} not found and no url to download it from (the experiment file's header says how to get it)", f.path.display());
+            bail!(
+                "dataset.{what}: {} not found and no url to download it from (the experiment file's header says how to get it)",
+                f.path.display()
+            );
         }
         if let Some(dir) = f.path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -235,7 +238,11 @@ pub(crate) fn fetch(f: &DataFile, what: &str) -> anyhow::Result<PathBuf> {
     if f.sha256.is_empty() {
         eprintln!("experiment: dataset.{what}: sha256 {got} (not recorded in the experiment file)");
     } else if !got.eq_ignore_ascii_case(&f.sha256) {
-        bail!("dataset.{what}: {} has sha256 {got}, the experiment records {}; a different file (or a partial download): remove it and rerun", f.path.display(), f.sha256);
+        bail!(
+            "dataset.{what}: {} has sha256 {got}, the experiment records {}; a different file (or a partial download): remove it and rerun",
+            f.path.display(),
+            f.sha256
+        );
     }
     Ok(f.path.clone())
 }
@@ -253,7 +260,8 @@ fn prepare_data(e: &Experiment, out: &Path) -> anyhow::Result<(PathBuf, PathBuf)
             let src = fetch(f, "file")?;
             let dir = out.join("data");
             let (r, q) = (dir.join("reference.h5ad"), dir.join("query.h5ad"));
-            let (nr, nq) = split_h5ad::split(&src, &d.matrix, &d.split_col, &d.query_values, &[d.label_col.as_str()], d.gene_col.as_str(), &r, &q)?;
+            let (nr, nq) =
+                split_h5ad::split(&src, &d.matrix, &d.split_col, &d.query_values, &[d.label_col.as_str()], d.gene_col.as_str(), &r, &q)?;
             eprintln!("experiment: {} split by {} into {nr} reference and {nq} query cells", src.display(), d.split_col);
             Ok((r, q))
         }
@@ -284,7 +292,18 @@ pub(crate) fn train(config: &Path, sets: Vec<String>, quiet: bool) -> anyhow::Re
 
 /// `scgpt predict` as the experiment runs it: deterministic, labelled query, a report.
 #[allow(clippy::too_many_arguments)]
-fn predict_args(model: PathBuf, query: &Path, output: PathBuf, mode: predict::Mode, reference: Option<&Path>, e: &Experiment, gene_col: Option<String>, matrix: predict::Matrix, report: &Path, quiet: bool) -> predict::PredictArgs {
+fn predict_args(
+    model: PathBuf,
+    query: &Path,
+    output: PathBuf,
+    mode: predict::Mode,
+    reference: Option<&Path>,
+    e: &Experiment,
+    gene_col: Option<String>,
+    matrix: predict::Matrix,
+    report: &Path,
+    quiet: bool,
+) -> predict::PredictArgs {
     predict::PredictArgs {
         model,
         input: query.to_path_buf(),
@@ -316,7 +335,15 @@ struct Method {
 
 /// The variant's starting model: another variant's pretraining run (`pretrained_from`), or a
 /// pretraining run of its own on `cells` (`pretrain_config`), made first; `None` = its config's.
-pub(crate) fn pretrain(e: &Experiment, f: &Finetune, out: &Path, cells: &Path, gene: Option<&str>, train_sets: &[String], quiet: bool) -> anyhow::Result<Option<PathBuf>> {
+pub(crate) fn pretrain(
+    e: &Experiment,
+    f: &Finetune,
+    out: &Path,
+    cells: &Path,
+    gene: Option<&str>,
+    train_sets: &[String],
+    quiet: bool,
+) -> anyhow::Result<Option<PathBuf>> {
     let mut init = None;
     if let Some(other) = &f.pretrained_from {
         let dir = out.join("runs").join(format!("{other}-pretrain")).join("best_model");
@@ -325,7 +352,11 @@ pub(crate) fn pretrain(e: &Experiment, f: &Finetune, out: &Path, cells: &Path, g
     }
     if let Some(pc) = &f.pretrain_config {
         let pre = out.join("runs").join(format!("{}-pretrain", f.name));
-        let mut sets = vec![format!("run.dir={}", toml_str(&pre.display().to_string())), format!("data.input={}", toml_str(&cells.display().to_string())), format!("run.seed={}", e.seed)];
+        let mut sets = vec![
+            format!("run.dir={}", toml_str(&pre.display().to_string())),
+            format!("data.input={}", toml_str(&cells.display().to_string())),
+            format!("run.seed={}", e.seed),
+        ];
         if let Some(g) = gene {
             sets.push(format!("data.gene_col={}", toml_str(g)));
         }
@@ -341,8 +372,20 @@ pub(crate) fn pretrain(e: &Experiment, f: &Finetune, out: &Path, cells: &Path, g
 /// The scgpt-train overrides of a fine-tuning variant: its run directory, data, seed, gene
 /// column and starting model, the recipe's own `extra` keys, then the variant's and the
 /// command line's overrides (which win).
-pub(crate) fn finetune_sets(e: &Experiment, f: &Finetune, run_dir: &Path, input: &Path, extra: &[String], gene: Option<&str>, init: Option<&Path>, train_sets: &[String]) -> Vec<String> {
-    let mut sets = vec![format!("run.dir={}", toml_str(&run_dir.display().to_string())), format!("data.input={}", toml_str(&input.display().to_string()))];
+pub(crate) fn finetune_sets(
+    e: &Experiment,
+    f: &Finetune,
+    run_dir: &Path,
+    input: &Path,
+    extra: &[String],
+    gene: Option<&str>,
+    init: Option<&Path>,
+    train_sets: &[String],
+) -> Vec<String> {
+    let mut sets = vec![
+        format!("run.dir={}", toml_str(&run_dir.display().to_string())),
+        format!("data.input={}", toml_str(&input.display().to_string())),
+    ];
     sets.extend(extra.iter().cloned());
     sets.push(format!("run.seed={}", e.seed));
     if let Some(g) = gene {
@@ -358,11 +401,20 @@ pub(crate) fn finetune_sets(e: &Experiment, f: &Finetune, run_dir: &Path, input:
 
 pub fn run(args: &ExperimentArgs) -> anyhow::Result<()> {
     let ExperimentCommand::Run { file, out, quiet, train_sets, sets } = &args.command;
-    let e: Experiment = scgpt_config::Layered::new().with_file(file)?.with_sets(sets)?.build().with_context(|| format!("{}: not a valid experiment file", file.display()))?;
+    let e: Experiment = scgpt_config::Layered::new()
+        .with_file(file)?
+        .with_sets(sets)?
+        .build()
+        .with_context(|| format!("{}: not a valid experiment file", file.display()))?;
     let out = out.clone().unwrap_or_else(|| PathBuf::from("experiments/out").join(&e.name));
     std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
     if e.recipe != "perturbation" {
-        anyhow::ensure!(!e.dataset.label_col.is_empty(), "{}: recipe = {:?} needs dataset.label_col, the obs column with the cell types", file.display(), e.recipe);
+        anyhow::ensure!(
+            !e.dataset.label_col.is_empty(),
+            "{}: recipe = {:?} needs dataset.label_col, the obs column with the cell types",
+            file.display(),
+            e.recipe
+        );
         let d = &e.dataset;
         anyhow::ensure!(
             e.eval.is_none() && d.simulate.is_none() && d.condition_col.is_empty() && d.control.is_empty() && d.separator.is_empty() && d.normalize.is_none(),
@@ -390,15 +442,41 @@ pub fn run(args: &ExperimentArgs) -> anyhow::Result<()> {
         eprintln!("experiment: {}: fine-tuning", f.name);
         train(&f.config, sets, *quiet)?;
         let report = out.join("reports").join(&f.name);
-        predict::run(&predict_args(run_dir.join("best_model"), &query, run_dir.join("query.pred.h5ad"), predict::Mode::Classifier, None, &e, gene.clone(), matrix, &report, *quiet))?;
+        predict::run(&predict_args(
+            run_dir.join("best_model"),
+            &query,
+            run_dir.join("query.pred.h5ad"),
+            predict::Mode::Classifier,
+            None,
+            &e,
+            gene.clone(),
+            matrix,
+            &report,
+            *quiet,
+        ))?;
         methods.push(Method { name: format!("scGPT fine-tuned ({})", f.name), report });
     }
 
     if let Some(k) = &e.knn {
-        let model = if Path::new(&k.model).is_dir() { PathBuf::from(&k.model) } else { out.join("runs").join(format!("{}-pretrain", k.model)).join("best_model") };
+        let model = if Path::new(&k.model).is_dir() {
+            PathBuf::from(&k.model)
+        } else {
+            out.join("runs").join(format!("{}-pretrain", k.model)).join("best_model")
+        };
         let report = out.join("reports").join("knn");
         eprintln!("experiment: kNN reference mapping with {}", model.display());
-        let mut args = predict_args(model, &query, out.join("query.knn.h5ad"), predict::Mode::Knn, Some(&reference), &e, gene.clone(), matrix, &report, *quiet);
+        let mut args = predict_args(
+            model,
+            &query,
+            out.join("query.knn.h5ad"),
+            predict::Mode::Knn,
+            Some(&reference),
+            &e,
+            gene.clone(),
+            matrix,
+            &report,
+            *quiet,
+        );
         args.k = k.k;
         predict::run(&args)?;
         methods.push(Method { name: format!("scGPT zero-shot kNN (k = {})", k.k), report });
@@ -431,10 +509,22 @@ fn write_report(e: &Experiment, file: &Path, out: &Path, methods: &[Method]) -> 
     md.push_str("| method | cells | accuracy | macro F1 | weighted F1 | macro precision | macro recall | unseen labels |\n|---|---:|---:|---:|---:|---:|---:|---|\n");
     for m in methods {
         let path = m.report.join("metrics.json");
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{}: missing", path.display()))?)?;
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{}: missing", path.display()))?)?;
         let f = |k: &str| v[k].as_f64().map_or("—".to_string(), |x| format!("{x:.3}"));
-        let unseen = v["unseen_labels"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default();
-        md.push_str(&format!("| {} | {} | {} | {} | {} | {} | {} | {} |\n", m.name, v["n_cells"], f("accuracy"), f("macro_f1"), f("weighted_f1"), f("macro_precision"), f("macro_recall"), unseen));
+        let unseen =
+            v["unseen_labels"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            m.name,
+            v["n_cells"],
+            f("accuracy"),
+            f("macro_f1"),
+            f("weighted_f1"),
+            f("macro_precision"),
+            f("macro_recall"),
+            unseen
+        ));
     }
     md.push_str("\n## Confusion matrices (row-normalised)\n\n");
     for m in methods {

@@ -96,7 +96,10 @@ pub fn run(e: &Experiment, file: &Path, out: &Path, train_sets: &[String], quiet
         }
         None => d.batch_col.clone(),
     };
-    anyhow::ensure!(!batch_col.is_empty(), "recipe = \"integration\": set dataset.batch_col (the obs column with the batches) or dataset.plant");
+    anyhow::ensure!(
+        !batch_col.is_empty(),
+        "recipe = \"integration\": set dataset.batch_col (the obs column with the batches) or dataset.plant"
+    );
     let mut rows: Vec<(String, PathBuf, Option<&str>)> = Vec::new();
     for f in &e.finetune {
         let run_dir = out.join("runs").join(&f.name);
@@ -114,7 +117,11 @@ pub fn run(e: &Experiment, file: &Path, out: &Path, train_sets: &[String], quiet
         rows.push((format!("scGPT fine-tuned ({})", f.name), report.join("metrics.json"), None));
     }
     if let Some(z) = &e.zero_shot {
-        let model = if Path::new(&z.model).is_dir() { PathBuf::from(&z.model) } else { out.join("runs").join(format!("{}-pretrain", z.model)).join("best_model") };
+        let model = if Path::new(&z.model).is_dir() {
+            PathBuf::from(&z.model)
+        } else {
+            out.join("runs").join(format!("{}-pretrain", z.model)).join("best_model")
+        };
         eprintln!("experiment: zero-shot embedding with {}", model.display());
         let emb = out.join("zero_shot.h5ad");
         let mut a = embed_args(model, &src, emb.clone(), e.seed, quiet);
@@ -148,7 +155,14 @@ pub fn run(e: &Experiment, file: &Path, out: &Path, train_sets: &[String], quiet
 }
 
 fn write_report(e: &Experiment, batch_col: &str, file: &Path, out: &Path, rows: &[(String, PathBuf, Option<&str>)]) -> anyhow::Result<()> {
-    let mut md = format!("# {}\n\n{}\n\nExperiment file: `{}`; seed {}; batch `{batch_col}`, labels `{}`.\n\n", e.name, e.description.trim(), file.display(), e.seed, e.dataset.label_col);
+    let mut md = format!(
+        "# {}\n\n{}\n\nExperiment file: `{}`; seed {}; batch `{batch_col}`, labels `{}`.\n\n",
+        e.name,
+        e.description.trim(),
+        file.display(),
+        e.seed,
+        e.dataset.label_col
+    );
     md.push_str("| method |");
     for (_, h) in KEYS {
         md.push_str(&format!(" {h} |"));
@@ -158,7 +172,8 @@ fn write_report(e: &Experiment, batch_col: &str, file: &Path, out: &Path, rows: 
     md.push('\n');
     let mut notes = Vec::new();
     for (name, path, key) in rows {
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))?)?;
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))?)?;
         let m = match key {
             Some(k) => v[*k].clone(),
             None => v,

@@ -82,7 +82,8 @@ fn eval_args(e: &Experiment, run_dir: &Path, src: &Path, report: &Path) -> anyho
     put("split", run_dir.join(SPLIT_FILE).display().to_string());
     put("report", report.display().to_string());
     put("seed", e.seed.to_string());
-    for (flag, v) in [("condition-col", &d.condition_col), ("control", &d.control), ("separator", &d.separator), ("gene-col", &d.gene_col)] {
+    for (flag, v) in [("condition-col", &d.condition_col), ("control", &d.control), ("separator", &d.separator), ("gene-col", &d.gene_col)]
+    {
         if !v.is_empty() {
             put(flag, v.clone());
         }
@@ -169,14 +170,24 @@ struct Variant {
 impl Variant {
     fn read(name: &str, report: &Path) -> anyhow::Result<Self> {
         let path = report.join("metrics.json");
-        let metrics = serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{}: missing", path.display()))?).with_context(|| format!("{}: not JSON", path.display()))?;
-        Ok(Variant { name: name.to_string(), metrics, ours: read_csv(&report.join("per_condition.csv"))?, baselines: read_csv(&report.join("per_condition_baselines.csv"))? })
+        let metrics = serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{}: missing", path.display()))?)
+            .with_context(|| format!("{}: not JSON", path.display()))?;
+        Ok(Variant {
+            name: name.to_string(),
+            metrics,
+            ours: read_csv(&report.join("per_condition.csv"))?,
+            baselines: read_csv(&report.join("per_condition_baselines.csv"))?,
+        })
     }
 }
 
 pub fn run(e: &Experiment, file: &Path, out: &Path, train_sets: &[String], quiet: bool) -> anyhow::Result<()> {
     let d = &e.dataset;
-    ensure!(e.knn.is_none() && e.zero_shot.is_none(), "{}: [knn] and [zero_shot] have no meaning for recipe = \"perturbation\"; remove them", file.display());
+    ensure!(
+        e.knn.is_none() && e.zero_shot.is_none(),
+        "{}: [knn] and [zero_shot] have no meaning for recipe = \"perturbation\"; remove them",
+        file.display()
+    );
     ensure!(!e.finetune.is_empty(), "{}: recipe = \"perturbation\" needs at least one [[finetune]] variant", file.display());
     let (src, truth) = screen(e, out, quiet)?;
     let gene = (!d.gene_col.is_empty()).then(|| d.gene_col.clone());
@@ -275,7 +286,8 @@ fn baseline_rows<'a>(v: &'a Variant, baseline: &'a str) -> impl Iterator<Item = 
 /// The means of `metric` for ours and for `baseline` over the conditions that `keep` accepts
 /// and where both are defined, and how many those are.
 fn paired(v: &Variant, baseline: &str, metric: &str, keep: impl Fn(&str) -> bool) -> Option<(f64, f64, usize)> {
-    let theirs: HashMap<&str, f64> = baseline_rows(v, baseline).filter_map(|r| Some((r.get("condition")?.as_str(), value(r, metric)?))).collect();
+    let theirs: HashMap<&str, f64> =
+        baseline_rows(v, baseline).filter_map(|r| Some((r.get("condition")?.as_str(), value(r, metric)?))).collect();
     let (mut so, mut sb, mut n) = (0.0, 0.0, 0usize);
     for r in &v.ours {
         let Some(c) = r.get("condition").filter(|c| keep(c)) else { continue };
@@ -367,8 +379,11 @@ fn plural(n: usize, word: &str) -> String {
 /// baseline on the test doubles of that kind, then ours against the additive baseline on the
 /// doubles it predicts (both singles seen in training).
 fn doubles_by_kind(md: &mut String, truth: &Path, variants: &[Variant], sep: &str) -> anyhow::Result<()> {
-    let t: Value = serde_json::from_str(&std::fs::read_to_string(truth).with_context(|| format!("{}: cannot read", truth.display()))?).with_context(|| format!("{}: not JSON", truth.display()))?;
-    let doubles = t["doubles"].as_array().with_context(|| format!("{}: no `doubles` list; not a simulate-perturbation truth file", truth.display()))?;
+    let t: Value = serde_json::from_str(&std::fs::read_to_string(truth).with_context(|| format!("{}: cannot read", truth.display()))?)
+        .with_context(|| format!("{}: not JSON", truth.display()))?;
+    let doubles = t["doubles"]
+        .as_array()
+        .with_context(|| format!("{}: no `doubles` list; not a simulate-perturbation truth file", truth.display()))?;
     let mut kinds: HashMap<String, String> = HashMap::new();
     for d in doubles {
         if let (Some(c), Some(k)) = (d["condition"].as_str(), d["kind"].as_str()) {
@@ -382,8 +397,10 @@ fn doubles_by_kind(md: &mut String, truth: &Path, variants: &[Variant], sep: &st
     // Columns: ours per variant, the additive baseline once if every variant's is the same;
     // in each, (mean, conditions defined) per kind.
     type Means = Vec<(Option<f64>, usize)>;
-    let mut cols: Vec<(String, Means)> = variants.iter().map(|v| (ours(v), names.iter().map(|k| mean_delta(v.ours.iter(), is(k))).collect())).collect();
-    let additive: Vec<Means> = variants.iter().map(|v| names.iter().map(|k| mean_delta(baseline_rows(v, "additive"), is(k))).collect()).collect();
+    let mut cols: Vec<(String, Means)> =
+        variants.iter().map(|v| (ours(v), names.iter().map(|k| mean_delta(v.ours.iter(), is(k))).collect())).collect();
+    let additive: Vec<Means> =
+        variants.iter().map(|v| names.iter().map(|k| mean_delta(baseline_rows(v, "additive"), is(k))).collect()).collect();
     if additive.windows(2).all(|w| w[0] == w[1]) {
         cols.push(("baseline: additive".into(), additive[0].clone()));
     } else {
@@ -433,7 +450,14 @@ fn doubles_by_kind(md: &mut String, truth: &Path, variants: &[Variant], sep: &st
 
 fn report(e: &Experiment, file: &Path, src: &Path, truth: Option<&Path>, variants: &[Variant]) -> anyhow::Result<String> {
     let first = &variants[0].metrics;
-    let mut md = format!("# {}\n\n{}\n\nExperiment file: `{}`; seed {}; screen `{}`", e.name, e.description.trim(), file.display(), e.seed, src.display());
+    let mut md = format!(
+        "# {}\n\n{}\n\nExperiment file: `{}`; seed {}; screen `{}`",
+        e.name,
+        e.description.trim(),
+        file.display(),
+        e.seed,
+        src.display()
+    );
     if let Some(n) = first["n_test_conditions"].as_u64() {
         md.push_str(&format!("; {n} test conditions"));
     }
@@ -471,7 +495,16 @@ fn report(e: &Experiment, file: &Path, src: &Path, truth: Option<&Path>, variant
         let sep = if e.dataset.separator.is_empty() { "+" } else { e.dataset.separator.as_str() };
         doubles_by_kind(&mut md, t, variants, sep)?;
     }
-    let skipped: Vec<String> = variants.iter().flat_map(|v| v.metrics["skipped"].as_array().into_iter().flatten().map(move |s| format!("- {}: {} skipped: {}", v.name, s["condition"], s["why"]))).collect();
+    let skipped: Vec<String> = variants
+        .iter()
+        .flat_map(|v| {
+            v.metrics["skipped"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |s| format!("- {}: {} skipped: {}", v.name, s["condition"], s["why"]))
+        })
+        .collect();
     if !skipped.is_empty() {
         md.push_str("\nSkipped test conditions:\n");
         md.push_str(&skipped.join("\n"));
@@ -493,7 +526,11 @@ mod tests {
     fn csv_fields_and_condition_keys() {
         assert_eq!(split_csv_line("a,\"b,c\",,\"d\"\"e\""), ["a", "b,c", "", "d\"e"]);
         assert_eq!(condition_key("B+A", "+"), condition_key("A+B", "+"));
-        let rows = [row(&[("condition", "B+A"), ("pearson_delta", "0.5")]), row(&[("condition", "C+D"), ("pearson_delta", "0.1")]), row(&[("condition", "D+C"), ("pearson_delta", "")])];
+        let rows = [
+            row(&[("condition", "B+A"), ("pearson_delta", "0.5")]),
+            row(&[("condition", "C+D"), ("pearson_delta", "0.1")]),
+            row(&[("condition", "D+C"), ("pearson_delta", "")]),
+        ];
         // An undefined value is left out of the mean and the count.
         assert_eq!(mean_delta(rows.iter(), |c| c.contains('C')), (Some(0.1), 1));
         assert_eq!(mean_delta(rows.iter(), |c| c == "X"), (None, 0));
@@ -502,9 +539,19 @@ mod tests {
     /// Ours 0.5/0.3 on A/B; the additive baseline predicts only A (0.7), the linear one both
     /// (0.2, 0.2), the training mean both (0.6, 0.4) for pearson_delta only.
     fn variant() -> Variant {
-        let ours = vec![row(&[("condition", "A"), ("pearson_delta", "0.5"), ("pearson", "0.9")]), row(&[("condition", "B"), ("pearson_delta", "0.3"), ("pearson", "0.9")])];
+        let ours = vec![
+            row(&[("condition", "A"), ("pearson_delta", "0.5"), ("pearson", "0.9")]),
+            row(&[("condition", "B"), ("pearson_delta", "0.3"), ("pearson", "0.9")]),
+        ];
         let b = |name: &str, c: &str, d: &str| row(&[("baseline", name), ("condition", c), ("pearson_delta", d), ("pearson", "0.8")]);
-        let baselines = vec![b("additive", "A", "0.7"), b("additive", "B", ""), b("linear", "A", "0.2"), b("linear", "B", "0.2"), b("train_mean", "A", "0.6"), b("train_mean", "B", "0.4")];
+        let baselines = vec![
+            b("additive", "A", "0.7"),
+            b("additive", "B", ""),
+            b("linear", "A", "0.2"),
+            b("linear", "B", "0.2"),
+            b("train_mean", "A", "0.6"),
+            b("train_mean", "B", "0.4"),
+        ];
         Variant { name: "x".into(), metrics: Value::Null, ours, baselines }
     }
 

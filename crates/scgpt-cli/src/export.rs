@@ -43,26 +43,21 @@ pub fn export(args: &ExportArgs) -> anyhow::Result<()> {
         (ckpt.model, ckpt.vocab_json)
     } else {
         let loaded = model_dir::load(&args.checkpoint, &device)?;
-        let vocab_json = std::fs::read_to_string(&loaded.vocab_path)
-            .with_context(|| format!("{}: cannot read", loaded.vocab_path.display()))?;
+        let vocab_json =
+            std::fs::read_to_string(&loaded.vocab_path).with_context(|| format!("{}: cannot read", loaded.vocab_path.display()))?;
         (loaded.model, vocab_json)
     };
     let config = model.config.clone();
     let report = export_original(&model, &config, &vocab_json, &args.output)?;
-    eprintln!(
-        "exported {} tensors ({} bytes) to {}",
-        report.tensors.len(),
-        report.weights_bytes,
-        report.dir.display()
-    );
+    eprintln!("exported {} tensors ({} bytes) to {}", report.tensors.len(), report.weights_bytes, report.dir.display());
     Ok(())
 }
 
 pub fn convert(args: &ConvertArgs) -> anyhow::Result<()> {
     let device = Device::flex();
     let loaded = model_dir::load(&args.model, &device)?;
-    let vocab_json = std::fs::read_to_string(&loaded.vocab_path)
-        .with_context(|| format!("{}: cannot read", loaded.vocab_path.display()))?;
+    let vocab_json =
+        std::fs::read_to_string(&loaded.vocab_path).with_context(|| format!("{}: cannot read", loaded.vocab_path.display()))?;
     save_native(&loaded.model, &vocab_json, &args.output)?;
     eprintln!("wrote native checkpoint {}", args.output.display());
     Ok(())

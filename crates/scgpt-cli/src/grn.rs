@@ -37,7 +37,11 @@ pub(crate) enum GeneChoice {
 
 pub(crate) fn parse_genes(s: &str) -> anyhow::Result<GeneChoice> {
     if let Some(n) = s.strip_prefix("hvg:") {
-        let n: usize = n.parse().ok().filter(|&n| n > 0).with_context(|| format!("--genes {s:?}: hvg:N needs a positive number of genes, e.g. hvg:1200"))?;
+        let n: usize = n
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .with_context(|| format!("--genes {s:?}: hvg:N needs a positive number of genes, e.g. hvg:1200"))?;
         return Ok(GeneChoice::Hvg(n));
     }
     let p = PathBuf::from(s);

@@ -133,7 +133,6 @@ pub struct GrnAttentionArgs {
     pub quiet: bool,
 }
 
-
 /// One gene's scores, averaged over the cells of each condition.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TargetScore {
@@ -155,8 +154,9 @@ fn load_model(dir: &Path, device: &Device, notes: &mut Vec<String>) -> anyhow::R
         );
     }
     let args_path = dir.join(model_dir::ARGS);
-    let args: Value = serde_json::from_str(&std::fs::read_to_string(&args_path).with_context(|| format!("{}: cannot read", args_path.display()))?)
-        .with_context(|| format!("{}: not valid JSON", args_path.display()))?;
+    let args: Value =
+        serde_json::from_str(&std::fs::read_to_string(&args_path).with_context(|| format!("{}: cannot read", args_path.display()))?)
+            .with_context(|| format!("{}: not valid JSON", args_path.display()))?;
     let args_say_bn = ["domain_spec_batchnorm", "DSBN"].iter().any(|k| args.get(*k).and_then(Value::as_str) == Some("batchnorm"));
     let file_has_bn = skipped_under("bn.") && loaded.report.skipped.iter().any(|s| s.name == "bn.running_mean");
     if loaded.model.bn.is_none() && (args_say_bn || file_has_bn) {
@@ -205,7 +205,13 @@ pub fn run(a: &GrnAttentionArgs) -> anyhow::Result<()> {
     let gene = a.perturbed.as_str();
 
     // The screen, GENE's presence, and the two groups of cells.
-    let opts = ScreenOptions { condition_col: a.condition_col.clone(), control: a.control.clone(), separator: a.separator.clone(), gene_col: a.gene_col.clone(), normalize: a.normalize };
+    let opts = ScreenOptions {
+        condition_col: a.condition_col.clone(),
+        control: a.control.clone(),
+        separator: a.separator.clone(),
+        gene_col: a.gene_col.clone(),
+        normalize: a.normalize,
+    };
     let screen = Screen::read(&a.input, &opts)?;
     notes.extend(screen.notes.iter().cloned());
     let var_what = if a.gene_col.is_empty() { "the var index".to_string() } else { format!("var[{:?}]", a.gene_col) };
@@ -225,7 +231,8 @@ pub fn run(a: &GrnAttentionArgs) -> anyhow::Result<()> {
     let control_rows = screen.control_rows();
     let perturbed_rows: Vec<usize> = (0..screen.n_cells()).filter(|&i| is_perturbed[screen.conditions[i].as_str()]).collect();
     if perturbed_rows.is_empty() {
-        let with_gene: Vec<&str> = is_perturbed.keys().copied().filter(|c| format.parse(c).is_ok_and(|p| p.genes().contains(&gene))).take(5).collect();
+        let with_gene: Vec<&str> =
+            is_perturbed.keys().copied().filter(|c| format.parse(c).is_ok_and(|p| p.genes().contains(&gene))).take(5).collect();
         bail!(
             "{}: no cells of {gene}'s condition {label:?} in obs[{:?}] ({} conditions{}); --perturbed names a gene perturbed alone in the screen",
             a.input.display(),
@@ -340,9 +347,17 @@ pub fn run(a: &GrnAttentionArgs) -> anyhow::Result<()> {
     let model = &loaded.model;
     let layer = resolve_layer(a.layer, model.transformer_encoder.layers.len())?;
     let heads = model.config.nhead;
-    eprintln!("{} tokens (<cls> + {} genes: {genes_desc}); layer {layer} of {}, {heads} heads", m, chosen.len(), model.transformer_encoder.layers.len());
+    eprintln!(
+        "{} tokens (<cls> + {} genes: {genes_desc}); layer {layer} of {}, {heads} heads",
+        m,
+        chosen.len(),
+        model.transformer_encoder.layers.len()
+    );
     let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(n_cells as u64) };
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {human_pos}/{human_len} cells  {per_sec}  ETA {eta}").expect("valid template"));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {human_pos}/{human_len} cells  {per_sec}  ETA {eta}")
+            .expect("valid template"),
+    );
     let mut sums = [vec![0f64; m], vec![0f64; m]];
     let mut counts = [0usize; 2];
     for start in (0..n_cells).step_by(a.batch_size) {
@@ -360,7 +375,12 @@ pub fn run(a: &GrnAttentionArgs) -> anyhow::Result<()> {
             src_key_padding_mask: Tensor::<2, Bool>::from_data(TensorData::new(vec![false; b * m], [b, m]), &device),
             batch_labels: None,
         };
-        let scores: Vec<f32> = model.attention_scores(input, layer as isize)?.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow::anyhow!("reading the attention scores: {e:?}"))?;
+        let scores: Vec<f32> = model
+            .attention_scores(input, layer as isize)?
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("reading the attention scores: {e:?}"))?;
         let per_cell = heads * m * m;
         for (c, cell) in scores.chunks_exact(per_cell).enumerate() {
             let column = rank_normalised_column(cell, heads, m, col)?;
@@ -392,7 +412,12 @@ pub fn run(a: &GrnAttentionArgs) -> anyhow::Result<()> {
     for n in &notes {
         eprintln!("note: {n}");
     }
-    eprintln!("{}: {} targets of {gene}; top: {}", a.output.display(), targets.len(), targets.iter().take(5).map(|t| format!("{} ({:+.4})", t.target, t.difference)).collect::<Vec<_>>().join(", "));
+    eprintln!(
+        "{}: {} targets of {gene}; top: {}",
+        a.output.display(),
+        targets.len(),
+        targets.iter().take(5).map(|t| format!("{} ({:+.4})", t.target, t.difference)).collect::<Vec<_>>().join(", ")
+    );
     Ok(())
 }
 
@@ -400,23 +425,46 @@ pub fn run(a: &GrnAttentionArgs) -> anyhow::Result<()> {
 pub fn targets_tsv(targets: &[TargetScore]) -> String {
     let mut s = String::from("target\tscore_control\tscore_perturbed\tdifference\trank\n");
     for (r, t) in targets.iter().enumerate() {
-        s.push_str(&format!("{}\t{}\t{}\t{}\t{}\n", t.target, t.score_control as f32, t.score_perturbed as f32, t.difference as f32, r + 1));
+        s.push_str(&format!(
+            "{}\t{}\t{}\t{}\t{}\n",
+            t.target,
+            t.score_control as f32,
+            t.score_perturbed as f32,
+            t.difference as f32,
+            r + 1
+        ));
     }
     s
 }
 
 #[allow(clippy::too_many_arguments)] // One call site; the summary's fields.
-fn write_outputs(a: &GrnAttentionArgs, targets: &[TargetScore], label: &str, layer: usize, heads: usize, m: usize, n_cells: usize, counts: [usize; 2], genes_desc: &str, notes: &[String]) -> anyhow::Result<()> {
+fn write_outputs(
+    a: &GrnAttentionArgs,
+    targets: &[TargetScore],
+    label: &str,
+    layer: usize,
+    heads: usize,
+    m: usize,
+    n_cells: usize,
+    counts: [usize; 2],
+    genes_desc: &str,
+    notes: &[String],
+) -> anyhow::Result<()> {
     let dir = &a.output;
     std::fs::create_dir_all(dir).with_context(|| format!("--output {}: cannot create", dir.display()))?;
     let gene = &a.perturbed;
-    scgpt_data::atomic::write_bytes(&dir.join(TARGETS_FILE), targets_tsv(targets).as_bytes()).with_context(|| format!("writing {}", dir.join(TARGETS_FILE).display()))?;
+    scgpt_data::atomic::write_bytes(&dir.join(TARGETS_FILE), targets_tsv(targets).as_bytes())
+        .with_context(|| format!("writing {}", dir.join(TARGETS_FILE).display()))?;
 
     let top: Vec<&TargetScore> = targets.iter().take(a.top.max(1)).collect();
     let labels: Vec<String> = top.iter().map(|t| t.target.clone()).collect();
     let values: Vec<f64> = top.iter().map(|t| t.difference).collect();
     let title = format!("Attention to {gene}: {label} − control (layer {layer})");
-    write_bar_chart_png(dir, CHART_FILE, &BarChart { title: &title, value_label: "difference of rank-normalised attention", labels: &labels, values: &values })?;
+    write_bar_chart_png(
+        dir,
+        CHART_FILE,
+        &BarChart { title: &title, value_label: "difference of rank-normalised attention", labels: &labels, values: &values },
+    )?;
 
     let summary = json!({
         "command": "scgpt grn attention",
@@ -436,7 +484,8 @@ fn write_outputs(a: &GrnAttentionArgs, targets: &[TargetScore], label: &str, lay
         "direction": format!("column {gene} of the rank-normalised q·kᵀ: each target as query attending to {gene} as key (the tutorial's choice)"),
         "notes": notes,
     });
-    scgpt_data::atomic::write_bytes(&dir.join(SUMMARY_FILE), (serde_json::to_string_pretty(&summary)? + "\n").as_bytes()).with_context(|| format!("writing {}", dir.join(SUMMARY_FILE).display()))?;
+    scgpt_data::atomic::write_bytes(&dir.join(SUMMARY_FILE), (serde_json::to_string_pretty(&summary)? + "\n").as_bytes())
+        .with_context(|| format!("writing {}", dir.join(SUMMARY_FILE).display()))?;
     Ok(())
 }
 
@@ -467,6 +516,9 @@ mod tests {
             TargetScore { target: "A".into(), score_control: 0.25, score_perturbed: 0.5, difference: 0.25 },
             TargetScore { target: "B".into(), score_control: 0.5, score_perturbed: 0.25, difference: -0.25 },
         ];
-        assert_eq!(targets_tsv(&t), "target\tscore_control\tscore_perturbed\tdifference\trank\nA\t0.25\t0.5\t0.25\t1\nB\t0.5\t0.25\t-0.25\t2\n");
+        assert_eq!(
+            targets_tsv(&t),
+            "target\tscore_control\tscore_perturbed\tdifference\trank\nA\t0.25\t0.5\t0.25\t1\nB\t0.5\t0.25\t-0.25\t2\n"
+        );
     }
 }

@@ -18,8 +18,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use scgpt_data::h5ad::{H5adReader, MatrixChoice};
 use scgpt_eval::grn::{
-    activity_by_cell_type, enrichment, evaluate_against_reference, gene_programs, program_activity, read_gmt, top_k_edges, write_activity_heatmap_png, write_edges_tsv, write_program_network_png,
-    GeneEmbeddings, GeneScorer, ProgramOptions, ReferenceNetwork, ScoreGenesOptions,
+    activity_by_cell_type, enrichment, evaluate_against_reference, gene_programs, program_activity, read_gmt, top_k_edges,
+    write_activity_heatmap_png, write_edges_tsv, write_program_network_png, GeneEmbeddings, GeneScorer, ProgramOptions, ReferenceNetwork,
+    ScoreGenesOptions,
 };
 use scgpt_eval::preprocess::{filter_genes_min_counts, highly_variable_genes, HvgFlavor, HvgOptions};
 use scgpt_eval::{keep_columns, OwnedCsr};
@@ -140,7 +141,12 @@ pub(crate) fn choose_genes(spec: &str, expr: &Expression, min_counts: f64) -> an
             let mut opts = HvgOptions::new(n.min(kept.len()), flavor);
             opts.batch = None;
             let hvg = highly_variable_genes(&x.csr()?, &opts).context("--genes hvg")?;
-            let how = format!("{} highly variable genes ({}) of the {} with totals >= {min_counts}", hvg.selected.len(), flavor.as_str(), kept.len());
+            let how = format!(
+                "{} highly variable genes ({}) of the {} with totals >= {min_counts}",
+                hvg.selected.len(),
+                flavor.as_str(),
+                kept.len()
+            );
             Ok((hvg.selected.iter().map(|&j| kept[j]).collect(), how))
         }
         GeneChoice::File(path) => {
@@ -161,10 +167,18 @@ pub fn run(a: &GrnEmbeddingArgs) -> anyhow::Result<()> {
     let (kept, dropped): (Vec<usize>, Vec<usize>) = cols.into_iter().partition(|&c| loaded.vocab.get(&expr.genes[c]).is_some());
     if !dropped.is_empty() {
         let names: Vec<&str> = dropped.iter().take(20).map(|&c| expr.genes[c].as_str()).collect();
-        eprintln!("warning: {} chosen genes are not in the model vocabulary and are dropped: {}{}", dropped.len(), names.join(", "), if dropped.len() > 20 { ", ..." } else { "" });
+        eprintln!(
+            "warning: {} chosen genes are not in the model vocabulary and are dropped: {}{}",
+            dropped.len(),
+            names.join(", "),
+            if dropped.len() > 20 { ", ..." } else { "" }
+        );
     }
     if kept.len() < 10 {
-        bail!("{} of the chosen genes are in the model vocabulary ({how}); at least 10 are needed: check --gene-col (symbols) and --genes", kept.len());
+        bail!(
+            "{} of the chosen genes are in the model vocabulary ({how}); at least 10 are needed: check --gene-col (symbols) and --genes",
+            kept.len()
+        );
     }
     let names: Vec<String> = kept.iter().map(|&c| expr.genes[c].clone()).collect();
     let ids: Vec<i64> = names.iter().map(|g| loaded.vocab.get(g).expect("kept") as i64).collect();
@@ -177,7 +191,10 @@ pub fn run(a: &GrnEmbeddingArgs) -> anyhow::Result<()> {
     write_embeddings_parquet(&a.output.join("gene_embeddings.parquet"), &emb)?;
     let edges = top_k_edges(&emb, a.top_k)?;
     write_edges_parquet(&a.output.join("edges.parquet"), &edges)?;
-    let programs = gene_programs(&emb, &ProgramOptions { resolution: a.resolution, min_program_size: a.min_program_size, seed: a.seed, ..Default::default() })?;
+    let programs = gene_programs(
+        &emb,
+        &ProgramOptions { resolution: a.resolution, min_program_size: a.min_program_size, seed: a.seed, ..Default::default() },
+    )?;
     programs.write_tsv(&emb, &a.output, "programs.tsv")?;
     let sets = programs.gene_sets(&emb);
 
@@ -199,7 +216,14 @@ pub fn run(a: &GrnEmbeddingArgs) -> anyhow::Result<()> {
             write_activity_heatmap_png(&a.output, "program_activity_by_cell_type.png", &table, "Program activity by cell type", true)?;
         }
         let largest = programs.programs.iter().max_by_key(|p| p.genes.len()).expect("programs");
-        write_program_network_png(&a.output, "program_network.png", &emb, &largest.genes, a.edge_threshold, &format!("program {} ({} genes)", largest.id, largest.genes.len()))?;
+        write_program_network_png(
+            &a.output,
+            "program_network.png",
+            &emb,
+            &largest.genes,
+            a.edge_threshold,
+            &format!("program {} ({} genes)", largest.id, largest.genes.len()),
+        )?;
     }
     if let Some(gmt) = &a.gmt {
         let gene_sets = read_gmt(gmt)?;
@@ -235,7 +259,13 @@ pub fn run(a: &GrnEmbeddingArgs) -> anyhow::Result<()> {
         scgpt_data::atomic::write_bytes(&a.output.join("gene_embeddings.tsv"), t.as_bytes())?;
     }
     scgpt_data::atomic::write_bytes(&a.output.join("summary.json"), (serde_json::to_string_pretty(&summary)? + "\n").as_bytes())?;
-    eprintln!("scgpt grn embedding: {} genes ({how}), {} programs of >= {} genes; {}", names.len(), sets.len(), a.min_program_size, a.output.display());
+    eprintln!(
+        "scgpt grn embedding: {} genes ({how}), {} programs of >= {} genes; {}",
+        names.len(),
+        sets.len(),
+        a.min_program_size,
+        a.output.display()
+    );
     Ok(())
 }
 
@@ -285,7 +315,9 @@ fn write_embeddings_parquet(path: &Path, emb: &GeneEmbeddings) -> anyhow::Result
 
 fn write_edges_parquet(path: &Path, edges: &[scgpt_eval::grn::Edge]) -> anyhow::Result<()> {
     use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray};
-    let col = |f: &dyn Fn(&scgpt_eval::grn::Edge) -> String| -> ArrayRef { std::sync::Arc::new(StringArray::from(edges.iter().map(f).collect::<Vec<_>>())) };
+    let col = |f: &dyn Fn(&scgpt_eval::grn::Edge) -> String| -> ArrayRef {
+        std::sync::Arc::new(StringArray::from(edges.iter().map(f).collect::<Vec<_>>()))
+    };
     let batch = RecordBatch::try_from_iter(vec![
         ("source", col(&|e| e.source.clone())),
         ("target", col(&|e| e.target.clone())),

@@ -59,7 +59,8 @@ impl TokenGenes {
         let mut slot = vec![u32::MAX; vocab.len()];
         let mut genes = Vec::with_capacity(names.len());
         for (k, n) in names.iter().enumerate() {
-            let id = vocab.get(n).with_context(|| format!("{}: token gene {n:?} is not in vocab.json", dir.join(INFERENCE_FILE).display()))?;
+            let id =
+                vocab.get(n).with_context(|| format!("{}: token gene {n:?} is not in vocab.json", dir.join(INFERENCE_FILE).display()))?;
             slot[id as usize] = k as u32;
             genes.push(id);
         }
@@ -78,7 +79,8 @@ impl TokenGenes {
                 }
             }
         }
-        let missing = present.iter().enumerate().filter(|(_, p)| !**p).take(5).map(|(k, _)| vocab.tokens()[self.genes[k] as usize].clone()).collect();
+        let missing =
+            present.iter().enumerate().filter(|(_, p)| !**p).take(5).map(|(k, _)| vocab.tokens()[self.genes[k] as usize].clone()).collect();
         (present.iter().filter(|p| **p).count(), missing)
     }
 
@@ -214,7 +216,13 @@ impl BatchArgs {
     /// The query's batch-label ids when the model reads batch labels (`None` otherwise), and
     /// how many cells carry a label the model never saw; with `--unseen-batch mean` those get
     /// the mean domain, which is added to the model first.
-    pub fn ids_for(&self, dir: &Path, spec: Option<&InferenceSpec>, input: &Path, model: &mut TransformerModel) -> anyhow::Result<(Option<Vec<i64>>, usize)> {
+    pub fn ids_for(
+        &self,
+        dir: &Path,
+        spec: Option<&InferenceSpec>,
+        input: &Path,
+        model: &mut TransformerModel,
+    ) -> anyhow::Result<(Option<Vec<i64>>, usize)> {
         let c = &model.config;
         let reads = c.use_batch_labels || c.domain_spec_batchnorm != scgpt_model::BatchNormStyle::None;
         if !reads {
@@ -225,12 +233,20 @@ impl BatchArgs {
         }
         let map_path = dir.join(scgpt_engine::tasks::labels::BATCH_LABELS_FILE);
         let names: Vec<String> = match std::fs::read_to_string(&map_path) {
-            Ok(text) => serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON list of batch labels", map_path.display()))?,
-            Err(_) => bail!("{}: the model reads batch labels but its directory has no {}; it needs the batch-label map of its training run", dir.display(), scgpt_engine::tasks::labels::BATCH_LABELS_FILE),
+            Ok(text) => {
+                serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON list of batch labels", map_path.display()))?
+            }
+            Err(_) => bail!(
+                "{}: the model reads batch labels but its directory has no {}; it needs the batch-label map of its training run",
+                dir.display(),
+                scgpt_engine::tasks::labels::BATCH_LABELS_FILE
+            ),
         };
         let col = match (&self.batch_col, spec.and_then(|s| s.batch_col.as_ref())) {
             (Some(c), _) | (None, Some(c)) => c.clone(),
-            (None, None) => bail!("{}: the model reads batch labels: pass --batch-col, the obs column with each cell's batch", dir.display()),
+            (None, None) => {
+                bail!("{}: the model reads batch labels: pass --batch-col, the obs column with each cell's batch", dir.display())
+            }
         };
         let (ids, unseen) = batch_ids(input, &col, &names, self.unseen_batch == UnseenBatch::Mean)?;
         if unseen > 0 {
@@ -243,7 +259,19 @@ impl BatchArgs {
 
 /// Every cell of an h5ad through the model.
 #[allow(clippy::too_many_arguments)]
-pub fn run_model(model: &TransformerModel, path: &Path, matrix: MatrixChoice, gene_col: Option<&str>, loaded: &LoadedModel, enc: &Encoding, batch_size: usize, min_gene_match: f64, quiet: bool, head: Head, dev: &Device) -> anyhow::Result<Encoded> {
+pub fn run_model(
+    model: &TransformerModel,
+    path: &Path,
+    matrix: MatrixChoice,
+    gene_col: Option<&str>,
+    loaded: &LoadedModel,
+    enc: &Encoding,
+    batch_size: usize,
+    min_gene_match: f64,
+    quiet: bool,
+    head: Head,
+    dev: &Device,
+) -> anyhow::Result<Encoded> {
     // A model trained on a gene selection needs those genes, not most of the input's: the
     // match is checked against the selection.
     let source_min = if enc.token_genes.is_some() { 0.0 } else { min_gene_match };
@@ -263,7 +291,14 @@ pub fn run_model(model: &TransformerModel, path: &Path, matrix: MatrixChoice, ge
         }
     }
     let g = source.genes();
-    eprintln!("{}: {} of {} {} matched the model vocabulary ({:.1}%)", path.display(), g.matched, g.total, g.what, 100.0 * g.matched as f64 / g.total.max(1) as f64);
+    eprintln!(
+        "{}: {} of {} {} matched the model vocabulary ({:.1}%)",
+        path.display(),
+        g.matched,
+        g.total,
+        g.what,
+        100.0 * g.matched as f64 / g.total.max(1) as f64
+    );
     if enc.token_genes.is_none() && (g.matched as f64) < 0.5 * g.total as f64 {
         eprintln!("warning: fewer than half of the input genes are in the model vocabulary; is --gene-col right (e.g. feature_name for CELLxGENE files)?");
     }
@@ -275,7 +310,10 @@ pub fn run_model(model: &TransformerModel, path: &Path, matrix: MatrixChoice, ge
         anyhow::ensure!(ids.len() == n, "{}: {} batch labels for {n} cells", path.display(), ids.len());
     }
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(n as u64) };
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {human_pos}/{human_len} cells  {per_sec}  ETA {eta}").expect("valid template"));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {human_pos}/{human_len} cells  {per_sec}  ETA {eta}")
+            .expect("valid template"),
+    );
     let mut rows: Vec<f32> = Vec::new();
     let mut width = 0;
     let batch_size = batch_size.max(1);
@@ -310,7 +348,10 @@ pub fn run_model(model: &TransformerModel, path: &Path, matrix: MatrixChoice, ge
                     src: Tensor::<2, Int>::from_data(TensorData::new(b.ids.clone(), [b.b, b.l]), dev),
                     values: Tensor::<2>::from_data(TensorData::new(b.values.clone(), [b.b, b.l]), dev),
                     src_key_padding_mask: Tensor::<2, Bool>::from_data(TensorData::new(b.pad.clone(), [b.b, b.l]), dev),
-                    batch_labels: enc.batch_ids.as_ref().map(|_| Tensor::<1, Int>::from_data(TensorData::new(vec![*label; b.b], [b.b]), dev)),
+                    batch_labels: enc
+                        .batch_ids
+                        .as_ref()
+                        .map(|_| Tensor::<1, Int>::from_data(TensorData::new(vec![*label; b.b], [b.b]), dev)),
                 };
                 let o = model.forward(input, ForwardFlags { cls: matches!(head, Head::Probabilities), ..Default::default() })?;
                 let out = match head {

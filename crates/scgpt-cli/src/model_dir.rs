@@ -69,29 +69,18 @@ fn required(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
 /// field, for a model this project fine-tuned, whose args.json says what it was built with:
 /// DSBN, batch labels, heads).
 fn read_args(path: &Path, all: bool) -> anyhow::Result<Map<String, Value>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    let value: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let value: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
     let Value::Object(map) = value else {
-        bail!(
-            "{}: expected a JSON object at the top level",
-            path.display()
-        );
+        bail!("{}: expected a JSON object at the top level", path.display());
     };
     // The original's embed_data reads these with model_configs[...]: they must be there.
     for key in ["pad_value", "pad_token"] {
         if !map.contains_key(key) {
-            bail!(
-                "{}: field `{key}` missing (the original's embed_data needs it too)",
-                path.display()
-            );
+            bail!("{}: field `{key}` missing (the original's embed_data needs it too)", path.display());
         }
     }
-    Ok(map
-        .into_iter()
-        .filter(|(k, _)| all || USED_KEYS.contains(&k.as_str()))
-        .collect())
+    Ok(map.into_iter().filter(|(k, _)| all || USED_KEYS.contains(&k.as_str())).collect())
 }
 
 /// One key of args.json as written (the embedding loader keeps only `USED_KEYS`).
@@ -111,7 +100,8 @@ pub fn load(dir: &Path, device: &Device) -> anyhow::Result<LoadedModel> {
 pub fn load_classifier(dir: &Path, device: &Device, n_cls: usize) -> anyhow::Result<LoadedModel> {
     let loaded = load_with(dir, device, Some(n_cls))?;
     if let Some(m) = loaded.report.missing.iter().find(|m| m.starts_with("cls_decoder.")) {
-        let why = loaded.report.skipped.iter().find(|s| s.name == *m).map(|s| s.reason.clone()).unwrap_or_else(|| "absent from the file".into());
+        let why =
+            loaded.report.skipped.iter().find(|s| s.name == *m).map(|s| s.reason.clone()).unwrap_or_else(|| "absent from the file".into());
         bail!(
             "{}: the classifier head did not load ({m}: {why}); a model for prediction is a fine-tuned annotation model (best_model/ of a `task.kind = \"annotation\"` run) whose classes file lists {n_cls} classes",
             dir.join(CHECKPOINT).display()
@@ -122,15 +112,16 @@ pub fn load_classifier(dir: &Path, device: &Device, n_cls: usize) -> anyhow::Res
 
 fn load_with(dir: &Path, device: &Device, n_cls: Option<usize>) -> anyhow::Result<LoadedModel> {
     if !dir.is_dir() {
-        bail!(
-            "{}: model directory not found (expected a folder with {CHECKPOINT}, {VOCAB} and {ARGS})",
-            dir.display()
-        );
+        bail!("{}: model directory not found (expected a folder with {CHECKPOINT}, {VOCAB} and {ARGS})", dir.display());
     }
     let vocab_path = required(dir, VOCAB)?;
     let args_path = required(dir, ARGS)?;
     // The annotation tutorial saves its fine-tuned weights as model.pt.
-    let ckpt_path = if !dir.join(CHECKPOINT).is_file() && dir.join(TUTORIAL_CHECKPOINT).is_file() { dir.join(TUTORIAL_CHECKPOINT) } else { required(dir, CHECKPOINT)? };
+    let ckpt_path = if !dir.join(CHECKPOINT).is_file() && dir.join(TUTORIAL_CHECKPOINT).is_file() {
+        dir.join(TUTORIAL_CHECKPOINT)
+    } else {
+        required(dir, CHECKPOINT)?
+    };
 
     let mut vocab = GeneVocab::from_file(&vocab_path)?;
     // As embed_data: special tokens missing from the file are appended.
@@ -146,34 +137,19 @@ fn load_with(dir: &Path, device: &Device, n_cls: Option<usize>) -> anyhow::Resul
     }
     let origin = args_path.display().to_string();
     let config = ModelConfig::from_args_map(&args, vocab.len(), &origin)?;
-    let pad_id = vocab.get(&config.pad_token).with_context(|| {
-        format!(
-            "{origin}: field `pad_token`: {:?} is not a token of {}",
-            config.pad_token,
-            vocab_path.display()
-        )
-    })?;
+    let pad_id = vocab
+        .get(&config.pad_token)
+        .with_context(|| format!("{origin}: field `pad_token`: {:?} is not a token of {}", config.pad_token, vocab_path.display()))?;
     let cls_id = vocab.cls_id().expect("ensure_specials added <cls>");
     let pad_value = config.pad_value as f32;
     let d_model = config.d_model;
     let config = config.with_pad_token_id(pad_id as usize);
-    config
-        .validate()
-        .with_context(|| format!("{origin}: unusable model configuration"))?;
+    config.validate().with_context(|| format!("{origin}: unusable model configuration"))?;
 
     let mut model = config.init(device)?;
     let report = load_pretrained(&mut model, &ckpt_path)?;
-    if let Some(m) = report
-        .missing
-        .iter()
-        .find(|m| m.starts_with("value_encoder."))
-    {
-        let why = report
-            .skipped
-            .iter()
-            .find(|s| s.name == *m)
-            .map(|s| s.reason.clone())
-            .unwrap_or_else(|| "absent from the file".into());
+    if let Some(m) = report.missing.iter().find(|m| m.starts_with("value_encoder.")) {
+        let why = report.skipped.iter().find(|s| s.name == *m).map(|s| s.reason.clone()).unwrap_or_else(|| "absent from the file".into());
         bail!(
             "checkpoint {}: the value encoder did not load ({m}: {why}); is `input_emb_style` in {} \
              right for this checkpoint?",
@@ -181,14 +157,5 @@ fn load_with(dir: &Path, device: &Device, n_cls: Option<usize>) -> anyhow::Resul
             args_path.display()
         );
     }
-    Ok(LoadedModel {
-        model,
-        vocab,
-        vocab_path,
-        pad_id,
-        cls_id,
-        pad_value,
-        d_model,
-        report,
-    })
+    Ok(LoadedModel { model, vocab, vocab_path, pad_id, cls_id, pad_value, d_model, report })
 }

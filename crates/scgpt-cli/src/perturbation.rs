@@ -72,12 +72,13 @@ impl PerturbationModel {
     pub fn load(dir: &Path, device: &str) -> anyhow::Result<Self> {
         let device = crate::embed::device(device)?;
         anyhow::ensure!(
-            dir.join(scgpt_model::perturbation_checkpoint::PERTURBATION_ARGS).is_file(),
+            dir.join(scgpt_model::io::perturbation_checkpoint::PERTURBATION_ARGS).is_file(),
             "{}: not a perturbation model (no {}); pass the best_model/ of a task.kind = \"perturbation\" run",
             dir.display(),
-            scgpt_model::perturbation_checkpoint::PERTURBATION_ARGS
+            scgpt_model::io::perturbation_checkpoint::PERTURBATION_ARGS
         );
-        let (model, vocab_json) = scgpt_model::perturbation_checkpoint::load_exported_perturbation(dir, &device).with_context(|| format!("--model {}", dir.display()))?;
+        let (model, vocab_json) = scgpt_model::io::perturbation_checkpoint::load_exported_perturbation(dir, &device)
+            .with_context(|| format!("--model {}", dir.display()))?;
         let vocab = GeneVocab::from_json_str(&vocab_json, &dir.join("vocab.json").display().to_string())?;
         let spec_path = dir.join(SCREEN_FILE);
         let spec = if spec_path.is_file() { Some(ScreenSpec::load(&spec_path)?) } else { None };
@@ -116,10 +117,17 @@ impl PerturbationModel {
         let mut cols = Vec::new();
         for g in cond.genes() {
             let Some(&c) = index.get(g) else {
-                bail!("condition {condition}: gene {g} is not among the genes of {} (var {})", screen.path.display(), if screen.opts.gene_col.is_empty() { "index".to_string() } else { format!("[{:?}]", screen.opts.gene_col) });
+                bail!(
+                    "condition {condition}: gene {g} is not among the genes of {} (var {})",
+                    screen.path.display(),
+                    if screen.opts.gene_col.is_empty() { "index".to_string() } else { format!("[{:?}]", screen.opts.gene_col) }
+                );
             };
             if self.vocab.get(g).is_none() {
-                bail!("condition {condition}: gene {g} is not in the model's vocabulary ({}); the model has no embedding to perturb", self.dir.join("vocab.json").display());
+                bail!(
+                    "condition {condition}: gene {g} is not in the model's vocabulary ({}); the model has no embedding to perturb",
+                    self.dir.join("vocab.json").display()
+                );
             }
             cols.push(c);
         }
@@ -127,7 +135,14 @@ impl PerturbationModel {
     }
 
     /// The mean prediction of `condition` over its pool of control cells (screen columns).
-    pub fn predict(&self, screen: &Screen, control: &[usize], tokens: &[i64], condition: &str, pool: &PoolArgs) -> anyhow::Result<Vec<f64>> {
+    pub fn predict(
+        &self,
+        screen: &Screen,
+        control: &[usize],
+        tokens: &[i64],
+        condition: &str,
+        pool: &PoolArgs,
+    ) -> anyhow::Result<Vec<f64>> {
         let cols = self.perturbed_columns(screen, condition)?;
         anyhow::ensure!(pool.pool_size > 0 && pool.batch_size > 0, "--pool-size and --batch-size must be at least 1");
         let g = screen.n_genes();
@@ -167,8 +182,10 @@ impl PerturbationModel {
 pub fn progress_bar(n: u64, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(n);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(&format!("{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed_precise}} < {{eta_precise}}, {{per_sec}}]"))
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed_precise}} < {{eta_precise}}, {{per_sec}}]"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar
 }
@@ -212,7 +229,14 @@ pub fn predict_run(a: &PredictPerturbationArgs) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
     write_predictions(&a.output, &screen, &conditions, &rows)?;
-    eprintln!("scgpt predict-perturbation: {} conditions × {} genes (pool {} control cells each, seed {}) into {}", conditions.len(), screen.n_genes(), a.pool.pool_size, a.pool.seed, a.output.display());
+    eprintln!(
+        "scgpt predict-perturbation: {} conditions × {} genes (pool {} control cells each, seed {}) into {}",
+        conditions.len(),
+        screen.n_genes(),
+        a.pool.pool_size,
+        a.pool.seed,
+        a.output.display()
+    );
     Ok(())
 }
 

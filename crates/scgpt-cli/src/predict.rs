@@ -112,7 +112,8 @@ pub fn read_classes(dir: &Path) -> anyhow::Result<Vec<String>> {
     let map = dir.join("id2type.json");
     if map.is_file() {
         let text = std::fs::read_to_string(&map)?;
-        let m: std::collections::BTreeMap<String, String> = serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON object id -> name", map.display()))?;
+        let m: std::collections::BTreeMap<String, String> =
+            serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON object id -> name", map.display()))?;
         let mut pairs: Vec<(usize, String)> = Vec::new();
         for (k, v) in m {
             let id: usize = k.parse().with_context(|| format!("{}: key {k:?} is not a class id", map.display()))?;
@@ -166,7 +167,10 @@ fn validate(args: &PredictArgs) -> anyhow::Result<()> {
         anyhow::ensure!((0.0..=1.0).contains(&p), "--min-confidence must be a probability in [0, 1], got {p}");
     }
     if args.mode == Mode::Knn {
-        anyhow::ensure!(args.reference.is_some() && args.reference_label_col.is_some(), "--mode knn needs --reference FILE and --reference-label-col COL");
+        anyhow::ensure!(
+            args.reference.is_some() && args.reference_label_col.is_some(),
+            "--mode knn needs --reference FILE and --reference-label-col COL"
+        );
         anyhow::ensure!(args.k > 0, "--k must be at least 1");
     }
     if args.output.is_dir() {
@@ -194,25 +198,54 @@ pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
             let cls_value = spec.as_ref().map_or(0.0, |s| s.cls_value);
             let gene_col = args.gene_col.clone().or(spec.as_ref().map(|s| s.gene_col.clone()).filter(|c| !c.is_empty()));
             let token_genes = match spec.as_ref().and_then(|s| s.genes.as_ref()) {
-                Some(names) => Some(TokenGenes::new(names, &loaded.vocab, &args.model, spec.as_ref().is_some_and(|s| s.include_zero_gene))?),
+                Some(names) => {
+                    Some(TokenGenes::new(names, &loaded.vocab, &args.model, spec.as_ref().is_some_and(|s| s.include_zero_gene))?)
+                }
                 None => None,
             };
             let (batch_ids, _) = args.batch.ids_for(&args.model, spec.as_ref(), &args.input, &mut loaded.model)?;
             let enc = Encoding {
-                tokens: TokenizeOptions { max_seq_len, cls_id: loaded.cls_id, pad_value: loaded.pad_value, seed: (!args.deterministic).then_some(args.seed) },
+                tokens: TokenizeOptions {
+                    max_seq_len,
+                    cls_id: loaded.cls_id,
+                    pad_value: loaded.pad_value,
+                    seed: (!args.deterministic).then_some(args.seed),
+                },
                 cls_value,
                 pad_id: loaded.pad_id,
                 token_genes,
                 batch_ids,
             };
-            let out = run_model(&loaded.model, &args.input, matrix(args), gene_col.as_deref(), &loaded, &enc, args.batch_size, args.min_gene_match, args.quiet, Head::Probabilities, &dev)?;
-            anyhow::ensure!(out.width == classes.len(), "the model's head has {} outputs but its classes file lists {}", out.width, classes.len());
+            let out = run_model(
+                &loaded.model,
+                &args.input,
+                matrix(args),
+                gene_col.as_deref(),
+                &loaded,
+                &enc,
+                args.batch_size,
+                args.min_gene_match,
+                args.quiet,
+                Head::Probabilities,
+                &dev,
+            )?;
+            anyhow::ensure!(
+                out.width == classes.len(),
+                "the model's head has {} outputs but its classes file lists {}",
+                out.width,
+                classes.len()
+            );
             (classes.clone(), out.rows, classes)
         }
         Mode::Knn => {
             let loaded = model_dir::load(&args.model, &dev)?;
             let enc = Encoding {
-                tokens: TokenizeOptions { max_seq_len: args.max_seq_len.unwrap_or(1200), cls_id: loaded.cls_id, pad_value: loaded.pad_value, seed: (!args.deterministic).then_some(args.seed) },
+                tokens: TokenizeOptions {
+                    max_seq_len: args.max_seq_len.unwrap_or(1200),
+                    cls_id: loaded.cls_id,
+                    pad_value: loaded.pad_value,
+                    seed: (!args.deterministic).then_some(args.seed),
+                },
                 // As `embed_data`: <cls> carries pad_value.
                 cls_value: loaded.pad_value,
                 pad_id: loaded.pad_id,
@@ -222,8 +255,24 @@ pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
             let reference = args.reference.as_ref().expect("validated");
             let ref_col = args.reference_label_col.as_deref().expect("validated");
             let ref_labels = labels_of(reference, ref_col, "--reference-label-col")?;
-            let reference = run_model(&loaded.model, reference, matrix(args), args.gene_col.as_deref(), &loaded, &enc, args.batch_size, args.min_gene_match, args.quiet, Head::Embedding, &dev)?;
-            let query = run_model(&loaded.model, &args.input, matrix(args), args.gene_col.as_deref(), &loaded, &enc, args.batch_size, args.min_gene_match, args.quiet, Head::Embedding, &dev)?;
+            // Reference and query are embedded alike.
+            let embed = |input| {
+                run_model(
+                    &loaded.model,
+                    input,
+                    matrix(args),
+                    args.gene_col.as_deref(),
+                    &loaded,
+                    &enc,
+                    args.batch_size,
+                    args.min_gene_match,
+                    args.quiet,
+                    Head::Embedding,
+                    &dev,
+                )
+            };
+            let reference = embed(reference)?;
+            let query = embed(&args.input)?;
             let vote = scgpt_eval::knn::knn_vote(&reference.rows, &ref_labels, &query.rows, reference.width, args.k)?;
             // Ties in the vote go to the label of the closest neighbour, which a plain argmax
             // over the fractions would not know: the probabilities are the vote shares, the
@@ -241,7 +290,11 @@ pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
             }
         }
     }
-    labelled_h5ad::write(&args.input, &args.output, &Predictions { labels: &labels, confidence: &confidence, probs: &probs, classes: &classes })?;
+    labelled_h5ad::write(
+        &args.input,
+        &args.output,
+        &Predictions { labels: &labels, confidence: &confidence, probs: &probs, classes: &classes },
+    )?;
     eprintln!("wrote {} ({} cells, {} classes)", args.output.display(), labels.len(), classes.len());
     if let (Some(truth), Some(dir)) = (&truth, &args.report) {
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the report directory", dir.display()))?;

@@ -19,7 +19,7 @@ use anyhow::{bail, Context};
 use arrow_array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
 use hdf5::types::VarLenUnicode;
-use hdf5::{Dataset, Location};
+use hdf5::Dataset;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -29,13 +29,7 @@ pub const OBSM_KEY: &str = "X_scGPT";
 
 pub trait Sink {
     /// Rows `start..start + ids.len()` of the embedding matrix (`emb` is row-major, `d` wide).
-    fn write(
-        &mut self,
-        start: usize,
-        emb: &[f32],
-        ids: &[String],
-        datasets: Option<&[String]>,
-    ) -> anyhow::Result<()>;
+    fn write(&mut self, start: usize, emb: &[f32], ids: &[String], datasets: Option<&[String]>) -> anyhow::Result<()>;
     /// Completes the output(s) and moves them into place; returns their paths.
     fn finish(self: Box<Self>) -> anyhow::Result<Vec<PathBuf>>;
 }
@@ -49,23 +43,11 @@ pub(crate) struct Temp {
 
 impl Temp {
     pub(crate) fn new(dest: &Path) -> Self {
-        Temp {
-            tmp: temp_path_for(dest),
-            dest: dest.to_path_buf(),
-            done: false,
-        }
+        Temp { tmp: temp_path_for(dest), dest: dest.to_path_buf(), done: false }
     }
     pub(crate) fn commit(&mut self) -> anyhow::Result<()> {
-        File::open(&self.tmp)
-            .and_then(|f| f.sync_all())
-            .with_context(|| format!("{}: cannot sync", self.tmp.display()))?;
-        std::fs::rename(&self.tmp, &self.dest).with_context(|| {
-            format!(
-                "cannot move {} to {}",
-                self.tmp.display(),
-                self.dest.display()
-            )
-        })?;
+        File::open(&self.tmp).and_then(|f| f.sync_all()).with_context(|| format!("{}: cannot sync", self.tmp.display()))?;
+        std::fs::rename(&self.tmp, &self.dest).with_context(|| format!("cannot move {} to {}", self.tmp.display(), self.dest.display()))?;
         self.done = true;
         Ok(())
     }
@@ -79,13 +61,23 @@ impl Drop for Temp {
     }
 }
 
-fn check_order(
-    expected: usize,
-    start: usize,
-    d: usize,
-    emb: &[f32],
-    ids: &[String],
-) -> anyhow::Result<()> {
+/// A sink's `finish` check: every row of the input was written.
+fn all_rows_written(written: usize, n: usize) -> anyhow::Result<()> {
+    if written != n {
+        bail!("internal error: {written} of {n} rows written");
+    }
+    Ok(())
+}
+
+/// Closes an output (`what` names the step in an error) and moves it into place: how each
+/// single-file sink finishes.
+fn close_and_commit(path: &Path, temp: &mut Temp, what: &str, close: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Vec<PathBuf>> {
+    close().with_context(|| format!("{}: {what}", path.display()))?;
+    temp.commit()?;
+    Ok(vec![path.to_path_buf()])
+}
+
+fn check_order(expected: usize, start: usize, d: usize, emb: &[f32], ids: &[String]) -> anyhow::Result<()> {
     if start != expected || emb.len() != ids.len() * d {
         bail!("internal error: rows {start}.. written out of order (expected {expected}) or with the wrong width");
     }
@@ -93,42 +85,10 @@ fn check_order(
 }
 
 // ---------------------------------------------------------------------------------------------
-// HDF5 helpers (anndata's on-disk encodings)
+// HDF5 helpers (anndata's on-disk encodings): the h5ad writer's, under the names used here.
 
-pub(crate) fn vlen(s: &str) -> VarLenUnicode {
-    s.replace('\0', "")
-        .parse()
-        .expect("NUL removed, valid unicode")
-}
+pub(crate) use scgpt_data::h5ad::{vlen, write_encoding as encoding, write_str_attr as str_attr, write_string_array as string_array};
 
-pub(crate) fn str_attr(loc: &Location, name: &str, value: &str) -> hdf5::Result<()> {
-    if loc.attr(name).is_ok() {
-        loc.delete_attr(name)?;
-    }
-    loc.new_attr::<VarLenUnicode>()
-        .shape(())
-        .create(name)?
-        .write_scalar(&vlen(value))
-}
-
-pub(crate) fn encoding(loc: &Location, kind: &str, version: &str) -> hdf5::Result<()> {
-    str_attr(loc, "encoding-type", kind)?;
-    str_attr(loc, "encoding-version", version)
-}
-
-pub(crate) fn string_array(g: &hdf5::Group, name: &str, values: &[String]) -> hdf5::Result<()> {
-    let v: Vec<VarLenUnicode> = values.iter().map(|s| vlen(s)).collect();
-    let ds = g
-        .new_dataset::<VarLenUnicode>()
-        .shape(v.len())
-        .create(name)?;
-    if !v.is_empty() {
-        ds.write_raw(&v)?;
-    }
-    encoding(&ds, "string-array", "0.2.0")
-}
-
-/// `obsm/X_scGPT` as a float32 `[n, d]` dense array, replacing an earlier one.
 fn create_obsm(file: &hdf5::File, n: usize, d: usize) -> hdf5::Result<Dataset> {
     let obsm = if file.link_exists("obsm") {
         file.group("obsm")?
@@ -141,11 +101,7 @@ fn create_obsm(file: &hdf5::File, n: usize, d: usize) -> hdf5::Result<Dataset> {
         obsm.unlink(OBSM_KEY)?;
     }
     let chunk_rows = n.clamp(1, (1 << 20) / d.max(1)).max(1);
-    let ds = obsm
-        .new_dataset::<f32>()
-        .shape([n, d])
-        .chunk([chunk_rows, d])
-        .create(OBSM_KEY)?;
+    let ds = obsm.new_dataset::<f32>().shape([n, d]).chunk([chunk_rows, d]).create(OBSM_KEY)?;
     encoding(&ds, "array", "0.2.0")?;
     Ok(ds)
 }
@@ -191,18 +147,9 @@ impl H5adCopySink {
         let temp = Temp::new(output);
         copy_writable(input, &temp.tmp)?;
         let e = |what: &str| format!("{}: {what}", output.display());
-        let file =
-            hdf5::File::open_rw(&temp.tmp).with_context(|| e("cannot open the copy read-write"))?;
+        let file = hdf5::File::open_rw(&temp.tmp).with_context(|| e("cannot open the copy read-write"))?;
         let ds = create_obsm(&file, n, d).with_context(|| e("cannot create obsm/X_scGPT"))?;
-        Ok(H5adCopySink {
-            path: output.to_path_buf(),
-            temp,
-            file: Some(file),
-            ds: Some(ds),
-            d,
-            written: 0,
-            n,
-        })
+        Ok(H5adCopySink { path: output.to_path_buf(), temp, file: Some(file), ds: Some(ds), d, written: 0, n })
     }
 }
 
@@ -222,13 +169,7 @@ impl H5adCopySink {
 }
 
 impl Sink for H5adCopySink {
-    fn write(
-        &mut self,
-        start: usize,
-        emb: &[f32],
-        ids: &[String],
-        _: Option<&[String]>,
-    ) -> anyhow::Result<()> {
+    fn write(&mut self, start: usize, emb: &[f32], ids: &[String], _: Option<&[String]>) -> anyhow::Result<()> {
         check_order(self.written, start, self.d, emb, ids)?;
         write_rows(self.ds.as_ref().expect("open"), start, self.d, emb)
             .with_context(|| format!("{}: writing obsm/{OBSM_KEY}", self.path.display()))?;
@@ -237,21 +178,10 @@ impl Sink for H5adCopySink {
     }
 
     fn finish(mut self: Box<Self>) -> anyhow::Result<Vec<PathBuf>> {
-        if self.written != self.n {
-            bail!(
-                "internal error: {} of {} rows written",
-                self.written,
-                self.n
-            );
-        }
+        all_rows_written(self.written, self.n)?;
         drop(self.ds.take());
-        self.file
-            .take()
-            .expect("open")
-            .close()
-            .with_context(|| format!("{}: closing", self.path.display()))?;
-        self.temp.commit()?;
-        Ok(vec![self.path.clone()])
+        let file = self.file.take().expect("open");
+        close_and_commit(&self.path, &mut self.temp, "closing", || Ok(file.close()?))
     }
 }
 
@@ -272,10 +202,8 @@ pub struct H5adNewSink {
 impl H5adNewSink {
     pub fn create(output: &Path, n: usize, d: usize) -> anyhow::Result<Self> {
         let temp = Temp::new(output);
-        let file = hdf5::File::create(&temp.tmp)
-            .with_context(|| format!("{}: cannot create", temp.tmp.display()))?;
-        let ds = create_obsm(&file, n, d)
-            .with_context(|| format!("{}: cannot create obsm/X_scGPT", output.display()))?;
+        let file = hdf5::File::create(&temp.tmp).with_context(|| format!("{}: cannot create", temp.tmp.display()))?;
+        let ds = create_obsm(&file, n, d).with_context(|| format!("{}: cannot create obsm/X_scGPT", output.display()))?;
         Ok(H5adNewSink {
             path: output.to_path_buf(),
             temp,
@@ -293,49 +221,30 @@ impl H5adNewSink {
         // X: an empty [n, 0] CSR matrix (the embeddings are the content).
         let x = file.create_group("X")?;
         encoding(&x, "csr_matrix", "0.1.0")?;
-        x.new_attr::<i64>()
-            .shape(2)
-            .create("shape")?
-            .write_raw(&[n as i64, 0])?;
+        x.new_attr::<i64>().shape(2).create("shape")?.write_raw(&[n as i64, 0])?;
         x.new_dataset::<f32>().shape(0).create("data")?;
         x.new_dataset::<i32>().shape(0).create("indices")?;
-        x.new_dataset_builder()
-            .with_data(&vec![0i64; n + 1])
-            .create("indptr")?;
+        x.new_dataset_builder().with_data(&vec![0i64; n + 1]).create("indptr")?;
 
         let obs = file.create_group("obs")?;
         encoding(&obs, "dataframe", "0.2.0")?;
         str_attr(&obs, "_index", "_index")?;
-        obs.new_attr::<VarLenUnicode>()
-            .shape(1)
-            .create("column-order")?
-            .write_raw(&[vlen("dataset")])?;
+        obs.new_attr::<VarLenUnicode>().shape(1).create("column-order")?.write_raw(&[vlen("dataset")])?;
         string_array(&obs, "_index", &self.ids)?;
         let mut cats: Vec<String> = self.datasets.clone();
         cats.sort();
         cats.dedup();
-        let codes: Vec<i32> = self
-            .datasets
-            .iter()
-            .map(|s| cats.binary_search(s).expect("a category") as i32)
-            .collect();
+        let codes: Vec<i32> = self.datasets.iter().map(|s| cats.binary_search(s).expect("a category") as i32).collect();
         let col = obs.create_group("dataset")?;
         encoding(&col, "categorical", "0.2.0")?;
-        col.new_attr::<bool>()
-            .shape(())
-            .create("ordered")?
-            .write_scalar(&false)?;
+        col.new_attr::<bool>().shape(()).create("ordered")?.write_scalar(&false)?;
         string_array(&col, "categories", &cats)?;
-        col.new_dataset_builder()
-            .with_data(&codes)
-            .create("codes")?;
+        col.new_dataset_builder().with_data(&codes).create("codes")?;
 
         let var = file.create_group("var")?;
         encoding(&var, "dataframe", "0.2.0")?;
         str_attr(&var, "_index", "_index")?;
-        var.new_attr::<VarLenUnicode>()
-            .shape(0)
-            .create("column-order")?;
+        var.new_attr::<VarLenUnicode>().shape(0).create("column-order")?;
         string_array(&var, "_index", &[])?;
         for g in ["varm", "obsp", "varp", "layers", "uns"] {
             let g = file.create_group(g)?;
@@ -346,13 +255,7 @@ impl H5adNewSink {
 }
 
 impl Sink for H5adNewSink {
-    fn write(
-        &mut self,
-        start: usize,
-        emb: &[f32],
-        ids: &[String],
-        datasets: Option<&[String]>,
-    ) -> anyhow::Result<()> {
+    fn write(&mut self, start: usize, emb: &[f32], ids: &[String], datasets: Option<&[String]>) -> anyhow::Result<()> {
         check_order(self.ids.len(), start, self.d, emb, ids)?;
         write_rows(self.ds.as_ref().expect("open"), start, self.d, emb)
             .with_context(|| format!("{}: writing obsm/{OBSM_KEY}", self.path.display()))?;
@@ -365,21 +268,11 @@ impl Sink for H5adNewSink {
     }
 
     fn finish(mut self: Box<Self>) -> anyhow::Result<Vec<PathBuf>> {
-        if self.ids.len() != self.n {
-            bail!(
-                "internal error: {} of {} rows written",
-                self.ids.len(),
-                self.n
-            );
-        }
+        all_rows_written(self.ids.len(), self.n)?;
         drop(self.ds.take());
         let file = self.file.take().expect("open");
-        self.write_frames(&file)
-            .with_context(|| format!("{}: writing obs/var", self.path.display()))?;
-        file.close()
-            .with_context(|| format!("{}: closing", self.path.display()))?;
-        self.temp.commit()?;
-        Ok(vec![self.path.clone()])
+        self.write_frames(&file).with_context(|| format!("{}: writing obs/var", self.path.display()))?;
+        close_and_commit(&self.path, &mut self.temp, "closing", || Ok(file.close()?))
     }
 }
 
@@ -405,40 +298,20 @@ impl ParquetSink {
             fields.push(Field::new("dataset", DataType::Utf8, false));
         }
         let item = Arc::new(Field::new("item", DataType::Float32, false));
-        fields.push(Field::new(
-            OBSM_KEY,
-            DataType::FixedSizeList(item, d as i32),
-            false,
-        ));
+        fields.push(Field::new(OBSM_KEY, DataType::FixedSizeList(item, d as i32), false));
         let schema = Arc::new(Schema::new(fields));
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
             .set_created_by(format!("scgpt-rs scgpt {}", env!("CARGO_PKG_VERSION")))
             .build();
-        let f = File::create(&temp.tmp)
-            .with_context(|| format!("{}: cannot create", temp.tmp.display()))?;
+        let f = File::create(&temp.tmp).with_context(|| format!("{}: cannot create", temp.tmp.display()))?;
         let writer = ArrowWriter::try_new(f, schema.clone(), Some(props))?;
-        Ok(ParquetSink {
-            path: output.to_path_buf(),
-            temp,
-            writer: Some(writer),
-            schema,
-            d,
-            with_dataset,
-            written: 0,
-            n,
-        })
+        Ok(ParquetSink { path: output.to_path_buf(), temp, writer: Some(writer), schema, d, with_dataset, written: 0, n })
     }
 }
 
 impl Sink for ParquetSink {
-    fn write(
-        &mut self,
-        start: usize,
-        emb: &[f32],
-        ids: &[String],
-        datasets: Option<&[String]>,
-    ) -> anyhow::Result<()> {
+    fn write(&mut self, start: usize, emb: &[f32], ids: &[String], datasets: Option<&[String]>) -> anyhow::Result<()> {
         check_order(self.written, start, self.d, emb, ids)?;
         let mut cols: Vec<ArrayRef> = vec![Arc::new(StringArray::from_iter_values(ids))];
         if self.with_dataset {
@@ -447,37 +320,17 @@ impl Sink for ParquetSink {
         }
         let item = Arc::new(Field::new("item", DataType::Float32, false));
         let values = Arc::new(Float32Array::from(emb.to_vec()));
-        cols.push(Arc::new(FixedSizeListArray::try_new(
-            item,
-            self.d as i32,
-            values,
-            None,
-        )?));
+        cols.push(Arc::new(FixedSizeListArray::try_new(item, self.d as i32, values, None)?));
         let batch = RecordBatch::try_new(self.schema.clone(), cols)?;
-        self.writer
-            .as_mut()
-            .expect("open")
-            .write(&batch)
-            .with_context(|| format!("{}: writing", self.path.display()))?;
+        self.writer.as_mut().expect("open").write(&batch).with_context(|| format!("{}: writing", self.path.display()))?;
         self.written += ids.len();
         Ok(())
     }
 
     fn finish(mut self: Box<Self>) -> anyhow::Result<Vec<PathBuf>> {
-        if self.written != self.n {
-            bail!(
-                "internal error: {} of {} rows written",
-                self.written,
-                self.n
-            );
-        }
-        self.writer
-            .take()
-            .expect("open")
-            .close()
-            .with_context(|| format!("{}: finishing", self.path.display()))?;
-        self.temp.commit()?;
-        Ok(vec![self.path.clone()])
+        all_rows_written(self.written, self.n)?;
+        let writer = self.writer.take().expect("open");
+        close_and_commit(&self.path, &mut self.temp, "finishing", || writer.close().map(drop).map_err(Into::into))
     }
 }
 
@@ -521,12 +374,10 @@ impl NpySink {
         let ids_path = npy_ids_path(output);
         let temp = Temp::new(output);
         let ids_temp = Temp::new(&ids_path);
-        let f = File::create(&temp.tmp)
-            .with_context(|| format!("{}: cannot create", temp.tmp.display()))?;
+        let f = File::create(&temp.tmp).with_context(|| format!("{}: cannot create", temp.tmp.display()))?;
         let mut out = BufWriter::with_capacity(1 << 20, f);
         out.write_all(&npy_header(n, d))?;
-        let g = File::create(&ids_temp.tmp)
-            .with_context(|| format!("{}: cannot create", ids_temp.tmp.display()))?;
+        let g = File::create(&ids_temp.tmp).with_context(|| format!("{}: cannot create", ids_temp.tmp.display()))?;
         Ok(NpySink {
             path: output.to_path_buf(),
             ids_path,
@@ -542,43 +393,26 @@ impl NpySink {
 }
 
 impl Sink for NpySink {
-    fn write(
-        &mut self,
-        start: usize,
-        emb: &[f32],
-        ids: &[String],
-        _: Option<&[String]>,
-    ) -> anyhow::Result<()> {
+    fn write(&mut self, start: usize, emb: &[f32], ids: &[String], _: Option<&[String]>) -> anyhow::Result<()> {
         check_order(self.written, start, self.d, emb, ids)?;
         let out = self.out.as_mut().expect("open");
         let mut bytes = Vec::with_capacity(emb.len() * 4);
         for v in emb {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
-        out.write_all(&bytes)
-            .with_context(|| format!("{}: writing", self.path.display()))?;
+        out.write_all(&bytes).with_context(|| format!("{}: writing", self.path.display()))?;
         let ids_out = self.ids_out.as_mut().expect("open");
         for id in ids {
             // One id per line: line breaks inside an id would shift every later row.
-            writeln!(ids_out, "{}", id.replace(['\n', '\r'], " "))
-                .with_context(|| format!("{}: writing", self.ids_path.display()))?;
+            writeln!(ids_out, "{}", id.replace(['\n', '\r'], " ")).with_context(|| format!("{}: writing", self.ids_path.display()))?;
         }
         self.written += ids.len();
         Ok(())
     }
 
     fn finish(mut self: Box<Self>) -> anyhow::Result<Vec<PathBuf>> {
-        if self.written != self.n {
-            bail!(
-                "internal error: {} of {} rows written",
-                self.written,
-                self.n
-            );
-        }
-        for (w, p) in [
-            (self.out.take(), &self.path),
-            (self.ids_out.take(), &self.ids_path),
-        ] {
+        all_rows_written(self.written, self.n)?;
+        for (w, p) in [(self.out.take(), &self.path), (self.ids_out.take(), &self.ids_path)] {
             let w = w.expect("open");
             w.into_inner()
                 .map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.error()))?
@@ -611,9 +445,6 @@ mod tests {
 
     #[test]
     fn ids_path_replaces_the_extension() {
-        assert_eq!(
-            npy_ids_path(Path::new("/a/emb.npy")),
-            PathBuf::from("/a/emb.cell_ids.txt")
-        );
+        assert_eq!(npy_ids_path(Path::new("/a/emb.npy")), PathBuf::from("/a/emb.cell_ids.txt"));
     }
 }

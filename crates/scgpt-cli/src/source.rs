@@ -116,12 +116,7 @@ fn var_columns(path: &Path) -> Vec<String> {
         .and_then(|a| a.read_scalar::<hdf5::types::VarLenUnicode>().ok())
         .map(|s| s.as_str().to_string())
         .unwrap_or_else(|| "_index".into());
-    let mut cols: Vec<String> = var
-        .member_names()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|n| *n != index && n != "__categories")
-        .collect();
+    let mut cols: Vec<String> = var.member_names().unwrap_or_default().into_iter().filter(|n| *n != index && n != "__categories").collect();
     cols.sort();
     cols
 }
@@ -138,10 +133,7 @@ impl H5adSource {
         let reader = H5adReader::open(path, matrix)?;
         let gene_names = reader.var_names(gene_col)?;
         let cell_ids = reader.obs_names()?;
-        let ensembl = gene_names
-            .iter()
-            .any(|g| looks_like_ensembl(g))
-            .then(EnsemblTable::human);
+        let ensembl = gene_names.iter().any(|g| looks_like_ensembl(g)).then(EnsemblTable::human);
         let m = match_genes(&gene_names, vocab, ensembl.as_ref());
         let source = match gene_col {
             Some(c) => format!("var column `{c}`"),
@@ -153,17 +145,9 @@ impl H5adSource {
             matched: m.matched(),
             via_ensembl: m.by_ensembl,
         };
-        if report.total == 0
-            || (report.matched as f64) < min_match * report.total as f64
-            || report.matched == 0
-        {
-            let unmatched: Vec<&str> = gene_names
-                .iter()
-                .zip(&m.ids)
-                .filter(|(_, id)| id.is_none())
-                .take(5)
-                .map(|(g, _)| g.as_str())
-                .collect();
+        if report.total == 0 || (report.matched as f64) < min_match * report.total as f64 || report.matched == 0 {
+            let unmatched: Vec<&str> =
+                gene_names.iter().zip(&m.ids).filter(|(_, id)| id.is_none()).take(5).map(|(g, _)| g.as_str()).collect();
             let cols = var_columns(path);
             let mut hint = String::new();
             if m.ensembl_like * 2 > gene_names.len() {
@@ -172,15 +156,9 @@ impl H5adSource {
                      bridge them to this vocabulary (another species, or ids the table lacks); ",
                 );
             }
-            let symbol_col = [
-                "feature_name",
-                "gene_symbols",
-                "gene_symbol",
-                "gene_name",
-                "symbol",
-            ]
-            .into_iter()
-            .find(|c| cols.iter().any(|x| x == c) && Some(*c) != gene_col);
+            let symbol_col = ["feature_name", "gene_symbols", "gene_symbol", "gene_name", "symbol"]
+                .into_iter()
+                .find(|c| cols.iter().any(|x| x == c) && Some(*c) != gene_col);
             match symbol_col {
                 Some(c) => hint.push_str(&format!("fix: --gene-col {c} (the var column with gene symbols)")),
                 None => hint.push_str(&format!(
@@ -203,19 +181,8 @@ impl H5adSource {
             );
         }
         let has_raw = reader.matrix_path() == "X"
-            && hdf5::File::open(path)
-                .map(|f| f.link_exists("raw") && (f.link_exists("raw/X") || f.link_exists("raw.X")))
-                .unwrap_or(false);
-        Ok(H5adSource {
-            has_raw,
-            path: path.to_path_buf(),
-            reader,
-            gene_names,
-            ids: m.ids,
-            cell_ids,
-            pos: 0,
-            report,
-        })
+            && hdf5::File::open(path).map(|f| f.link_exists("raw") && (f.link_exists("raw/X") || f.link_exists("raw.X"))).unwrap_or(false);
+        Ok(H5adSource { has_raw, path: path.to_path_buf(), reader, gene_names, ids: m.ids, cell_ids, pos: 0, report })
     }
 
     fn next_block(&mut self, max_cells: usize) -> anyhow::Result<Option<Block>> {
@@ -225,11 +192,7 @@ impl H5adSource {
         }
         let end = (self.pos + max_cells).min(n);
         let rows = self.reader.read_rows(self.pos, end)?;
-        let mut b = Block {
-            start: self.pos,
-            offsets: vec![0],
-            ..Default::default()
-        };
+        let mut b = Block { start: self.pos, offsets: vec![0], ..Default::default() };
         let mut pairs: Vec<(u32, u32, f32)> = Vec::new();
         for i in 0..rows.n_rows() {
             let (cols, vals) = rows.row(i);
@@ -246,11 +209,7 @@ impl H5adSource {
                         self.reader.matrix_path(),
                         self.cell_ids[r],
                         self.gene_names[c as usize],
-                        if self.has_raw {
-                            "; this file has raw counts in raw/X: use --use-raw"
-                        } else {
-                            ""
-                        },
+                        if self.has_raw { "; this file has raw counts in raw/X: use --use-raw" } else { "" },
                     );
                 }
                 if v != 0.0 {
@@ -290,13 +249,7 @@ pub struct ShardSource {
 }
 
 impl ShardSource {
-    pub fn open(
-        dir: &Path,
-        vocab: &GeneVocab,
-        vocab_path: &Path,
-        min_match: f64,
-        batch_rows: usize,
-    ) -> anyhow::Result<Self> {
+    pub fn open(dir: &Path, vocab: &GeneVocab, vocab_path: &Path, min_match: f64, batch_rows: usize) -> anyhow::Result<Self> {
         let manifest_path = dir.join("manifest.json");
         let text = std::fs::read_to_string(&manifest_path).with_context(|| {
             format!(
@@ -305,36 +258,24 @@ impl ShardSource {
                 manifest_path.display()
             )
         })?;
-        let manifest: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", manifest_path.display()))?;
+        let manifest: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", manifest_path.display()))?;
         let shards = manifest
             .get("shards")
             .and_then(|s| s.as_array())
-            .with_context(|| {
-                format!(
-                    "{}: field `shards` missing or not a list",
-                    manifest_path.display()
-                )
-            })?;
+            .with_context(|| format!("{}: field `shards` missing or not a list", manifest_path.display()))?;
         let mut files = Vec::with_capacity(shards.len());
         let mut n_cells = 0usize;
         for (k, s) in shards.iter().enumerate() {
-            let file = s.get("file").and_then(|f| f.as_str()).with_context(|| {
-                format!(
-                    "{}: field `shards[{k}].file` missing or not a string",
-                    manifest_path.display()
-                )
-            })?;
+            let file = s
+                .get("file")
+                .and_then(|f| f.as_str())
+                .with_context(|| format!("{}: field `shards[{k}].file` missing or not a string", manifest_path.display()))?;
             let path = dir.join(file);
-            let f = File::open(&path).with_context(|| {
-                format!(
-                    "{}: cannot open shard listed in {}",
-                    path.display(),
-                    manifest_path.display()
-                )
-            })?;
-            let meta = ParquetRecordBatchReaderBuilder::try_new(f)
-                .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+            let f = File::open(&path)
+                .with_context(|| format!("{}: cannot open shard listed in {}", path.display(), manifest_path.display()))?;
+            let meta =
+                ParquetRecordBatchReaderBuilder::try_new(f).with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
             let rows = meta.metadata().file_metadata().num_rows() as usize;
             if let Some(listed) = s.get("rows").and_then(|r| r.as_u64()) {
                 if listed as usize != rows {
@@ -355,15 +296,8 @@ impl ShardSource {
         let remap = shard_vocab.id_map(vocab);
         let total = shard_vocab.tokens().iter().filter(|t| !SPECIAL_TOKENS.contains(&t.as_str())).count();
         let matched = remap.iter().filter(|m| m.is_some()).count();
-        let report = GeneReport {
-            what: format!(
-                "genes of the shard vocabulary {}",
-                shard_vocab_path.display()
-            ),
-            total,
-            matched,
-            via_ensembl: 0,
-        };
+        let report =
+            GeneReport { what: format!("genes of the shard vocabulary {}", shard_vocab_path.display()), total, matched, via_ensembl: 0 };
         if matched == 0 || (matched as f64) < min_match * total as f64 {
             let unmatched: Vec<&str> = shard_vocab
                 .tokens()
@@ -404,19 +338,17 @@ impl ShardSource {
         };
         self.next_file += 1;
         let f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(f)
-            .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new(f).with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
         let schema = builder.parquet_schema();
         let wanted = ["genes", "expressions", "cell_id", "dataset"];
         let roots: Vec<usize> = wanted
             .iter()
             .map(|name| {
-                builder.schema().index_of(name).with_context(|| {
-                    format!(
-                        "{}: column `{name}` missing; is this an scgpt-prep shard?",
-                        path.display()
-                    )
-                })
+                builder
+                    .schema()
+                    .index_of(name)
+                    .with_context(|| format!("{}: column `{name}` missing; is this an scgpt-prep shard?", path.display()))
             })
             .collect::<anyhow::Result<_>>()?;
         let mask = ProjectionMask::roots(schema, roots);
@@ -433,12 +365,7 @@ impl ShardSource {
         loop {
             if self.reader.is_none() && !self.open_next()? {
                 if self.pos != self.n_cells {
-                    bail!(
-                        "{}: read {} cells but the shards' metadata says {}",
-                        self.dir.display(),
-                        self.pos,
-                        self.n_cells
-                    );
+                    bail!("{}: read {} cells but the shards' metadata says {}", self.dir.display(), self.pos, self.n_cells);
                 }
                 return Ok(None);
             }
@@ -450,9 +377,7 @@ impl ShardSource {
                 }
                 Some(batch) => {
                     let path = path.clone();
-                    let batch = batch.with_context(|| {
-                        format!("{}: cannot decode a record batch", path.display())
-                    })?;
+                    let batch = batch.with_context(|| format!("{}: cannot decode a record batch", path.display()))?;
                     let block = self.convert(&path, &batch)?;
                     self.pos += block.len();
                     return Ok(Some(block));
@@ -462,20 +387,11 @@ impl ShardSource {
     }
 
     fn convert(&self, path: &Path, batch: &RecordBatch) -> anyhow::Result<Block> {
-        fn col<'a, T: 'static>(
-            batch: &'a RecordBatch,
-            name: &str,
-            path: &Path,
-        ) -> anyhow::Result<&'a T> {
+        fn col<'a, T: 'static>(batch: &'a RecordBatch, name: &str, path: &Path) -> anyhow::Result<&'a T> {
             batch
                 .column_by_name(name)
                 .and_then(|c| c.as_any().downcast_ref::<T>())
-                .with_context(|| {
-                    format!(
-                        "{}: column `{name}` has the wrong type; is this an scgpt-prep shard?",
-                        path.display()
-                    )
-                })
+                .with_context(|| format!("{}: column `{name}` has the wrong type; is this an scgpt-prep shard?", path.display()))
         }
         let genes: &ListArray = col(batch, "genes", path)?;
         let exprs: &ListArray = col(batch, "expressions", path)?;
@@ -485,33 +401,18 @@ impl ShardSource {
             .values()
             .as_any()
             .downcast_ref::<Int32Array>()
-            .with_context(|| {
-                format!("{}: column `genes` is not a list of int32", path.display())
-            })?;
+            .with_context(|| format!("{}: column `genes` is not a list of int32", path.display()))?;
         let ev = exprs
             .values()
             .as_any()
             .downcast_ref::<Float32Array>()
-            .with_context(|| {
-                format!(
-                    "{}: column `expressions` is not a list of float32",
-                    path.display()
-                )
-            })?;
+            .with_context(|| format!("{}: column `expressions` is not a list of float32", path.display()))?;
         let n = batch.num_rows();
-        let mut b = Block {
-            start: self.pos,
-            offsets: Vec::with_capacity(n + 1),
-            ..Default::default()
-        };
+        let mut b = Block { start: self.pos, offsets: Vec::with_capacity(n + 1), ..Default::default() };
         b.offsets.push(0);
         let (go, eo) = (genes.value_offsets(), exprs.value_offsets());
         for i in 0..n {
-            let cell_id = if ids.is_null(i) {
-                String::new()
-            } else {
-                ids.value(i).to_string()
-            };
+            let cell_id = if ids.is_null(i) { String::new() } else { ids.value(i).to_string() };
             let (ga, gb) = (go[i] as usize, go[i + 1] as usize);
             let (ea, eb) = (eo[i] as usize, eo[i + 1] as usize);
             if gb - ga != eb - ea {
@@ -548,17 +449,7 @@ impl ShardSource {
             b.offsets.push(b.genes.len());
             b.cell_ids.push(cell_id);
         }
-        b.datasets = Some(
-            (0..n)
-                .map(|i| {
-                    if datasets.is_null(i) {
-                        String::new()
-                    } else {
-                        datasets.value(i).to_string()
-                    }
-                })
-                .collect(),
-        );
+        b.datasets = Some((0..n).map(|i| if datasets.is_null(i) { String::new() } else { datasets.value(i).to_string() }).collect());
         Ok(b)
     }
 }

@@ -11,7 +11,16 @@ use scgpt_data::h5ad::{Column, Frame, H5adReader, H5adWriter, MatrixChoice};
 pub const PARITY: &str = "@parity";
 
 #[allow(clippy::too_many_arguments)]
-pub fn split(src: &Path, matrix: &str, split_col: &str, query_values: &[String], keep_cols: &[&str], gene_col: &str, reference: &Path, query: &Path) -> anyhow::Result<(usize, usize)> {
+pub fn split(
+    src: &Path,
+    matrix: &str,
+    split_col: &str,
+    query_values: &[String],
+    keep_cols: &[&str],
+    gene_col: &str,
+    reference: &Path,
+    query: &Path,
+) -> anyhow::Result<(usize, usize)> {
     let choice = match matrix {
         "auto" => MatrixChoice::RawThenX,
         "x" => MatrixChoice::X,
@@ -31,7 +40,8 @@ pub fn split(src: &Path, matrix: &str, split_col: &str, query_values: &[String],
     let names = r.obs_names()?;
     let mut cols: Vec<String> = if split_col == PARITY { Vec::new() } else { vec![split_col.to_string()] };
     cols.extend(keep_cols.iter().map(|c| c.to_string()).filter(|c| c != split_col));
-    let values: Vec<Vec<String>> = cols.iter().map(|c| r.obs_column(c).with_context(|| format!("obs column {c:?}"))).collect::<anyhow::Result<_>>()?;
+    let values: Vec<Vec<String>> =
+        cols.iter().map(|c| r.obs_column(c).with_context(|| format!("obs column {c:?}"))).collect::<anyhow::Result<_>>()?;
     let block = r.read_rows(0, r.n_obs())?;
     let mut out = Vec::new();
     for (path, want) in [(reference, false), (query, true)] {
@@ -50,7 +60,11 @@ pub fn split(src: &Path, matrix: &str, split_col: &str, query_values: &[String],
         w.append_rows(&indptr, &indices, &data)?;
         let obs = Frame {
             index: rows.iter().map(|&i| names[i].clone()).collect(),
-            columns: cols.iter().zip(&values).map(|(c, v)| (c.clone(), Column::categorical_from(&rows.iter().map(|&i| v[i].as_str()).collect::<Vec<_>>()))).collect(),
+            columns: cols
+                .iter()
+                .zip(&values)
+                .map(|(c, v)| (c.clone(), Column::categorical_from(&rows.iter().map(|&i| v[i].as_str()).collect::<Vec<_>>())))
+                .collect(),
         };
         w.finish(&obs, &Frame { index: genes.clone(), columns: Vec::new() })?;
         out.push(rows.len());

@@ -150,10 +150,7 @@ fn write_part(path: &Path, d: &Data, keep: &[bool], label_col: &str) {
     let (ip, ix, v) = subset(d, keep);
     let mut w = H5adWriter::create(path, d.genes.len()).unwrap();
     w.append_rows(&ip, &ix, &v).unwrap();
-    let obs = Frame {
-        index: pick(&d.cells, keep),
-        columns: vec![(label_col.to_string(), Column::categorical_from(&pick(&d.obs, keep)))],
-    };
+    let obs = Frame { index: pick(&d.cells, keep), columns: vec![(label_col.to_string(), Column::categorical_from(&pick(&d.obs, keep)))] };
     w.finish(&obs, &Frame { index: d.genes.clone(), columns: vec![] }).unwrap();
 }
 

@@ -104,8 +104,18 @@ fn png_size(path: &Path) -> (u32, u32) {
     (be(&b[16..20]), be(&b[20..24]))
 }
 
-const KEYS: [&str; 10] =
-    ["NMI_cluster/label", "ARI_cluster/label", "ASW_label", "ASW_label/batch", "graph_conn", "PCR_batch", "iLISI", "cLISI", "avg_bio", "avg_batch"];
+const KEYS: [&str; 10] = [
+    "NMI_cluster/label",
+    "ARI_cluster/label",
+    "ASW_label",
+    "ASW_label/batch",
+    "graph_conn",
+    "PCR_batch",
+    "iLISI",
+    "cLISI",
+    "avg_bio",
+    "avg_batch",
+];
 
 #[test]
 fn harmony_mixes_a_planted_batch_effect_better_than_pca() {
@@ -184,13 +194,18 @@ fn bad_input_is_a_clear_error_and_missing_labels_are_dropped() {
 
     // pbmc68k_reduced's X holds scaled z-scores: negative, so not counts; the error says so
     // and points at --use-raw.
-    let out = scgpt(&repo().join("tests/data/pbmc68k_reduced.h5ad"), &report, &["--batch-col", "phase", "--label-col", "bulk_labels", "--no-umap"]);
+    let out = scgpt(
+        &repo().join("tests/data/pbmc68k_reduced.h5ad"),
+        &report,
+        &["--batch-col", "phase", "--label-col", "bulk_labels", "--no-umap"],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("non-negative") && err.contains("--use-raw"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 
-    let out = scgpt(&input, &report, &["--batch-col", "batch", "--label-col", "label_with_missing", "--no-umap", "--no-lisi", "--n-pcs", "10"]);
+    let out =
+        scgpt(&input, &report, &["--batch-col", "batch", "--label-col", "label_with_missing", "--no-umap", "--no-lisi", "--n-pcs", "10"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("2 cells have no"), "{err}");

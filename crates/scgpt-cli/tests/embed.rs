@@ -14,10 +14,7 @@ use serde_json::Value;
 const TOL: f32 = 1e-4;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
 fn data(name: &str) -> PathBuf {
@@ -48,26 +45,13 @@ fn scgpt(args: &[&str]) -> Output {
 
 fn embed(input: &Path, output: &Path, extra: &[&str]) -> Output {
     let m = model();
-    let mut args = vec![
-        "embed",
-        "--model",
-        s(&m),
-        "--input",
-        s(input),
-        "--output",
-        s(output),
-        "--quiet",
-    ];
+    let mut args = vec!["embed", "--model", s(&m), "--input", s(input), "--output", s(output), "--quiet"];
     args.extend_from_slice(extra);
     scgpt(&args)
 }
 
 fn ok(out: Output) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "scgpt failed:\n{text}");
     text
 }
@@ -75,10 +59,7 @@ fn ok(out: Output) -> String {
 fn err(out: Output) -> String {
     let text = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "scgpt should have failed:\n{text}");
-    assert!(
-        !text.contains("panicked"),
-        "a panic instead of an error:\n{text}"
-    );
+    assert!(!text.contains("panicked"), "a panic instead of an error:\n{text}");
     text
 }
 
@@ -87,17 +68,7 @@ fn expected() -> Value {
 }
 
 fn rows(v: &Value) -> Vec<Vec<f32>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect()
+    v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()).collect()
 }
 
 /// obsm/X_scGPT of an h5ad, read with the hdf5 crate.
@@ -106,11 +77,7 @@ fn read_obsm(path: &Path) -> Vec<Vec<f32>> {
     let ds = f.dataset("obsm/X_scGPT").unwrap();
     let shape = ds.shape();
     let flat: Vec<f32> = ds.read_raw().unwrap();
-    let enc = ds
-        .attr("encoding-type")
-        .unwrap()
-        .read_scalar::<hdf5::types::VarLenUnicode>()
-        .unwrap();
+    let enc = ds.attr("encoding-type").unwrap().read_scalar::<hdf5::types::VarLenUnicode>().unwrap();
     assert_eq!(enc.as_str(), "array");
     flat.chunks(shape[1]).map(|c| c.to_vec()).collect()
 }
@@ -119,22 +86,9 @@ fn read_npy(path: &Path) -> Vec<Vec<f32>> {
     let bytes = std::fs::read(path).unwrap();
     let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
     let header = std::str::from_utf8(&bytes[10..10 + hlen]).unwrap();
-    let shape = header
-        .split("'shape': (")
-        .nth(1)
-        .unwrap()
-        .split(')')
-        .next()
-        .unwrap();
-    let dims: Vec<usize> = shape
-        .split(',')
-        .filter(|x| !x.trim().is_empty())
-        .map(|x| x.trim().parse().unwrap())
-        .collect();
-    let vals: Vec<f32> = bytes[10 + hlen..]
-        .chunks(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let shape = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
+    let dims: Vec<usize> = shape.split(',').filter(|x| !x.trim().is_empty()).map(|x| x.trim().parse().unwrap()).collect();
+    let vals: Vec<f32> = bytes[10 + hlen..].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     assert_eq!(vals.len(), dims[0] * dims[1]);
     vals.chunks(dims[1]).map(|c| c.to_vec()).collect()
 }
@@ -147,16 +101,10 @@ fn assert_close(what: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
         for (j, (a, b)) in g.iter().zip(w).enumerate() {
             let e = (a - b).abs();
             worst = worst.max(e);
-            assert!(
-                e <= TOL,
-                "{what}: cell {i} dim {j}: got {a}, the original {b} (|diff| {e:.2e})"
-            );
+            assert!(e <= TOL, "{what}: cell {i} dim {j}: got {a}, the original {b} (|diff| {e:.2e})");
         }
         let norm: f32 = g.iter().map(|x| x * x).sum::<f32>().sqrt();
-        assert!(
-            (norm - 1.0).abs() < 1e-5,
-            "{what}: cell {i} not L2-normalised ({norm})"
-        );
+        assert!((norm - 1.0).abs() < 1e-5, "{what}: cell {i} not L2-normalised ({norm})");
     }
     eprintln!("{what}: worst |diff| vs the original {worst:.2e}");
 }
@@ -166,10 +114,7 @@ fn python() -> PathBuf {
         return PathBuf::from(p);
     }
     let venv = repo().join(".venv/bin/python");
-    assert!(
-        venv.exists(),
-        "these tests read the outputs with Python (anndata, pyarrow): run `bash launch/setup.sh` or set SCGPT_PYTHON"
-    );
+    assert!(venv.exists(), "these tests read the outputs with Python (anndata, pyarrow): run `bash launch/setup.sh` or set SCGPT_PYTHON");
     venv
 }
 
@@ -182,15 +127,8 @@ fn run_python(code: &str, args: &[&str]) -> String {
         .current_dir(repo())
         .output()
         .expect("run python");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && text.contains("OK"),
-        "python check failed:\n{text}"
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("OK"), "python check failed:\n{text}");
     text
 }
 
@@ -200,37 +138,19 @@ fn matches_the_original_embed_data_deterministic() {
     let want = rows(&expected()["deterministic"]);
     // var index = Ensembl ids: bridged to the symbols of the vocabulary.
     let out = dir.path().join("a.h5ad");
-    let text = ok(embed(
-        &data("wu30.h5ad"),
-        &out,
-        &["--deterministic", "--batch-size", "7"],
-    ));
-    assert!(
-        text.contains("genes: 400 of 470 genes in the var index (X) matched"),
-        "{text}"
-    );
+    let text = ok(embed(&data("wu30.h5ad"), &out, &["--deterministic", "--batch-size", "7"]));
+    assert!(text.contains("genes: 400 of 470 genes in the var index (X) matched"), "{text}");
     assert!(text.contains("via Ensembl ids"), "{text}");
     assert_close("h5ad, Ensembl index", &read_obsm(&out), &want);
     // Symbols from a var column: the same genes, the same embeddings.
     let out2 = dir.path().join("b.h5ad");
-    let text = ok(embed(
-        &data("wu30.h5ad"),
-        &out2,
-        &["--deterministic", "--gene-col", "feature_name"],
-    ));
-    assert!(
-        text.contains("genes: 400 of 470 genes in var column `feature_name` (X) matched"),
-        "{text}"
-    );
+    let text = ok(embed(&data("wu30.h5ad"), &out2, &["--deterministic", "--gene-col", "feature_name"]));
+    assert!(text.contains("genes: 400 of 470 genes in var column `feature_name` (X) matched"), "{text}");
     assert!(!text.contains("via Ensembl"), "{text}");
     assert_close("h5ad, feature_name", &read_obsm(&out2), &want);
     // One cell per batch: no padding anywhere, so the encoder runs without a mask.
     let out3 = dir.path().join("c.npy");
-    ok(embed(
-        &data("wu30.h5ad"),
-        &out3,
-        &["--deterministic", "--batch-size", "1"],
-    ));
+    ok(embed(&data("wu30.h5ad"), &out3, &["--deterministic", "--batch-size", "1"]));
     assert_close("h5ad, unpadded batches", &read_npy(&out3), &want);
 }
 
@@ -247,12 +167,7 @@ fn tie_free_cells_match_the_original_in_random_mode() {
     ok(embed(&data("wu30_tiefree.h5ad"), &b, &["--deterministic"]));
     assert_eq!(got, read_npy(&b));
     let ids = std::fs::read_to_string(dir.path().join("a.cell_ids.txt")).unwrap();
-    let want_ids: Vec<String> = expected()["cell_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
-        .collect();
+    let want_ids: Vec<String> = expected()["cell_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     assert_eq!(ids.lines().collect::<Vec<_>>(), want_ids);
 }
 
@@ -265,21 +180,12 @@ fn deterministic_output_is_bit_identical_across_runs() {
         std::fs::read(&p).unwrap()
     };
     // --max-seq-len 64 subsamples most cells (71..433 genes): the deterministic rule is exercised.
-    let det = [
-        "--deterministic",
-        "--max-seq-len",
-        "64",
-        "--batch-size",
-        "4",
-    ];
+    let det = ["--deterministic", "--max-seq-len", "64", "--batch-size", "4"];
     let a = run("d1.npy", &det);
     let b = run("d2.npy", &det);
     assert_eq!(a, b, "--deterministic must give identical bytes");
     let text = ok(embed(&data("wu30.h5ad"), &dir.path().join("d3.npy"), &det));
-    assert!(
-        text.contains("were subsampled (kept the highest-valued genes)"),
-        "{text}"
-    );
+    assert!(text.contains("were subsampled (kept the highest-valued genes)"), "{text}");
     // Seeded random mode is reproducible too, and the seed matters (wu30 has ties).
     let r1 = run("r1.npy", &["--seed", "1", "--max-seq-len", "64"]);
     let r2 = run("r2.npy", &["--seed", "1", "--max-seq-len", "64"]);
@@ -323,10 +229,7 @@ c = anndata.read_h5ad(again)
 assert set(c.obsm.keys()) == {"X_dummy", "X_scGPT"} and np.array_equal(c.obsm["X_scGPT"], e)
 print("OK")
 "#;
-    run_python(
-        code,
-        &[s(&data("wu30.h5ad")), s(&h5), s(&pq), s(&npy), s(&again)],
-    );
+    run_python(code, &[s(&data("wu30.h5ad")), s(&h5), s(&pq), s(&npy), s(&again)]);
     // No temp files left next to the outputs.
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -343,17 +246,10 @@ fn shard_set_input_is_remapped_to_the_model_vocabulary() {
     let h5 = dir.path().join("s.h5ad");
     let text = ok(embed(&data("shards"), &h5, &["--deterministic"]));
     // The shard vocabulary (built from the file) has 470 genes, 400 of them in the model's.
-    assert!(
-        text.contains("genes: 400 of 470 genes of the shard vocabulary"),
-        "{text}"
-    );
+    assert!(text.contains("genes: 400 of 470 genes of the shard vocabulary"), "{text}");
     assert_close("shards -> h5ad", &read_obsm(&h5), &want);
     let pq = dir.path().join("s.parquet");
-    ok(embed(
-        &data("shards"),
-        &pq,
-        &["--deterministic", "--batch-size", "5"],
-    ));
+    ok(embed(&data("shards"), &pq, &["--deterministic", "--batch-size", "5"]));
     let code = r#"
 import sys, json, anndata, numpy as np, pyarrow.parquet as pq
 h5, parq, expected = sys.argv[1:4]
@@ -372,42 +268,23 @@ print("OK")
 }
 
 /// A small h5ad: `names` as the var index, optional var columns, CSR rows.
-fn write_h5ad(
-    path: &Path,
-    names: &[String],
-    cols: Vec<(String, Column)>,
-    cells: &[Vec<(u32, f32)>],
-) {
+fn write_h5ad(path: &Path, names: &[String], cols: Vec<(String, Column)>, cells: &[Vec<(u32, f32)>]) {
     let mut w = H5adWriter::create(path, names.len()).unwrap();
     for c in cells {
         let idx: Vec<u32> = c.iter().map(|p| p.0).collect();
         let val: Vec<f32> = c.iter().map(|p| p.1).collect();
         w.append_rows(&[0, c.len()], &idx, &val).unwrap();
     }
-    let obs = Frame {
-        index: (0..cells.len()).map(|i| format!("cell{i}")).collect(),
-        columns: vec![],
-    };
-    let var = Frame {
-        index: names.to_vec(),
-        columns: cols,
-    };
+    let obs = Frame { index: (0..cells.len()).map(|i| format!("cell{i}")).collect(), columns: vec![] };
+    let var = Frame { index: names.to_vec(), columns: cols };
     w.finish(&obs, &var).unwrap();
 }
 
 fn vocab_genes() -> Vec<String> {
-    let v: serde_json::Map<String, Value> =
-        serde_json::from_str(&std::fs::read_to_string(model().join("vocab.json")).unwrap())
-            .unwrap();
-    let mut g: Vec<(u64, String)> = v
-        .into_iter()
-        .map(|(k, id)| (id.as_u64().unwrap(), k))
-        .collect();
+    let v: serde_json::Map<String, Value> = serde_json::from_str(&std::fs::read_to_string(model().join("vocab.json")).unwrap()).unwrap();
+    let mut g: Vec<(u64, String)> = v.into_iter().map(|(k, id)| (id.as_u64().unwrap(), k)).collect();
     g.sort();
-    g.into_iter()
-        .map(|(_, k)| k)
-        .filter(|k| !k.starts_with('<'))
-        .collect()
+    g.into_iter().map(|(_, k)| k).filter(|k| !k.starts_with('<')).collect()
 }
 
 #[test]
@@ -415,23 +292,10 @@ fn unmatched_gene_names_are_a_clear_error_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     let symbols: Vec<String> = vocab_genes().into_iter().take(60).collect();
     // Ensembl-like ids the shipped table does not know (mouse-style), symbols in feature_name.
-    let ids: Vec<String> = (0..symbols.len())
-        .map(|i| format!("ENSMUSG{:011}", 90_000_000 + i))
-        .collect();
-    let cells: Vec<Vec<(u32, f32)>> = (0..5)
-        .map(|c| {
-            (0..20)
-                .map(|g| ((g * 2 + c) as u32, (g + c + 1) as f32))
-                .collect()
-        })
-        .collect();
+    let ids: Vec<String> = (0..symbols.len()).map(|i| format!("ENSMUSG{:011}", 90_000_000 + i)).collect();
+    let cells: Vec<Vec<(u32, f32)>> = (0..5).map(|c| (0..20).map(|g| ((g * 2 + c) as u32, (g + c + 1) as f32)).collect()).collect();
     let input = dir.path().join("mouse_ids.h5ad");
-    write_h5ad(
-        &input,
-        &ids,
-        vec![("feature_name".into(), Column::Strings(symbols))],
-        &cells,
-    );
+    write_h5ad(&input, &ids, vec![("feature_name".into(), Column::Strings(symbols))], &cells);
     let out = dir.path().join("out.h5ad");
     let e = err(embed(&input, &out, &[]));
     assert!(e.contains(s(&input)), "names the file: {e}");
@@ -443,10 +307,7 @@ fn unmatched_gene_names_are_a_clear_error_with_the_fix() {
     assert!(text.contains("genes: 60 of 60"), "{text}");
     // A missing --gene-col column lists the available ones.
     let e = err(embed(&input, &out, &["--gene-col", "gene_symbols"]));
-    assert!(
-        e.contains("gene_symbols") && e.contains("feature_name"),
-        "{e}"
-    );
+    assert!(e.contains("gene_symbols") && e.contains("feature_name"), "{e}");
 }
 
 #[test]
@@ -454,58 +315,25 @@ fn bad_values_and_bad_paths_are_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();
     let genes: Vec<String> = vocab_genes().into_iter().take(10).collect();
     let input = dir.path().join("neg.h5ad");
-    write_h5ad(
-        &input,
-        &genes,
-        vec![],
-        &[vec![(0, 1.0), (1, 2.0)], vec![(2, 3.0), (4, -1.5)]],
-    );
+    write_h5ad(&input, &genes, vec![], &[vec![(0, 1.0), (1, 2.0)], vec![(2, 3.0), (4, -1.5)]]);
     let out = dir.path().join("out.h5ad");
     let e = err(embed(&input, &out, &[]));
-    assert!(
-        e.contains(s(&input))
-            && e.contains("cell1")
-            && e.contains(&genes[4])
-            && e.contains("negative"),
-        "{e}"
-    );
+    assert!(e.contains(s(&input)) && e.contains("cell1") && e.contains(&genes[4]) && e.contains("negative"), "{e}");
     assert!(!out.exists());
-    let leftovers = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with(".tmp-")
-        })
-        .count();
+    let leftovers =
+        std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".tmp-")).count();
     assert_eq!(leftovers, 0, "a failed run leaves no temp file");
 
     let e = err(embed(&dir.path().join("none.h5ad"), &out, &[]));
     assert!(e.contains("none.h5ad") && e.contains("not found"), "{e}");
     let e = err(embed(&data("wu30.h5ad"), &dir.path().join("out.csv"), &[]));
     assert!(e.contains("out.csv") && e.contains("--format"), "{e}");
-    let e = err(scgpt(&[
-        "embed",
-        "--model",
-        s(dir.path()),
-        "--input",
-        s(&data("wu30.h5ad")),
-        "--output",
-        s(&out),
-    ]));
-    assert!(
-        e.contains("best_model.pt") || e.contains("vocab.json"),
-        "{e}"
-    );
+    let e = err(scgpt(&["embed", "--model", s(dir.path()), "--input", s(&data("wu30.h5ad")), "--output", s(&out)]));
+    assert!(e.contains("best_model.pt") || e.contains("vocab.json"), "{e}");
     let garbage = dir.path().join("garbage.h5ad");
     std::fs::write(&garbage, b"not hdf5").unwrap();
     let e = err(embed(&garbage, &out, &[]));
-    assert!(
-        e.contains("garbage.h5ad") && e.contains("not an HDF5"),
-        "{e}"
-    );
+    assert!(e.contains("garbage.h5ad") && e.contains("not an HDF5"), "{e}");
     let e = err(embed(dir.path(), &out, &[]));
     assert!(e.contains("manifest.json"), "{e}");
     // The default build is CPU only: a GPU device names what this build has and how to get one.
@@ -520,18 +348,10 @@ fn cells_without_vocabulary_genes_get_the_cls_embedding() {
     names.push("NOT_A_GENE".into());
     let input = dir.path().join("empty_cell.h5ad");
     // cell0: only the unknown gene; cell1: nothing at all; cell2: ordinary.
-    write_h5ad(
-        &input,
-        &names,
-        vec![],
-        &[vec![(10, 4.0)], vec![], vec![(0, 1.0), (3, 5.0), (10, 2.0)]],
-    );
+    write_h5ad(&input, &names, vec![], &[vec![(10, 4.0)], vec![], vec![(0, 1.0), (3, 5.0), (10, 2.0)]]);
     let out = dir.path().join("e.npy");
     let text = ok(embed(&input, &out, &[]));
-    assert!(
-        text.contains("2 cell(s) express no gene of the vocabulary"),
-        "{text}"
-    );
+    assert!(text.contains("2 cell(s) express no gene of the vocabulary"), "{text}");
     let e = read_npy(&out);
     assert_eq!(e[0], e[1], "both are <cls> alone");
     assert_ne!(e[0], e[2]);
@@ -547,19 +367,9 @@ fn scaled_x_points_to_raw_counts() {
     let input = repo().join("tests/data/pbmc68k_reduced.h5ad");
     let out = dir.path().join("p.h5ad");
     let e = err(embed(&input, &out, &["--min-gene-match", "0.1"]));
-    assert!(
-        e.contains("pbmc68k_reduced.h5ad") && e.contains("is negative") && e.contains("--use-raw"),
-        "{e}"
-    );
-    let text = ok(embed(
-        &input,
-        &out,
-        &["--min-gene-match", "0.1", "--use-raw"],
-    ));
-    assert!(
-        text.contains("genes: 129 of 765 genes in the var index (raw/X) matched"),
-        "{text}"
-    );
+    assert!(e.contains("pbmc68k_reduced.h5ad") && e.contains("is negative") && e.contains("--use-raw"), "{e}");
+    let text = ok(embed(&input, &out, &["--min-gene-match", "0.1", "--use-raw"]));
+    assert!(text.contains("genes: 129 of 765 genes in the var index (raw/X) matched"), "{text}");
     let e = read_obsm(&out);
     assert_eq!((e.len(), e[0].len()), (700, 32));
 }

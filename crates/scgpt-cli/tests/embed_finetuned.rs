@@ -71,12 +71,36 @@ fn embed_uses_the_fine_tuned_models_batch_labels_and_tokens() {
 
     // Batch labels the model never saw: an error naming the known ones, or the mean domain.
     let other = tmp.path().join("other.h5ad");
-    let o = scgpt(&["embed", "--model", model, "--input", pbmc().to_str().unwrap(), "--output", other.to_str().unwrap(), "--batch-col", "bulk_labels", "--quiet"]);
+    let o = scgpt(&[
+        "embed",
+        "--model",
+        model,
+        "--input",
+        pbmc().to_str().unwrap(),
+        "--output",
+        other.to_str().unwrap(),
+        "--batch-col",
+        "bulk_labels",
+        "--quiet",
+    ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("not seen in training") && err.contains("\"G2M\"") && err.contains("--unseen-batch mean"), "{err}");
     assert!(!other.exists(), "no half-written output");
-    let o = scgpt(&["embed", "--model", model, "--input", pbmc().to_str().unwrap(), "--output", other.to_str().unwrap(), "--batch-col", "bulk_labels", "--unseen-batch", "mean", "--quiet"]);
+    let o = scgpt(&[
+        "embed",
+        "--model",
+        model,
+        "--input",
+        pbmc().to_str().unwrap(),
+        "--output",
+        other.to_str().unwrap(),
+        "--batch-col",
+        "bulk_labels",
+        "--unseen-batch",
+        "mean",
+        "--quiet",
+    ]);
     assert!(o.status.success(), "embed --unseen-batch mean: {}", String::from_utf8_lossy(&o.stderr));
     let r = read_back(&other);
     assert_eq!(r["shape"], serde_json::json!([700, 32]));

@@ -74,7 +74,8 @@ fn metrics_match_scib() {
     let lisi = &r["reference"]["lisi"];
     close("iLISI", &m["iLISI"], lisi["iLISI"].as_f64().unwrap(), LISI_TOL);
     close("cLISI", &m["cLISI"], lisi["cLISI"].as_f64().unwrap(), LISI_TOL);
-    let avg_bio = (m["NMI_cluster/label"].as_f64().unwrap() + m["ARI_cluster/label"].as_f64().unwrap() + m["ASW_label"].as_f64().unwrap()) / 3.0;
+    let avg_bio =
+        (m["NMI_cluster/label"].as_f64().unwrap() + m["ARI_cluster/label"].as_f64().unwrap() + m["ASW_label"].as_f64().unwrap()) / 3.0;
     close("avg_bio", &m["avg_bio"], avg_bio, 1e-12);
     let avg_batch = (m["ASW_label/batch"].as_f64().unwrap() + m["graph_conn"].as_f64().unwrap()) / 2.0;
     close("avg_batch", &m["avg_batch"], avg_batch, 1e-12);
@@ -99,7 +100,10 @@ fn bad_columns_and_keys_name_what_exists() {
     let out = run(&["--embedding", "X_emb", "--label-col", "label", "--batch-col", "sample"], dir.path());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("obs/sample") && err.contains("available obs columns") && err.contains("batch") && err.contains("louvain"), "{err}");
+    assert!(
+        err.contains("obs/sample") && err.contains("available obs columns") && err.contains("batch") && err.contains("louvain"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 
     let out = run(&["--embedding", "X_scGPT", "--label-col", "label", "--batch-col", "batch"], dir.path());

@@ -20,7 +20,13 @@ fn the_bundled_annotation_experiment_runs_end_to_end_offline() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for f in ["data/reference.h5ad", "data/query.h5ad", "runs/scratch/best_model/classes.json", "runs/tiny_pretrained-pretrain/best_model/best_model.pt", "report.md"] {
+    for f in [
+        "data/reference.h5ad",
+        "data/query.h5ad",
+        "runs/scratch/best_model/classes.json",
+        "runs/tiny_pretrained-pretrain/best_model/best_model.pt",
+        "report.md",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let mut accuracies = Vec::new();
@@ -29,7 +35,8 @@ fn the_bundled_annotation_experiment_runs_end_to_end_offline() {
         for f in ["metrics.json", "confusion.csv", "confusion.png"] {
             assert!(out.join("reports").join(m).join(f).is_file(), "reports/{m}/{f} missing");
         }
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("reports").join(m).join("metrics.json")).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("reports").join(m).join("metrics.json")).unwrap()).unwrap();
         assert_eq!(v["n_cells"], 66, "{m}: the query is the three patients' 66 cells");
         accuracies.push(v["accuracy"].as_f64().unwrap());
     }
@@ -42,7 +49,14 @@ fn the_bundled_annotation_experiment_runs_end_to_end_offline() {
     let bad = tmp.path().join("bad.toml");
     let text = std::fs::read_to_string(root().join("experiments/annotation_wu2020.toml")).unwrap().replace("85d519686ffa", "00d519686ffa");
     std::fs::write(&bad, text).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_scgpt")).current_dir(root()).args(["experiment", "run"]).arg(&bad).arg("--out").arg(tmp.path().join("bad")).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_scgpt"))
+        .current_dir(root())
+        .args(["experiment", "run"])
+        .arg(&bad)
+        .arg("--out")
+        .arg(tmp.path().join("bad"))
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("sha256"), "{err}");
 }
@@ -59,15 +73,27 @@ fn the_planted_batch_integration_experiment_runs_end_to_end_offline() {
         .env("HDF5_USE_FILE_LOCKING", "FALSE")
         .args(["experiment", "run", "experiments/integration_planted.toml", "--quiet", "--out"])
         .arg(&out)
-        .args(["--train-set", "train.max_steps=2", "--train-set", "train.epochs=1", "--train-set", "preprocess.hvg=100", "--train-set", "model.max_seq_len=101"])
+        .args([
+            "--train-set",
+            "train.max_steps=2",
+            "--train-set",
+            "train.epochs=1",
+            "--train-set",
+            "preprocess.hvg=100",
+            "--train-set",
+            "model.max_seq_len=101",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for f in ["data/planted.h5ad", "runs/scratch/best_model/batch_labels.json", "runs/scratch/embedding.h5ad", "zero_shot.h5ad", "report.md"] {
+    for f in
+        ["data/planted.h5ad", "runs/scratch/best_model/batch_labels.json", "runs/scratch/embedding.h5ad", "zero_shot.h5ad", "report.md"]
+    {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     for m in ["scratch", "tiny_pretrained", "zero_shot"] {
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("reports").join(m).join("metrics.json")).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("reports").join(m).join("metrics.json")).unwrap()).unwrap();
         let asw = v["ASW_label"].as_f64().unwrap_or(f64::NAN);
         assert!((0.0..=1.0).contains(&asw), "{m}: ASW_label {asw}");
     }
@@ -97,7 +123,15 @@ fn the_simulated_perturbation_experiment_runs_end_to_end_offline() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for f in ["data/screen.h5ad", "data/screen.truth.json", "runs/scratch/split.json", "runs/scratch/best_model/vocab.json", "reports/scratch/per_condition.csv", "reports/scratch/per_condition_baselines.csv", "report.md"] {
+    for f in [
+        "data/screen.h5ad",
+        "data/screen.truth.json",
+        "runs/scratch/split.json",
+        "runs/scratch/best_model/vocab.json",
+        "reports/scratch/per_condition.csv",
+        "reports/scratch/per_condition_baselines.csv",
+        "report.md",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("reports/scratch/metrics.json")).unwrap()).unwrap();
@@ -105,12 +139,22 @@ fn the_simulated_perturbation_experiment_runs_end_to_end_offline() {
     assert!(n > 0 && m["baselines"]["linear"].is_object(), "{m}");
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     // The first table: ours and the four baselines, ours' pearson as metrics.json has it.
-    let overall: Vec<&str> = report.split("## Per subgroup").next().unwrap().lines().filter(|l| l.starts_with("| scGPT") || l.starts_with("| baseline")).collect();
+    let overall: Vec<&str> = report
+        .split("## Per subgroup")
+        .next()
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("| scGPT") || l.starts_with("| baseline"))
+        .collect();
     assert_eq!(overall.len(), 5, "{report}");
     for (row, name) in overall.iter().zip(["scGPT fine-tuned (scratch)", "no change", "training mean", "additive", "linear"]) {
         assert!(row.contains(name), "{row} is not {name}");
     }
-    assert!(overall[0].starts_with(&format!("| scGPT fine-tuned (scratch) | {n} | {:.3} |", m["pearson"].as_f64().unwrap())), "{}", overall[0]);
+    assert!(
+        overall[0].starts_with(&format!("| scGPT fine-tuned (scratch) | {n} | {:.3} |", m["pearson"].as_f64().unwrap())),
+        "{}",
+        overall[0]
+    );
     assert!(report.contains("baseline beats it on") || report.contains("No baseline beats scGPT fine-tuned (scratch)"), "{report}");
     // Per subgroup, with the subgroups the split has.
     let subgroups = m["subgroups"].as_object().unwrap();
@@ -124,7 +168,15 @@ fn the_simulated_perturbation_experiment_runs_end_to_end_offline() {
     let test: Vec<&str> = split["test"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert!(report.contains("| kind | test doubles | scGPT fine-tuned (scratch) | baseline: additive |"), "{report}");
     for kind in ["additive", "synergy"] {
-        let k = truth["doubles"].as_array().unwrap().iter().filter(|d| d["kind"] == kind && test.contains(&d["condition"].as_str().unwrap())).count();
-        assert!(report.lines().any(|l| l.starts_with(&format!("| {kind} | {k} |"))), "no line for {kind} doubles ({k} in the test set): {report}");
+        let k = truth["doubles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["kind"] == kind && test.contains(&d["condition"].as_str().unwrap()))
+            .count();
+        assert!(
+            report.lines().any(|l| l.starts_with(&format!("| {kind} | {k} |"))),
+            "no line for {kind} doubles ({k} in the test set): {report}"
+        );
     }
 }

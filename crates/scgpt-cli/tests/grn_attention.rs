@@ -37,7 +37,23 @@ fn setup() -> Setup {
     let dir = tmp.path().to_path_buf();
     let screen = dir.join("screen.h5ad");
     let status = Command::new(prep_bin())
-        .args(["simulate-perturbation", "--genes", "60", "--perturbed-genes", "8", "--doubles", "4", "--cells-per-condition", "12", "--control-cells", "60", "--targets-per-gene", "5", "--quiet", "--out"])
+        .args([
+            "simulate-perturbation",
+            "--genes",
+            "60",
+            "--perturbed-genes",
+            "8",
+            "--doubles",
+            "4",
+            "--cells-per-condition",
+            "12",
+            "--control-cells",
+            "60",
+            "--targets-per-gene",
+            "5",
+            "--quiet",
+            "--out",
+        ])
         .arg(&screen)
         .status()
         .expect("run scgpt-prep");
@@ -81,7 +97,17 @@ fn tiny_model(s: &Setup, name: &str, style: BatchNormStyle) -> PathBuf {
 }
 
 fn run(model: &Path, s: &Setup, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["grn", "attention", "--model", model.to_str().unwrap(), "--input", s.screen.to_str().unwrap(), "--output", out.to_str().unwrap(), "--quiet"];
+    let mut args = vec![
+        "grn",
+        "attention",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        s.screen.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--quiet",
+    ];
     args.extend_from_slice(extra);
     scgpt(&args)
 }
@@ -115,7 +141,13 @@ fn read_targets(dir: &Path) -> Vec<Row> {
         .map(|l| {
             let f: Vec<&str> = l.split('\t').collect();
             assert_eq!(f.len(), 5, "{l}");
-            Row { target: f[0].into(), control: f[1].parse().unwrap(), perturbed: f[2].parse().unwrap(), difference: f[3].parse().unwrap(), rank: f[4].parse().unwrap() }
+            Row {
+                target: f[0].into(),
+                control: f[1].parse().unwrap(),
+                perturbed: f[2].parse().unwrap(),
+                difference: f[3].parse().unwrap(),
+                rank: f[4].parse().unwrap(),
+            }
         })
         .collect()
 }
@@ -171,7 +203,11 @@ fn targets_chart_and_summary() {
     ok(run(&model, &s, &first, &["--perturbed", &s.gene, "--genes", "hvg:30", "--layer", "-2"]));
     let first_rows = read_targets(&first);
     check_targets(&first_rows, &s.gene);
-    assert_ne!(std::fs::read(out.join("targets.tsv")).unwrap(), std::fs::read(first.join("targets.tsv")).unwrap(), "layer 0 differs from layer 1");
+    assert_ne!(
+        std::fs::read(out.join("targets.tsv")).unwrap(),
+        std::fs::read(first.join("targets.tsv")).unwrap(),
+        "layer 0 differs from layer 1"
+    );
 
     // A gene file: 10 genes and an unknown name; GENE is added.
     let list = s.dir.join("genes.txt");

@@ -77,9 +77,26 @@ fn planted_programs_and_edges_are_recovered_and_outputs_read_back() {
 
     let out = tmp.path().join("grn");
     let o = scgpt(&[
-        "grn", "embedding", "--model", model.to_str().unwrap(), "--input", pbmc().to_str().unwrap(), "--output", out.to_str().unwrap(),
-        "--use-raw", "--genes", gene_file.to_str().unwrap(), "--label-col", "bulk_labels", "--tsv", "--reference", ref_file.to_str().unwrap(), "--gmt", gmt.to_str().unwrap(),
-        "--resolution", "1.0",
+        "grn",
+        "embedding",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        pbmc().to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--use-raw",
+        "--genes",
+        gene_file.to_str().unwrap(),
+        "--label-col",
+        "bulk_labels",
+        "--tsv",
+        "--reference",
+        ref_file.to_str().unwrap(),
+        "--gmt",
+        gmt.to_str().unwrap(),
+        "--resolution",
+        "1.0",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
@@ -108,7 +125,15 @@ fn planted_programs_and_edges_are_recovered_and_outputs_read_back() {
     let first = enrich.lines().find(|l| l.starts_with(&format!("{program}\t"))).unwrap();
     assert!(first.contains("PLANTED_0"), "{enrich}");
 
-    for f in ["program_activity.csv", "program_activity_by_cell_type.csv", "program_activity_by_cell_type.png", "program_network.png", "edges.tsv", "gene_embeddings.tsv", "summary.json"] {
+    for f in [
+        "program_activity.csv",
+        "program_activity_by_cell_type.csv",
+        "program_activity_by_cell_type.png",
+        "program_network.png",
+        "edges.tsv",
+        "gene_embeddings.tsv",
+        "summary.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     // The Parquet tables read back with pyarrow: columns in order, 20 edges per gene.
@@ -132,7 +157,19 @@ fn too_few_genes_in_the_vocabulary_is_an_error() {
     let (model, _) = planted_model(tmp.path());
     let gene_file = tmp.path().join("genes.txt");
     std::fs::write(&gene_file, "NOTAGENE1\nNOTAGENE2\n").unwrap();
-    let o = scgpt(&["grn", "embedding", "--model", model.to_str().unwrap(), "--input", pbmc().to_str().unwrap(), "--use-raw", "--output", tmp.path().join("o").to_str().unwrap(), "--genes", gene_file.to_str().unwrap()]);
+    let o = scgpt(&[
+        "grn",
+        "embedding",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        pbmc().to_str().unwrap(),
+        "--use-raw",
+        "--output",
+        tmp.path().join("o").to_str().unwrap(),
+        "--genes",
+        gene_file.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("at least 10"), "{e}");
@@ -144,7 +181,16 @@ fn scaled_data_is_refused_with_the_fix() {
     let (model, _) = planted_model(tmp.path());
     let out = tmp.path().join("o");
     // pbmc68k_reduced's X is scanpy's scaled matrix (z-scores down to -2.03); .raw is log-normalised.
-    let o = scgpt(&["grn", "embedding", "--model", model.to_str().unwrap(), "--input", pbmc().to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let o = scgpt(&[
+        "grn",
+        "embedding",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        pbmc().to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("negative values") && e.contains("--use-raw") && e.contains("pbmc68k_reduced.h5ad"), "{e}");

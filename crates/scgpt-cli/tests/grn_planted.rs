@@ -19,13 +19,34 @@ use common::{prep_bin, scgpt, train_perturbation};
 
 /// 150 genes, 8 perturbed genes with 10 targets each, 40 cells per single and 300 controls.
 const SCREEN: &[&str] = &[
-    "--genes", "150", "--perturbed-genes", "8", "--doubles", "4", "--synergy-fraction", "0", "--cells-per-condition", "40",
-    "--control-cells", "300", "--targets-per-gene", "10", "--seed", "2",
+    "--genes",
+    "150",
+    "--perturbed-genes",
+    "8",
+    "--doubles",
+    "4",
+    "--synergy-fraction",
+    "0",
+    "--cells-per-condition",
+    "40",
+    "--control-cells",
+    "300",
+    "--targets-per-gene",
+    "10",
+    "--seed",
+    "2",
 ];
 
 fn simulate(dir: &Path) -> PathBuf {
     let out = dir.join("screen.h5ad");
-    let o = Command::new(prep_bin()).arg("simulate-perturbation").args(SCREEN).args(["--quiet", "--out"]).arg(&out).env("HDF5_USE_FILE_LOCKING", "FALSE").output().expect("run scgpt-prep");
+    let o = Command::new(prep_bin())
+        .arg("simulate-perturbation")
+        .args(SCREEN)
+        .args(["--quiet", "--out"])
+        .arg(&out)
+        .env("HDF5_USE_FILE_LOCKING", "FALSE")
+        .output()
+        .expect("run scgpt-prep");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     out
 }
@@ -34,10 +55,22 @@ fn simulate(dir: &Path) -> PathBuf {
 /// model.nlayers=2" adds settings; "train.max_steps=1 train.lr=1e-12" exports the initialised
 /// weights).
 fn train(run: &Path, screen: &Path) {
-    let mut sets: Vec<String> = ["model.embsize=64", "model.nheads=4", "model.d_hid=128", "model.nlayers=1", "model.max_seq_len=150", "train.batch_size=32", "train.gamma=0.9", "run.threads=2", "run.seed=0", "train.epochs=6", "train.lr=3e-3"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut sets: Vec<String> = [
+        "model.embsize=64",
+        "model.nheads=4",
+        "model.d_hid=128",
+        "model.nlayers=1",
+        "model.max_seq_len=150",
+        "train.batch_size=32",
+        "train.gamma=0.9",
+        "run.threads=2",
+        "run.seed=0",
+        "train.epochs=6",
+        "train.lr=3e-3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     sets.extend(std::env::var("GRN_TRAIN").map(|s| s.split_whitespace().map(String::from).collect::<Vec<_>>()).unwrap_or_default());
     train_perturbation(run, screen, &sets);
 }
@@ -47,7 +80,22 @@ fn auroc(items: &[(String, f64)], positive: &HashSet<String>) -> f64 {
     let pos: Vec<f64> = items.iter().filter(|(g, _)| positive.contains(g)).map(|x| x.1).collect();
     let neg: Vec<f64> = items.iter().filter(|(g, _)| !positive.contains(g)).map(|x| x.1).collect();
     assert!(!pos.is_empty() && !neg.is_empty());
-    let wins: f64 = pos.iter().map(|p| neg.iter().map(|n| if p > n { 1.0 } else if p == n { 0.5 } else { 0.0 }).sum::<f64>()).sum();
+    let wins: f64 = pos
+        .iter()
+        .map(|p| {
+            neg.iter()
+                .map(|n| {
+                    if p > n {
+                        1.0
+                    } else if p == n {
+                        0.5
+                    } else {
+                        0.0
+                    }
+                })
+                .sum::<f64>()
+        })
+        .sum();
     wins / (pos.len() * neg.len()) as f64
 }
 
@@ -60,8 +108,20 @@ fn attention_auroc(model: &Path, screen: &Path, truth: &serde_json::Value, out: 
         let gene = s["gene"].as_str().unwrap();
         let dir = out.join(gene);
         let o = scgpt(&[
-            "grn", "attention", "--model", model.to_str().unwrap(), "--input", screen.to_str().unwrap(), "--perturbed", gene, "--genes", "hvg:1000",
-            "--deterministic", "--quiet", "--output", dir.to_str().unwrap(),
+            "grn",
+            "attention",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            screen.to_str().unwrap(),
+            "--perturbed",
+            gene,
+            "--genes",
+            "hvg:1000",
+            "--deterministic",
+            "--quiet",
+            "--output",
+            dir.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let text = std::fs::read_to_string(dir.join("targets.tsv")).unwrap();
@@ -83,8 +143,20 @@ fn embedding_scores(model: &Path, screen: &Path, reference: &Path, out: &Path) -
     let genes = out.with_extension("genes.txt");
     std::fs::write(&genes, screen_genes(screen).join("\n") + "\n").unwrap();
     let o = scgpt(&[
-        "grn", "embedding", "--model", model.to_str().unwrap(), "--input", screen.to_str().unwrap(), "--gene-col", "gene_name", "--genes", genes.to_str().unwrap(),
-        "--reference", reference.to_str().unwrap(), "--output", out.to_str().unwrap(),
+        "grn",
+        "embedding",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        screen.to_str().unwrap(),
+        "--gene-col",
+        "gene_name",
+        "--genes",
+        genes.to_str().unwrap(),
+        "--reference",
+        reference.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_str(&std::fs::read_to_string(out.join("reference_scores.json")).unwrap()).unwrap()
@@ -92,7 +164,8 @@ fn embedding_scores(model: &Path, screen: &Path, reference: &Path, out: &Path) -
 
 /// The screen's genes: the trained run's vocabulary (the screen's genes + specials).
 fn screen_genes(screen: &Path) -> Vec<String> {
-    let vocab: HashMap<String, u64> = serde_json::from_str(&std::fs::read_to_string(screen.parent().unwrap().join("run/best_model/vocab.json")).unwrap()).unwrap();
+    let vocab: HashMap<String, u64> =
+        serde_json::from_str(&std::fs::read_to_string(screen.parent().unwrap().join("run/best_model/vocab.json")).unwrap()).unwrap();
     let mut genes: Vec<(u64, String)> = vocab.into_iter().filter(|(g, _)| !g.starts_with('<')).map(|(g, i)| (i, g)).collect();
     genes.sort();
     genes.into_iter().map(|(_, g)| g).collect()
@@ -129,7 +202,11 @@ fn grn_workflows_on_a_perturbation_trained_model_score_the_planted_network_besid
     }
     std::fs::write(&reference, lines).unwrap();
     let emb = embedding_scores(&model, &screen, &reference, &tmp.path().join("emb"));
-    let (m, co, rnd) = (emb["model"]["auroc"].as_f64().unwrap(), emb["baselines"]["coexpression"]["auroc"].as_f64().unwrap(), emb["baselines"]["random"]["auroc"].as_f64().unwrap());
+    let (m, co, rnd) = (
+        emb["model"]["auroc"].as_f64().unwrap(),
+        emb["baselines"]["coexpression"]["auroc"].as_f64().unwrap(),
+        emb["baselines"]["random"]["auroc"].as_f64().unwrap(),
+    );
     println!("attention |difference| AUROC on planted targets (mean over regulators): {att:.3}");
     println!("embedding edges AUROC: model {m:.3}, co-expression {co:.3}, random {rnd:.3}");
     assert_eq!(emb["n_reference_edges"], 80);

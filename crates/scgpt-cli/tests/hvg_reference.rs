@@ -79,12 +79,7 @@ fn open(file: &str, matrix: &str) -> H5adReader {
 fn read(file: &str, matrix: &str) -> Matrix {
     let mut r = open(file, matrix);
     let b = r.read_rows(0, r.n_obs()).unwrap();
-    Matrix {
-        indptr: b.indptr.clone(),
-        indices: b.indices.to_vec(),
-        data: b.data.to_vec(),
-        genes: r.var_names(None).unwrap(),
-    }
+    Matrix { indptr: b.indptr.clone(), indices: b.indices.to_vec(), data: b.data.to_vec(), genes: r.var_names(None).unwrap() }
 }
 
 /// The case's input matrix, prepared as the generator did, and its batch ids (categories in
@@ -151,11 +146,7 @@ fn highly_variable_genes_match_scanpy() {
         let got = run(case, &m, batch.as_deref()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         let got_set = names(&m, &got.selected);
         let want: BTreeSet<String> = strings(&case["selected"]).into_iter().collect();
-        assert_eq!(
-            got.selected.len(),
-            case["n_selected"].as_u64().unwrap() as usize,
-            "{name}: number of genes selected"
-        );
+        assert_eq!(got.selected.len(), case["n_selected"].as_u64().unwrap() as usize, "{name}: number of genes selected");
         let missing: Vec<_> = want.difference(&got_set).collect();
         let extra: Vec<_> = got_set.difference(&want).collect();
         assert!(missing.is_empty() && extra.is_empty(), "{name}: scanpy only {missing:?}, port only {extra:?}");
@@ -179,11 +170,7 @@ fn highly_variable_genes_match_scanpy() {
             ("highly_variable_rank", got.highly_variable_rank.clone(), 0.0),
             ("dispersions", got.dispersions.clone(), 1e-12),
             ("dispersions_norm", got.dispersions_norm.clone(), 1e-12),
-            (
-                "highly_variable_nbatches",
-                got.highly_variable_nbatches.as_ref().map(|v| v.iter().map(|&c| c as f64).collect()),
-                0.0,
-            ),
+            ("highly_variable_nbatches", got.highly_variable_nbatches.as_ref().map(|v| v.iter().map(|&c| c as f64).collect()), 0.0),
         ];
         for (col, values, tol) in cols {
             let Some(want) = probe.get(col) else {

@@ -13,7 +13,25 @@ use common::{prep_bin, python, scgpt, train_perturbation};
 fn simulate(dir: &Path) -> PathBuf {
     let out = dir.join("screen.h5ad");
     let status = Command::new(prep_bin())
-        .args(["simulate-perturbation", "--genes", "80", "--perturbed-genes", "12", "--doubles", "10", "--cells-per-condition", "12", "--control-cells", "120", "--targets-per-gene", "6", "--seed", "5", "--quiet", "--out"])
+        .args([
+            "simulate-perturbation",
+            "--genes",
+            "80",
+            "--perturbed-genes",
+            "12",
+            "--doubles",
+            "10",
+            "--cells-per-condition",
+            "12",
+            "--control-cells",
+            "120",
+            "--targets-per-gene",
+            "6",
+            "--seed",
+            "5",
+            "--quiet",
+            "--out",
+        ])
         .arg(&out)
         .status()
         .expect("run scgpt-prep");
@@ -22,7 +40,17 @@ fn simulate(dir: &Path) -> PathBuf {
 }
 
 fn train(run: &Path, screen: &Path) {
-    let sets = ["model.embsize=32", "model.nheads=2", "model.d_hid=32", "model.nlayers=2", "model.max_seq_len=48", "train.epochs=2", "train.batch_size=16", "train.lr=2e-3", "run.threads=2"];
+    let sets = [
+        "model.embsize=32",
+        "model.nheads=2",
+        "model.d_hid=32",
+        "model.nlayers=2",
+        "model.max_seq_len=48",
+        "train.epochs=2",
+        "train.batch_size=16",
+        "train.lr=2e-3",
+        "run.threads=2",
+    ];
     train_perturbation(run, screen, &sets);
 }
 
@@ -40,11 +68,36 @@ fn predict_and_eval_perturbation_agree_with_numpy_and_print_the_baselines() {
     // Every test condition, and a double of genes that may never have been perturbed together.
     let pred = tmp.path().join("pred.h5ad");
     let conditions = test.join(",");
-    let out = scgpt(&["predict-perturbation", "--model", model.to_str().unwrap(), "--input", screen.to_str().unwrap(), "--conditions", &conditions, "--output", pred.to_str().unwrap(), "--pool-size", "50"]);
+    let out = scgpt(&[
+        "predict-perturbation",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        screen.to_str().unwrap(),
+        "--conditions",
+        &conditions,
+        "--output",
+        pred.to_str().unwrap(),
+        "--pool-size",
+        "50",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let report = tmp.path().join("report");
-    let out = scgpt(&["eval", "perturbation", "--model", model.to_str().unwrap(), "--input", screen.to_str().unwrap(), "--split", run.join("split.json").to_str().unwrap(), "--report", report.to_str().unwrap(), "--pool-size", "50"]);
+    let out = scgpt(&[
+        "eval",
+        "perturbation",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        screen.to_str().unwrap(),
+        "--split",
+        run.join("split.json").to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+        "--pool-size",
+        "50",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let printed = String::from_utf8_lossy(&out.stdout);
     for name in ["scgpt", "no_change", "train_mean", "additive", "linear"] {
@@ -104,11 +157,31 @@ fn a_gene_outside_the_screen_is_named() {
     train(&run, &screen);
     let model = run.join("best_model");
     let pred = tmp.path().join("pred.h5ad");
-    let out = scgpt(&["predict-perturbation", "--model", model.to_str().unwrap(), "--input", screen.to_str().unwrap(), "--conditions", "NOTAGENE+ctrl", "--output", pred.to_str().unwrap()]);
+    let out = scgpt(&[
+        "predict-perturbation",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        screen.to_str().unwrap(),
+        "--conditions",
+        "NOTAGENE+ctrl",
+        "--output",
+        pred.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("NOTAGENE") && e.contains("not among the genes"), "{e}");
-    let out = scgpt(&["predict-perturbation", "--model", model.to_str().unwrap(), "--input", screen.to_str().unwrap(), "--conditions", "A+B+C", "--output", pred.to_str().unwrap()]);
+    let out = scgpt(&[
+        "predict-perturbation",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        screen.to_str().unwrap(),
+        "--conditions",
+        "A+B+C",
+        "--output",
+        pred.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be read"));
     assert!(!pred.exists(), "no output on error");

@@ -31,8 +31,24 @@ fn simulate(dir: &Path, seed: u64) -> PathBuf {
 /// 15 perturbed genes in 3 modules of 5: 75 pairs across modules (3 programs of 20 targets),
 /// 30 within; 90 doubles = 60 synergy (about 20 per program) + all 30 additive ones.
 const SCREEN: &[&str] = &[
-    "--genes", "150", "--perturbed-genes", "15", "--modules", "3", "--doubles", "90", "--synergy-fraction", "0.6667",
-    "--cells-per-condition", "30", "--control-cells", "300", "--targets-per-gene", "5", "--synergy-targets", "20",
+    "--genes",
+    "150",
+    "--perturbed-genes",
+    "15",
+    "--modules",
+    "3",
+    "--doubles",
+    "90",
+    "--synergy-fraction",
+    "0.6667",
+    "--cells-per-condition",
+    "30",
+    "--control-cells",
+    "300",
+    "--targets-per-gene",
+    "5",
+    "--synergy-targets",
+    "20",
 ];
 
 fn train(run: &Path, screen: &Path, seed: u64) {
@@ -44,9 +60,19 @@ fn train(run: &Path, screen: &Path, seed: u64) {
 /// additive baseline in this budget), every gene a token, 8 epochs (~370 steps of 32 cells);
 /// GEARS's simulation split with 90% of the genes seen, 75% of their doubles trained on.
 const TRAIN: &[&str] = &[
-    "model.embsize=64", "model.nheads=4", "model.d_hid=128", "model.nlayers=1", "model.max_seq_len=150",
-    "train.epochs=8", "train.batch_size=32", "train.lr=3e-3", "train.gamma=0.9", "run.threads=2",
-    "task.train_gene_set_size=0.9", "task.combo_seen2_train_frac=0.75", "task.split_seed=1",
+    "model.embsize=64",
+    "model.nheads=4",
+    "model.d_hid=128",
+    "model.nlayers=1",
+    "model.max_seq_len=150",
+    "train.epochs=8",
+    "train.batch_size=32",
+    "train.lr=3e-3",
+    "train.gamma=0.9",
+    "run.threads=2",
+    "task.train_gene_set_size=0.9",
+    "task.combo_seen2_train_frac=0.75",
+    "task.split_seed=1",
 ];
 
 /// `condition → row` of a CSV whose rows name a condition (of one baseline when given).
@@ -87,8 +113,19 @@ fn by_kind(tmp: &Path, seed: u64) -> HashMap<String, Kind> {
     let report = tmp.join("report");
     let split = run.join("split.json");
     let out = scgpt(&[
-        "eval", "perturbation", "--model", run.join("best_model").to_str().unwrap(), "--input", screen.to_str().unwrap(),
-        "--split", split.to_str().unwrap(), "--report", report.to_str().unwrap(), "--no-plots", "--pool-size", "100",
+        "eval",
+        "perturbation",
+        "--model",
+        run.join("best_model").to_str().unwrap(),
+        "--input",
+        screen.to_str().unwrap(),
+        "--split",
+        split.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+        "--no-plots",
+        "--pool-size",
+        "100",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let split: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&split).unwrap()).unwrap();

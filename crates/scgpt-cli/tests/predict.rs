@@ -60,7 +60,20 @@ fn predict_writes_labels_probabilities_and_a_report_anndata_reads() {
     std::fs::remove_dir_all(&run).unwrap();
     let out = tmp.path().join("pred.h5ad");
     let rep = tmp.path().join("report");
-    let o = scgpt(&["predict", "--model", alone.to_str().unwrap(), "--input", pbmc().to_str().unwrap(), "--output", out.to_str().unwrap(), "--label-col", "bulk_labels", "--report", rep.to_str().unwrap(), "--quiet"]);
+    let o = scgpt(&[
+        "predict",
+        "--model",
+        alone.to_str().unwrap(),
+        "--input",
+        pbmc().to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--label-col",
+        "bulk_labels",
+        "--report",
+        rep.to_str().unwrap(),
+        "--quiet",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for f in ["metrics.json", "confusion.csv", "confusion.png"] {
         assert!(rep.join(f).is_file(), "{f} missing");
@@ -73,7 +86,18 @@ fn predict_writes_labels_probabilities_and_a_report_anndata_reads() {
 
     // --min-confidence 1 labels every cell Unknown.
     let out2 = tmp.path().join("unknown.h5ad");
-    let o = scgpt(&["predict", "--model", alone.to_str().unwrap(), "--input", pbmc().to_str().unwrap(), "--output", out2.to_str().unwrap(), "--min-confidence", "1.0", "--quiet"]);
+    let o = scgpt(&[
+        "predict",
+        "--model",
+        alone.to_str().unwrap(),
+        "--input",
+        pbmc().to_str().unwrap(),
+        "--output",
+        out2.to_str().unwrap(),
+        "--min-confidence",
+        "1.0",
+        "--quiet",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(check(&pbmc(), &out2, None)["unknown"], 700);
 
@@ -81,25 +105,72 @@ fn predict_writes_labels_probabilities_and_a_report_anndata_reads() {
     let out3 = tmp.path().join("knn.h5ad");
     let rep3 = tmp.path().join("knn_report");
     let o = scgpt(&[
-        "predict", "--mode", "knn", "--model", alone.to_str().unwrap(), "--reference", pbmc().to_str().unwrap(), "--reference-label-col", "bulk_labels",
-        "--input", pbmc().to_str().unwrap(), "--output", out3.to_str().unwrap(), "--label-col", "bulk_labels", "--report", rep3.to_str().unwrap(), "--quiet",
+        "predict",
+        "--mode",
+        "knn",
+        "--model",
+        alone.to_str().unwrap(),
+        "--reference",
+        pbmc().to_str().unwrap(),
+        "--reference-label-col",
+        "bulk_labels",
+        "--input",
+        pbmc().to_str().unwrap(),
+        "--output",
+        out3.to_str().unwrap(),
+        "--label-col",
+        "bulk_labels",
+        "--report",
+        rep3.to_str().unwrap(),
+        "--quiet",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let knn = check(&pbmc(), &out3, Some(("bulk_labels", &rep3)));
     assert_eq!(knn["classes"], 10);
 
     // A missing truth column names the available ones.
-    let o = scgpt(&["predict", "--model", alone.to_str().unwrap(), "--input", pbmc().to_str().unwrap(), "--output", tmp.path().join("y.h5ad").to_str().unwrap(), "--label-col", "celltype", "--report", rep.to_str().unwrap(), "--quiet"]);
+    let o = scgpt(&[
+        "predict",
+        "--model",
+        alone.to_str().unwrap(),
+        "--input",
+        pbmc().to_str().unwrap(),
+        "--output",
+        tmp.path().join("y.h5ad").to_str().unwrap(),
+        "--label-col",
+        "celltype",
+        "--report",
+        rep.to_str().unwrap(),
+        "--quiet",
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("bulk_labels"), "{err}");
     // A model without a classifier's class list is a clear error.
     std::fs::remove_file(alone.join("classes.json")).unwrap();
-    let o = scgpt(&["predict", "--model", alone.to_str().unwrap(), "--input", pbmc().to_str().unwrap(), "--output", tmp.path().join("x.h5ad").to_str().unwrap(), "--quiet"]);
+    let o = scgpt(&[
+        "predict",
+        "--model",
+        alone.to_str().unwrap(),
+        "--input",
+        pbmc().to_str().unwrap(),
+        "--output",
+        tmp.path().join("x.h5ad").to_str().unwrap(),
+        "--quiet",
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("classes.json"), "{err}");
     // A classes file of another width does not match the head.
     std::fs::write(alone.join("classes.json"), r#"["a", "b"]"#).unwrap();
-    let o = scgpt(&["predict", "--model", alone.to_str().unwrap(), "--input", pbmc().to_str().unwrap(), "--output", tmp.path().join("x.h5ad").to_str().unwrap(), "--quiet"]);
+    let o = scgpt(&[
+        "predict",
+        "--model",
+        alone.to_str().unwrap(),
+        "--input",
+        pbmc().to_str().unwrap(),
+        "--output",
+        tmp.path().join("x.h5ad").to_str().unwrap(),
+        "--quiet",
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("classifier head"), "{err}");
     assert!(!tmp.path().join("x.h5ad").exists(), "no output on failure");

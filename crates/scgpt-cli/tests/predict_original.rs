@@ -32,7 +32,12 @@ fn s(p: &Path) -> &str {
 /// The children do not lock HDF5 files (see tests/embed.rs: a forked child inherits the locks
 /// of files another test thread has open).
 fn scgpt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_scgpt")).args(args).env("HDF5_USE_FILE_LOCKING", "FALSE").current_dir(repo()).output().expect("run scgpt")
+    Command::new(env!("CARGO_BIN_EXE_scgpt"))
+        .args(args)
+        .env("HDF5_USE_FILE_LOCKING", "FALSE")
+        .current_dir(repo())
+        .output()
+        .expect("run scgpt")
 }
 
 fn predict(out: &Path, extra: &[&str]) {
@@ -40,7 +45,12 @@ fn predict(out: &Path, extra: &[&str]) {
     let mut args = vec!["predict", "--model", s(&model), "--input", s(&input), "--output", s(out), "--quiet"];
     args.extend_from_slice(extra);
     let o = scgpt(&args);
-    assert!(o.status.success(), "scgpt predict {extra:?} failed:\n{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "scgpt predict {extra:?} failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn expected() -> Value {
@@ -81,7 +91,8 @@ fn read_output(path: &Path) -> Written {
 
 /// id2type.json as the tutorial writes it (`json.dump` of `dict(enumerate(categories))`).
 fn id2type_order() -> Vec<String> {
-    let m: serde_json::Map<String, Value> = serde_json::from_str(&std::fs::read_to_string(data("original_model/id2type.json")).unwrap()).unwrap();
+    let m: serde_json::Map<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(data("original_model/id2type.json")).unwrap()).unwrap();
     (0..m.len()).map(|i| m[&i.to_string()].as_str().unwrap().to_string()).collect()
 }
 
@@ -102,7 +113,13 @@ fn check(what: &str, got: &Written, want: &Value) {
         }
     }
     let (d, i, k) = worst;
-    assert!(d <= TOL, "{what}: probability of cell {i} class {k} ({}) is {} in scgpt predict but {} in the original (|diff| {d:e} > {TOL:e})", classes[k], got.probs[i][k], probs[i][k]);
+    assert!(
+        d <= TOL,
+        "{what}: probability of cell {i} class {k} ({}) is {} in scgpt predict but {} in the original (|diff| {d:e} > {TOL:e})",
+        classes[k],
+        got.probs[i][k],
+        probs[i][k]
+    );
     eprintln!("{what}: worst |diff| {d:e} (cell {i}, class {k})");
     assert_eq!(got.labels, strings(&want["labels"]), "{what}: obs/scgpt_label is not the original's argmax");
 }
@@ -134,7 +151,8 @@ fn fixture_is_what_the_test_claims() {
     assert_eq!(id2type_order().len(), 4);
     // Every cell is shorter than max_seq_len (3001): nothing is subsampled; <cls> first with 0.
     let want = expected();
-    let vocab: serde_json::Map<String, Value> = serde_json::from_str(&std::fs::read_to_string(data("original_model/vocab.json")).unwrap()).unwrap();
+    let vocab: serde_json::Map<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(data("original_model/vocab.json")).unwrap()).unwrap();
     let cls = vocab["<cls>"].as_u64().unwrap();
     let mut lengths = Vec::new();
     for t in want["tokens"].as_array().unwrap() {

@@ -53,6 +53,7 @@ fn sigterm_checkpoints_and_the_same_command_resumes() {
         assert!(child.try_wait().unwrap().is_none(), "scgpt-train exited early");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // SAFETY: kill(2) on our own child's pid; no memory is touched.
     unsafe {
         libc_kill(child.id() as i32, 15);
     }
@@ -61,7 +62,7 @@ fn sigterm_checkpoints_and_the_same_command_resumes() {
     assert_eq!(out.status.code(), Some(128 + 15), "{stderr}");
     assert!(stderr.contains("checkpoint written"), "{stderr}");
     let (stopped_at, _) = scgpt_engine::latest_checkpoint(&run).expect("a checkpoint after SIGTERM");
-    assert!(stopped_at >= 3 && stopped_at < 400, "stopped at {stopped_at}");
+    assert!((3..400).contains(&stopped_at), "stopped at {stopped_at}");
 
     // The command again resumes from there (here with a nearer end, to keep the test short).
     let end = format!("train.max_steps={}", stopped_at + 3);

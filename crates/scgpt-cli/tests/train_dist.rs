@@ -130,7 +130,7 @@ fn a_killed_rank_ends_the_others_with_an_error_naming_it() {
     let _ = r1.wait();
     let killed = Instant::now();
     let out = loop {
-        if let Some(_) = r0.try_wait().unwrap() {
+        if r0.try_wait().unwrap().is_some() {
             break r0.wait_with_output().unwrap();
         }
         if killed.elapsed() > Duration::from_secs(30) {
@@ -156,6 +156,7 @@ extern "C" {
 fn sigterm_to_one_rank_stops_every_rank_at_one_checkpoint_and_they_resume() {
     let tmp = tempfile::tempdir().unwrap();
     let (run, r0, r1) = two_ranks_running(tmp.path(), 3);
+    // SAFETY: kill(2) on our own child's pid; no memory is touched.
     unsafe {
         libc_kill(r1.id() as i32, 15);
     }
@@ -167,7 +168,11 @@ fn sigterm_to_one_rank_stops_every_rank_at_one_checkpoint_and_they_resume() {
         assert_eq!(out.status.code(), Some(128 + 15), "rank {r}: {stderr}");
         assert!(stderr.contains("checkpoint written"), "rank {r}: {stderr}");
     }
-    let ckpts: Vec<String> = std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).filter(|n| n.starts_with("step-")).collect();
+    let ckpts: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
     assert_eq!(ckpts.len(), 1, "one checkpoint: {ckpts:?}");
     let (stopped_at, _) = scgpt_engine::latest_checkpoint(&run).expect("a checkpoint");
     assert!(stopped_at >= 3, "stopped at {stopped_at}");
@@ -215,7 +220,11 @@ fn cce_contrasts_the_global_batch_across_ranks() {
     let two = tmp.path().join("two");
     run_world(2, &two, &shards, &[&mlm[..], &["train.batch_size=8".into()]].concat());
     let cce = |run: &Path| -> Vec<f64> {
-        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train/loss_cce"].as_f64()).collect()
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train/loss_cce"].as_f64())
+            .collect()
     };
     let (a, b) = (cce(&one), cce(&two));
     assert_eq!(a.len(), 4);
@@ -243,7 +252,11 @@ fn annotation_on_two_ranks_matches_one_rank() {
     let two = tmp.path().join("two");
     run_world(2, &two, &shards, &[&task[..], &["train.batch_size=8".into()]].concat());
     let cls = |run: &Path| -> Vec<f64> {
-        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train/loss_cls"].as_f64()).collect()
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train/loss_cls"].as_f64())
+            .collect()
     };
     let (a, b) = (cls(&one), cls(&two));
     assert_eq!(a.len(), 4);
@@ -284,7 +297,11 @@ fn integration_on_two_ranks_matches_one_rank_with_accumulation() {
     let two = tmp.path().join("two");
     run_world(2, &two, &shards, &task);
     let gep = |run: &Path| -> Vec<f64> {
-        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train/loss_gep"].as_f64()).collect()
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train/loss_gep"].as_f64())
+            .collect()
     };
     let (a, b) = (gep(&one), gep(&two));
     assert!(!a.is_empty() && a.len() == b.len(), "{a:?} vs {b:?}");
@@ -322,7 +339,23 @@ fn perturbation_on_two_ranks_matches_one_rank_with_accumulation() {
     let tmp = tempfile::tempdir().unwrap();
     let screen = tmp.path().join("screen.h5ad");
     let status = Command::new(common::prep_bin())
-        .args(["simulate-perturbation", "--genes", "60", "--perturbed-genes", "10", "--doubles", "8", "--cells-per-condition", "10", "--control-cells", "80", "--targets-per-gene", "5", "--quiet", "--out"])
+        .args([
+            "simulate-perturbation",
+            "--genes",
+            "60",
+            "--perturbed-genes",
+            "10",
+            "--doubles",
+            "8",
+            "--cells-per-condition",
+            "10",
+            "--control-cells",
+            "80",
+            "--targets-per-gene",
+            "5",
+            "--quiet",
+            "--out",
+        ])
         .arg(&screen)
         .status()
         .unwrap();
@@ -345,7 +378,11 @@ fn perturbation_on_two_ranks_matches_one_rank_with_accumulation() {
     let two = tmp.path().join("two");
     run_world(2, &two, &shards, &task);
     let mse = |run: &Path| -> Vec<f64> {
-        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train/loss_mse"].as_f64()).collect()
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train/loss_mse"].as_f64())
+            .collect()
     };
     let (a, b) = (mse(&one), mse(&two));
     assert!(!a.is_empty() && a.len() == b.len(), "{a:?} vs {b:?}");
@@ -354,7 +391,11 @@ fn perturbation_on_two_ranks_matches_one_rank_with_accumulation() {
     }
     let params = |run: &Path| {
         let (_, dir) = scgpt_engine::latest_checkpoint(run).expect("a checkpoint");
-        let (m, _) = scgpt_model::perturbation_checkpoint::load_native_perturbation(dir.join("model"), &scgpt_model::burn::tensor::Device::flex()).unwrap();
+        let (m, _) = scgpt_model::io::perturbation_checkpoint::load_native_perturbation(
+            dir.join("model"),
+            &scgpt_model::burn::tensor::Device::flex(),
+        )
+        .unwrap();
         let p = scgpt_engine::optim::list_params(&m).unwrap();
         scgpt_engine::optim::flatten_params(&m, &p)
     };

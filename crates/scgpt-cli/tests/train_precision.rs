@@ -56,9 +56,13 @@ fn last_checkpoint(run: &Path) -> PathBuf {
 
 /// The LayerNorm gains of every encoder layer after the run (fresh gains are exactly 1).
 fn gains(run: &Path) -> Vec<f32> {
-    let ck = scgpt_model::load_native(&last_checkpoint(run), &Device::flex()).unwrap();
+    let ck = scgpt_model::load_native(last_checkpoint(run), &Device::flex()).unwrap();
     let m = ck.model;
-    assert_eq!(m.transformer_encoder.layers[0].norm1.gamma.val().dtype(), scgpt_model::burn::tensor::DType::F32, "checkpoints hold fp32 parameters");
+    assert_eq!(
+        m.transformer_encoder.layers[0].norm1.gamma.val().dtype(),
+        scgpt_model::burn::tensor::DType::F32,
+        "checkpoints hold fp32 parameters"
+    );
     m.transformer_encoder
         .layers
         .iter()

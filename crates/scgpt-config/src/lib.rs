@@ -80,12 +80,9 @@ impl Layered {
 
     /// Merge a TOML file.
     pub fn with_file(self, path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let table: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
         let mut me = self;
         let origin = Origin::File(path.to_path_buf());
         me.merge_table(table, &origin);
@@ -99,12 +96,10 @@ impl Layered {
         I: IntoIterator<Item = (String, String)>,
     {
         let head = format!("{prefix}__");
-        let mut vars: Vec<(String, String)> =
-            vars.into_iter().filter(|(k, _)| k.starts_with(&head)).collect();
+        let mut vars: Vec<(String, String)> = vars.into_iter().filter(|(k, _)| k.starts_with(&head)).collect();
         vars.sort();
         for (name, raw) in vars {
-            let path: Vec<String> =
-                name[head.len()..].split("__").map(|s| s.to_ascii_lowercase()).collect();
+            let path: Vec<String> = name[head.len()..].split("__").map(|s| s.to_ascii_lowercase()).collect();
             let origin = Origin::Env(name.clone());
             if path.iter().any(|p| p.is_empty()) {
                 return Err(ConfigError::Override {
@@ -124,19 +119,11 @@ impl Layered {
             let s = s.as_ref();
             let origin = Origin::SetFlag(s.to_string());
             let Some((key, raw)) = s.split_once('=') else {
-                return Err(ConfigError::Override {
-                    text: s.into(),
-                    origin,
-                    why: "expected section.key=value".into(),
-                });
+                return Err(ConfigError::Override { text: s.into(), origin, why: "expected section.key=value".into() });
             };
             let path: Vec<String> = key.trim().split('.').map(str::to_string).collect();
             if path.iter().any(|p| p.is_empty()) {
-                return Err(ConfigError::Override {
-                    text: s.into(),
-                    origin,
-                    why: "empty key part; expected section.key=value".into(),
-                });
+                return Err(ConfigError::Override { text: s.into(), origin, why: "empty key part; expected section.key=value".into() });
             }
             self.set_path(&path, parse_scalar(raw.trim()), origin)?;
         }
@@ -294,14 +281,8 @@ mod tests {
     #[test]
     fn wrong_type_names_key_and_origin() {
         let (_d, p) = file_with("[train]\nlr = 0.1\n");
-        let err = Layered::new()
-            .with_file(&p)
-            .unwrap()
-            .with_sets(&["train.epochs=\"many\""])
-            .unwrap()
-            .build::<Cfg>()
-            .unwrap_err()
-            .to_string();
+        let err =
+            Layered::new().with_file(&p).unwrap().with_sets(&["train.epochs=\"many\""]).unwrap().build::<Cfg>().unwrap_err().to_string();
         assert!(err.contains("train.epochs"), "{err}");
         assert!(err.contains("--set train.epochs"), "{err}");
         let err = Layered::new()

@@ -27,12 +27,18 @@ fn main() -> anyhow::Result<()> {
     let values: usize = cells.iter().map(Vec::len).sum();
     let maxes: Vec<u32> = cells.iter().map(|c| c.iter().fold(0.0f32, |m, &v| m.max(v)) as u32).collect();
     // Cells the pre-checked entry point may take: integers in 1..SMALL_INT_LIMIT.
-    let small: Vec<bool> = cells.iter().zip(&maxes).map(|(c, &m)| m < scgpt_data::binning::SMALL_INT_LIMIT && c.iter().all(|&v| v >= 1.0 && v.fract() == 0.0)).collect();
+    let small: Vec<bool> = cells
+        .iter()
+        .zip(&maxes)
+        .map(|(c, &m)| m < scgpt_data::binning::SMALL_INT_LIMIT && c.iter().all(|&v| v >= 1.0 && v.fract() == 0.0))
+        .collect();
     println!("{} cells, {:.0} values per cell", cells.len(), values as f64 / cells.len() as f64);
     let mut binner = Binner::new();
     let mut out = Vec::with_capacity(values);
     let mut checksum = 0u64;
-    for (name, checked, random) in [("checked, random ties", true, true), ("checked, lowest ties", true, false), ("pre-checked, random ties", false, true)] {
+    for (name, checked, random) in
+        [("checked, random ties", true, true), ("checked, lowest ties", true, false), ("pre-checked, random ties", false, true)]
+    {
         let mut best = f64::INFINITY;
         for _ in 0..5 {
             out.clear();

@@ -64,7 +64,11 @@ impl Binner {
             }
             let (l, r) = digits(v as f64, edges);
             k += 1;
-            if random { pick(l, r, draws[k - 1]) } else { lowest(l, r) }
+            if random {
+                pick(l, r, draws[k - 1])
+            } else {
+                lowest(l, r)
+            }
         }));
     }
 
@@ -106,7 +110,11 @@ impl Binner {
         let (edges, draws) = (&self.edges, &self.draws);
         out.extend(values.iter().enumerate().map(|(i, &v)| {
             let (l, r) = digits(v as f64, edges);
-            if random { pick(l, r, draws[i]) } else { lowest(l, r) }
+            if random {
+                pick(l, r, draws[i])
+            } else {
+                lowest(l, r)
+            }
         }));
     }
 
@@ -116,7 +124,14 @@ impl Binner {
     ///
     /// # Safety
     /// Every value is an integer in `1..=max`, and `max` is below [`SMALL_INT_LIMIT`].
-    pub unsafe fn append_small_int_bins<R: Rng>(&mut self, values: &[f32], max: u32, n_bins: usize, ties: TieBreak<'_, R>, out: &mut Vec<u8>) {
+    pub unsafe fn append_small_int_bins<R: Rng>(
+        &mut self,
+        values: &[f32],
+        max: u32,
+        n_bins: usize,
+        ties: TieBreak<'_, R>,
+        out: &mut Vec<u8>,
+    ) {
         debug_assert!(small_int_max(values).is_some_and(|m| m <= max) && max < SMALL_INT_LIMIT);
         let max = max as usize;
         let random_ties = matches!(ties, TieBreak::Random(_));
@@ -126,7 +141,7 @@ impl Binner {
         let (pairs, draws) = (&self.lut_pair[..], &self.draws[..]);
         out.reserve(values.len());
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::simd::avx512f() {
             let start = out.len();
             // SAFETY: the feature is present; `out` has room for values.len() more bytes;
             // every value is an integer in 1..=max (the caller's contract), and the pairs run
@@ -343,7 +358,11 @@ unsafe fn small_int_bins_avx512(values: &[f32], draws: Option<&[u32]>, pairs: &[
 /// The lowest bin of a tied range, else the one bin.
 #[inline]
 fn lowest(l: u8, r: u8) -> u8 {
-    if l == r { l } else { r + 1 }
+    if l == r {
+        l
+    } else {
+        r + 1
+    }
 }
 
 /// The original's `ceil(l - u (l - r))` for a uniform `u` in [0, 1), which is
@@ -387,7 +406,11 @@ mod tests {
                     .chain(values.iter().enumerate().map(|(k, &v)| {
                         // The general path's digits, from the same edges.
                         let (l, r) = digits(v as f64, &b.edges);
-                        if random { pick(l, r, b.draws[k]) } else { super::lowest(l, r) }
+                        if random {
+                            pick(l, r, b.draws[k])
+                        } else {
+                            super::lowest(l, r)
+                        }
                     }))
                     .collect();
                 assert_eq!(got, want, "{n} values up to {top}, random ties {random}");

@@ -40,9 +40,7 @@ impl ShardSet {
         let manifest: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", manifest_path.display()))?;
         let vocab = GeneVocab::from_file(&dir.join("vocab.json"))?;
-        let files = manifest["shards"]
-            .as_array()
-            .with_context(|| format!("{}: field `shards` missing", manifest_path.display()))?;
+        let files = manifest["shards"].as_array().with_context(|| format!("{}: field `shards` missing", manifest_path.display()))?;
         let mut shards = Vec::new();
         for s in files {
             let name = s["file"].as_str().with_context(|| format!("{}: a shard without `file`", manifest_path.display()))?;
@@ -114,7 +112,18 @@ pub type ValidRows = Vec<Vec<Vec<bool>>>;
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        LoaderConfig { seed: 0, batch_size: 32, valid_fraction: 0.003, shuffle_window: 8, rank: 0, world: 1, prefetch: 4, obs_cols: Vec::new(), valid_rows: None, group_by_obs: None }
+        LoaderConfig {
+            seed: 0,
+            batch_size: 32,
+            valid_fraction: 0.003,
+            shuffle_window: 8,
+            rank: 0,
+            world: 1,
+            prefetch: 4,
+            obs_cols: Vec::new(),
+            valid_rows: None,
+            group_by_obs: None,
+        }
     }
 }
 
@@ -233,10 +242,8 @@ fn split_rows(sets: &[ShardSet], cfg: &LoaderConfig, b: &Block, split: Split) ->
 
 /// Decodes a window's row groups in parallel and keeps the cells of `split`.
 fn decode_window(sets: &[ShardSet], cfg: &LoaderConfig, chunk: &[Block], split: Split) -> anyhow::Result<Window> {
-    let decoded: Vec<anyhow::Result<CellColumns>> = chunk
-        .par_iter()
-        .map(|b| read_row_group(&sets[b.set].shards[b.shard].0, b.group, &cfg.obs_cols))
-        .collect();
+    let decoded: Vec<anyhow::Result<CellColumns>> =
+        chunk.par_iter().map(|b| read_row_group(&sets[b.set].shards[b.shard].0, b.group, &cfg.obs_cols)).collect();
     let mut groups = Vec::with_capacity(chunk.len());
     let mut cells = Vec::new();
     let mut origin = Vec::new();
@@ -299,7 +306,10 @@ fn batch_windows(
         *batch_index += 1;
         let full = std::mem::replace(pending, fresh);
         let sets_of = std::mem::take(pending_sets);
-        !mine || tx.send(Ok(CellBatch { cells: full, sets: sets_of, position: DataPosition { epoch: start.epoch, cells_done: done } })).is_ok()
+        !mine
+            || tx
+                .send(Ok(CellBatch { cells: full, sets: sets_of, position: DataPosition { epoch: start.epoch, cells_done: done } }))
+                .is_ok()
     };
     for (wi, w) in windows.into_iter().enumerate() {
         let (groups, cells, origin) = match w {
@@ -346,10 +356,8 @@ fn batch_windows(
                 let (g, row) = cells[i];
                 pending.push_from(&groups[g], row);
                 pending_sets.push(origin[i]);
-                if pending.len() == cfg.batch_size {
-                    if !emit(&mut pending, &mut pending_sets, &mut batch_index, done, fresh()) {
-                        return;
-                    }
+                if pending.len() == cfg.batch_size && !emit(&mut pending, &mut pending_sets, &mut batch_index, done, fresh()) {
+                    return;
                 }
             }
             if grouped && !pending.is_empty() && !emit(&mut pending, &mut pending_sets, &mut batch_index, done, fresh()) {
@@ -375,7 +383,8 @@ fn grouped_batches<'a>(order: &[usize], value: impl Fn(usize) -> &'a str, batch:
             None => by_value.push((v, vec![i])),
         }
     }
-    let mut batches: Vec<Vec<usize>> = by_value.into_iter().flat_map(|(_, cells)| cells.chunks(batch).map(<[usize]>::to_vec).collect::<Vec<_>>()).collect();
+    let mut batches: Vec<Vec<usize>> =
+        by_value.into_iter().flat_map(|(_, cells)| cells.chunks(batch).map(<[usize]>::to_vec).collect::<Vec<_>>()).collect();
     batches.shuffle(rng);
     batches
 }

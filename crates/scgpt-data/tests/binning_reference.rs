@@ -64,7 +64,14 @@ fn random_ties_stay_in_the_original_range_and_use_all_of_it() {
         for _ in 0..20 {
             binner.bin_row(&r.values, DEFAULT_N_BINS, TieBreak::Random(&mut rng), &mut out);
             for (k, &b) in out.iter().enumerate() {
-                assert!(r.bins_lo[k] <= b && b <= r.bins_hi[k], "row {} value {}: {b} outside {}..={}", r.name, r.values[k], r.bins_lo[k], r.bins_hi[k]);
+                assert!(
+                    r.bins_lo[k] <= b && b <= r.bins_hi[k],
+                    "row {} value {}: {b} outside {}..={}",
+                    r.name,
+                    r.values[k],
+                    r.bins_lo[k],
+                    r.bins_hi[k]
+                );
                 if r.bins_lo[k] < r.bins_hi[k] {
                     hit_lo += (b == r.bins_lo[k]) as usize;
                     hit_hi += (b == r.bins_hi[k]) as usize;

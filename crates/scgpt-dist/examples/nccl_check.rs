@@ -35,5 +35,8 @@ fn main() {
             std::process::exit(1);
         }
     }
-    println!("nccl_check: PASS: world 1, {n} floats ({:.0} MB), best {best:.4} s per all-reduce (host buffer in and out)", n as f64 * 4.0 / 1e6);
+    println!(
+        "nccl_check: PASS: world 1, {n} floats ({:.0} MB), best {best:.4} s per all-reduce (host buffer in and out)",
+        n as f64 * 4.0 / 1e6
+    );
 }

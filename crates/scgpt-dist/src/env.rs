@@ -33,13 +33,7 @@ pub struct RankInfo {
 impl RankInfo {
     /// A lone process (rank 0 of 1).
     pub fn single() -> RankInfo {
-        RankInfo {
-            rank: 0,
-            world: 1,
-            local_rank: 0,
-            master_addr: "127.0.0.1".to_string(),
-            master_port: DEFAULT_MASTER_PORT,
-        }
+        RankInfo { rank: 0, world: 1, local_rank: 0, master_addr: "127.0.0.1".to_string(), master_port: DEFAULT_MASTER_PORT }
     }
 
     pub fn is_root(&self) -> bool {
@@ -52,11 +46,7 @@ impl RankInfo {
     /// process. `MASTER_ADDR`/`MASTER_PORT` override the Slurm-derived values. Empty values
     /// count as unset. `get` looks a variable up (tests inject their own).
     pub fn from_env_with(get: impl Fn(&str) -> Option<String>) -> Result<RankInfo, DistError> {
-        let get = |name: &str| {
-            get(name)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
+        let get = |name: &str| get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
         if get("RANK").is_some() || get("WORLD_SIZE").is_some() {
             from_torchrun(&get)
         } else if get("SLURM_PROCID").is_some() {
@@ -111,27 +101,18 @@ fn from_torchrun(get: &dyn Fn(&str) -> Option<String>) -> Result<RankInfo, DistE
         Some(p) => parse_port("MASTER_PORT", &p)?,
         None => DEFAULT_MASTER_PORT,
     };
-    Ok(RankInfo {
-        rank,
-        world,
-        local_rank,
-        master_addr,
-        master_port,
-    })
+    Ok(RankInfo { rank, world, local_rank, master_addr, master_port })
 }
 
 fn from_slurm(get: &dyn Fn(&str) -> Option<String>) -> Result<RankInfo, DistError> {
     let rank = parse_count("SLURM_PROCID", &get("SLURM_PROCID").unwrap_or_default())?;
-    let (world_var, world_s) = ["SLURM_NTASKS", "SLURM_NPROCS"]
-        .iter()
-        .find_map(|v| get(v).map(|s| (*v, s)))
-        .ok_or_else(|| {
-            DistError::Config(
-                "SLURM_PROCID is set but SLURM_NTASKS is not: launch with `srun --ntasks=N` \
+    let (world_var, world_s) = ["SLURM_NTASKS", "SLURM_NPROCS"].iter().find_map(|v| get(v).map(|s| (*v, s))).ok_or_else(|| {
+        DistError::Config(
+            "SLURM_PROCID is set but SLURM_NTASKS is not: launch with `srun --ntasks=N` \
                  (or sbatch --ntasks), or set RANK/WORLD_SIZE/MASTER_ADDR yourself"
-                    .to_string(),
-            )
-        })?;
+                .to_string(),
+        )
+    })?;
     let world = parse_world(world_var, &world_s)?;
     check_rank("SLURM_PROCID", rank, world_var, world)?;
     let local_rank = match get("SLURM_LOCALID") {
@@ -141,21 +122,13 @@ fn from_slurm(get: &dyn Fn(&str) -> Option<String>) -> Result<RankInfo, DistErro
     check_local("SLURM_LOCALID", local_rank, world)?;
     let master_addr = if let Some(a) = get("MASTER_ADDR") {
         a
-    } else if let Some((var, list)) = [
-        "SLURM_STEP_NODELIST",
-        "SLURM_JOB_NODELIST",
-        "SLURM_NODELIST",
-    ]
-    .iter()
-    .find_map(|v| get(v).map(|s| (*v, s)))
+    } else if let Some((var, list)) =
+        ["SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"].iter().find_map(|v| get(v).map(|s| (*v, s)))
     {
         // Task 0 runs on the first node of the step under Slurm's default block distribution;
         // other distributions need MASTER_ADDR.
-        first_host(&list).map_err(|e| {
-            DistError::Config(format!(
-                "{var}={list:?} cannot be parsed ({e}): set MASTER_ADDR to the host of task 0"
-            ))
-        })?
+        first_host(&list)
+            .map_err(|e| DistError::Config(format!("{var}={list:?} cannot be parsed ({e}): set MASTER_ADDR to the host of task 0")))?
     } else if world == 1 {
         "127.0.0.1".to_string()
     } else {
@@ -169,13 +142,7 @@ fn from_slurm(get: &dyn Fn(&str) -> Option<String>) -> Result<RankInfo, DistErro
         (None, Some(job)) => slurm_port(&job),
         (None, None) => DEFAULT_MASTER_PORT,
     };
-    Ok(RankInfo {
-        rank,
-        world,
-        local_rank,
-        master_addr,
-        master_port,
-    })
+    Ok(RankInfo { rank, world, local_rank, master_addr, master_port })
 }
 
 /// Every task of a job sees the same job id, so they agree on the port without
@@ -183,27 +150,19 @@ fn from_slurm(get: &dyn Fn(&str) -> Option<String>) -> Result<RankInfo, DistErro
 fn slurm_port(job_id: &str) -> u16 {
     let n = job_id.parse::<u64>().unwrap_or_else(|_| {
         // Non-numeric ids (heterogeneous job forms) still need a stable port: FNV-1a.
-        job_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        })
+        job_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
     });
     SLURM_PORT_BASE + (n % SLURM_PORT_SPAN) as u16
 }
 
 fn parse_count(var: &str, v: &str) -> Result<usize, DistError> {
-    v.parse::<usize>().map_err(|_| {
-        DistError::Config(format!(
-            "{var}={v:?} is not a non-negative integer: fix or unset {var}"
-        ))
-    })
+    v.parse::<usize>().map_err(|_| DistError::Config(format!("{var}={v:?} is not a non-negative integer: fix or unset {var}")))
 }
 
 fn parse_world(var: &str, v: &str) -> Result<usize, DistError> {
     let w = parse_count(var, v)?;
     if w == 0 {
-        return Err(DistError::Config(format!(
-            "{var}=0: the number of processes must be at least 1"
-        )));
+        return Err(DistError::Config(format!("{var}=0: the number of processes must be at least 1")));
     }
     Ok(w)
 }
@@ -245,17 +204,12 @@ pub fn timeout_from_env() -> Result<Duration, DistError> {
 
 /// [`timeout_from_env`] with an injected lookup.
 pub fn timeout_from_env_with(get: impl Fn(&str) -> Option<String>) -> Result<Duration, DistError> {
-    let Some(v) = get(TIMEOUT_ENV)
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
-    else {
+    let Some(v) = get(TIMEOUT_ENV).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) else {
         return Ok(DEFAULT_TIMEOUT);
     };
     match v.parse::<f64>() {
         Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(Duration::from_secs_f64(s)),
-        _ => Err(DistError::Config(format!(
-            "{TIMEOUT_ENV}={v:?} is not a positive number of seconds: e.g. {TIMEOUT_ENV}=300"
-        ))),
+        _ => Err(DistError::Config(format!("{TIMEOUT_ENV}={v:?} is not a positive number of seconds: e.g. {TIMEOUT_ENV}=300"))),
     }
 }
 
@@ -329,8 +283,7 @@ fn parse_ranges(body: &str) -> Result<Vec<(u64, u64, usize)>, String> {
         if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
             return Err(format!("{s:?} in [{body}] is not a number"));
         }
-        s.parse::<u64>()
-            .map_err(|_| format!("{s:?} in [{body}] is too large"))
+        s.parse::<u64>().map_err(|_| format!("{s:?} in [{body}] is too large"))
     };
     body.split(',')
         .map(|item| {
@@ -360,8 +313,7 @@ fn first_host(list: &str) -> Result<String, String> {
 /// names, in Slurm's order. Zero padding follows the written lower bound (`[08-10]` gives
 /// `08 09 10`).
 pub fn expand_nodelist(list: &str) -> Result<Vec<String>, DistError> {
-    let patterns = parse_nodelist(list)
-        .map_err(|e| DistError::Config(format!("node list {list:?} cannot be parsed: {e}")))?;
+    let patterns = parse_nodelist(list).map_err(|e| DistError::Config(format!("node list {list:?} cannot be parsed: {e}")))?;
     let mut hosts = Vec::new();
     for parts in &patterns {
         let mut names = vec![String::new()];
@@ -413,7 +365,11 @@ pub fn visible_gpus(cuda_visible_devices: Option<&str>) -> Option<usize> {
     Some(
         v.split(',')
             .map(str::trim)
-            .take_while(|e| !e.is_empty() && !e.starts_with('-') && (e.chars().all(|c| c.is_ascii_digit()) || e.starts_with("GPU-") || e.starts_with("MIG-")))
+            .take_while(|e| {
+                !e.is_empty()
+                    && !e.starts_with('-')
+                    && (e.chars().all(|c| c.is_ascii_digit()) || e.starts_with("GPU-") || e.starts_with("MIG-"))
+            })
             .count(),
     )
 }
@@ -458,13 +414,7 @@ mod tests {
 
     #[test]
     fn first_host_matches_expansion() {
-        for list in [
-            "node[01-04,07],gpu3",
-            "a[8-10]b",
-            "r[2-3]-n[5,7]",
-            "plain",
-            "x[007]",
-        ] {
+        for list in ["node[01-04,07],gpu3", "a[8-10]b", "r[2-3]-n[5,7]", "plain", "x[007]"] {
             assert_eq!(first_host(list).unwrap(), expand_nodelist(list).unwrap()[0]);
         }
     }

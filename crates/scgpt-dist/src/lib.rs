@@ -64,11 +64,7 @@ pub enum DistError {
     Config(String),
     /// A specific rank failed, went silent or could not be reached.
     #[error("{message}")]
-    Rank {
-        rank: usize,
-        op: &'static str,
-        message: String,
-    },
+    Rank { rank: usize, op: &'static str, message: String },
     /// The ranks disagree (handshake or collective call sequence).
     #[error("{0}")]
     Protocol(String),
@@ -202,11 +198,7 @@ pub const BACKENDS: &[&str] = &["auto", "single", "tcp", "nccl"];
 /// crate was built with the `nccl` feature), or "auto" (single when `world == 1`, tcp
 /// otherwise; GPU trainers should ask for "nccl" explicitly). `timeout` bounds both the
 /// rendezvous and every later network wait.
-pub fn connect(
-    info: &RankInfo,
-    backend: &str,
-    timeout: Duration,
-) -> Result<Box<dyn Collective>, DistError> {
+pub fn connect(info: &RankInfo, backend: &str, timeout: Duration) -> Result<Box<dyn Collective>, DistError> {
     let opts = TcpOptions::with_timeout(timeout);
     match backend.trim().to_ascii_lowercase().as_str() {
         "auto" if info.world == 1 => Ok(Box::new(Single::new())),
@@ -219,10 +211,7 @@ pub fn connect(
             info.world, info.rank
         ))),
         "nccl" => connect_nccl(info, &opts),
-        other => Err(DistError::Config(format!(
-            "unknown distributed backend {other:?}: expected one of {}",
-            BACKENDS.join(", ")
-        ))),
+        other => Err(DistError::Config(format!("unknown distributed backend {other:?}: expected one of {}", BACKENDS.join(", ")))),
     }
 }
 

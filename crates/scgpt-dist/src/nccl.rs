@@ -16,6 +16,7 @@ use crate::{Collective, CommStats, DistError};
 /// communicator to be driven from any thread as long as calls on it are not concurrent, and
 /// `&mut self` on every collective guarantees exactly that.
 struct SendComm(Comm);
+// SAFETY: see above; the communicator moves between threads but is never used by two at once.
 unsafe impl Send for SendComm {}
 
 /// GPU collectives through NCCL.
@@ -51,6 +52,7 @@ impl Nccl {
     pub fn connect(info: &RankInfo, opts: &TcpOptions) -> Result<Nccl, DistError> {
         // CudaContext::new and the NCCL calls panic when their library cannot be loaded;
         // probe first so the user gets an actionable error instead.
+        // SAFETY: only tries to dlopen the library; no CUDA call is made through it here.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(DistError::Backend(
                 "backend \"nccl\" needs the CUDA driver library (libcuda.so), which was not \
@@ -58,6 +60,7 @@ impl Nccl {
                     .to_string(),
             ));
         }
+        // SAFETY: as above, a dlopen probe of libnccl.
         if !unsafe { cudarc::nccl::sys::is_culib_present() } {
             return Err(DistError::Backend(
                 "backend \"nccl\" needs libnccl, which was not found on the library path. \
@@ -71,7 +74,8 @@ impl Nccl {
         }
         let count = CudaContext::device_count().map_err(|e| cuda_err("device count", e))?;
         let count = usize::try_from(count).unwrap_or(0);
-        let ordinal = crate::gpu_ordinal(info.local_rank, Some(count)).map_err(|e| DistError::Backend(format!("rank {}: {e}", info.rank)))?;
+        let ordinal =
+            crate::gpu_ordinal(info.local_rank, Some(count)).map_err(|e| DistError::Backend(format!("rank {}: {e}", info.rank)))?;
 
         let mut tcp = Tcp::connect(info, opts)?;
         let mut id_bytes = [0u8; 128];
@@ -89,13 +93,9 @@ impl Nccl {
 
         let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("context creation", e))?;
         // ncclCommInitRank picks the device from the thread's current context.
-        ctx.bind_to_thread()
-            .map_err(|e| cuda_err("binding the context", e))?;
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| cuda_err("stream creation", e))?;
-        let comm = Comm::from_rank(stream.clone(), info.rank, info.world, id)
-            .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+        ctx.bind_to_thread().map_err(|e| cuda_err("binding the context", e))?;
+        let stream = ctx.new_stream().map_err(|e| cuda_err("stream creation", e))?;
+        let comm = Comm::from_rank(stream.clone(), info.rank, info.world, id).map_err(|e| nccl_err("ncclCommInitRank", e))?;
         Ok(Nccl {
             comm: SendComm(comm),
             stream,
@@ -111,18 +111,10 @@ impl Nccl {
         })
     }
 
-    fn staging(
-        stream: &Arc<CudaStream>,
-        slot: &mut Option<CudaSlice<f32>>,
-        len: usize,
-    ) -> Result<(), DistError> {
+    fn staging(stream: &Arc<CudaStream>, slot: &mut Option<CudaSlice<f32>>, len: usize) -> Result<(), DistError> {
         if slot.as_ref().is_none_or(|s| s.len() < len) {
             *slot = None; // free the old buffer before allocating the larger one
-            *slot = Some(
-                stream
-                    .alloc_zeros::<f32>(len.max(1))
-                    .map_err(|e| cuda_err("device allocation", e))?,
-            );
+            *slot = Some(stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| cuda_err("device allocation", e))?);
         }
         Ok(())
     }
@@ -138,22 +130,14 @@ impl Nccl {
             return Ok(());
         }
         let t0 = Instant::now();
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| cuda_err("binding the context", e))?;
+        self.ctx.bind_to_thread().map_err(|e| cuda_err("binding the context", e))?;
         Nccl::staging(&self.stream, &mut self.dev_a, buf.len())?;
         let dev = self.dev_a.as_mut().expect("staging buffer");
         let mut view = dev.slice_mut(0..buf.len());
-        self.stream
-            .memcpy_htod(&*buf, &mut view)
-            .map_err(|e| cuda_err(&format!("{what} upload"), e))?;
+        self.stream.memcpy_htod(&*buf, &mut view).map_err(|e| cuda_err(&format!("{what} upload"), e))?;
         f(&self.comm.0, &mut view)?;
-        self.stream
-            .memcpy_dtoh(&view, buf)
-            .map_err(|e| cuda_err(&format!("{what} download"), e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| cuda_err(&format!("{what} synchronize"), e))?;
+        self.stream.memcpy_dtoh(&view, buf).map_err(|e| cuda_err(&format!("{what} download"), e))?;
+        self.stream.synchronize().map_err(|e| cuda_err(&format!("{what} synchronize"), e))?;
         self.calls += 1;
         self.bytes += std::mem::size_of_val(buf) as u64;
         self.seconds += t0.elapsed().as_secs_f64();
@@ -170,9 +154,7 @@ impl Collective for Nccl {
     }
     fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<(), DistError> {
         self.in_place(buf, "all_reduce_mean", |comm, view| {
-            comm.all_reduce_in_place(view, &ReduceOp::Avg)
-                .map(|_| ())
-                .map_err(|e| nccl_err("all_reduce (avg)", e))
+            comm.all_reduce_in_place(view, &ReduceOp::Avg).map(|_| ()).map_err(|e| nccl_err("all_reduce (avg)", e))
         })
     }
     fn all_reduce_sum_f64(&mut self, buf: &mut [f64]) -> Result<(), DistError> {
@@ -181,11 +163,7 @@ impl Collective for Nccl {
         self.tcp.all_reduce_sum_f64(buf)
     }
     fn broadcast(&mut self, buf: &mut [f32]) -> Result<(), DistError> {
-        self.in_place(buf, "broadcast", |comm, view| {
-            comm.broadcast_in_place(view, 0)
-                .map(|_| ())
-                .map_err(|e| nccl_err("broadcast", e))
-        })
+        self.in_place(buf, "broadcast", |comm, view| comm.broadcast_in_place(view, 0).map(|_| ()).map_err(|e| nccl_err("broadcast", e)))
     }
     fn all_gather(&mut self, local: &[f32]) -> Result<Vec<f32>, DistError> {
         let n = local.len();
@@ -194,28 +172,17 @@ impl Collective for Nccl {
             return Ok(out);
         }
         let t0 = Instant::now();
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| cuda_err("binding the context", e))?;
+        self.ctx.bind_to_thread().map_err(|e| cuda_err("binding the context", e))?;
         Nccl::staging(&self.stream, &mut self.dev_a, n)?;
         Nccl::staging(&self.stream, &mut self.dev_b, n * self.world)?;
         let send = self.dev_a.as_mut().expect("staging buffer");
         let mut send = send.slice_mut(0..n);
-        self.stream
-            .memcpy_htod(local, &mut send)
-            .map_err(|e| cuda_err("all_gather upload", e))?;
+        self.stream.memcpy_htod(local, &mut send).map_err(|e| cuda_err("all_gather upload", e))?;
         let recv = self.dev_b.as_mut().expect("staging buffer");
         let mut recv = recv.slice_mut(0..n * self.world);
-        self.comm
-            .0
-            .all_gather(&send, &mut recv)
-            .map_err(|e| nccl_err("all_gather", e))?;
-        self.stream
-            .memcpy_dtoh(&recv, out.as_mut_slice())
-            .map_err(|e| cuda_err("all_gather download", e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| cuda_err("all_gather synchronize", e))?;
+        self.comm.0.all_gather(&send, &mut recv).map_err(|e| nccl_err("all_gather", e))?;
+        self.stream.memcpy_dtoh(&recv, out.as_mut_slice()).map_err(|e| cuda_err("all_gather download", e))?;
+        self.stream.synchronize().map_err(|e| cuda_err("all_gather synchronize", e))?;
         self.calls += 1;
         self.bytes += std::mem::size_of_val(local) as u64;
         self.seconds += t0.elapsed().as_secs_f64();

@@ -50,11 +50,7 @@ impl Default for TcpOptions {
 impl TcpOptions {
     /// `timeout` for the rendezvous and for every later wait, default chunking.
     pub fn with_timeout(timeout: Duration) -> TcpOptions {
-        TcpOptions {
-            timeout,
-            connect_timeout: timeout,
-            chunk_bytes: DEFAULT_CHUNK_BYTES,
-        }
+        TcpOptions { timeout, connect_timeout: timeout, chunk_bytes: DEFAULT_CHUNK_BYTES }
     }
 
     /// [`TcpOptions::with_timeout`] with the timeout from `SCGPT_DIST_TIMEOUT_S`.
@@ -83,13 +79,7 @@ fn fmt_secs(d: Duration) -> String {
 }
 
 /// Turn a socket failure into a message that blames the remote rank and suggests why.
-fn link_err(
-    rank: usize,
-    who: &str,
-    op: &'static str,
-    timeout: Duration,
-    e: &io::Error,
-) -> DistError {
+fn link_err(rank: usize, who: &str, op: &'static str, timeout: Duration, e: &io::Error) -> DistError {
     use io::ErrorKind::*;
     let message = match e.kind() {
         WouldBlock | TimedOut => format!(
@@ -98,11 +88,7 @@ fn link_err(
             fmt_secs(timeout)
         ),
         UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected => {
-            let detail = if e.kind() == UnexpectedEof {
-                "connection closed".to_string()
-            } else {
-                e.to_string()
-            };
+            let detail = if e.kind() == UnexpectedEof { "connection closed".to_string() } else { e.to_string() };
             format!(
                 "{who} closed its connection during {op} ({detail}): did it crash or exit \
                  early? see that rank's log"
@@ -131,16 +117,7 @@ struct Link {
 
 impl Link {
     fn new(stream: TcpStream, rank: usize, who: String, timeout: Duration) -> Link {
-        Link {
-            stream,
-            rank,
-            who,
-            timeout,
-            sent: 0,
-            received: 0,
-            torn: false,
-            hello: [0; HELLO_LEN],
-        }
+        Link { stream, rank, who, timeout, sent: 0, received: 0, torn: false, hello: [0; HELLO_LEN] }
     }
 
     fn err(&self, op: &'static str, e: &io::Error) -> DistError {
@@ -167,20 +144,12 @@ impl Link {
         self.stream
             .set_read_timeout(Some(timeout))
             .and_then(|_| self.stream.set_write_timeout(Some(timeout)))
-            .map_err(|e| DistError::Io {
-                context: format!("cannot set socket timeouts for {}", self.who),
-                source: e,
-            })
+            .map_err(|e| DistError::Io { context: format!("cannot set socket timeouts for {}", self.who), source: e })
     }
 
     /// Read one reply frame from rank 0 into `dst`: data, or an abort turned into the error
     /// rank 0 reported.
-    fn read_reply<T: Elem>(
-        &mut self,
-        dst: &mut [T],
-        scratch: &mut Vec<u8>,
-        op: &'static str,
-    ) -> Result<(), DistError> {
+    fn read_reply<T: Elem>(&mut self, dst: &mut [T], scratch: &mut Vec<u8>, op: &'static str) -> Result<(), DistError> {
         let mut tag = [0u8];
         self.read_exact(&mut tag, op)?;
         match tag[0] {
@@ -214,11 +183,7 @@ impl Link {
         }
         let msg = String::from_utf8_lossy(&msg).into_owned();
         match (kind, culprit) {
-            (ABORT_RANK, r) if r != NO_RANK => DistError::Rank {
-                rank: r as usize,
-                op,
-                message: format!("{msg} [reported by rank 0]"),
-            },
+            (ABORT_RANK, r) if r != NO_RANK => DistError::Rank { rank: r as usize, op, message: format!("{msg} [reported by rank 0]") },
             _ => DistError::Protocol(format!("{msg} [reported by rank 0]")),
         }
     }
@@ -296,13 +261,7 @@ impl Tcp {
             })?;
             Tcp::serve(listener, info.world, opts)
         } else {
-            Tcp::join(
-                &info.master_addr,
-                info.master_port,
-                info.rank,
-                info.world,
-                opts,
-            )
+            Tcp::join(&info.master_addr, info.master_port, info.rank, info.world, opts)
         }
     }
 
@@ -310,14 +269,9 @@ impl Tcp {
     /// bind port 0 and hand out the port without a race).
     pub fn serve(listener: TcpListener, world: usize, opts: &TcpOptions) -> Result<Tcp, DistError> {
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-        let io_err = |context: &str, e| DistError::Io {
-            context: context.to_string(),
-            source: e,
-        };
+        let io_err = |context: &str, e| DistError::Io { context: context.to_string(), source: e };
         // Non-blocking accept lets rank 0 notice the connect deadline while nobody knocks.
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| io_err("cannot configure the rendezvous listener", e))?;
+        listener.set_nonblocking(true).map_err(|e| io_err("cannot configure the rendezvous listener", e))?;
         let deadline = Instant::now() + opts.connect_timeout;
         let mut slots: Vec<Option<Link>> = (0..world).map(|_| None).collect();
         let mut joined = 1;
@@ -337,18 +291,14 @@ impl Tcp {
                 Ok((stream, addr)) => {
                     progressed = true;
                     let tx = tx.clone();
-                    let wait = deadline
-                        .saturating_duration_since(Instant::now())
-                        .max(Duration::from_millis(200));
+                    let wait = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(200));
                     thread::spawn(move || {
                         let _ = tx.send((read_hello(stream, addr, wait), addr));
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return fail(&mut slots, io_err("rank 0 failed to accept connections", e))
-                }
+                Err(e) => return fail(&mut slots, io_err("rank 0 failed to accept connections", e)),
             }
             while let Ok((link, addr)) = rx.try_recv() {
                 progressed = true;
@@ -375,10 +325,7 @@ impl Tcp {
             }
             if joined < world {
                 if Instant::now() >= deadline {
-                    let missing: Vec<String> = (1..world)
-                        .filter(|&r| slots[r].is_none())
-                        .map(|r| r.to_string())
-                        .collect();
+                    let missing: Vec<String> = (1..world).filter(|&r| slots[r].is_none()).map(|r| r.to_string()).collect();
                     let first = missing[0].parse().expect("rank number");
                     let err = DistError::Rank {
                         rank: first,
@@ -404,9 +351,7 @@ impl Tcp {
         welcome.extend_from_slice(&MAGIC.to_le_bytes());
         welcome.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         for i in 0..peers.len() {
-            let res = peers[i]
-                .set_timeouts(opts.timeout)
-                .and_then(|_| peers[i].write_all(&welcome, "connect"));
+            let res = peers[i].set_timeouts(opts.timeout).and_then(|_| peers[i].write_all(&welcome, "connect"));
             if let Err(err) = res {
                 for (j, link) in peers.iter_mut().enumerate() {
                     if j != i {
@@ -422,17 +367,9 @@ impl Tcp {
 
     /// A peer's side of the rendezvous: keep trying to reach rank 0 until the connect
     /// timeout (rank 0 may start later), introduce ourselves, wait for everyone to arrive.
-    pub fn join(
-        master_addr: &str,
-        master_port: u16,
-        rank: usize,
-        world: usize,
-        opts: &TcpOptions,
-    ) -> Result<Tcp, DistError> {
+    pub fn join(master_addr: &str, master_port: u16, rank: usize, world: usize, opts: &TcpOptions) -> Result<Tcp, DistError> {
         if rank == 0 || rank >= world {
-            return Err(DistError::Config(format!(
-                "Tcp::join is for ranks 1..{world}, not rank {rank} (rank 0 serves)"
-            )));
+            return Err(DistError::Config(format!("Tcp::join is for ranks 1..{world}, not rank {rank} (rank 0 serves)")));
         }
         let start = Instant::now();
         let deadline = start + opts.connect_timeout;
@@ -469,10 +406,7 @@ impl Tcp {
             thread::sleep(delay.min(deadline - now));
             delay = (delay * 2).min(Duration::from_secs(1));
         };
-        stream.set_nodelay(true).map_err(|e| DistError::Io {
-            context: "cannot set TCP_NODELAY".into(),
-            source: e,
-        })?;
+        stream.set_nodelay(true).map_err(|e| DistError::Io { context: "cannot set TCP_NODELAY".into(), source: e })?;
         // Rank 0 may wait up to its connect timeout for the last peer before answering.
         let mut link = Link::new(stream, 0, who, grace(opts.connect_timeout));
         link.set_timeouts(grace(opts.connect_timeout))?;
@@ -578,12 +512,7 @@ impl Tcp {
     }
 
     /// Rank 0: read every peer's request and check it matches our own call.
-    fn root_check_headers(
-        peers: &mut [Link],
-        op: Op,
-        seq: u64,
-        len: usize,
-    ) -> Result<(), DistError> {
+    fn root_check_headers(peers: &mut [Link], op: Op, seq: u64, len: usize) -> Result<(), DistError> {
         for link in peers.iter_mut() {
             let mut h = [0u8; HEADER_LEN];
             link.read_exact(&mut h, op.name())?;
@@ -665,10 +594,8 @@ impl Tcp {
         rbytes: &mut Vec<u8>,
         wbytes: &mut Vec<u8>,
     ) -> Result<(), DistError> {
-        let mut wstream = root.stream.try_clone().map_err(|e| DistError::Io {
-            context: "cannot clone the socket to rank 0".into(),
-            source: e,
-        })?;
+        let mut wstream =
+            root.stream.try_clone().map_err(|e| DistError::Io { context: "cannot clone the socket to rank 0".into(), source: e })?;
         let n_chunks = chunks(buf.len(), per).count();
         let (write_res, sent, read_res, done) = thread::scope(|s| {
             let (tx, rx) = mpsc::channel::<&mut [T]>();

@@ -26,17 +26,10 @@ impl Op {
     }
 
     pub(crate) fn name_of(code: u8) -> &'static str {
-        [
-            Op::AllReduceMean,
-            Op::AllReduceSumF64,
-            Op::Broadcast,
-            Op::AllGather,
-            Op::Barrier,
-            Op::BroadcastBytes,
-        ]
-        .into_iter()
-        .find(|op| *op as u8 == code)
-        .map_or("an unknown operation", Op::name)
+        [Op::AllReduceMean, Op::AllReduceSumF64, Op::Broadcast, Op::AllGather, Op::Barrier, Op::BroadcastBytes]
+            .into_iter()
+            .find(|op| *op as u8 == code)
+            .map_or("an unknown operation", Op::name)
     }
 }
 

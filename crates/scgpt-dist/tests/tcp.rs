@@ -53,23 +53,11 @@ fn group_with<R: Send + 'static>(
             }))
         })
         .collect();
-    handles
-        .into_iter()
-        .map(|h| h.map(|h| h.join().expect("rank thread panicked")))
-        .collect()
+    handles.into_iter().map(|h| h.map(|h| h.join().expect("rank thread panicked"))).collect()
 }
 
-fn group<R: Send + 'static>(
-    world: usize,
-    o: TcpOptions,
-    body: impl Fn(usize, Tcp) -> R + Send + Sync + 'static,
-) -> Vec<R> {
-    group_with(world, o, &[], move |r, tcp| {
-        body(r, tcp.expect("rendezvous"))
-    })
-    .into_iter()
-    .map(Option::unwrap)
-    .collect()
+fn group<R: Send + 'static>(world: usize, o: TcpOptions, body: impl Fn(usize, Tcp) -> R + Send + Sync + 'static) -> Vec<R> {
+    group_with(world, o, &[], move |r, tcp| body(r, tcp.expect("rendezvous"))).into_iter().map(Option::unwrap).collect()
 }
 
 /// Deterministic values of varied sign and magnitude (splitmix64).
@@ -107,16 +95,9 @@ fn check_mean(world: usize, o: TcpOptions, lens: &[usize]) {
         for i in 0..n {
             let exact = inputs.iter().map(|v| v[i] as f64).sum::<f64>() / world as f64;
             let got = results[0][k][i] as f64;
-            assert!(
-                (got - exact).abs() <= 1e-6 * exact.abs().max(1e-30),
-                "len {n} elem {i}: {got} vs {exact}"
-            );
+            assert!((got - exact).abs() <= 1e-6 * exact.abs().max(1e-30), "len {n} elem {i}: {got} vs {exact}");
             for (r, res) in results.iter().enumerate().skip(1) {
-                assert_eq!(
-                    res[k][i].to_bits(),
-                    results[0][k][i].to_bits(),
-                    "rank {r} len {n} elem {i}"
-                );
+                assert_eq!(res[k][i].to_bits(), results[0][k][i].to_bits(), "rank {r} len {n} elem {i}");
             }
         }
     }
@@ -127,21 +108,13 @@ fn all_reduce_mean_two_ranks() {
     // 4 KiB chunks = 1024 f32: 2500 spans three chunks, the last partial; 1 << 20 + 3 f32
     // is over one default 4 MiB chunk.
     check_mean(2, opts(5000, 4096), &[0, 1, 7, 1024, 2500, 10_000]);
-    check_mean(
-        2,
-        opts(5000, scgpt_dist::DEFAULT_CHUNK_BYTES),
-        &[(1 << 20) + 3, 5],
-    );
+    check_mean(2, opts(5000, scgpt_dist::DEFAULT_CHUNK_BYTES), &[(1 << 20) + 3, 5]);
 }
 
 #[test]
 fn all_reduce_mean_four_ranks() {
     check_mean(4, opts(5000, 4096), &[0, 3, 1023, 1025, 4099, 20_000]);
-    check_mean(
-        4,
-        opts(5000, scgpt_dist::DEFAULT_CHUNK_BYTES),
-        &[(1 << 20) + 17],
-    );
+    check_mean(4, opts(5000, scgpt_dist::DEFAULT_CHUNK_BYTES), &[(1 << 20) + 17]);
 }
 
 #[test]
@@ -165,11 +138,7 @@ fn all_reduce_sum_f64_is_exact_and_identical() {
 #[test]
 fn broadcast_copies_rank_0() {
     let res = group(3, opts(5000, 4096), |r, mut c| {
-        let mut a = if r == 0 {
-            values(42, 3000)
-        } else {
-            vec![f32::NAN; 3000]
-        };
+        let mut a = if r == 0 { values(42, 3000) } else { vec![f32::NAN; 3000] };
         c.broadcast(&mut a).unwrap();
         let mut b = if r == 0 { vec![7.0f32] } else { vec![0.0] };
         c.broadcast(&mut b).unwrap();
@@ -179,10 +148,7 @@ fn broadcast_copies_rank_0() {
     });
     let want = values(42, 3000);
     for (r, (a, b)) in res.iter().enumerate() {
-        assert!(
-            a.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "rank {r}"
-        );
+        assert!(a.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()), "rank {r}");
         assert_eq!(b, &[7.0], "rank {r}");
     }
 }
@@ -197,9 +163,7 @@ fn all_gather_is_rank_ordered() {
         let empty = c.all_gather(&[]).unwrap();
         (big, small, empty)
     });
-    let want: Vec<f32> = (0..world)
-        .flat_map(|r| (0..1500).map(move |i| (r * 10_000 + i) as f32))
-        .collect();
+    let want: Vec<f32> = (0..world).flat_map(|r| (0..1500).map(move |i| (r * 10_000 + i) as f32)).collect();
     for (r, (big, small, empty)) in res.iter().enumerate() {
         assert_eq!(big, &want, "rank {r}");
         assert_eq!(small, &[0.0, 1.0, 2.0, 3.0], "rank {r}");
@@ -212,23 +176,14 @@ fn all_gather_is_rank_ordered() {
 #[test]
 fn large_buffers_do_not_deadlock() {
     let n = 3 * (1 << 20) + 5; // 12 MiB of f32: four default chunks
-    let res = group(
-        3,
-        opts(10_000, scgpt_dist::DEFAULT_CHUNK_BYTES),
-        move |r, mut c| {
-            let mut b = if r == 0 { values(9, n) } else { vec![0.0; n] };
-            c.broadcast(&mut b).unwrap();
-            let g = c.all_gather(&b[..n / 3]).unwrap();
-            let mut m = vec![r as f32; n];
-            c.all_reduce_mean(&mut m).unwrap();
-            (
-                b == values(9, n),
-                g.len(),
-                g[..n / 3] == g[2 * (n / 3)..],
-                m.iter().all(|&x| x == 1.0),
-            )
-        },
-    );
+    let res = group(3, opts(10_000, scgpt_dist::DEFAULT_CHUNK_BYTES), move |r, mut c| {
+        let mut b = if r == 0 { values(9, n) } else { vec![0.0; n] };
+        c.broadcast(&mut b).unwrap();
+        let g = c.all_gather(&b[..n / 3]).unwrap();
+        let mut m = vec![r as f32; n];
+        c.all_reduce_mean(&mut m).unwrap();
+        (b == values(9, n), g.len(), g[..n / 3] == g[2 * (n / 3)..], m.iter().all(|&x| x == 1.0))
+    });
     for (r, got) in res.iter().enumerate() {
         assert_eq!(*got, (true, 3 * (n / 3), true, true), "rank {r}");
     }
@@ -247,10 +202,7 @@ fn barrier_waits_for_everyone() {
     let times = times.lock().unwrap();
     let last_enter = times.iter().map(|t| t.0).max().unwrap();
     let first_exit = times.iter().map(|t| t.1).min().unwrap();
-    assert!(
-        first_exit >= last_enter,
-        "a rank left the barrier before the last one entered"
-    );
+    assert!(first_exit >= last_enter, "a rank left the barrier before the last one entered");
 }
 
 #[test]
@@ -308,18 +260,12 @@ fn dead_peer_is_named_on_every_rank() {
         let (err, el, again) = item.unwrap();
         let msg = err.to_string();
         assert_eq!(err.rank(), Some(2), "rank {r}: {msg}");
-        assert!(
-            msg.contains("rank 2") && msg.contains("all_reduce_mean"),
-            "rank {r}: {msg}"
-        );
+        assert!(msg.contains("rank 2") && msg.contains("all_reduce_mean"), "rank {r}: {msg}");
         assert!(msg.contains("closed its connection"), "rank {r}: {msg}");
         if r == 1 {
             assert!(msg.contains("reported by rank 0"), "{msg}");
         }
-        assert!(
-            el < Duration::from_secs(1),
-            "rank {r} needed {el:?} to notice a closed socket"
-        );
+        assert!(el < Duration::from_secs(1), "rank {r} needed {el:?} to notice a closed socket");
         assert!(matches!(again, DistError::Poisoned(_)), "rank {r}: {again}");
     }
 }
@@ -340,14 +286,8 @@ fn silent_peer_times_out_and_is_named() {
         let (err, el) = item.unwrap();
         let msg = err.to_string();
         assert_eq!(err.rank(), Some(2), "rank {r}: {msg}");
-        assert!(
-            msg.contains("rank 2 did not answer all_reduce_mean within 1 s"),
-            "rank {r}: {msg}"
-        );
-        assert!(
-            el >= Duration::from_millis(900),
-            "rank {r} gave up early: {el:?}"
-        );
+        assert!(msg.contains("rank 2 did not answer all_reduce_mean within 1 s"), "rank {r}: {msg}");
+        assert!(el >= Duration::from_millis(900), "rank {r} gave up early: {el:?}");
         // Peers wait 2.5 s themselves: rank 0's diagnosis must arrive first.
         assert!(el < Duration::from_millis(2300), "rank {r} took {el:?}");
     }
@@ -356,23 +296,15 @@ fn silent_peer_times_out_and_is_named() {
 #[test]
 fn rank_that_never_connects_is_named() {
     let t0 = Instant::now();
-    let res = group_with(3, opts(1500, 4096), &[2], |_r, tcp| {
-        (tcp.map(|_| ()), Instant::now())
-    });
+    let res = group_with(3, opts(1500, 4096), &[2], |_r, tcp| (tcp.map(|_| ()), Instant::now()));
     for (r, item) in res.into_iter().enumerate().take(2) {
         let (result, done) = item.unwrap();
         let err = result.unwrap_err();
         let msg = err.to_string();
         assert_eq!(err.rank(), Some(2), "rank {r}: {msg}");
-        assert!(
-            msg.contains("rank 2 never connected") && msg.contains("1.5 s"),
-            "rank {r}: {msg}"
-        );
+        assert!(msg.contains("rank 2 never connected") && msg.contains("1.5 s"), "rank {r}: {msg}");
         let el = done - t0;
-        assert!(
-            el >= Duration::from_millis(1400) && el < Duration::from_secs(3),
-            "rank {r}: {el:?}"
-        );
+        assert!(el >= Duration::from_millis(1400) && el < Duration::from_secs(3), "rank {r}: {el:?}");
     }
 }
 
@@ -392,10 +324,7 @@ fn dead_root_is_named() {
         let (err, el) = item.unwrap();
         let msg = err.to_string();
         assert_eq!(err.rank(), Some(0), "rank {r}: {msg}");
-        assert!(
-            msg.starts_with("rank 0 at 127.0.0.1:") && msg.contains("all_reduce_mean"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("rank 0 at 127.0.0.1:") && msg.contains("all_reduce_mean"), "{msg}");
         assert!(el < Duration::from_secs(1), "rank {r}: {el:?}");
     }
 }
@@ -416,10 +345,7 @@ fn silent_root_times_out() {
     assert_eq!(err.rank(), Some(0), "{msg}");
     assert!(msg.contains("did not answer barrier"), "{msg}");
     // Peer timeout = 0.3 s * 1.5 + 1 s.
-    assert!(
-        *el >= Duration::from_millis(1400) && *el < Duration::from_secs(2),
-        "{el:?}"
-    );
+    assert!(*el >= Duration::from_millis(1400) && *el < Duration::from_secs(2), "{el:?}");
 }
 
 #[test]
@@ -429,15 +355,9 @@ fn missing_root_fails_after_connect_timeout() {
     let err = Tcp::join("127.0.0.1", port, 1, 2, &opts(1000, 4096)).unwrap_err();
     let msg = err.to_string();
     assert_eq!(err.rank(), Some(0), "{msg}");
-    assert!(
-        msg.contains("could not reach rank 0") && msg.contains("MASTER_PORT"),
-        "{msg}"
-    );
+    assert!(msg.contains("could not reach rank 0") && msg.contains("MASTER_PORT"), "{msg}");
     let el = t0.elapsed();
-    assert!(
-        el >= Duration::from_millis(950) && el < Duration::from_millis(2500),
-        "{el:?}"
-    );
+    assert!(el >= Duration::from_millis(950) && el < Duration::from_millis(2500), "{el:?}");
 }
 
 #[test]
@@ -452,13 +372,7 @@ fn peers_may_start_before_root() {
         b
     });
     thread::sleep(Duration::from_millis(400));
-    let info = RankInfo {
-        rank: 0,
-        world: 2,
-        local_rank: 0,
-        master_addr: "127.0.0.1".into(),
-        master_port: port,
-    };
+    let info = RankInfo { rank: 0, world: 2, local_rank: 0, master_addr: "127.0.0.1".into(), master_port: port };
     let mut c = Tcp::connect(&info, &o).unwrap();
     let mut b = vec![1.0f32];
     c.all_reduce_mean(&mut b).unwrap();
@@ -480,10 +394,7 @@ fn world_size_disagreement_fails_the_handshake() {
     for e in [&root_err, &peer_err] {
         let msg = e.to_string();
         assert!(matches!(e, DistError::Protocol(_)), "{e:?}");
-        assert!(
-            msg.contains("world size of 3") && msg.contains("rank 0 with 2"),
-            "{msg}"
-        );
+        assert!(msg.contains("world size of 3") && msg.contains("rank 0 with 2"), "{msg}");
     }
 }
 
@@ -498,10 +409,7 @@ fn duplicate_rank_fails_the_handshake() {
         })
         .collect();
     let err = Tcp::serve(listener, 3, &o).unwrap_err();
-    assert!(
-        err.to_string().contains("two processes claim rank 1"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("two processes claim rank 1"), "{err}");
     for j in joins {
         let e = j.join().unwrap().unwrap_err();
         assert!(e.to_string().contains("two processes claim rank 1"), "{e}");
@@ -514,8 +422,7 @@ fn stray_connections_are_ignored() {
     let o = opts(3000, 4096);
     // A health check that sends garbage, and one that connects and says nothing.
     let mut junk = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let _mute = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let o2 = o.clone();
     let peer = thread::spawn(move || {
@@ -540,21 +447,14 @@ fn mismatched_collectives_are_detected() {
     for e in &res {
         let msg = e.to_string();
         assert!(matches!(e, DistError::Protocol(_)), "{e:?}");
-        assert!(
-            msg.contains("rank 1 called broadcast")
-                && msg.contains("rank 0 called all_reduce_mean"),
-            "{msg}"
-        );
+        assert!(msg.contains("rank 1 called broadcast") && msg.contains("rank 0 called all_reduce_mean"), "{msg}");
     }
     let res = group(2, opts(2000, 4096), |r, mut c| {
         let mut buf = vec![0f32; 10 + r];
         c.all_reduce_mean(&mut buf).unwrap_err()
     });
     for e in &res {
-        assert!(
-            e.to_string().contains("11 elements") && e.to_string().contains("10 elements"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("11 elements") && e.to_string().contains("10 elements"), "{e}");
     }
 }
 
@@ -574,15 +474,8 @@ fn connect_by_backend_name() {
     assert_eq!(connect(&one, "auto", t).unwrap().backend(), "single");
 
     let port = free_port();
-    let infos: Vec<RankInfo> = (0..2)
-        .map(|rank| RankInfo {
-            rank,
-            world: 2,
-            local_rank: rank,
-            master_addr: "127.0.0.1".into(),
-            master_port: port,
-        })
-        .collect();
+    let infos: Vec<RankInfo> =
+        (0..2).map(|rank| RankInfo { rank, world: 2, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port }).collect();
     let e = connect(&infos[1], "single", t).err().unwrap().to_string();
     assert!(e.contains("world of 2"), "{e}");
     let e = connect(&infos[1], "mpi", t).err().unwrap().to_string();

@@ -321,7 +321,16 @@ mod tests {
     use super::*;
 
     fn opt() -> CollateOptions {
-        CollateOptions { max_seq_len: 12, cls_id: 1000, pad_id: 999, pad_value: -2.0, mask_value: -1.0, seed: Some(3), draw_seed: 7, epoch: 0 }
+        CollateOptions {
+            max_seq_len: 12,
+            cls_id: 1000,
+            pad_id: 999,
+            pad_value: -2.0,
+            mask_value: -1.0,
+            seed: Some(3),
+            draw_seed: 7,
+            epoch: 0,
+        }
     }
 
     fn cell(n: usize, key: u64) -> Cell {
@@ -346,7 +355,8 @@ mod tests {
         let pcpt_real = b.pcpt_pad[7..14].iter().filter(|p| !**p).count();
         assert_eq!(pcpt_real, 4);
         // Genes of a cell are split, not duplicated, and targets are its bins (1..=50).
-        let mut seen: Vec<i64> = b.pcpt_genes[7..14].iter().chain(&b.gen_genes[5..10]).copied().filter(|&g| g != 999 && g != 1000).collect();
+        let mut seen: Vec<i64> =
+            b.pcpt_genes[7..14].iter().chain(&b.gen_genes[5..10]).copied().filter(|&g| g != 999 && g != 1000).collect();
         seen.sort();
         assert_eq!(seen, vec![1, 4, 7, 10, 13]);
         assert!(b.gen_target.iter().zip(&b.gen_pad).all(|(t, p)| *p || (1.0..=50.0).contains(t)));

@@ -362,7 +362,6 @@ fn default_three_quarters() -> f64 {
     0.75
 }
 
-
 /// Option strings parsed once; serde's error lists the accepted values.
 macro_rules! options {
     ($(#[$m:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
@@ -384,6 +383,8 @@ options!(Schedule { Cosine = "cosine", Constant = "constant", Step = "step" });
 options!(Precision { Fp32 = "fp32", Bf16 = "bf16", PureBf16 = "bf16-pure" });
 options!(AttentionKind { Explicit = "explicit", Blockwise = "blockwise" });
 
+// `options!` declares the enum and cannot place `#[default]` on a variant.
+#[allow(clippy::derivable_impls)]
 impl Default for AttentionKind {
     fn default() -> Self {
         AttentionKind::Explicit
@@ -392,6 +393,7 @@ impl Default for AttentionKind {
 options!(TaskKind { Pretrain = "pretrain", Annotation = "annotation", Integration = "integration", Perturbation = "perturbation" });
 options!(ClassWeight { None = "none", Balanced = "balanced" });
 
+#[allow(clippy::derivable_impls)] // declared by `options!`, as above
 impl Default for ClassWeight {
     fn default() -> Self {
         ClassWeight::None
@@ -457,9 +459,16 @@ impl TrainConfig {
         ensure!(t.epochs > 0 || t.max_steps > 0, "train.epochs and train.max_steps are both 0: nothing to run");
         ensure!(t.save_every > 0 && t.eval_every > 0 && t.log_every > 0, "train.save_every, eval_every and log_every must be at least 1");
         ensure!(t.keep_last > 0, "train.keep_last must be at least 1 (resuming needs a checkpoint)");
-        ensure!(t.schedule != Schedule::Step || (t.gamma > 0.0 && t.gamma <= 1.0), "train.gamma = {} must be in (0, 1] for schedule = \"step\"", t.gamma);
+        ensure!(
+            t.schedule != Schedule::Step || (t.gamma > 0.0 && t.gamma <= 1.0),
+            "train.gamma = {} must be in (0, 1] for schedule = \"step\"",
+            t.gamma
+        );
         ensure!(t.schedule != Schedule::Step || t.epochs > 0, "train.schedule = \"step\" decays per epoch: set train.epochs");
-        ensure!(t.early_stop_patience == 0 || t.eval_each_epoch, "train.early_stop_patience counts epoch-end validations: set train.eval_each_epoch = true");
+        ensure!(
+            t.early_stop_patience == 0 || t.eval_each_epoch,
+            "train.early_stop_patience counts epoch-end validations: set train.eval_each_epoch = true"
+        );
         ensure!((0.0..1.0).contains(&t.betas[0]) && (0.0..1.0).contains(&t.betas[1]), "train.betas must be in [0, 1)");
         ensure!(t.eps > 0.0, "train.eps must be positive");
         ensure!(m.max_seq_len >= 3, "model.max_seq_len = {} is too short (cls + at least 2 genes)", m.max_seq_len);
@@ -485,7 +494,10 @@ impl TrainConfig {
         );
         self.validate_task()?;
         if self.data.input.is_empty() {
-            ensure!(!self.data.shards.is_empty(), "data.shards and data.input are both empty: give scgpt-prep output directories or h5ad files");
+            ensure!(
+                !self.data.shards.is_empty(),
+                "data.shards and data.input are both empty: give scgpt-prep output directories or h5ad files"
+            );
             ensure!(
                 self.data.weights.is_empty() || self.data.weights.len() == self.data.shards.len(),
                 "data.weights has {} entries for {} data.shards",
@@ -503,13 +515,20 @@ impl TrainConfig {
         );
         ensure!(self.valid.knn_k > 0, "valid.knn_k must be at least 1");
         let p = &self.preprocess;
-        ensure!(p.filter_gene_by_counts >= 0.0 && p.filter_gene_by_counts.is_finite(), "preprocess.filter_gene_by_counts = {} must be a count >= 0", p.filter_gene_by_counts);
+        ensure!(
+            p.filter_gene_by_counts >= 0.0 && p.filter_gene_by_counts.is_finite(),
+            "preprocess.filter_gene_by_counts = {} must be a count >= 0",
+            p.filter_gene_by_counts
+        );
         ensure!(
             ["auto", "seurat_v3", "cell_ranger", "seurat"].contains(&p.hvg_flavor.as_str()),
             "preprocess.hvg_flavor = {:?}: expected \"auto\", \"seurat_v3\", \"cell_ranger\" or \"seurat\"",
             p.hvg_flavor
         );
-        ensure!(!p.selects_genes() || !self.data.input.is_empty(), "[preprocess] selects genes of data.input (h5ad); prepare shard sets with the genes you want instead");
+        ensure!(
+            !p.selects_genes() || !self.data.input.is_empty(),
+            "[preprocess] selects genes of data.input (h5ad); prepare shard sets with the genes you want instead"
+        );
         Ok(())
     }
 
@@ -520,7 +539,10 @@ impl TrainConfig {
         let t = &self.train;
         let m = &self.model;
         ensure!(t.dab_weight >= 0.0 && t.dab_weight.is_finite(), "train.dab_weight = {} must be a weight >= 0", t.dab_weight);
-        ensure!(!m.DAR || !self.data.batch_col.is_empty(), "model.DAR = true classifies each cell's batch: set data.batch_col to the obs column with the batches");
+        ensure!(
+            !m.DAR || !self.data.batch_col.is_empty(),
+            "model.DAR = true classifies each cell's batch: set data.batch_col to the obs column with the batches"
+        );
         ensure!(
             !self.data.single_batch_minibatches || !self.data.batch_col.is_empty(),
             "data.single_batch_minibatches = true groups cells by data.batch_col: set it to the obs column with the batches"
@@ -540,26 +562,53 @@ impl TrainConfig {
                         t.gen_ratios
                     );
                     off(
-                        &[(t.cls, "train.cls"), (t.ecs, "train.ecs"), (t.cce, "train.cce"), (m.DAR, "model.DAR"), (m.explicit_zero_prob, "model.explicit_zero_prob")],
+                        &[
+                            (t.cls, "train.cls"),
+                            (t.ecs, "train.ecs"),
+                            (t.cce, "train.cce"),
+                            (m.DAR, "model.DAR"),
+                            (m.explicit_zero_prob, "model.explicit_zero_prob"),
+                        ],
                         "the generative objective does not compute that term (train.objective = \"mlm\" does)",
                     )?;
-                    off(&[(self.task.include_zero_gene, "task.include_zero_gene")], "the generative objective tokenises the nonzero genes (spec §2.1)")?;
+                    off(
+                        &[(self.task.include_zero_gene, "task.include_zero_gene")],
+                        "the generative objective tokenises the nonzero genes (spec §2.1)",
+                    )?;
                 }
                 Objective::Mlm => {
                     ensure!(t.mask_ratio > 0.0 && t.mask_ratio < 1.0, "train.mask_ratio = {} must be in (0, 1)", t.mask_ratio);
-                    ensure!(!t.cls || !self.task.label_col.is_empty(), "train.cls = true needs task.label_col, the obs column with the labels (scgpt-prep --obs-cols)");
-                    off(&[(self.task.include_zero_gene, "task.include_zero_gene")], "pretraining tokenises the nonzero genes (the corpus collator)")?;
+                    ensure!(
+                        !t.cls || !self.task.label_col.is_empty(),
+                        "train.cls = true needs task.label_col, the obs column with the labels (scgpt-prep --obs-cols)"
+                    );
+                    off(
+                        &[(self.task.include_zero_gene, "task.include_zero_gene")],
+                        "pretraining tokenises the nonzero genes (the corpus collator)",
+                    )?;
                 }
             },
             TaskKind::Annotation => {
-                ensure!(!self.task.label_col.is_empty(), "task.kind = \"annotation\" needs task.label_col, the obs column with the cell types");
+                ensure!(
+                    !self.task.label_col.is_empty(),
+                    "task.kind = \"annotation\" needs task.label_col, the obs column with the cell types"
+                );
                 off(
-                    &[(t.ecs, "train.ecs"), (t.cce, "train.cce"), (m.MVC, "model.MVC"), (m.explicit_zero_prob, "model.explicit_zero_prob"), (m.DAR, "model.DAR")],
+                    &[
+                        (t.ecs, "train.ecs"),
+                        (t.cce, "train.cce"),
+                        (m.MVC, "model.MVC"),
+                        (m.explicit_zero_prob, "model.explicit_zero_prob"),
+                        (m.DAR, "model.DAR"),
+                    ],
                     "the annotation task trains the CLS head alone (cross entropy) and does not compute that term",
                 )?;
             }
             TaskKind::Integration => {
-                ensure!(!self.data.batch_col.is_empty(), "task.kind = \"integration\" needs data.batch_col, the obs column with each cell's batch (sample, donor, technology)");
+                ensure!(
+                    !self.data.batch_col.is_empty(),
+                    "task.kind = \"integration\" needs data.batch_col, the obs column with each cell's batch (sample, donor, technology)"
+                );
                 ensure!(t.mask_ratio > 0.0 && t.mask_ratio < 1.0, "train.mask_ratio = {} must be in (0, 1)", t.mask_ratio);
                 off(
                     &[(t.cce, "train.cce"), (t.cls, "train.cls")],
@@ -567,12 +616,32 @@ impl TrainConfig {
                 )?;
             }
             TaskKind::Perturbation => {
-                ensure!(self.data.input.len() == 1, "task.kind = \"perturbation\" reads one screen: set data.input to its h5ad (GEARS format, e.g. perturb_processed.h5ad)");
-                ensure!(matches!(self.task.split.as_str(), "simulation" | "no_test"), "task.split = {:?}: expected \"simulation\" or \"no_test\"", self.task.split);
-                ensure!(self.valid.input.is_empty(), "task.kind = \"perturbation\" validates on the split's val conditions; leave valid.input empty");
-                ensure!(!self.data.control.is_empty() && !self.data.separator.is_empty(), "data.control and data.separator must not be empty");
+                ensure!(
+                    self.data.input.len() == 1,
+                    "task.kind = \"perturbation\" reads one screen: set data.input to its h5ad (GEARS format, e.g. perturb_processed.h5ad)"
+                );
+                ensure!(
+                    matches!(self.task.split.as_str(), "simulation" | "no_test"),
+                    "task.split = {:?}: expected \"simulation\" or \"no_test\"",
+                    self.task.split
+                );
+                ensure!(
+                    self.valid.input.is_empty(),
+                    "task.kind = \"perturbation\" validates on the split's val conditions; leave valid.input empty"
+                );
+                ensure!(
+                    !self.data.control.is_empty() && !self.data.separator.is_empty(),
+                    "data.control and data.separator must not be empty"
+                );
                 off(
-                    &[(t.cce, "train.cce"), (t.cls, "train.cls"), (t.ecs, "train.ecs"), (m.DAR, "model.DAR"), (m.MVC, "model.MVC"), (m.explicit_zero_prob, "model.explicit_zero_prob")],
+                    &[
+                        (t.cce, "train.cce"),
+                        (t.cls, "train.cls"),
+                        (t.ecs, "train.ecs"),
+                        (m.DAR, "model.DAR"),
+                        (m.MVC, "model.MVC"),
+                        (m.explicit_zero_prob, "model.explicit_zero_prob"),
+                    ],
                     "the perturbation task trains the expression of the perturbed cell (MSE) and does not compute that term",
                 )?;
                 ensure!(!self.needs_batch_labels(), "the perturbation model reads no batch labels: leave model.use_batch_labels off and model.domain_spec_batchnorm = \"none\"");
@@ -597,7 +666,10 @@ impl TrainConfig {
 
     /// Whether the model reads batch labels (the original demands them for any input norm).
     pub fn needs_batch_labels(&self) -> bool {
-        self.model.use_batch_labels || self.model.domain_spec_batchnorm != "none" || self.model.DAR || self.task.kind == TaskKind::Integration
+        self.model.use_batch_labels
+            || self.model.domain_spec_batchnorm != "none"
+            || self.model.DAR
+            || self.task.kind == TaskKind::Integration
     }
 
     /// The obs columns the run's task reads from the data.

@@ -37,7 +37,14 @@ pub fn toml_str(s: &str) -> String {
 
 /// scgpt-prep on `inputs` into `out`, keeping the task's obs columns. Fine-tuning keeps every
 /// gene of the input (no corpus gene filter, as the tutorials' `filter_gene_by_counts=False`).
-fn prepare(cfg: &TrainConfig, inputs: &[PathBuf], out: &Path, vocab: Vec<String>, genes: Option<&[String]>, progress: bool) -> anyhow::Result<()> {
+fn prepare(
+    cfg: &TrainConfig,
+    inputs: &[PathBuf],
+    out: &Path,
+    vocab: Vec<String>,
+    genes: Option<&[String]>,
+    progress: bool,
+) -> anyhow::Result<()> {
     use scgpt_config::{Layered, Origin};
     let paths: Vec<String> = inputs.iter().map(|p| toml_str(&p.display().to_string())).collect();
     let mut obs: Vec<String> = cfg.label_col().map(toml_str).into_iter().collect();
@@ -77,7 +84,11 @@ fn select(cfg: &TrainConfig, root: &Path) -> anyhow::Result<Option<crate::prepro
         }
     }
     let vocab_path = Path::new(&cfg.model.init_from).join("vocab.json");
-    let vocab = if !cfg.model.init_from.is_empty() && vocab_path.is_file() { Some(scgpt_data::vocab::GeneVocab::from_file(&vocab_path)?) } else { None };
+    let vocab = if !cfg.model.init_from.is_empty() && vocab_path.is_file() {
+        Some(scgpt_data::vocab::GeneVocab::from_file(&vocab_path)?)
+    } else {
+        None
+    };
     let s = crate::preprocess::select_genes(cfg, vocab.as_ref())?;
     scgpt_data::atomic::write_bytes(&root.join(crate::preprocess::SELECTION_FILE), serde_json::to_string_pretty(&s)?.as_bytes())?;
     Ok(Some(s))
@@ -110,7 +121,10 @@ pub fn open(cfg: &TrainConfig, comm: &mut dyn Collective, progress: bool) -> any
                 "preprocess: {} genes kept (vocabulary{}{})",
                 s.genes.len(),
                 if s.filter_gene_by_counts > 0.0 { format!(", >= {} counts", s.filter_gene_by_counts) } else { String::new() },
-                s.hvg_flavor.as_ref().map(|f| format!(", {} HVGs {f}{}", s.hvg, s.hvg_batch_col.as_ref().map(|b| format!(" per {b}")).unwrap_or_default())).unwrap_or_default()
+                s.hvg_flavor
+                    .as_ref()
+                    .map(|f| format!(", {} HVGs {f}{}", s.hvg, s.hvg_batch_col.as_ref().map(|b| format!(" per {b}")).unwrap_or_default()))
+                    .unwrap_or_default()
             ));
         }
         let genes = selection.as_ref().map(|s| s.genes.as_slice());
@@ -123,7 +137,12 @@ pub fn open(cfg: &TrainConfig, comm: &mut dyn Collective, progress: bool) -> any
     }
     comm.barrier()?;
     let train = vec![ShardSet::open(&train_dir, 1.0).context("data.input")?];
-    notes.push(format!("data: {} prepared into {} ({} cells)", cfg.data.input.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "), train_dir.display(), train[0].cells()));
+    notes.push(format!(
+        "data: {} prepared into {} ({} cells)",
+        cfg.data.input.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        train_dir.display(),
+        train[0].cells()
+    ));
     let valid = if cfg.valid.input.is_empty() {
         None
     } else {

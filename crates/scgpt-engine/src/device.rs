@@ -60,7 +60,11 @@ pub fn configure_precision(device: &mut Device, precision: &str) -> anyhow::Resu
                 Ok(()) => Ok(()),
                 // Set once per process: a second run in the same process (tests, a resume in
                 // one program) finds it done.
-                Err(_) if scgpt_model::burn::tensor::Tensor::<1>::zeros([1], &*device).dtype() == scgpt_model::burn::tensor::DType::BF16 => Ok(()),
+                Err(_)
+                    if scgpt_model::burn::tensor::Tensor::<1>::zeros([1], &*device).dtype() == scgpt_model::burn::tensor::DType::BF16 =>
+                {
+                    Ok(())
+                }
                 Err(e) => Err(anyhow::anyhow!("train.precision = {precision:?}: {e:?}")),
             }
         }

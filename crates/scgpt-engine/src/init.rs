@@ -115,14 +115,31 @@ pub fn fresh(cfg: &TrainConfig, vocab: GeneVocab, shape: Shape, device: &Device)
 /// Loads `init_from` (original folder or native checkpoint) and extends its vocabulary with
 /// the genes of `data_vocabs` it lacks. A classifier of another width than `n_cls` starts
 /// fresh (its tensors do not match by shape and are skipped).
-pub fn from_checkpoint(cfg: &TrainConfig, dir: &Path, data_vocabs: &[&GeneVocab], shape: Shape, device: &Device) -> anyhow::Result<InitModel> {
+pub fn from_checkpoint(
+    cfg: &TrainConfig,
+    dir: &Path,
+    data_vocabs: &[&GeneVocab],
+    shape: Shape,
+    device: &Device,
+) -> anyhow::Result<InitModel> {
     let mut notes = Vec::new();
     let (mut model, mut vocab) = if dir.join("model.safetensors").is_file() {
         let ck = load_native(dir, device)?;
         let vocab = GeneVocab::from_json_str(&ck.vocab_json, &dir.join("vocab.json").display().to_string())?;
         let mut model = ck.model;
         let want = apply_objective(cfg, model.config.clone(), shape);
-        if want.use_generative_training != model.config.use_generative_training || want.n_cls != model.config.n_cls || want.cell_emb_style != model.config.cell_emb_style || want.use_batch_labels != model.config.use_batch_labels || want.domain_spec_batchnorm != model.config.domain_spec_batchnorm || want.num_batch_labels != model.config.num_batch_labels || want.do_mvc != model.config.do_mvc || want.do_dab != model.config.do_dab || want.explicit_zero_prob != model.config.explicit_zero_prob || want.nlayers_cls != model.config.nlayers_cls || !cfg.model.init_prefixes.is_empty() {
+        if want.use_generative_training != model.config.use_generative_training
+            || want.n_cls != model.config.n_cls
+            || want.cell_emb_style != model.config.cell_emb_style
+            || want.use_batch_labels != model.config.use_batch_labels
+            || want.domain_spec_batchnorm != model.config.domain_spec_batchnorm
+            || want.num_batch_labels != model.config.num_batch_labels
+            || want.do_mvc != model.config.do_mvc
+            || want.do_dab != model.config.do_dab
+            || want.explicit_zero_prob != model.config.explicit_zero_prob
+            || want.nlayers_cls != model.config.nlayers_cls
+            || !cfg.model.init_prefixes.is_empty()
+        {
             // Rebuild with or without flag_encoder (or another classifier width) and copy
             // every tensor that matches by name and shape.
             let tmp = tempfile_dir()?;
@@ -146,7 +163,9 @@ pub fn from_checkpoint(cfg: &TrainConfig, dir: &Path, data_vocabs: &[&GeneVocab]
         let mut vocab = GeneVocab::from_file(&dir.join("vocab.json"))?;
         vocab.ensure_specials();
         let config = ModelConfig::from_args_json(dir.join("args.json"), vocab.len())?;
-        let pad = vocab.get(&config.pad_token).with_context(|| format!("{}: pad_token {:?} is not in vocab.json", dir.join("args.json").display(), config.pad_token))?;
+        let pad = vocab
+            .get(&config.pad_token)
+            .with_context(|| format!("{}: pad_token {:?} is not in vocab.json", dir.join("args.json").display(), config.pad_token))?;
         let mut config = apply_objective(cfg, config, shape).with_pad_token_id(pad as usize);
         if shape.heads == Heads::Pretrain {
             config.do_mvc = config.do_mvc || cfg.model.MVC;

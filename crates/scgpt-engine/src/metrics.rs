@@ -65,7 +65,11 @@ pub fn asw_label(emb: &[Vec<f32>], labels: &[usize]) -> f64 {
         } else {
             let a = sums[own] / (sizes[own] - 1) as f64;
             let b = (0..n_labels).filter(|&l| l != own && sizes[l] > 0).map(|l| sums[l] / sizes[l] as f64).fold(f64::INFINITY, f64::min);
-            if a.max(b) > 0.0 { (b - a) / a.max(b) } else { 0.0 }
+            if a.max(b) > 0.0 {
+                (b - a) / a.max(b)
+            } else {
+                0.0
+            }
         };
         total += s;
     }

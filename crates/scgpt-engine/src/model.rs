@@ -10,7 +10,7 @@ use anyhow::Context;
 use scgpt_data::vocab::GeneVocab;
 use scgpt_model::burn::module::Module;
 use scgpt_model::burn::tensor::Device;
-use scgpt_model::perturbation_checkpoint::{export_perturbation, load_native_perturbation, save_native_perturbation};
+use scgpt_model::io::perturbation_checkpoint::{export_perturbation, load_native_perturbation, save_native_perturbation};
 use scgpt_model::{PerturbationConfig, TransformerGenerator, TransformerModel};
 use serde_json::{Map, Value};
 
@@ -51,7 +51,7 @@ impl EngineModel for TransformerModel {
         self.config.n_cls
     }
     fn args_json(&self) -> Map<String, Value> {
-        scgpt_model::checkpoint::original_args_json(&self.config)
+        scgpt_model::io::checkpoint::original_args_json(&self.config)
     }
     fn save_native(&self, vocab_json: &str, dir: &Path) -> anyhow::Result<()> {
         Ok(scgpt_model::save_native(self, vocab_json, dir)?)
@@ -112,7 +112,8 @@ impl EngineModel for TransformerGenerator {
             (PerturbationConfig::new(vocab.len(), m.embsize, m.nheads, m.d_hid, m.nlayers), vocab, None)
         } else {
             let dir = Path::new(&m.init_from);
-            let mut vocab = GeneVocab::from_file(&dir.join("vocab.json")).with_context(|| format!("model.init_from = {}", dir.display()))?;
+            let mut vocab =
+                GeneVocab::from_file(&dir.join("vocab.json")).with_context(|| format!("model.init_from = {}", dir.display()))?;
             vocab.ensure_specials();
             let pretrained = scgpt_model::ModelConfig::from_args_json(dir.join("args.json"), vocab.len())?;
             (PerturbationConfig::tutorial(&pretrained), vocab, Some(dir.join("best_model.pt")))
@@ -123,12 +124,27 @@ impl EngineModel for TransformerGenerator {
         config.nlayers_cls = m.n_layers_cls;
         config.identical_layer_init = m.identical_layer_init;
         let mut model = config.init(device)?;
-        let mut notes = vec![format!("model: perturbation generator, vocabulary {} tokens, d {}, {} layers", vocab.len(), config.d_model, config.nlayers)];
+        let mut notes = vec![format!(
+            "model: perturbation generator, vocabulary {} tokens, d {}, {} layers",
+            vocab.len(),
+            config.d_model,
+            config.nlayers
+        )];
         if let Some(path) = source {
-            let prefixes: Vec<String> = if m.init_prefixes.is_empty() { scgpt_model::TUTORIAL_LOAD_PREFIXES.iter().map(|s| s.to_string()).collect() } else { m.init_prefixes.clone() };
+            let prefixes: Vec<String> = if m.init_prefixes.is_empty() {
+                scgpt_model::TUTORIAL_LOAD_PREFIXES.iter().map(|s| s.to_string()).collect()
+            } else {
+                m.init_prefixes.clone()
+            };
             let refs: Vec<&str> = prefixes.iter().map(String::as_str).collect();
             let report = model.load_pretrained_prefixes(&path, &refs)?;
-            notes.push(format!("model: {} tensors loaded under {} from {} ({} missing)", report.loaded.len(), prefixes.join(", "), path.display(), report.missing.len()));
+            notes.push(format!(
+                "model: {} tensors loaded under {} from {} ({} missing)",
+                report.loaded.len(),
+                prefixes.join(", "),
+                path.display(),
+                report.missing.len()
+            ));
         }
         Ok(InitModel { model, vocab, notes })
     }

@@ -256,7 +256,9 @@ impl ModuleMapper for AdamMapper<'_> {
         // skipped, as a cast that changes nothing need not touch the tensor.
         let to_grad = |t: Tensor<1>| if t.dtype() == g.dtype() { t } else { t.cast(g.dtype()) };
         let (m, v) = match self.adam.moments.remove(&key).map(|(m, v)| (to_grad(m), to_grad(v))) {
-            Some((m, v)) => (m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1), v.mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2)),
+            Some((m, v)) => {
+                (m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1), v.mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2))
+            }
             None => (g.clone().mul_scalar(1.0 - c.beta1), g.square().mul_scalar(1.0 - c.beta2)),
         };
         let t = self.t as i32;
@@ -326,7 +328,8 @@ impl Adam {
         anyhow::ensure!(hlen < 1 << 30, "{}: not an optimiser state file", path.display());
         let mut header = vec![0u8; hlen];
         f.read_exact(&mut header).with_context(|| format!("{}: truncated optimiser state", path.display()))?;
-        let header: OptimHeader = serde_json::from_slice(&header).with_context(|| format!("{}: optimiser index is not valid", path.display()))?;
+        let header: OptimHeader =
+            serde_json::from_slice(&header).with_context(|| format!("{}: optimiser index is not valid", path.display()))?;
         anyhow::ensure!(header.format == OPTIM_FORMAT, "{}: format {:?}, expected {OPTIM_FORMAT:?}", path.display(), header.format);
         let mut data = Vec::new();
         f.read_to_end(&mut data)?;

@@ -11,13 +11,15 @@
 //! task, `predict-perturbation` and `eval perturbation` agree on them.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context};
 use scgpt_data::loader::ShardSet;
 use scgpt_data::vocab::GeneVocab;
 use scgpt_dist::Collective;
-use scgpt_eval::perturbation::{no_test_split, simulation_split, Condition, ConditionFormat, NoTestOptions, PerturbationSplit, SimulationOptions};
+use scgpt_eval::perturbation::{
+    no_test_split, simulation_split, Condition, ConditionFormat, NoTestOptions, PerturbationSplit, SimulationOptions,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
@@ -62,7 +64,8 @@ pub fn check_conditions(screen: &Screen, vocab: Option<&GeneVocab>) -> anyhow::R
     for name in names {
         let cond = screen.parse(name)?;
         let missing: Vec<String> = cond.genes().into_iter().filter(|g| !index.contains_key(g)).map(str::to_string).collect();
-        let out_of_vocab: Vec<String> = cond.genes().into_iter().filter(|g| vocab.is_some_and(|v| v.get(g).is_none())).map(str::to_string).collect();
+        let out_of_vocab: Vec<String> =
+            cond.genes().into_iter().filter(|g| vocab.is_some_and(|v| v.get(g).is_none())).map(str::to_string).collect();
         if !missing.is_empty() {
             skipped.push((name.clone(), format!("{} not among the screen's genes", missing.join(", "))));
         } else if !out_of_vocab.is_empty() {
@@ -78,7 +81,12 @@ pub fn check_conditions(screen: &Screen, vocab: Option<&GeneVocab>) -> anyhow::R
 /// or a new draw over every condition of the screen (`conditions`, in order of first
 /// appearance, as GEARS lists them), so a screen splits as GEARS splits it; conditions the run
 /// skips stay in the file and are left out when it is used.
-fn split_for(cfg: &TrainConfig, conditions: &[String], format: &ConditionFormat, run_split: &Path) -> anyhow::Result<(PerturbationSplit, String)> {
+fn split_for(
+    cfg: &TrainConfig,
+    conditions: &[String],
+    format: &ConditionFormat,
+    run_split: &Path,
+) -> anyhow::Result<(PerturbationSplit, String)> {
     if run_split.is_file() {
         let s = PerturbationSplit::load_for_screen(run_split, conditions, format)?;
         return Ok((s, format!("split: {} (kept from the run directory)", run_split.display())));
@@ -91,7 +99,13 @@ fn split_for(cfg: &TrainConfig, conditions: &[String], format: &ConditionFormat,
     let s = match cfg.task.split.as_str() {
         "simulation" => simulation_split(
             conditions,
-            &SimulationOptions { seed: cfg.task.split_seed, train_gene_set_size: cfg.task.train_gene_set_size, combo_seen2_train_frac: cfg.task.combo_seen2_train_frac, format: format.clone(), ..Default::default() },
+            &SimulationOptions {
+                seed: cfg.task.split_seed,
+                train_gene_set_size: cfg.task.train_gene_set_size,
+                combo_seen2_train_frac: cfg.task.combo_seen2_train_frac,
+                format: format.clone(),
+                ..Default::default()
+            },
         )?,
         "no_test" => no_test_split(conditions, &NoTestOptions { seed: cfg.task.split_seed, format: format.clone(), ..Default::default() })?,
         other => bail!("task.split = {other:?}: expected \"simulation\" or \"no_test\""),
@@ -129,7 +143,11 @@ pub fn open(cfg: &TrainConfig, comm: &mut dyn Collective, progress: bool) -> any
         if !skipped.is_empty() {
             let list = skipped.iter().map(|(c, why)| format!("{c} ({why})")).collect::<Vec<_>>().join(", ");
             if cfg.data.strict {
-                bail!("{}: {} condition(s) name genes the run cannot perturb: {list}; remove them or set data.strict = false to skip them", input.display(), skipped.len());
+                bail!(
+                    "{}: {} condition(s) name genes the run cannot perturb: {list}; remove them or set data.strict = false to skip them",
+                    input.display(),
+                    skipped.len()
+                );
             }
             notes.push(format!("warning: {} condition(s) skipped: {list}", skipped.len()));
         }
@@ -174,13 +192,27 @@ pub fn open(cfg: &TrainConfig, comm: &mut dyn Collective, progress: bool) -> any
     comm.barrier()?;
     let train = ShardSet::open(&train_dir, 1.0).context("perturbation train cells")?;
     let valid = ShardSet::open(&valid_dir, 1.0).context("perturbation val cells")?;
-    notes.push(format!("data: {} cells of control and train conditions in {}, {} val cells in {}", train.cells(), train_dir.display(), valid.cells(), valid_dir.display()));
+    notes.push(format!(
+        "data: {} cells of control and train conditions in {}, {} val cells in {}",
+        train.cells(),
+        train_dir.display(),
+        valid.cells(),
+        valid_dir.display()
+    ));
     Ok(RunData { train: vec![train], valid: Some(vec![valid]), notes })
 }
 
 /// scgpt-prep on the cells of `conditions`, every screen gene kept with its log-normalised
 /// value.
-fn prepare(cfg: &TrainConfig, input: &Path, gene_col: &str, vocab: &Path, conditions: &[String], out: &Path, progress: bool) -> anyhow::Result<()> {
+fn prepare(
+    cfg: &TrainConfig,
+    input: &Path,
+    gene_col: &str,
+    vocab: &Path,
+    conditions: &[String],
+    out: &Path,
+    progress: bool,
+) -> anyhow::Result<()> {
     use scgpt_config::{Layered, Origin};
     let list = conditions.iter().map(|c| toml_str(c)).collect::<Vec<_>>().join(", ");
     let filter = format!("{} in [{list}]", cfg.data.condition_col);
@@ -205,11 +237,14 @@ fn prepare(cfg: &TrainConfig, input: &Path, gene_col: &str, vocab: &Path, condit
 }
 
 /// The screen's (normalised) matrix with its condition column and gene names, as an h5ad.
-pub fn write_screen(screen: &Screen, path: &PathBuf) -> anyhow::Result<()> {
+pub fn write_screen(screen: &Screen, path: &Path) -> anyhow::Result<()> {
     use scgpt_data::h5ad::{Column, Frame, H5adWriter};
     let mut w = H5adWriter::create(path, screen.n_genes())?;
     w.append_rows(&screen.x.indptr, &screen.x.indices, &screen.x.data)?;
-    let obs = Frame { index: (0..screen.n_cells()).map(|i| format!("cell{i}")).collect(), columns: vec![(screen.opts.condition_col.clone(), Column::categorical_from(&screen.conditions))] };
+    let obs = Frame {
+        index: (0..screen.n_cells()).map(|i| format!("cell{i}")).collect(),
+        columns: vec![(screen.opts.condition_col.clone(), Column::categorical_from(&screen.conditions))],
+    };
     let var = Frame { index: screen.var_index.clone(), columns: vec![("gene_name".to_string(), Column::Strings(screen.genes.clone()))] };
     w.finish(&obs, &var)?;
     Ok(())

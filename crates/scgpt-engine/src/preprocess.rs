@@ -52,7 +52,10 @@ pub const SELECTION_FILE: &str = "genes.json";
 pub fn select_genes(cfg: &TrainConfig, vocab: Option<&GeneVocab>) -> anyhow::Result<GeneSelection> {
     let p = &cfg.preprocess;
     let [path] = cfg.data.input.as_slice() else {
-        bail!("[preprocess] selects genes on one input file, data.input has {}; concatenate the files first (e.g. anndata.concat)", cfg.data.input.len());
+        bail!(
+            "[preprocess] selects genes on one input file, data.input has {}; concatenate the files first (e.g. anndata.concat)",
+            cfg.data.input.len()
+        );
     };
     let what = path.display().to_string();
     // The matrix scgpt-prep reads (raw/X when present, else X).
@@ -77,7 +80,14 @@ pub fn select_genes(cfg: &TrainConfig, vocab: Option<&GeneVocab>) -> anyhow::Res
     if kept.is_empty() {
         bail!("{what}: no gene is left after [preprocess] (vocabulary, filter_gene_by_counts = {})", p.filter_gene_by_counts);
     }
-    let mut sel = GeneSelection { genes: Vec::new(), filter_gene_by_counts: p.filter_gene_by_counts, hvg: p.hvg, hvg_flavor: None, hvg_batch_col: None, request: request(cfg) };
+    let mut sel = GeneSelection {
+        genes: Vec::new(),
+        filter_gene_by_counts: p.filter_gene_by_counts,
+        hvg: p.hvg,
+        hvg_flavor: None,
+        hvg_batch_col: None,
+        request: request(cfg),
+    };
     if p.hvg > 0 && p.hvg < kept.len() {
         let integer = x.data.iter().all(|v| v.fract() == 0.0);
         let flavor = match p.hvg_flavor.as_str() {
@@ -86,7 +96,9 @@ pub fn select_genes(cfg: &TrainConfig, vocab: Option<&GeneVocab>) -> anyhow::Res
             other => other.parse::<HvgFlavor>().map_err(|e| anyhow::anyhow!("preprocess.hvg_flavor: {e}"))?,
         };
         let batch: Option<Vec<u32>> = if p.hvg_per_batch && !cfg.data.batch_col.is_empty() {
-            let values = r.obs_column(&cfg.data.batch_col).with_context(|| format!("{what}: data.batch_col = {:?} (HVGs per batch)", cfg.data.batch_col))?;
+            let values = r
+                .obs_column(&cfg.data.batch_col)
+                .with_context(|| format!("{what}: data.batch_col = {:?} (HVGs per batch)", cfg.data.batch_col))?;
             // Categories in sorted order, as scanpy numbers them.
             let mut cats: Vec<&String> = values.iter().collect();
             cats.sort();
@@ -97,7 +109,8 @@ pub fn select_genes(cfg: &TrainConfig, vocab: Option<&GeneVocab>) -> anyhow::Res
         };
         let mut opts = HvgOptions::new(p.hvg, flavor);
         opts.batch = batch.as_deref();
-        let hvg = highly_variable_genes(&x.csr()?, &opts).with_context(|| format!("{what}: preprocess.hvg = {} with flavor {}", p.hvg, flavor.as_str()))?;
+        let hvg = highly_variable_genes(&x.csr()?, &opts)
+            .with_context(|| format!("{what}: preprocess.hvg = {} with flavor {}", p.hvg, flavor.as_str()))?;
         kept = hvg.selected.iter().map(|&j| kept[j]).collect();
         sel.hvg_flavor = Some(flavor.as_str().to_string());
         sel.hvg_batch_col = batch.is_some().then(|| cfg.data.batch_col.clone());

@@ -31,7 +31,13 @@ pub struct ScreenOptions {
 impl ScreenOptions {
     pub fn from_config(cfg: &crate::config::TrainConfig) -> Self {
         let d = &cfg.data;
-        ScreenOptions { condition_col: d.condition_col.clone(), control: d.control.clone(), separator: d.separator.clone(), gene_col: d.gene_col.clone(), normalize: d.normalize }
+        ScreenOptions {
+            condition_col: d.condition_col.clone(),
+            control: d.control.clone(),
+            separator: d.separator.clone(),
+            gene_col: d.gene_col.clone(),
+            normalize: d.normalize,
+        }
     }
 }
 
@@ -118,9 +124,7 @@ impl Screen {
     }
 
     pub fn parse(&self, condition: &str) -> anyhow::Result<Condition> {
-        self.format()
-            .parse(condition)
-            .with_context(|| format!("{}: obs[{:?}]", self.path.display(), self.opts.condition_col))
+        self.format().parse(condition).with_context(|| format!("{}: obs[{:?}]", self.path.display(), self.opts.condition_col))
     }
 
     pub fn format(&self) -> ConditionFormat {

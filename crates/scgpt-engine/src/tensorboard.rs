@@ -74,34 +74,20 @@ impl EventWriter {
     /// name order, and a bumped timestamp still sorts after the earlier file, which keeps a
     /// resumed run's [`session_start`](Self::session_start) after the data it supersedes.
     pub fn create(dir: &Path) -> Result<Self> {
-        fs::create_dir_all(dir)
-            .with_context(|| format!("creating TensorBoard log dir {}", dir.display()))?;
+        fs::create_dir_all(dir).with_context(|| format!("creating TensorBoard log dir {}", dir.display()))?;
         let host = hostname();
         let pid = std::process::id();
-        let secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let mut attempt = 0u64;
         let (file, path) = loop {
-            let path = dir.join(format!(
-                "events.out.tfevents.{}.{host}.{pid}.scgpt",
-                secs + attempt
-            ));
+            let path = dir.join(format!("events.out.tfevents.{}.{host}.{pid}.scgpt", secs + attempt));
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(f) => break (f, path),
                 Err(e) if e.kind() == ErrorKind::AlreadyExists && attempt < 10_000 => attempt += 1,
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("creating TensorBoard event file {}", path.display())
-                    })
-                }
+                Err(e) => return Err(e).with_context(|| format!("creating TensorBoard event file {}", path.display())),
             }
         };
-        let mut w = EventWriter {
-            out: BufWriter::new(file),
-            path,
-        };
+        let mut w = EventWriter { out: BufWriter::new(file), path };
         let mut ev = event_header(now(), 0);
         put_bytes(&mut ev, tag::FILE_VERSION, FILE_VERSION.as_bytes());
         w.write_event(&ev)?;
@@ -169,9 +155,7 @@ impl EventWriter {
     }
 
     pub fn flush(&mut self) -> Result<()> {
-        self.out
-            .flush()
-            .with_context(|| format!("flushing TensorBoard event file {}", self.path.display()))
+        self.out.flush().with_context(|| format!("flushing TensorBoard event file {}", self.path.display()))
     }
 
     fn write_summary(&mut self, step: u64, summary: &[u8]) -> Result<()> {
@@ -183,9 +167,7 @@ impl EventWriter {
     fn write_event(&mut self, payload: &[u8]) -> Result<()> {
         let mut frame = Vec::with_capacity(payload.len() + 16);
         encode_record(&mut frame, payload);
-        self.out
-            .write_all(&frame)
-            .with_context(|| format!("writing TensorBoard event file {}", self.path.display()))?;
+        self.out.write_all(&frame).with_context(|| format!("writing TensorBoard event file {}", self.path.display()))?;
         self.flush()
     }
 }
@@ -198,10 +180,7 @@ impl Drop for EventWriter {
 }
 
 fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 fn event_header(wall_time: f64, step: u64) -> Vec<u8> {
@@ -221,17 +200,8 @@ fn hostname() -> String {
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_default();
-    let clean: String = raw
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let clean: String =
+        raw.trim().chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' }).collect();
     if clean.is_empty() {
         "localhost".to_string()
     } else {
@@ -343,10 +313,7 @@ mod tests {
     }
 
     fn get(fs: &[(u64, Field)], num: u64) -> Vec<&Field> {
-        fs.iter()
-            .filter(|(n, _)| *n == num)
-            .map(|(_, f)| f)
-            .collect()
+        fs.iter().filter(|(n, _)| *n == num).map(|(_, f)| f).collect()
     }
 
     fn bytes(f: &Field) -> &[u8] {
@@ -404,10 +371,7 @@ mod tests {
         assert_eq!(enc(300), [0xac, 0x02]);
         assert_eq!(enc(16_383), [0xff, 0x7f]);
         assert_eq!(enc(16_384), [0x80, 0x80, 0x01]);
-        assert_eq!(
-            enc(u64::MAX),
-            [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]
-        );
+        assert_eq!(enc(u64::MAX), [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
         for v in [0, 1, 127, 128, 300, 1 << 35, u64::MAX - 1, u64::MAX] {
             let b = enc(v);
             let mut at = 0;
@@ -428,39 +392,20 @@ mod tests {
 
     #[test]
     fn records_parse_back() {
-        let dir = std::env::temp_dir().join(format!(
-            "scgpt-tb-unit-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
+        let dir = std::env::temp_dir().join(format!("scgpt-tb-unit-{}-{:?}", std::process::id(), std::thread::current().id()));
         let _ = fs::remove_dir_all(&dir);
         let before = now();
         let path = {
             let mut w = EventWriter::create(&dir).unwrap();
             w.scalar("loss", 0, 0.1).unwrap();
-            w.scalars(
-                300,
-                &[
-                    ("a", 1e-8),
-                    ("b/c", f64::NAN),
-                    ("d", f64::INFINITY),
-                    ("e", 1e300),
-                ],
-            )
-            .unwrap();
+            w.scalars(300, &[("a", 1e-8), ("b/c", f64::NAN), ("d", f64::INFINITY), ("e", 1e300)]).unwrap();
             w.text("config", 7, "lr = 1e-4").unwrap();
             w.session_start(5).unwrap();
             w.path().to_path_buf()
         };
         let name = path.file_name().unwrap().to_str().unwrap();
-        assert!(
-            name.starts_with("events.out.tfevents.") && name.ends_with(".scgpt"),
-            "{name}"
-        );
-        assert!(
-            name.contains(&format!(".{}.scgpt", std::process::id())),
-            "{name}"
-        );
+        assert!(name.starts_with("events.out.tfevents.") && name.ends_with(".scgpt"), "{name}");
+        assert!(name.contains(&format!(".{}.scgpt", std::process::id())), "{name}");
 
         let recs = read_records(&fs::read(&path).unwrap());
         assert_eq!(recs.len(), 5);
@@ -469,10 +414,7 @@ mod tests {
         assert_eq!(bytes(get(&first, 3)[0]), b"brain.Event:2");
 
         let (wall, step, vals) = decode_scalars(&recs[1]);
-        assert!(
-            wall >= before.floor() && wall <= now() + 1.0,
-            "wall_time {wall}"
-        );
+        assert!(wall >= before.floor() && wall <= now() + 1.0, "wall_time {wall}");
         assert_eq!(step, 0);
         assert_eq!(vals, vec![("loss".to_string(), 0.1f32)]);
 
@@ -497,10 +439,7 @@ mod tests {
 
         let ev = fields(&recs[4]);
         assert_eq!(get(&ev, 2), [&Field::Varint(5)]);
-        assert_eq!(
-            fields(bytes(get(&ev, 7)[0])),
-            [(1, Field::Varint(SESSION_LOG_START))]
-        );
+        assert_eq!(fields(bytes(get(&ev, 7)[0])), [(1, Field::Varint(SESSION_LOG_START))]);
 
         // A second writer in the same second must not clobber the first file and must sort after.
         let w2 = EventWriter::create(&dir).unwrap();
@@ -514,13 +453,8 @@ mod tests {
     fn create_error_names_the_path() {
         let file = std::env::temp_dir().join(format!("scgpt-tb-notadir-{}", std::process::id()));
         fs::write(&file, b"x").unwrap();
-        let err = EventWriter::create(&file.join("sub"))
-            .err()
-            .expect("dir under a file must fail");
-        assert!(
-            format!("{err:#}").contains(&file.display().to_string()),
-            "{err:#}"
-        );
+        let err = EventWriter::create(&file.join("sub")).err().expect("dir under a file must fail");
+        assert!(format!("{err:#}").contains(&file.display().to_string()), "{err:#}");
         fs::remove_file(&file).unwrap();
     }
 }

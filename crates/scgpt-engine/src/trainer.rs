@@ -37,9 +37,14 @@ use crate::validation::{load_labelled, LabelledSet};
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunEnd {
-    Finished { steps: u64 },
+    Finished {
+        steps: u64,
+    },
     /// SIGTERM / SIGINT: a checkpoint was written first.
-    Interrupted { steps: u64, signal: i32 },
+    Interrupted {
+        steps: u64,
+        signal: i32,
+    },
 }
 
 /// The training loop over the model `M` of its task: `Trainer` (the `TransformerModel`) for
@@ -124,9 +129,17 @@ fn vocab_maps(sets: &[ShardSet], vocab: &GeneVocab, notes: &mut Vec<String>) -> 
         let genes = s.vocab.tokens().iter().filter(|t| s.vocab.is_gene(t)).count();
         let matched = m.iter().filter(|x| x.is_some()).count();
         if matched == 0 {
-            bail!("{}: none of its {genes} genes is in the model vocabulary; is init_from the right checkpoint for this data?", s.dir.display());
+            bail!(
+                "{}: none of its {genes} genes is in the model vocabulary; is init_from the right checkpoint for this data?",
+                s.dir.display()
+            );
         }
-        notes.push(format!("data: {} ({} cells, weight {}), {matched} of {genes} genes in the model vocabulary", s.dir.display(), s.cells(), s.weight));
+        notes.push(format!(
+            "data: {} ({} cells, weight {}), {matched} of {genes} genes in the model vocabulary",
+            s.dir.display(),
+            s.cells(),
+            s.weight
+        ));
     }
     Ok(maps)
 }
@@ -182,7 +195,12 @@ impl<M: EngineModel> Trainer<M> {
         scan_sets.extend(data.valid.iter().flatten().cloned());
         let mut task = build(&cfg, &scan_sets, &cfg.run.dir, resume.is_some())?;
         if let Some(c) = task.classes() {
-            notes.push(format!("classes: {} of `{}` ({})", c.len(), cfg.task.label_col, c.iter().take(8).cloned().collect::<Vec<_>>().join(", ")));
+            notes.push(format!(
+                "classes: {} of `{}` ({})",
+                c.len(),
+                cfg.task.label_col,
+                c.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
+            ));
         }
         let n_cls = task.classes().map_or(1, <[String]>::len);
         let batch_map = if cfg.needs_batch_labels() {
@@ -201,16 +219,27 @@ impl<M: EngineModel> Trainer<M> {
                     task.min_batch_labels()
                 );
             }
-            notes.push(format!("batch labels: {} of `{}` ({})", map.len(), cfg.data.batch_col, map.names.iter().take(8).cloned().collect::<Vec<_>>().join(", ")));
+            notes.push(format!(
+                "batch labels: {} of `{}` ({})",
+                map.len(),
+                cfg.data.batch_col,
+                map.names.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
+            ));
             Some(map)
         } else {
             None
         };
         let data_vocabs: Vec<&GeneVocab> = sets.iter().map(|s| &s.vocab).collect();
-        let shape = crate::init::Shape { n_cls, generative: task.generative_model(), heads: task.heads(), n_batches: batch_map.as_ref().map(Classes::len) };
+        let shape = crate::init::Shape {
+            n_cls,
+            generative: task.generative_model(),
+            heads: task.heads(),
+            n_batches: batch_map.as_ref().map(Classes::len),
+        };
         let (model, vocab, adam, state) = match &resume {
             Some((step, dir)) => {
-                let (model, vocab_json) = M::load_native(&dir.join("model"), &device).with_context(|| format!("resuming from {}", dir.display()))?;
+                let (model, vocab_json) =
+                    M::load_native(&dir.join("model"), &device).with_context(|| format!("resuming from {}", dir.display()))?;
                 let vocab = GeneVocab::from_json_str(&vocab_json, "checkpoint vocab.json")?;
                 let text = std::fs::read_to_string(dir.join("state.json"))?;
                 let state: TrainState = serde_json::from_str(&text).with_context(|| format!("{}: state.json", dir.display()))?;
@@ -219,7 +248,12 @@ impl<M: EngineModel> Trainer<M> {
                 }
                 let params = list_params(&model)?;
                 let adam = Adam::load(&dir.join("optimizer.bin"), &params, &device.clone().inner())?;
-                notes.push(format!("resuming from {} (step {step}, epoch {}, {} cells into it)", dir.display(), state.position.epoch, state.position.cells_done));
+                notes.push(format!(
+                    "resuming from {} (step {step}, epoch {}, {} cells into it)",
+                    dir.display(),
+                    state.position.epoch,
+                    state.position.cells_done
+                ));
                 (model, vocab, adam, state)
             }
             None => {
@@ -286,7 +320,12 @@ impl<M: EngineModel> Trainer<M> {
         notes.extend(crate::plan::Plan::new(crate::plan::PlanInput::from_config(&cfg, n_params)).report(None));
         let frozen = if cfg.model.init_from.is_empty() { Vec::new() } else { matching(&params, &cfg.train.freeze) };
         if !frozen.is_empty() {
-            notes.push(format!("frozen: {} parameters in {} tensors ({})", frozen.iter().map(ParamEntry::numel).sum::<usize>(), frozen.len(), cfg.train.freeze.join(", ")));
+            notes.push(format!(
+                "frozen: {} parameters in {} tensors ({})",
+                frozen.iter().map(ParamEntry::numel).sum::<usize>(),
+                frozen.len(),
+                cfg.train.freeze.join(", ")
+            ));
         }
 
         let t = &cfg.train;
@@ -301,7 +340,10 @@ impl<M: EngineModel> Trainer<M> {
         if t.max_steps > 0 {
             total_steps = total_steps.min(t.max_steps);
         }
-        notes.push(format!("schedule: {total_steps} steps ({steps_per_epoch} per epoch at a global batch of {global_batch} cells), warmup {}, {}", t.warmup_steps, t.schedule));
+        notes.push(format!(
+            "schedule: {total_steps} steps ({steps_per_epoch} per epoch at a global batch of {global_batch} cells), warmup {}, {}",
+            t.warmup_steps, t.schedule
+        ));
 
         let collate = CollateOptions {
             max_seq_len: cfg.model.max_seq_len,
@@ -348,13 +390,29 @@ impl<M: EngineModel> Trainer<M> {
         for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
             let s = stop_signal.clone();
             // Only an atomic store in the handler; the loop checkpoints and exits at the next step.
+            // SAFETY: the handler is async-signal-safe (one atomic store, no allocation, no
+            // lock), which is what `register` requires.
             unsafe {
                 signal_hook::low_level::register(sig, move || s.store(sig, Ordering::SeqCst))?;
             }
         }
-        let loader_cfg = Self::loader_config_for(&cfg, task.as_ref(), batch_map.is_some(), rank, world, t.batch_size, valid_rows.clone(), false, separate_valid);
+        let loader_cfg = Self::loader_config_for(
+            &cfg,
+            task.as_ref(),
+            batch_map.is_some(),
+            rank,
+            world,
+            t.batch_size,
+            valid_rows.clone(),
+            false,
+            separate_valid,
+        );
         let loader = Loader::new(sets, loader_cfg)?;
-        let spec_genes = if task.include_zero_gene() { Some(genes.iter().map(|&g| vocab.tokens()[g as usize].clone()).collect()) } else { selection.as_ref().map(|s| s.genes.clone()) };
+        let spec_genes = if task.include_zero_gene() {
+            Some(genes.iter().map(|&g| vocab.tokens()[g as usize].clone()).collect())
+        } else {
+            selection.as_ref().map(|s| s.genes.clone())
+        };
         let mut trainer = Trainer {
             cfg,
             device,
@@ -391,7 +449,17 @@ impl<M: EngineModel> Trainer<M> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn loader_config_for(cfg: &TrainConfig, task: &dyn Task<M>, with_batches: bool, rank: usize, world: usize, batch_size: usize, valid_rows: Option<Arc<ValidRows>>, for_valid: bool, separate_valid: bool) -> LoaderConfig {
+    fn loader_config_for(
+        cfg: &TrainConfig,
+        task: &dyn Task<M>,
+        with_batches: bool,
+        rank: usize,
+        world: usize,
+        batch_size: usize,
+        valid_rows: Option<Arc<ValidRows>>,
+        for_valid: bool,
+        separate_valid: bool,
+    ) -> LoaderConfig {
         let (valid_fraction, valid_rows) = match (for_valid, separate_valid) {
             // A separate validation set is all validation; the training sets hold none of it.
             (true, true) => (1.0, None),
@@ -425,7 +493,17 @@ impl<M: EngineModel> Trainer<M> {
 
     /// The loader settings of this run, for training batches or validation.
     pub(crate) fn loader_config(&self, batch_size: usize, for_valid: bool) -> LoaderConfig {
-        Self::loader_config_for(&self.cfg, self.task.as_ref(), self.batch_map.is_some(), self.comm.rank(), self.comm.world(), batch_size, self.valid_rows.clone(), for_valid, self.separate_valid)
+        Self::loader_config_for(
+            &self.cfg,
+            self.task.as_ref(),
+            self.batch_map.is_some(),
+            self.comm.rank(),
+            self.comm.world(),
+            batch_size,
+            self.valid_rows.clone(),
+            for_valid,
+            self.separate_valid,
+        )
     }
 
     /// No progress bar: log lines instead (tests, batch jobs).
@@ -525,7 +603,8 @@ impl<M: EngineModel> Trainer<M> {
                         let mut opt = self.collate;
                         opt.epoch = batch.position.epoch;
                         let (obs, ids) = self.split_obs(&batch.cells.obs)?;
-                        let prepared = self.task.prepare(&Batch { cells: &cells, obs, batch_ids: ids.as_deref(), genes: &self.genes }, step, &opt)?;
+                        let prepared =
+                            self.task.prepare(&Batch { cells: &cells, obs, batch_ids: ids.as_deref(), genes: &self.genes }, step, &opt)?;
                         micro.push((prepared, batch.position, cells.len()));
                     }
                     None => epoch_done = true,
@@ -554,7 +633,10 @@ impl<M: EngineModel> Trainer<M> {
                     clock += pause.elapsed();
                     if stop {
                         if lead {
-                            bar.println(format!("early stop: {} epoch-end validations without improvement", self.state.epochs_without_improvement));
+                            bar.println(format!(
+                                "early stop: {} epoch-end validations without improvement",
+                                self.state.epochs_without_improvement
+                            ));
                         }
                         break;
                     }
@@ -601,13 +683,13 @@ impl<M: EngineModel> Trainer<M> {
                 interval.steps += 1;
             }
             let s = self.state.step;
-            if s % t.log_every == 0 || s == self.total_steps {
+            if s.is_multiple_of(t.log_every) || s == self.total_steps {
                 self.log_interval(&interval, clock.elapsed().as_secs_f64().max(1e-9), lr, &bar)?;
                 interval = Interval::default();
                 clock = Instant::now();
             }
             let last = s == self.total_steps;
-            if s % t.eval_every == 0 || last {
+            if s.is_multiple_of(t.eval_every) || last {
                 let pause = Instant::now();
                 // The last step of the last epoch is that epoch's end.
                 let epoch_end = last && t.eval_each_epoch;
@@ -618,7 +700,7 @@ impl<M: EngineModel> Trainer<M> {
                     break;
                 }
             }
-            if s % t.save_every == 0 || last {
+            if s.is_multiple_of(t.save_every) || last {
                 self.save_checkpoint()?;
             }
         }
@@ -661,7 +743,13 @@ impl<M: EngineModel> Trainer<M> {
     /// Forward + backward over the micro-batches, sync, clip, update. Returns the loss sums,
     /// the global gradient norm, the seconds spent communicating and whether the update was
     /// skipped (non-finite norm).
-    fn optimizer_step(&mut self, micro: &[(Box<dyn MicroBatch>, DataPosition, usize)], units: f64, lr: f64, step: u64) -> anyhow::Result<(StepLosses, f64, f64, bool)> {
+    fn optimizer_step(
+        &mut self,
+        micro: &[(Box<dyn MicroBatch>, DataPosition, usize)],
+        units: f64,
+        lr: f64,
+        step: u64,
+    ) -> anyhow::Result<(StepLosses, f64, f64, bool)> {
         let world = self.comm.world() as f64;
         let accum = micro.len() as f64;
         let n_terms = self.task.terms().len();
@@ -672,7 +760,8 @@ impl<M: EngineModel> Trainer<M> {
         let mut terms: Vec<Option<Tensor<1>>> = vec![None; n_terms];
         for (mi, (batch, _, _)) in micro.iter().enumerate() {
             // Dropout draws: fixed by (seed, step, micro-batch, rank), so a resume replays them.
-            self.device.seed(mix64(self.cfg.run.seed ^ mix64(step) ^ mix64((mi as u64) << 20 | self.comm.rank() as u64) ^ hash_str("dropout")));
+            self.device
+                .seed(mix64(self.cfg.run.seed ^ mix64(step) ^ mix64((mi as u64) << 20 | self.comm.rank() as u64) ^ hash_str("dropout")));
             let mut ctx = LossContext { device: &self.device, comm: self.comm.as_mut(), per_unit: world / units, per_batch: 1.0 / accum };
             let loss = self.task.loss(&compute, batch.as_ref(), &mut ctx)?;
             for (k, (acc, term)) in terms.iter_mut().zip(loss.terms).enumerate() {

@@ -93,7 +93,13 @@ impl<M: crate::model::EngineModel> Trainer<M> {
 
 /// Unit-norm `<cls>` embeddings of cells, tokenised as `scgpt embed --deterministic` (lowest
 /// tied bin, the most expressed genes of long cells).
-pub fn embed_cells(model: &TransformerModel, cells: &[Cell], opt: &CollateOptions, batch: usize, dev: &Device) -> anyhow::Result<Vec<Vec<f32>>> {
+pub fn embed_cells(
+    model: &TransformerModel,
+    cells: &[Cell],
+    opt: &CollateOptions,
+    batch: usize,
+    dev: &Device,
+) -> anyhow::Result<Vec<Vec<f32>>> {
     use scgpt_data::tokenize::{collate, tokenize, Scratch, TokenizeOptions};
     let topt = TokenizeOptions { max_seq_len: opt.max_seq_len, cls_id: opt.cls_id, pad_value: opt.pad_value, seed: None };
     let mut scratch = Scratch::default();
@@ -102,7 +108,12 @@ pub fn embed_cells(model: &TransformerModel, cells: &[Cell], opt: &CollateOption
         let tokens: Vec<_> = chunk.iter().map(|c| tokenize(c.key, &c.genes, &c.values, &topt, &mut scratch)).collect();
         let b = collate(&tokens.iter().collect::<Vec<_>>(), opt.pad_id, opt.pad_value);
         let o = model.forward(
-            ModelInput { src: ints(&b.ids, b.b, b.l, dev), values: floats(&b.values, b.b, b.l, dev), src_key_padding_mask: bools(&b.pad, b.b, b.l, dev), batch_labels: None },
+            ModelInput {
+                src: ints(&b.ids, b.b, b.l, dev),
+                values: floats(&b.values, b.b, b.l, dev),
+                src_key_padding_mask: bools(&b.pad, b.b, b.l, dev),
+                batch_labels: None,
+            },
             ForwardFlags::default(),
         )?;
         let emb: Vec<f32> = o.cell_emb.into_data().convert::<f32>().try_to_vec::<f32>().expect("floats");
@@ -140,7 +151,12 @@ pub fn load_labelled(cfg: &TrainConfig, vocab: &GeneVocab) -> anyhow::Result<Lab
     names.dedup();
     let labels = raw_labels.iter().map(|l| names.binary_search(l).expect("present")).collect();
     if names.len() < 2 {
-        bail!("valid.label_col = {:?} of {} has {} distinct label(s); kNN/ASW need at least 2", cfg.valid.label_col, dir.display(), names.len());
+        bail!(
+            "valid.label_col = {:?} of {} has {} distinct label(s); kNN/ASW need at least 2",
+            cfg.valid.label_col,
+            dir.display(),
+            names.len()
+        );
     }
     Ok(LabelledSet { cells, labels, names })
 }

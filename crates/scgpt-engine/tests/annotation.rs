@@ -76,7 +76,12 @@ fn annotation_fine_tunes_from_an_h5ad_and_writes_a_self_contained_best_model() {
     // No other task's terms are logged.
     assert!(m.iter().all(|l| l.get("train/loss_gep").is_none() && l.get("valid/mse").is_none()));
     // The step schedule: lr × 0.9 per epoch after warmup.
-    let lrs: Vec<f64> = m.iter().filter_map(|l| Some((l["train/epoch"].as_f64()?, l["train/lr"].as_f64()?))).filter(|(e, _)| *e >= 1.0).map(|(e, lr)| lr / 0.9f64.powi(e as i32)).collect();
+    let lrs: Vec<f64> = m
+        .iter()
+        .filter_map(|l| Some((l["train/epoch"].as_f64()?, l["train/lr"].as_f64()?)))
+        .filter(|(e, _)| *e >= 1.0)
+        .map(|(e, lr)| lr / 0.9f64.powi(e as i32))
+        .collect();
     assert!(lrs.iter().all(|lr| (lr - 2e-3).abs() < 1e-9), "{lrs:?}");
 
     // best_model/ is self-contained: weights, args, vocab, classes and the inference settings.
@@ -98,14 +103,20 @@ fn annotation_fine_tunes_from_an_h5ad_and_writes_a_self_contained_best_model() {
     // The exported head loads with every key used.
     let mut vocab = scgpt_data::vocab::GeneVocab::from_file(&best.join("vocab.json")).unwrap();
     vocab.ensure_specials();
-    let config = scgpt_model::ModelConfig::from_args_json(best.join("args.json"), vocab.len()).unwrap().with_pad_token_id(vocab.pad_id().unwrap() as usize);
+    let config = scgpt_model::ModelConfig::from_args_json(best.join("args.json"), vocab.len())
+        .unwrap()
+        .with_pad_token_id(vocab.pad_id().unwrap() as usize);
     assert!(!config.do_mvc && !config.use_generative_training);
     let mut model = config.init(&scgpt_model::burn::tensor::Device::flex()).unwrap();
     let report = scgpt_model::load_pretrained(&mut model, best.join("best_model.pt")).unwrap();
     assert!(report.skipped.is_empty() && report.missing.is_empty(), "{report}");
 
     // TensorBoard's own reader sees the learning curve.
-    let out = Command::new(python()).arg(root().join("tests/py/read_tensorboard.py")).arg(run.join("tensorboard")).output().expect("run python: make the venv with launch/setup.sh");
+    let out = Command::new(python())
+        .arg(root().join("tests/py/read_tensorboard.py"))
+        .arg(run.join("tensorboard"))
+        .output()
+        .expect("run python: make the venv with launch/setup.sh");
     assert!(out.status.success(), "read_tensorboard.py failed: {}", String::from_utf8_lossy(&out.stderr));
     let tb: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(tb["train/loss_cls"].as_array().unwrap().len(), ce.len());
@@ -138,7 +149,12 @@ fn other_tasks_switches_and_missing_labels_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let base = |extra: &str| {
-        let mut sets = vec![format!("run.dir=\"{}\"", run.display()), "task.kind=\"annotation\"".to_string(), "task.label_col=\"bulk_labels\"".into(), "model.MVC=false".into()];
+        let mut sets = vec![
+            format!("run.dir=\"{}\"", run.display()),
+            "task.kind=\"annotation\"".to_string(),
+            "task.label_col=\"bulk_labels\"".into(),
+            "model.MVC=false".into(),
+        ];
         sets.push(extra.to_string());
         resolve(None, &sets)
     };

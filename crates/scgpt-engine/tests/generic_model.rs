@@ -89,7 +89,15 @@ impl Task<TransformerGenerator> for GeneratorMasking {
     fn eval_width(&self) -> usize {
         2
     }
-    fn eval_batch(&self, model: &TransformerGenerator, batch: &Batch, _index: u64, opt: &CollateOptions, d: &Device, sums: &mut [f64]) -> anyhow::Result<()> {
+    fn eval_batch(
+        &self,
+        model: &TransformerGenerator,
+        batch: &Batch,
+        _index: u64,
+        opt: &CollateOptions,
+        d: &Device,
+        sums: &mut [f64],
+    ) -> anyhow::Result<()> {
         let b = Self::collate(batch, opt);
         sums[0] += sq_sum(model, &b, d)?.into_scalar::<f32>() as f64;
         sums[1] += b.masked_tokens() as f64;
@@ -170,13 +178,14 @@ fn a_task_on_the_perturbation_model_trains_resumes_and_exports_through_the_same_
 
     // best/ is the native generator; best_model/ the tutorial's state_dict with its arguments.
     let dev = Device::flex();
-    let (native, vocab) = scgpt_model::perturbation_checkpoint::load_native_perturbation(a.join("best"), &dev).unwrap();
+    let (native, vocab) = scgpt_model::io::perturbation_checkpoint::load_native_perturbation(a.join("best"), &dev).unwrap();
     assert!(vocab.contains("<pad>"));
     let best = a.join("best_model");
     for f in ["best_model.pt", "perturbation_config.json", "vocab.json", "scgpt.json"] {
         assert!(best.join(f).is_file(), "best_model/{f} missing");
     }
-    let config: scgpt_model::PerturbationConfig = serde_json::from_str(&std::fs::read_to_string(best.join("perturbation_config.json")).unwrap()).unwrap();
+    let config: scgpt_model::PerturbationConfig =
+        serde_json::from_str(&std::fs::read_to_string(best.join("perturbation_config.json")).unwrap()).unwrap();
     assert_eq!(config, native.config);
     let mut reloaded = config.init(&dev).unwrap();
     let report = reloaded.load_checkpoint(best.join("best_model.pt")).unwrap();

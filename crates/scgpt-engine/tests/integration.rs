@@ -101,11 +101,17 @@ fn integration_trains_every_term_and_writes_a_self_contained_best_model() {
     assert_eq!(spec["batch_col"], "phase");
     assert!(spec["genes"].as_array().map_or(0, Vec::len) > 100, "the token genes are recorded: {spec}");
     let args: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(best.join("args.json")).unwrap()).unwrap();
-    assert_eq!((args["DAB"].as_bool(), args["explicit_zero_prob"].as_bool(), args["num_batch_labels"].as_u64()), (Some(true), Some(true), Some(3)), "{args}");
+    assert_eq!(
+        (args["DAB"].as_bool(), args["explicit_zero_prob"].as_bool(), args["num_batch_labels"].as_u64()),
+        (Some(true), Some(true), Some(3)),
+        "{args}"
+    );
     // The exported model loads into the original's architecture with every key used.
     let mut vocab = scgpt_data::vocab::GeneVocab::from_file(&best.join("vocab.json")).unwrap();
     vocab.ensure_specials();
-    let config = scgpt_model::ModelConfig::from_args_json(best.join("args.json"), vocab.len()).unwrap().with_pad_token_id(vocab.pad_id().unwrap() as usize);
+    let config = scgpt_model::ModelConfig::from_args_json(best.join("args.json"), vocab.len())
+        .unwrap()
+        .with_pad_token_id(vocab.pad_id().unwrap() as usize);
     assert!(config.do_dab && config.do_mvc);
     let mut model = config.init(&scgpt_model::burn::tensor::Device::flex()).unwrap();
     let report = scgpt_model::load_pretrained(&mut model, best.join("best_model.pt")).unwrap();
@@ -141,14 +147,32 @@ fn integration_settings_are_checked_and_other_tasks_reject_its_terms() {
     let dir = format!("run.dir=\"{}\"", run.display());
     let e = format!("{:#}", resolve(None, &[dir.clone(), "task.kind=\"integration\"".into()]).unwrap_err());
     assert!(e.contains("data.batch_col"), "{e}");
-    let e = format!("{:#}", resolve(None, &[dir.clone(), "task.kind=\"integration\"".into(), "data.batch_col=\"b\"".into(), "train.cls=true".into()]).unwrap_err());
+    let e = format!(
+        "{:#}",
+        resolve(None, &[dir.clone(), "task.kind=\"integration\"".into(), "data.batch_col=\"b\"".into(), "train.cls=true".into()])
+            .unwrap_err()
+    );
     assert!(e.contains("train.cls"), "{e}");
     // The generative objective computes neither DAR nor the zero probabilities.
     for key in ["model.DAR", "model.explicit_zero_prob"] {
         let e = format!("{:#}", resolve(None, &[dir.clone(), "data.batch_col=\"b\"".into(), format!("{key}=true")]).unwrap_err());
         assert!(e.contains(key) && e.contains("generative"), "{e}");
     }
-    let e = format!("{:#}", resolve(None, &[dir.clone(), "task.kind=\"annotation\"".into(), "task.label_col=\"c\"".into(), "model.MVC=false".into(), "data.batch_col=\"b\"".into(), "model.DAR=true".into()]).unwrap_err());
+    let e = format!(
+        "{:#}",
+        resolve(
+            None,
+            &[
+                dir.clone(),
+                "task.kind=\"annotation\"".into(),
+                "task.label_col=\"c\"".into(),
+                "model.MVC=false".into(),
+                "data.batch_col=\"b\"".into(),
+                "model.DAR=true".into()
+            ]
+        )
+        .unwrap_err()
+    );
     assert!(e.contains("model.DAR") && e.contains("annotation"), "{e}");
     let e = format!("{:#}", resolve(None, &[dir, "model.DAR=true".into(), "train.objective=\"mlm\"".into()]).unwrap_err());
     assert!(e.contains("data.batch_col"), "{e}");

@@ -7,7 +7,6 @@
 //! DSBN normalises each with the batch statistics of its own `bns[k]`. The engine's own entry
 //! point is used: a `MaskedBatch` as the collator hands it over and `Integration::mean_loss`.
 
-
 use scgpt_engine::collate::MlmBatch;
 use scgpt_engine::tasks::expression::MaskedBatch;
 use scgpt_engine::tasks::integration::Integration;
@@ -34,16 +33,9 @@ fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 /// `floor` (terms near or below 1).
 fn assert_scalar(what: &str, got: f32, want: f32, tol: f32, floor: bool) {
     let diff = (got - want).abs();
-    let scale = if floor {
-        want.abs().max(1.0)
-    } else {
-        want.abs()
-    };
+    let scale = if floor { want.abs().max(1.0) } else { want.abs() };
     assert!(diff <= tol * scale, "{what}: {got} vs {want}");
-    eprintln!(
-        "  {what:<48} {got:>14.7} vs {want:>14.7}  abs {diff:.2e} rel {:.2e}",
-        diff / want.abs().max(f32::MIN_POSITIVE)
-    );
+    eprintln!("  {what:<48} {got:>14.7} vs {want:>14.7}  abs {diff:.2e} rel {:.2e}", diff / want.abs().max(f32::MIN_POSITIVE));
 }
 
 /// Gradients differ from PyTorch's only by summation order; relative to the largest entry of
@@ -56,25 +48,16 @@ fn assert_grad<const D: usize>(what: &str, got: Option<Tensor<D>>, want: &Value,
     let got = host(got);
     let want = floats(want);
     let scale = want.iter().fold(0f32, |m, w| m.max(w.abs())).max(1e-6);
-    let max_abs = got
-        .iter()
-        .zip(&want)
-        .map(|(g, w)| (g - w).abs())
-        .fold(0f32, f32::max);
+    let max_abs = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
     let worst = max_abs / scale;
     eprintln!("  grad {what:<43} max|grad| {scale:.3e}  max abs {max_abs:.2e}  rel {worst:.2e}");
-    assert!(
-        worst <= 1e-4,
-        "{what}: worst error {worst:.2e} of max |grad| {scale:.3e}"
-    );
+    assert!(worst <= 1e-4, "{what}: worst error {worst:.2e} of max |grad| {scale:.3e}");
 }
 
 #[test]
 fn integration_loss_terms_and_gradients_match_pytorch() {
     let dir = data_dir();
-    let json: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("integration_grad.json")).unwrap())
-            .unwrap();
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("integration_grad.json")).unwrap()).unwrap();
     assert_eq!(json["ntoken"].as_u64(), Some(NTOKEN as u64));
     assert_eq!(json["pad_token_id"].as_u64(), Some(PAD_ID as u64));
     assert_eq!(json["num_batch_labels"].as_u64(), Some(N_BATCHES as u64));
@@ -84,9 +67,7 @@ fn integration_loss_terms_and_gradients_match_pytorch() {
 
     // The pretrained args.json; the tutorial builds its model from its own flags, as the
     // engine's `init::apply_objective` does for the expression tasks.
-    let mut config = ModelConfig::from_args_json(dir.join("integration_grad.args.json"), NTOKEN)
-        .unwrap()
-        .with_pad_token_id(PAD_ID);
+    let mut config = ModelConfig::from_args_json(dir.join("integration_grad.args.json"), NTOKEN).unwrap().with_pad_token_id(PAD_ID);
     assert!(config.do_mvc, "MVC from args.json");
     config.do_dab = true;
     config.use_batch_labels = true;
@@ -103,26 +84,16 @@ fn integration_loss_terms_and_gradients_match_pytorch() {
     load_pretrained(&mut model, dir.join("integration_grad.pt")).unwrap();
     let dsbn = model.dsbn.as_ref().expect("a DSBN model");
     assert_eq!(dsbn.bns.len(), N_BATCHES);
-    assert!(
-        dsbn.bns
-            .iter()
-            .all(|bn| bn.weight.is_none() && bn.bias.is_none()),
-        "DSBN is affine-free"
-    );
+    assert!(dsbn.bns.iter().all(|bn| bn.weight.is_none() && bn.bias.is_none()), "DSBN is affine-free");
     let task = Integration::with(mask_ratio, true, true, ecs_weight, dab_weight);
 
     for step in json["steps"].as_array().unwrap() {
         let name = step["name"].as_str().unwrap();
         let inp = &step["inputs"];
-        let [b, l] = shape_of(&inp["src"])[..] else {
-            panic!("src is not 2-D")
-        };
+        let [b, l] = shape_of(&inp["src"])[..] else { panic!("src is not 2-D") };
         let ids = ints(&inp["batch_labels"]);
         let domain = step["domain"].as_i64().unwrap();
-        assert!(
-            ids.iter().all(|&i| i == domain),
-            "a single-domain minibatch"
-        );
+        assert!(ids.iter().all(|&i| i == domain), "a single-domain minibatch");
         let batch = MaskedBatch(
             MlmBatch {
                 batch: b,
@@ -147,10 +118,7 @@ fn integration_loss_terms_and_gradients_match_pytorch() {
         let loss = task.mean_loss(&model, &batch, &device).unwrap();
         assert_eq!(loss.terms.len(), TERMS.len());
         for (i, term) in TERMS.iter().enumerate() {
-            let raw = loss.terms[i]
-                .clone()
-                .unwrap_or_else(|| panic!("step {name}: no {term} term"))
-                .into_scalar::<f32>();
+            let raw = loss.terms[i].clone().unwrap_or_else(|| panic!("step {name}: no {term} term")).into_scalar::<f32>();
             // The expression terms are sums over the masked positions; PyTorch's are means.
             let got = if i < 4 { raw / count as f32 } else { raw };
             let want = step["terms"][term].as_f64().unwrap() as f32;
@@ -165,49 +133,17 @@ fn integration_loss_terms_and_gradients_match_pytorch() {
         let has = |k: &str| !g[k].is_null();
 
         let emb = model.encoder.embedding.weight.val().grad(&grads);
-        assert_grad(
-            "encoder.embedding.weight",
-            emb.clone(),
-            &g["encoder.embedding.weight"],
-            false,
-        );
+        assert_grad("encoder.embedding.weight", emb.clone(), &g["encoder.embedding.weight"], false);
         // padding_idx: the <pad> row gets exactly no gradient although <pad> is embedded.
         let emb = emb.unwrap();
         let d = emb.dims()[1];
-        assert!(
-            host(emb.slice([PAD_ID..PAD_ID + 1, 0..d]))
-                .iter()
-                .all(|&x| x == 0.0),
-            "step {name}: the <pad> row has a gradient"
-        );
-        assert_grad(
-            "encoder.enc_norm.weight",
-            model.encoder.enc_norm.gamma.val().grad(&grads),
-            &g["encoder.enc_norm.weight"],
-            false,
-        );
-        let Some(ValueEncoder::Continuous(ve)) = model.value_encoder.as_ref() else {
-            panic!("a continuous value encoder")
-        };
-        assert_grad(
-            "value_encoder.linear1.weight",
-            ve.linear1.weight.val().grad(&grads),
-            &g["value_encoder.linear1.weight"],
-            true,
-        );
+        assert!(host(emb.slice([PAD_ID..PAD_ID + 1, 0..d])).iter().all(|&x| x == 0.0), "step {name}: the <pad> row has a gradient");
+        assert_grad("encoder.enc_norm.weight", model.encoder.enc_norm.gamma.val().grad(&grads), &g["encoder.enc_norm.weight"], false);
+        let Some(ValueEncoder::Continuous(ve)) = model.value_encoder.as_ref() else { panic!("a continuous value encoder") };
+        assert_grad("value_encoder.linear1.weight", ve.linear1.weight.val().grad(&grads), &g["value_encoder.linear1.weight"], true);
         let be = model.batch_encoder.as_ref().expect("a batch encoder");
-        assert_grad(
-            "batch_encoder.embedding.weight",
-            be.embedding.weight.val().grad(&grads),
-            &g["batch_encoder.embedding.weight"],
-            false,
-        );
-        assert_grad(
-            "batch_encoder.enc_norm.weight",
-            be.enc_norm.gamma.val().grad(&grads),
-            &g["batch_encoder.enc_norm.weight"],
-            false,
-        );
+        assert_grad("batch_encoder.embedding.weight", be.embedding.weight.val().grad(&grads), &g["batch_encoder.embedding.weight"], false);
+        assert_grad("batch_encoder.enc_norm.weight", be.enc_norm.gamma.val().grad(&grads), &g["batch_encoder.enc_norm.weight"], false);
 
         let layers = &model.transformer_encoder.layers;
         if has("transformer_encoder.layers.0.self_attn.in_proj_weight") {
@@ -228,55 +164,17 @@ fn integration_loss_terms_and_gradients_match_pytorch() {
         // ExprDecoder: PyTorch Sequential indices 0/2/4 (Linear) are Vec entries 0/1/2.
         let dec = &model.decoder;
         if has("decoder.fc.0.weight") {
-            assert_grad(
-                "decoder.fc.0.weight",
-                dec.fc[0].weight.val().grad(&grads),
-                &g["decoder.fc.0.weight"],
-                true,
-            );
+            assert_grad("decoder.fc.0.weight", dec.fc[0].weight.val().grad(&grads), &g["decoder.fc.0.weight"], true);
         }
-        assert_grad(
-            "decoder.fc.4.weight",
-            dec.fc[2].weight.val().grad(&grads),
-            &g["decoder.fc.4.weight"],
-            true,
-        );
-        let zl = dec
-            .zero_logit
-            .as_ref()
-            .expect("explicit zero probabilities");
-        assert_grad(
-            "decoder.zero_logit.2.weight",
-            zl[1].weight.val().grad(&grads),
-            &g["decoder.zero_logit.2.weight"],
-            true,
-        );
-        assert_grad(
-            "decoder.zero_logit.4.weight",
-            zl[2].weight.val().grad(&grads),
-            &g["decoder.zero_logit.4.weight"],
-            true,
-        );
-        assert_grad(
-            "decoder.zero_logit.4.bias",
-            zl[2].bias.as_ref().unwrap().val().grad(&grads),
-            &g["decoder.zero_logit.4.bias"],
-            false,
-        );
+        assert_grad("decoder.fc.4.weight", dec.fc[2].weight.val().grad(&grads), &g["decoder.fc.4.weight"], true);
+        let zl = dec.zero_logit.as_ref().expect("explicit zero probabilities");
+        assert_grad("decoder.zero_logit.2.weight", zl[1].weight.val().grad(&grads), &g["decoder.zero_logit.2.weight"], true);
+        assert_grad("decoder.zero_logit.4.weight", zl[2].weight.val().grad(&grads), &g["decoder.zero_logit.4.weight"], true);
+        assert_grad("decoder.zero_logit.4.bias", zl[2].bias.as_ref().unwrap().val().grad(&grads), &g["decoder.zero_logit.4.bias"], false);
 
         let mvc = model.mvc_decoder.as_ref().expect("an MVC decoder");
-        assert_grad(
-            "mvc_decoder.gene2query.weight",
-            mvc.gene2query.weight.val().grad(&grads),
-            &g["mvc_decoder.gene2query.weight"],
-            true,
-        );
-        assert_grad(
-            "mvc_decoder.W.weight",
-            mvc.W.weight.val().grad(&grads),
-            &g["mvc_decoder.W.weight"],
-            true,
-        );
+        assert_grad("mvc_decoder.gene2query.weight", mvc.gene2query.weight.val().grad(&grads), &g["mvc_decoder.gene2query.weight"], true);
+        assert_grad("mvc_decoder.W.weight", mvc.W.weight.val().grad(&grads), &g["mvc_decoder.W.weight"], true);
         if has("mvc_decoder.W_zero_logit.weight") {
             assert_grad(
                 "mvc_decoder.W_zero_logit.weight",
@@ -288,23 +186,16 @@ fn integration_loss_terms_and_gradients_match_pytorch() {
 
         // The discriminator: PyTorch `_decoder` indices 0/3 (Linear), 2/5 (LayerNorm) are Vec
         // entries 0/2 and 1/3 (the LeakyReLUs hold no parameters).
-        let dab = model
-            .grad_reverse_discriminator
-            .as_ref()
-            .expect("a DAB discriminator");
+        let dab = model.grad_reverse_discriminator.as_ref().expect("a DAB discriminator");
         assert!(dab.reverse_grad);
-        let HeadLayer::Linear(lin0) = &dab._decoder[0] else {
-            panic!("_decoder.0 is a Linear")
-        };
+        let HeadLayer::Linear(lin0) = &dab._decoder[0] else { panic!("_decoder.0 is a Linear") };
         assert_grad(
             "grad_reverse_discriminator._decoder.0.weight",
             lin0.weight.val().grad(&grads),
             &g["grad_reverse_discriminator._decoder.0.weight"],
             true,
         );
-        let HeadLayer::Norm(norm2) = &dab._decoder[1] else {
-            panic!("_decoder.2 is a LayerNorm")
-        };
+        let HeadLayer::Norm(norm2) = &dab._decoder[1] else { panic!("_decoder.2 is a LayerNorm") };
         assert_grad(
             "grad_reverse_discriminator._decoder.2.weight",
             norm2.gamma.val().grad(&grads),
@@ -339,11 +230,7 @@ fn integration_loss_terms_and_gradients_match_pytorch() {
             other => panic!("{other}"),
         };
         let want = floats(want);
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
-            .fold(0f32, f32::max);
+        let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs() / w.abs().max(1.0)).fold(0f32, f32::max);
         eprintln!("  {key:<48} max abs (|w| < 1) / rel diff {worst:.2e}");
         assert!(worst <= 1e-5, "{key}: worst error {worst:.2e}");
     }

@@ -129,7 +129,8 @@ fn perturbation_trains_on_sampled_genes_validates_by_pearson_and_exports() {
     // The criterion is −pearson of the best validation.
     let best_pearson = pearson.iter().cloned().fold(f64::MIN, f64::max);
     assert!((spec["best_criterion"].as_f64().unwrap() + best_pearson).abs() < 1e-9, "{spec} vs {pearson:?}");
-    let (model, _) = scgpt_model::perturbation_checkpoint::load_exported_perturbation(&best, &scgpt_model::burn::tensor::Device::flex()).unwrap();
+    let (model, _) =
+        scgpt_model::io::perturbation_checkpoint::load_exported_perturbation(&best, &scgpt_model::burn::tensor::Device::flex()).unwrap();
     assert_eq!(model.config.d_model, 32);
 }
 
@@ -138,7 +139,8 @@ fn a_resumed_perturbation_run_ends_identical() {
     let _turn = serial();
     let tmp = tempfile::tempdir().unwrap();
     let screen = screen(tmp.path());
-    let cfg = |run: &Path| perturbation(run, &screen, &["train.epochs=2", "train.save_every=3", "train.grad_accum=2", "train.batch_size=8"]);
+    let cfg =
+        |run: &Path| perturbation(run, &screen, &["train.epochs=2", "train.save_every=3", "train.grad_accum=2", "train.batch_size=8"]);
     let a = tmp.path().join("a");
     let mut ta = start(cfg(&a)).unwrap();
     ta.run().unwrap();
@@ -169,7 +171,12 @@ fn bad_screens_and_settings_are_refused_by_name() {
     let runs = std::sync::atomic::AtomicUsize::new(0);
     let cfg = |extra: &[&str]| -> anyhow::Result<TrainConfig> {
         let run = tmp.path().join(format!("run{}", runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
-        let mut sets = vec![format!("run.dir=\"{}\"", run.display()), format!("data.input=\"{}\"", screen.display()), "task.kind=\"perturbation\"".to_string(), "data.gene_col=\"gene_name\"".into()];
+        let mut sets = vec![
+            format!("run.dir=\"{}\"", run.display()),
+            format!("data.input=\"{}\"", screen.display()),
+            "task.kind=\"perturbation\"".to_string(),
+            "data.gene_col=\"gene_name\"".into(),
+        ];
         sets.extend(extra.iter().map(|s| s.to_string()));
         resolve(None, &sets)
     };
@@ -189,10 +196,16 @@ fn bad_screens_and_settings_are_refused_by_name() {
 
 /// The simulated screen rewritten: `edit` changes the conditions and the matrix.
 fn edited_screen(src: &Path, out: &Path, edit: impl FnOnce(&mut scgpt_engine::screen::Screen)) -> PathBuf {
-    let opts = scgpt_engine::screen::ScreenOptions { condition_col: "condition".into(), control: "ctrl".into(), separator: "+".into(), gene_col: "gene_name".into(), normalize: false };
+    let opts = scgpt_engine::screen::ScreenOptions {
+        condition_col: "condition".into(),
+        control: "ctrl".into(),
+        separator: "+".into(),
+        gene_col: "gene_name".into(),
+        normalize: false,
+    };
     let mut s = scgpt_engine::screen::Screen::read(src, &opts).unwrap();
     edit(&mut s);
-    scgpt_engine::perturbation_data::write_screen(&s, &out.to_path_buf()).unwrap();
+    scgpt_engine::perturbation_data::write_screen(&s, out).unwrap();
     out.to_path_buf()
 }
 

@@ -45,7 +45,11 @@ fn config(run: &Path, file: &str, extra: &[&str]) -> TrainConfig {
 #[test]
 fn counts_get_seurat_v3_after_the_count_filter_as_scanpy() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(&tmp.path().join("r"), "wu2020_200.h5ad", &["task.label_col=\"cluster_orig\"", "preprocess.filter_gene_by_counts=3", "preprocess.hvg=500"]);
+    let cfg = config(
+        &tmp.path().join("r"),
+        "wu2020_200.h5ad",
+        &["task.label_col=\"cluster_orig\"", "preprocess.filter_gene_by_counts=3", "preprocess.hvg=500"],
+    );
     let s = select_genes(&cfg, None).unwrap();
     assert_eq!(s.hvg_flavor.as_deref(), Some("seurat_v3"), "integer counts take seurat_v3");
     let got: BTreeSet<String> = s.genes.iter().cloned().collect();

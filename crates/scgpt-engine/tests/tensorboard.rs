@@ -7,8 +7,7 @@ use std::process::Command;
 
 use scgpt_engine::tensorboard::EventWriter;
 
-const SETUP_HINT: &str =
-    "run launch/setup.sh (or `.venv/bin/pip install -r tests/py/requirements.txt`) \
+const SETUP_HINT: &str = "run launch/setup.sh (or `.venv/bin/pip install -r tests/py/requirements.txt`) \
      to install the Python test readers, or point SCGPT_PYTHON at a python with `tensorboard`";
 
 fn workspace() -> PathBuf {
@@ -40,12 +39,8 @@ fn read_with_tensorboard(dir: &Path, extra: &[&str]) -> serde_json::Value {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "reader printed invalid JSON ({e}):\n{}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("reader printed invalid JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// {tag: [(step, value)]} from the reader's JSON, mapping its "nan"/"inf" strings back to floats.
@@ -63,12 +58,7 @@ fn scalars(json: &serde_json::Value) -> BTreeMap<String, Vec<(u64, f32)>> {
         .expect("reader JSON is an object")
         .iter()
         .map(|(tag, points)| {
-            let points = points
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| (p[0].as_u64().unwrap(), value(&p[1])))
-                .collect();
+            let points = points.as_array().unwrap().iter().map(|p| (p[0].as_u64().unwrap(), value(&p[1]))).collect();
             (tag.clone(), points)
         })
         .collect()
@@ -77,11 +67,7 @@ fn scalars(json: &serde_json::Value) -> BTreeMap<String, Vec<(u64, f32)>> {
 /// Equality at f32 precision, with NaN equal to NaN (the writer must keep NaNs, not drop them).
 fn assert_points(tag: &str, got: &[(u64, f32)], want: &[(u64, f64)]) {
     let want: Vec<(u64, f32)> = want.iter().map(|&(s, v)| (s, v as f32)).collect();
-    let same = got.len() == want.len()
-        && got
-            .iter()
-            .zip(&want)
-            .all(|(g, w)| g.0 == w.0 && (g.1 == w.1 || (g.1.is_nan() && w.1.is_nan())));
+    let same = got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| g.0 == w.0 && (g.1 == w.1 || (g.1.is_nan() && w.1.is_nan())));
     assert!(same, "tag {tag}:\n got  {got:?}\n want {want:?}");
 }
 
@@ -98,13 +84,8 @@ fn scalars_round_trip_through_tensorboard() {
                 17 => f64::NAN,
                 _ => 10.0 / (step as f64 + 1.0),
             };
-            let lr = if step == 0 {
-                1e-8
-            } else {
-                1e-4 * (step as f64).sqrt()
-            };
-            w.scalars(step, &[("train/loss", loss), ("train/lr", lr)])
-                .unwrap();
+            let lr = if step == 0 { 1e-8 } else { 1e-4 * (step as f64).sqrt() };
+            w.scalars(step, &[("train/loss", loss), ("train/lr", lr)]).unwrap();
             want.entry("train/loss").or_default().push((step, loss));
             want.entry("train/lr").or_default().push((step, lr));
             if step % 10 == 9 {
@@ -147,10 +128,7 @@ fn session_start_supersedes_later_steps_of_earlier_files() {
         }
     }
     let got = scalars(&read_with_tensorboard(dir.path(), &[]));
-    let want: Vec<(u64, f64)> = (0..20)
-        .map(|s| (s, s as f64))
-        .chain((20..25).map(|s| (s, -(s as f64))))
-        .collect();
+    let want: Vec<(u64, f64)> = (0..20).map(|s| (s, s as f64)).chain((20..25).map(|s| (s, -(s as f64)))).collect();
     assert_points("loss", &got["loss"], &want);
 }
 
@@ -165,8 +143,5 @@ fn text_round_trips_through_tensorboard() {
         w.scalar("loss", 1, 1.0).unwrap();
     }
     let got = read_with_tensorboard(dir.path(), &["--text"]);
-    assert_eq!(
-        got,
-        serde_json::json!({ "config": [[0, config]], "note": [[5, ""]] })
-    );
+    assert_eq!(got, serde_json::json!({ "config": [[0, config]], "note": [[5, ""]] }));
 }

@@ -21,15 +21,10 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-
-
-
-
 fn params_of(t: &Trainer) -> Vec<f32> {
     let p = list_params(t.model()).unwrap();
     flatten_params(t.model(), &p)
 }
-
 
 #[test]
 fn generative_pretraining_loss_falls_and_logs_read_back_in_tensorboard() {
@@ -38,7 +33,17 @@ fn generative_pretraining_loss_falls_and_logs_read_back_in_tensorboard() {
     let shards = tmp.path().join("wu");
     prep("wu2020_200.h5ad", &shards, &["output.obs_cols=[\"cluster_orig\"]"]);
     let run = tmp.path().join("run");
-    let cfg = tiny(&run, &shards, &["train.max_steps=60".into(), "train.log_every=5".into(), "train.eval_every=30".into(), "train.save_every=30".into(), "train.lr=2e-3".into()]);
+    let cfg = tiny(
+        &run,
+        &shards,
+        &[
+            "train.max_steps=60".into(),
+            "train.log_every=5".into(),
+            "train.eval_every=30".into(),
+            "train.save_every=30".into(),
+            "train.lr=2e-3".into(),
+        ],
+    );
     let mut t = Trainer::new(cfg, Box::new(scgpt_dist::Single::new())).unwrap().quiet();
     assert_eq!(t.run().unwrap(), RunEnd::Finished { steps: 60 });
 
@@ -58,16 +63,27 @@ fn generative_pretraining_loss_falls_and_logs_read_back_in_tensorboard() {
     assert!((0.0..=1.0).contains(&knn) && (0.0..=1.0).contains(&asw));
 
     // The run directory: resolved config, vocab, args, checkpoints (keep_last 2), best model.
-    for f in ["config.resolved.toml", "vocab.json", "args.json", "best/model.safetensors", "best_model/best_model.pt", "best_model/args.json", "best_model/vocab.json"] {
+    for f in [
+        "config.resolved.toml",
+        "vocab.json",
+        "args.json",
+        "best/model.safetensors",
+        "best_model/best_model.pt",
+        "best_model/args.json",
+        "best_model/vocab.json",
+    ] {
         assert!(run.join(f).is_file(), "{f} missing");
     }
-    let steps: Vec<String> = std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    let steps: Vec<String> =
+        std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
     assert_eq!(steps.len(), 2, "{steps:?}");
 
     // The exported best model loads through the original-format loader with every key used.
     let mut vocab = scgpt_data::vocab::GeneVocab::from_file(&run.join("best_model/vocab.json")).unwrap();
     vocab.ensure_specials();
-    let config = scgpt_model::ModelConfig::from_args_json(run.join("best_model/args.json"), vocab.len()).unwrap().with_pad_token_id(vocab.pad_id().unwrap() as usize);
+    let config = scgpt_model::ModelConfig::from_args_json(run.join("best_model/args.json"), vocab.len())
+        .unwrap()
+        .with_pad_token_id(vocab.pad_id().unwrap() as usize);
     assert!(config.use_generative_training && config.do_mvc);
     let mut model = config.init(&scgpt_model::burn::tensor::Device::flex()).unwrap();
     let report = scgpt_model::load_pretrained(&mut model, run.join("best_model/best_model.pt")).unwrap();
@@ -75,7 +91,11 @@ fn generative_pretraining_loss_falls_and_logs_read_back_in_tensorboard() {
     assert!(report.missing.iter().all(|k| k.starts_with("cls_decoder.")), "{report}");
 
     // TensorBoard's own reader.
-    let out = Command::new(python()).arg(root().join("tests/py/read_tensorboard.py")).arg(run.join("tensorboard")).output().expect("run python: make the venv with launch/setup.sh");
+    let out = Command::new(python())
+        .arg(root().join("tests/py/read_tensorboard.py"))
+        .arg(run.join("tensorboard"))
+        .output()
+        .expect("run python: make the venv with launch/setup.sh");
     assert!(out.status.success(), "read_tensorboard.py failed: {}", String::from_utf8_lossy(&out.stderr));
     let tb: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let tb_gep: Vec<f64> = tb["train/loss_gep"].as_array().unwrap().iter().map(|p| p[1].as_f64().unwrap()).collect();
@@ -95,7 +115,18 @@ fn a_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one() {
     prep("wu2020_200.h5ad", &shards, &[]);
     // Dropout on, grad accumulation, an epoch boundary inside the run (180 train cells / 32).
     let extra = |run: &Path| {
-        let mut c = tiny(run, &shards, &["train.max_steps=14".into(), "train.grad_accum=2".into(), "train.save_every=4".into(), "train.eval_every=7".into(), "train.log_every=2".into(), "valid.label_set=\"\"".into()]);
+        let mut c = tiny(
+            run,
+            &shards,
+            &[
+                "train.max_steps=14".into(),
+                "train.grad_accum=2".into(),
+                "train.save_every=4".into(),
+                "train.eval_every=7".into(),
+                "train.log_every=2".into(),
+                "valid.label_set=\"\"".into(),
+            ],
+        );
         c.train.keep_last = 5;
         c
     };
@@ -143,7 +174,19 @@ fn blockwise_attention_trains_to_the_parameters_of_explicit_attention() {
     prep("wu2020_200.h5ad", &shards, &[]);
     let run = |name: &str, attention: &str| {
         let dir = tmp.path().join(name);
-        let cfg = tiny(&dir, &shards, &["train.max_steps=8".into(), "train.eval_every=100".into(), "train.save_every=100".into(), "train.log_every=1".into(), "valid.label_set=\"\"".into(), format!("run.attention=\"{attention}\""), "run.attention_block_rows=10".into()]);
+        let cfg = tiny(
+            &dir,
+            &shards,
+            &[
+                "train.max_steps=8".into(),
+                "train.eval_every=100".into(),
+                "train.save_every=100".into(),
+                "train.log_every=1".into(),
+                "valid.label_set=\"\"".into(),
+                format!("run.attention=\"{attention}\""),
+                "run.attention_block_rows=10".into(),
+            ],
+        );
         assert!(cfg.model.dropout > 0.0, "the test wants dropout on");
         let mut t = Trainer::new(cfg, Box::new(scgpt_dist::Single::new())).unwrap().quiet();
         let rows = if attention == "blockwise" { 10 } else { 0 };
@@ -172,7 +215,18 @@ fn mlm_objective_with_ecs_trains() {
     let shards = tmp.path().join("wu");
     prep("wu2020_200.h5ad", &shards, &[]);
     let run = tmp.path().join("run");
-    let cfg = tiny(&run, &shards, &["train.objective=\"mlm\"".into(), "train.ecs=true".into(), "train.max_steps=40".into(), "train.log_every=5".into(), "train.lr=4e-3".into(), "valid.label_set=\"\"".into()]);
+    let cfg = tiny(
+        &run,
+        &shards,
+        &[
+            "train.objective=\"mlm\"".into(),
+            "train.ecs=true".into(),
+            "train.max_steps=40".into(),
+            "train.log_every=5".into(),
+            "train.lr=4e-3".into(),
+            "valid.label_set=\"\"".into(),
+        ],
+    );
     let mut t = Trainer::new(cfg, Box::new(scgpt_dist::Single::new())).unwrap().quiet();
     t.run().unwrap();
     let m = metrics(&run);
@@ -221,7 +275,7 @@ fn mlm_with_cls_trains_the_classifier_on_the_labels() {
     assert!((1.9..2.9).contains(&cls[0]), "first cls loss {cls:?}");
     let late = cls[cls.len() - 3..].iter().sum::<f64>() / 3.0;
     assert!(late < cls[0] - 0.2 && late < 1.906 + 0.15, "{cls:?}");
-    let acc = m.iter().filter_map(|l| l["valid/cls_accuracy"].as_f64()).last().expect("valid/cls_accuracy logged");
+    let acc = m.iter().filter_map(|l| l["valid/cls_accuracy"].as_f64()).next_back().expect("valid/cls_accuracy logged");
     assert!((0.0..=1.0).contains(&acc), "held-out accuracy {acc}");
     // The exported model carries the classifier under the original's names.
     let args: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("best_model/args.json")).unwrap()).unwrap();
@@ -234,7 +288,11 @@ fn cls_on_a_column_the_data_lacks_names_the_column_and_the_fix() {
     let tmp = tempfile::tempdir().unwrap();
     let shards = tmp.path().join("wu");
     prep("wu2020_200.h5ad", &shards, &[]);
-    let cfg = tiny(&tmp.path().join("run"), &shards, &["train.objective=\"mlm\"".into(), "train.cls=true".into(), "train.cls_col=\"cell_type\"".into(), "valid.label_set=\"\"".into()]);
+    let cfg = tiny(
+        &tmp.path().join("run"),
+        &shards,
+        &["train.objective=\"mlm\"".into(), "train.cls=true".into(), "train.cls_col=\"cell_type\"".into(), "valid.label_set=\"\"".into()],
+    );
     let err = format!("{:#}", Trainer::new(cfg, Box::new(scgpt_dist::Single::new())).err().expect("an error"));
     assert!(err.contains("cell_type") && err.contains("--obs-cols"), "{err}");
 }
@@ -253,7 +311,11 @@ fn continual_pretraining_extends_the_vocabulary_and_keeps_old_rows() {
 
     let old_vocab = scgpt_data::vocab::GeneVocab::from_file(&first.join("best_model/vocab.json")).unwrap();
     let cont = tmp.path().join("cont");
-    let cfg = tiny(&cont, &pbmc, &[format!("model.init_from=\"{}\"", first.join("best_model").display()), "train.max_steps=2".into(), "valid.label_set=\"\"".into()]);
+    let cfg = tiny(
+        &cont,
+        &pbmc,
+        &[format!("model.init_from=\"{}\"", first.join("best_model").display()), "train.max_steps=2".into(), "valid.label_set=\"\"".into()],
+    );
     let t = Trainer::new(cfg, Box::new(scgpt_dist::Single::new())).unwrap().quiet();
     let new_ntoken = t.model().config.ntoken;
     assert!(new_ntoken > old_vocab.len(), "pbmc genes were appended ({new_ntoken} vs {})", old_vocab.len());
@@ -262,7 +324,11 @@ fn continual_pretraining_extends_the_vocabulary_and_keeps_old_rows() {
 
     // Old rows are the exported ones; new rows are U(-0.1, 0.1).
     let device = scgpt_model::burn::tensor::Device::flex();
-    let mut old_model = scgpt_model::ModelConfig::from_args_json(first.join("best_model/args.json"), old_vocab.len()).unwrap().with_pad_token_id(old_vocab.pad_id().unwrap() as usize).init(&device).unwrap();
+    let mut old_model = scgpt_model::ModelConfig::from_args_json(first.join("best_model/args.json"), old_vocab.len())
+        .unwrap()
+        .with_pad_token_id(old_vocab.pad_id().unwrap() as usize)
+        .init(&device)
+        .unwrap();
     scgpt_model::load_pretrained(&mut old_model, first.join("best_model/best_model.pt")).unwrap();
     let old_rows: Vec<f32> = old_model.encoder.embedding.weight.val().into_data().try_to_vec::<f32>().unwrap();
     let new_rows: Vec<f32> = t.model().encoder.embedding.weight.val().into_data().try_to_vec::<f32>().unwrap();
@@ -298,7 +364,6 @@ fn missing_shards_are_a_clear_error() {
     assert!(msg.contains("nope") && msg.contains("manifest"), "{msg}");
 }
 
-
 #[test]
 fn non_finite_gradients_skip_the_update() {
     let _turn = serial();
@@ -307,7 +372,17 @@ fn non_finite_gradients_skip_the_update() {
     prep("wu2020_200.h5ad", &shards, &[]);
     let run = tmp.path().join("run");
     // A rate of 1e36 blows the parameters up after the first update; later gradients overflow.
-    let cfg = tiny(&run, &shards, &["train.lr=1e36".into(), "train.warmup_steps=0".into(), "train.clip_norm=0.0".into(), "train.max_steps=6".into(), "valid.label_set=\"\"".into()]);
+    let cfg = tiny(
+        &run,
+        &shards,
+        &[
+            "train.lr=1e36".into(),
+            "train.warmup_steps=0".into(),
+            "train.clip_norm=0.0".into(),
+            "train.max_steps=6".into(),
+            "valid.label_set=\"\"".into(),
+        ],
+    );
     let mut t = Trainer::new(cfg, Box::new(scgpt_dist::Single::new())).unwrap().quiet();
     assert_eq!(t.run().unwrap(), RunEnd::Finished { steps: 6 });
     assert!(t.state.skipped_steps >= 1, "{:?}", t.state);

@@ -15,7 +15,20 @@ fn bf16_training_keeps_fp32_masters_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let shards = tmp.path().join("wu");
     prep("wu2020_200.h5ad", &shards, &["output.obs_cols=[\"cluster_orig\"]"]);
-    let cfg = |run: &std::path::Path| tiny(run, &shards, &["train.precision=\"bf16\"".into(), "train.max_steps=6".into(), "train.log_every=2".into(), "train.save_every=3".into(), "train.eval_every=3".into(), "train.lr=4e-3".into()]);
+    let cfg = |run: &std::path::Path| {
+        tiny(
+            run,
+            &shards,
+            &[
+                "train.precision=\"bf16\"".into(),
+                "train.max_steps=6".into(),
+                "train.log_every=2".into(),
+                "train.save_every=3".into(),
+                "train.eval_every=3".into(),
+                "train.lr=4e-3".into(),
+            ],
+        )
+    };
     let run = tmp.path().join("run");
     let mut t = Trainer::new(cfg(&run), Box::new(scgpt_dist::Single::new())).unwrap().quiet();
     t.run().unwrap();
@@ -45,7 +58,19 @@ fn bf16_training_keeps_fp32_masters_and_resumes_exactly() {
 
     // Blockwise attention under bf16 compute: trains with finite losses too.
     let blockwise = tmp.path().join("blockwise");
-    let mut c = tiny(&blockwise, &shards, &["train.precision=\"bf16\"".into(), "run.attention=\"blockwise\"".into(), "run.attention_block_rows=16".into(), "train.max_steps=4".into(), "train.log_every=2".into(), "train.lr=4e-3".into(), "valid.label_set=\"\"".into()]);
+    let mut c = tiny(
+        &blockwise,
+        &shards,
+        &[
+            "train.precision=\"bf16\"".into(),
+            "run.attention=\"blockwise\"".into(),
+            "run.attention_block_rows=16".into(),
+            "train.max_steps=4".into(),
+            "train.log_every=2".into(),
+            "train.lr=4e-3".into(),
+            "valid.label_set=\"\"".into(),
+        ],
+    );
     c.train.eval_every = 100;
     let mut t = Trainer::new(c, Box::new(scgpt_dist::Single::new())).unwrap().quiet();
     t.run().unwrap();

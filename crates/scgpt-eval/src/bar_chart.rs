@@ -144,7 +144,8 @@ mod tests {
     fn bad_input_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let labels = vec!["A".to_string()];
-        let e = write_bar_chart_png(dir.path(), "x.png", &BarChart { title: "t", value_label: "v", labels: &labels, values: &[f64::NAN] }).unwrap_err();
+        let e = write_bar_chart_png(dir.path(), "x.png", &BarChart { title: "t", value_label: "v", labels: &labels, values: &[f64::NAN] })
+            .unwrap_err();
         assert!(e.to_string().contains("NaN"), "{e}");
         assert!(write_bar_chart_png(dir.path(), "x.png", &BarChart { title: "t", value_label: "v", labels: &[], values: &[] }).is_err());
     }

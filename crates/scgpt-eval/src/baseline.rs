@@ -99,8 +99,7 @@ pub fn annotation_baseline(
 
     // The query's columns onto the HVG features by name; the first of duplicated names wins in
     // the reference, and duplicated query columns add up.
-    let hvg_pos: HashMap<&str, usize> =
-        hvg.iter().enumerate().rev().map(|(f, g)| (g.as_str(), f)).collect();
+    let hvg_pos: HashMap<&str, usize> = hvg.iter().enumerate().rev().map(|(f, g)| (g.as_str(), f)).collect();
     let test_map: Vec<Option<usize>> = test_genes.iter().map(|g| hvg_pos.get(g.as_str()).copied()).collect();
     let present: BTreeSet<usize> = test_map.iter().flatten().copied().collect();
     let test_log = normalize_log1p(test, opts.target_sum, "query")?;

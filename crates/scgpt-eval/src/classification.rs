@@ -56,8 +56,7 @@ impl ClassificationReport {
         if truth.is_empty() {
             bail!("no cells to evaluate");
         }
-        let labels: Vec<String> =
-            truth.iter().chain(pred).cloned().collect::<BTreeSet<_>>().into_iter().collect();
+        let labels: Vec<String> = truth.iter().chain(pred).cloned().collect::<BTreeSet<_>>().into_iter().collect();
         let pos: HashMap<&str, usize> = labels.iter().enumerate().map(|(i, l)| (l.as_str(), i)).collect();
         let k = labels.len();
         let mut confusion = vec![vec![0u64; k]; k];
@@ -133,10 +132,8 @@ impl ClassificationReport {
 
     /// `dir/confusion.png`: the row-normalised confusion matrix as a heatmap.
     pub fn write_confusion_png(&self, dir: &Path) -> Result<PathBuf> {
-        let title = format!(
-            "Confusion (row-normalised), {} cells, accuracy {:.3}, macro F1 {:.3}",
-            self.n_cells, self.accuracy, self.macro_f1
-        );
+        let title =
+            format!("Confusion (row-normalised), {} cells, accuracy {:.3}, macro F1 {:.3}", self.n_cells, self.accuracy, self.macro_f1);
         crate::heatmap::write_confusion_png(dir, "confusion.png", &self.labels, &self.confusion, &title)
     }
 
@@ -157,10 +154,7 @@ impl ClassificationReport {
         );
         s.push_str(&format!("{:<width$}  {:>9}  {:>6}  {:>6}  {:>7}\n", "label", "precision", "recall", "f1", "support"));
         for (l, m) in &self.per_class {
-            s.push_str(&format!(
-                "{:<width$}  {:>9.3}  {:>6.3}  {:>6.3}  {:>7}\n",
-                l, m.precision, m.recall, m.f1, m.support
-            ));
+            s.push_str(&format!("{:<width$}  {:>9.3}  {:>6.3}  {:>6.3}  {:>7}\n", l, m.precision, m.recall, m.f1, m.support));
         }
         if !self.unseen_labels.is_empty() {
             s.push_str(&format!("true labels not in training: {}\n", self.unseen_labels.join(", ")));
@@ -255,8 +249,7 @@ mod tests {
         assert_eq!(lines[1], "b,1,1,0,0");
         assert_eq!(lines[4], "\"x,1\",0,0,0,1");
         assert_eq!(lines.len(), 5);
-        let back: ClassificationReport =
-            serde_json::from_str(&std::fs::read_to_string(dir.path().join("metrics.json")).unwrap()).unwrap();
+        let back: ClassificationReport = serde_json::from_str(&std::fs::read_to_string(dir.path().join("metrics.json")).unwrap()).unwrap();
         assert_eq!(back.accuracy, r.accuracy);
         assert_eq!(back.per_class, r.per_class);
         let png = std::fs::read(dir.path().join("confusion.png")).unwrap();

@@ -22,12 +22,7 @@ impl<'a> CsrMatrix<'a> {
             bail!("CSR indices ({}) and data ({}) differ in length", indices.len(), data.len());
         }
         if indptr[0] != 0 || indptr[indptr.len() - 1] != indices.len() {
-            bail!(
-                "CSR indptr runs {}..{} but there are {} stored values",
-                indptr[0],
-                indptr[indptr.len() - 1],
-                indices.len()
-            );
+            bail!("CSR indptr runs {}..{} but there are {} stored values", indptr[0], indptr[indptr.len() - 1], indices.len());
         }
         if let Some(w) = indptr.windows(2).position(|w| w[1] < w[0]) {
             bail!("CSR indptr decreases at row {w}");

@@ -45,13 +45,7 @@ fn draw_err<E: std::error::Error + Send + Sync>(e: DrawingAreaErrorKind<E>) -> a
 
 /// Writes `dir/name`: `counts` (rows true, columns predicted, in `labels` order) with each row
 /// divided by its total; rows without true cells are grey.
-pub(crate) fn write_confusion_png(
-    dir: &Path,
-    name: &str,
-    labels: &[String],
-    counts: &[Vec<u64>],
-    title: &str,
-) -> Result<PathBuf> {
+pub(crate) fn write_confusion_png(dir: &Path, name: &str, labels: &[String], counts: &[Vec<u64>], title: &str) -> Result<PathBuf> {
     register_font()?;
     std::fs::create_dir_all(dir).map_err(|e| anyhow!("creating {}: {e}", dir.display()))?;
     let tmp = atomic::temp_path(dir, name);

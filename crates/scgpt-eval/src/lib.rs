@@ -40,9 +40,9 @@ pub mod preprocess;
 pub mod scib;
 pub mod umap;
 
+/// Writes a file under a temporary name in the same folder, then renames it into place.
+pub use atomic::write as write_atomic;
 pub use baseline::{annotation_baseline, BaselineOptions, BaselinePrediction};
 pub use classification::{ClassMetrics, ClassificationReport};
 pub use csr::{keep_columns, CsrMatrix, OwnedCsr};
 pub use knn::{knn_vote, KnnVote};
-/// Writes a file under a temporary name in the same folder, then renames it into place.
-pub use atomic::write as write_atomic;

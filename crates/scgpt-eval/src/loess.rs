@@ -41,10 +41,7 @@ pub(crate) fn fitted_values(x: &[f64], y: &[f64], span: f64) -> Result<Vec<f64>>
     }
     // ehg139: error 104 "span too small. fewer data values than degrees of freedom."
     if K > nf - 1 {
-        bail!(
-            "loess: span {span} leaves {nf} points per neighbourhood for {n} points; a local quadratic needs at least {}",
-            K + 1
-        );
+        bail!("loess: span {span} leaves {nf} points per neighbourhood for {n} points; a local quadratic needs at least {}", K + 1);
     }
     let tree = KdTree::build(x, span)?;
     let mut slope_at = Vec::with_capacity(tree.vertices.len());
@@ -170,15 +167,7 @@ impl KdTree {
 /// ehg127: the local quadratic at `q` from its `nf` nearest points with tricube weights, by
 /// column equilibration, QR and an SVD of R. Returns (value, slope) at q. `dist` and `order` are
 /// scratch space of length n.
-fn local_fit(
-    x: &[f64],
-    y: &[f64],
-    q: f64,
-    nf: usize,
-    span: f64,
-    dist: &mut [f64],
-    order: &mut [usize],
-) -> Result<(f64, f64)> {
+fn local_fit(x: &[f64], y: &[f64], q: f64, nf: usize, span: f64, dist: &mut [f64], order: &mut [usize]) -> Result<(f64, f64)> {
     for (d, &xi) in dist.iter_mut().zip(x) {
         *d = (xi - q) * (xi - q);
     }

@@ -227,7 +227,8 @@ pub(crate) fn exact_d2(x: &[f32], dim: usize, i: usize, j: usize) -> f64 {
 /// The `k` nearest rows of row `i` from its sweep candidates, re-ranked by exact distance:
 /// `i` itself first, then by distance, ties by index.
 pub(crate) fn knn_row(x: &[f32], dim: usize, i: usize, cands: &[(f32, u32)], k: usize) -> (Vec<u32>, Vec<f32>) {
-    let mut exact: Vec<(f64, u32)> = cands.iter().filter(|&&(_, j)| j as usize != i).map(|&(_, j)| (exact_d2(x, dim, i, j as usize), j)).collect();
+    let mut exact: Vec<(f64, u32)> =
+        cands.iter().filter(|&&(_, j)| j as usize != i).map(|&(_, j)| (exact_d2(x, dim, i, j as usize), j)).collect();
     exact.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     let mut idx = Vec::with_capacity(k);
     let mut dist = Vec::with_capacity(k);

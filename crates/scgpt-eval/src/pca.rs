@@ -66,9 +66,7 @@ impl Pca {
         }
         let cov_f = faer::Mat::<f64>::from_fn(n_features, n_features, |i, j| cov[[i, j]]);
         drop(cov);
-        let evd = cov_f
-            .self_adjoint_eigen(faer::Side::Lower)
-            .map_err(|e| anyhow!("PCA eigendecomposition did not converge: {e:?}"))?;
+        let evd = cov_f.self_adjoint_eigen(faer::Side::Lower).map_err(|e| anyhow!("PCA eigendecomposition did not converge: {e:?}"))?;
         // faer sorts eigenvalues in increasing order; the components are the last k, reversed.
         let (u, eig) = (evd.U(), evd.S().column_vector());
         let mut components = Array2::<f64>::zeros((n_features, k));

@@ -254,11 +254,8 @@ fn draw(path: &Path, plot: &DePlot) -> Result<()> {
     let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err)?;
     let title_style = TextStyle::from((FONT, TITLE_SIZE).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
-    let title_x = if text_width(plot.condition, TITLE_SIZE) as i32 + 2 * PAD > LEFT + plot_w + RIGHT {
-        width as i32 / 2
-    } else {
-        (x0 + x1) / 2
-    };
+    let title_x =
+        if text_width(plot.condition, TITLE_SIZE) as i32 + 2 * PAD > LEFT + plot_w + RIGHT { width as i32 / 2 } else { (x0 + x1) / 2 };
     root.draw_text(plot.condition, &title_style, (title_x, PAD + 8)).map_err(draw_err)?;
 
     // Axes: left and bottom spines only.
@@ -315,7 +312,8 @@ fn draw(path: &Path, plot: &DePlot) -> Result<()> {
 
     // Gene names under their ticks, reading upwards and ending at the axis (matplotlib's
     // `rotation=90`).
-    let gene_style = TextStyle::from((FONT, GENE_SIZE).into_font()).transform(FontTransform::Rotate270).pos(Pos::new(HPos::Right, VPos::Center));
+    let gene_style =
+        TextStyle::from((FONT, GENE_SIZE).into_font()).transform(FontTransform::Rotate270).pos(Pos::new(HPos::Right, VPos::Center));
     let max_w = (GENE_H - 14) as u32;
     for (g, gene) in plot.genes.iter().enumerate() {
         let c = xc(g).round() as i32;

@@ -320,12 +320,7 @@ struct SingleBatch {
 /// `_highly_variable_genes_single_batch` for `seurat`/`cell_ranger` on the genes `genes` (their
 /// mean and variance given for all genes): dispersion, mean bins, normalisation within bins,
 /// and the top-n cut over these genes only.
-fn dispersion_single_batch(
-    mean_all: &[f64],
-    var_all: &[f64],
-    genes: &[usize],
-    opts: &HvgOptions,
-) -> Result<SingleBatch> {
+fn dispersion_single_batch(mean_all: &[f64], var_all: &[f64], genes: &[usize], opts: &HvgOptions) -> Result<SingleBatch> {
     let seurat = opts.flavor == HvgFlavor::Seurat;
     let mut means = Vec::with_capacity(genes.len());
     let mut disp = Vec::with_capacity(genes.len());
@@ -418,8 +413,7 @@ fn dispersion_batched(x: &CsrMatrix, opts: &HvgOptions, batches: &[(u32, Vec<usi
             bail!("highly variable genes: batch {b} expresses no gene");
         }
         let (mean, var) = mean_var(x, rows, opts.flavor);
-        let sb = dispersion_single_batch(&mean, &var, &genes, opts)
-            .with_context(|| format!("highly variable genes in batch {b}"))?;
+        let sb = dispersion_single_batch(&mean, &var, &genes, opts).with_context(|| format!("highly variable genes in batch {b}"))?;
         // genes the batch does not express count as zeros in every column
         let mut k = 0;
         for (j, nb) in nbatches.iter_mut().enumerate() {
@@ -491,8 +485,7 @@ fn seurat_v3(x: &CsrMatrix, opts: &HvgOptions, batches: &[(u32, Vec<usize>)]) ->
         }
         let norm: Vec<f64> = (0..g)
             .map(|j| {
-                (1.0 / ((n_obs - 1.0) * (reg_std[j] * reg_std[j])))
-                    * ((n_obs * (mean[j] * mean[j])) + sumsq[j] - 2.0 * sum[j] * mean[j])
+                (1.0 / ((n_obs - 1.0) * (reg_std[j] * reg_std[j]))) * ((n_obs * (mean[j] * mean[j])) + sumsq[j] - 2.0 * sum[j] * mean[j])
             })
             .collect();
         norm_vars.push(norm);

@@ -238,10 +238,8 @@ pub fn distance_metrics(x: &[f32], dim: usize, labels: &[u32], batches: &[u32], 
             }
         };
         let a = label_sum(own) / (label_size[own] - 1.0);
-        let b = (0..n_labels)
-            .filter(|&l| l != own && label_size[l] > 0.0)
-            .map(|l| label_sum(l) / label_size[l])
-            .fold(f64::INFINITY, f64::min);
+        let b =
+            (0..n_labels).filter(|&l| l != own && label_size[l] > 0.0).map(|l| label_sum(l) / label_size[l]).fold(f64::INFINITY, f64::min);
         let s_label = silhouette(a, b);
         // Batch silhouette within the label.
         let (s0, s1) = label_segs[own];
@@ -445,18 +443,18 @@ pub fn integration_metrics(input: &IntegrationInput, opts: &IntegrationOptions, 
         );
     }
     if n >= 8192 {
-        notes.push("kNN is exact; scanpy uses pynndescent's approximate kNN from 8,192 cells, so graph metrics may differ slightly from scib's".into());
+        notes.push(
+            "kNN is exact; scanpy uses pynndescent's approximate kNN from 8,192 cells, so graph metrics may differ slightly from scib's"
+                .into(),
+        );
     }
 
     log(&format!("{n} cells, {} dims, {n_labels} labels, {n_batches} batches", input.dim));
     let t = Instant::now();
     let dm = distance_metrics(input.embedding, input.dim, &lab, &bat, opts.n_neighbors)?;
     time("knn_and_silhouettes", t, log);
-    let asw_label = if n_labels >= 2 && n_labels < n {
-        Some((dm.label_silhouettes.iter().sum::<f64>() / n as f64 + 1.0) / 2.0)
-    } else {
-        None
-    };
+    let asw_label =
+        if n_labels >= 2 && n_labels < n { Some((dm.label_silhouettes.iter().sum::<f64>() / n as f64 + 1.0) / 2.0) } else { None };
     let asw_b = if n_batches >= 2 { asw_batch(&dm.batch_scores, &lab) } else { None };
     if n_batches >= 2 {
         let mut skipped: Vec<&str> = (0..n_labels)
@@ -528,7 +526,9 @@ pub fn integration_metrics(input: &IntegrationInput, opts: &IntegrationOptions, 
             None
         }
         Some(p) if p.value <= 0.0 => {
-            notes.push("PCR_batch: the batch explains no variance of the pre-integration data (P_pre = 0), so it is undefined (null)".into());
+            notes.push(
+                "PCR_batch: the batch explains no variance of the pre-integration data (P_pre = 0), so it is undefined (null)".into(),
+            );
             None
         }
         Some(p) => Some(((p.value - post.value) / p.value).max(0.0)),

@@ -427,7 +427,13 @@ fn draw(path: &Path, coords: &[f32], title: &str, panels: &[Colouring]) -> Resul
     }
     let (xr, yr) = ((xhi - xlo).max(1e-6), (yhi - ylo).max(1e-6));
     let inner = PLOT - 20;
-    let radius = if n <= 2_000 { 3 } else if n <= 20_000 { 2 } else { 1 };
+    let radius = if n <= 2_000 {
+        3
+    } else if n <= 20_000 {
+        2
+    } else {
+        1
+    };
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(0));
     let panel_title = TextStyle::from((FONT, 15).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));

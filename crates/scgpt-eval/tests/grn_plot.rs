@@ -95,7 +95,8 @@ fn bad_input_is_an_error_and_writes_nothing() {
     assert!(write_program_network_png(d, "a.png", &big, &many, 0.4, "t").is_err());
     let empty = ActivityTable { programs: vec![], cell_types: vec!["x".into()], n_cells: vec![1], mean: vec![] };
     assert!(write_activity_heatmap_png(d, "h.png", &empty, "t", true).is_err());
-    let ragged = ActivityTable { programs: vec!["0".into()], cell_types: vec!["x".into(), "y".into()], n_cells: vec![1, 1], mean: vec![vec![0.5]] };
+    let ragged =
+        ActivityTable { programs: vec!["0".into()], cell_types: vec!["x".into(), "y".into()], n_cells: vec![1, 1], mean: vec![vec![0.5]] };
     assert!(write_activity_heatmap_png(d, "h.png", &ragged, "t", true).is_err());
     let nan = ActivityTable { programs: vec!["0".into()], cell_types: vec!["x".into()], n_cells: vec![1], mean: vec![vec![f64::NAN]] };
     assert!(write_activity_heatmap_png(d, "h.png", &nan, "t", true).is_err());

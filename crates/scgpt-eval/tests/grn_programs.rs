@@ -59,7 +59,11 @@ fn programs_recover_the_planted_clusters_as_scanpy_does() {
     // (2) The same programs as scanpy's.
     let ours = as_sets(p.programs.iter().map(|q| q.gene_names(&emb)));
     let scanpy_programs = as_sets(
-        f["scanpy_programs"].as_object().unwrap().values().map(|v| v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()),
+        f["scanpy_programs"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()),
     );
     let only_ours: Vec<_> = ours.difference(&scanpy_programs).collect();
     let only_scanpy: Vec<_> = scanpy_programs.difference(&ours).collect();
@@ -69,7 +73,11 @@ fn programs_recover_the_planted_clusters_as_scanpy_does() {
     let a = ari(&p.clusters, &scanpy).unwrap();
     let graph = umap_connectivities(&exact_knn(emb.vectors(), emb.dim(), 15).unwrap());
     let (q_ours, q_scanpy) = (modularity(&graph, &p.clusters, 40.0), modularity(&graph, &scanpy, 40.0));
-    println!("{} clusters (scanpy {}), ARI vs scanpy over all 888 genes {a:.4}; quality at γ=40: ours {q_ours:.6}, scanpy's {q_scanpy:.6}", p.n_clusters, scanpy.iter().max().unwrap() + 1);
+    println!(
+        "{} clusters (scanpy {}), ARI vs scanpy over all 888 genes {a:.4}; quality at γ=40: ours {q_ours:.6}, scanpy's {q_scanpy:.6}",
+        p.n_clusters,
+        scanpy.iter().max().unwrap() + 1
+    );
     assert!(a >= 0.99, "ARI {a}");
     assert!(q_ours >= q_scanpy - 1e-9, "{q_ours} < {q_scanpy}");
 

@@ -89,7 +89,10 @@ fn reference_scoring_matches_sklearn() {
         assert!((got.auroc.unwrap() - want["auroc"].as_f64().unwrap()).abs() < TOL);
         assert!((got.auprc.unwrap() - want["auprc"].as_f64().unwrap()).abs() < TOL);
     }
-    assert_eq!(ev.coexpression_genes_missing, c.genes.iter().filter(|&&g| ["P50", "P51", "P52", "P53", "P54"].contains(&predicted[g].as_str())).count());
+    assert_eq!(
+        ev.coexpression_genes_missing,
+        c.genes.iter().filter(|&&g| ["P50", "P51", "P52", "P53", "P54"].contains(&predicted[g].as_str())).count()
+    );
     assert!(ev.model.auroc.unwrap() > 0.7, "the planted signal ranks above chance");
     let again = evaluate_against_reference(&predicted, &scores, &reference, None, 42).unwrap();
     assert_eq!(again.random, ev.random, "the same seed gives the same random baseline");

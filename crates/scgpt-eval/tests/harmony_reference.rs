@@ -172,11 +172,15 @@ fn harmony_matches_harmonypy_on_what_matters() {
 
         // The corrections (corrected − input) agree with harmonypy seed 0's as closely as
         // harmonypy's other seeds' do.
-        let hp_corr: Vec<f64> = case["correction_correlation_seed0_vs_seeds_1_4"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let hp_corr: Vec<f64> =
+            case["correction_correlation_seed0_vs_seeds_1_4"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         let hp_min = hp_corr.iter().copied().fold(f64::INFINITY, f64::min);
         println!("  correlation of the corrections with harmonypy seed 0: ours {corr:.4?}, harmonypy seeds 1-4 {hp_corr:.4?}");
         for (seed, r) in corr.iter().enumerate() {
-            assert!(*r >= hp_min - CORR_MARGIN, "{name} seed {seed}: corrections correlate {r} with harmonypy seed 0's (its own seeds: >= {hp_min})");
+            assert!(
+                *r >= hp_min - CORR_MARGIN,
+                "{name} seed {seed}: corrections correlate {r} with harmonypy seed 0's (its own seeds: >= {hp_min})"
+            );
         }
     }
 }

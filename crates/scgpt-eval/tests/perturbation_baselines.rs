@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use scgpt_eval::perturbation::baselines::{additive, linear, no_change, predict, train_mean};
 use scgpt_eval::perturbation::{
-    evaluate, BaselineInputs, BaselineKind, Condition, ConditionInput, GeneEmbeddings, LinearDeltaModel, LinearOptions,
-    MetricOptions, TrainingCondition,
+    evaluate, BaselineInputs, BaselineKind, Condition, ConditionInput, GeneEmbeddings, LinearDeltaModel, LinearOptions, MetricOptions,
+    TrainingCondition,
 };
 
 const G: usize = 12;
@@ -27,11 +27,8 @@ fn single(g: &str) -> Condition {
 fn additive_is_exact_on_an_additive_screen() {
     let m = control();
     let singles: Vec<Vec<f64>> = (0..3).map(|s| m.iter().zip(delta(s)).map(|(a, b)| a + b).collect()).collect();
-    let train: Vec<TrainingCondition> = ["A", "B", "C"]
-        .iter()
-        .zip(&singles)
-        .map(|(g, mean)| TrainingCondition { condition: single(g), mean, n_cells: 10 })
-        .collect();
+    let train: Vec<TrainingCondition> =
+        ["A", "B", "C"].iter().zip(&singles).map(|(g, mean)| TrainingCondition { condition: single(g), mean, n_cells: 10 }).collect();
     let test = vec![
         Condition::Double("A".into(), "B".into()),
         Condition::Double("C".into(), "A".into()),
@@ -90,8 +87,10 @@ fn no_change_leaves_the_delta_metrics_undefined() {
     let m = control();
     let truth: Vec<f64> = m.iter().zip(delta(1)).map(|(a, b)| a + b).collect();
     let other: Vec<f64> = m.iter().zip(delta(2)).map(|(a, b)| a + b).collect();
-    let train = [TrainingCondition { condition: single("A"), mean: &other, n_cells: 3 },
-        TrainingCondition { condition: Condition::Control, mean: &m, n_cells: 100 }];
+    let train = [
+        TrainingCondition { condition: single("A"), mean: &other, n_cells: 3 },
+        TrainingCondition { condition: Condition::Control, mean: &m, n_cells: 100 },
+    ];
     let test = [single("B")];
     let inputs = BaselineInputs { control_mean: &m, train: &train, embeddings: None, linear: LinearOptions::default() };
     let de: Vec<usize> = (0..G).collect();
@@ -117,7 +116,9 @@ fn no_change_leaves_the_delta_metrics_undefined() {
 /// every baseline, metrics.json.
 #[test]
 fn end_to_end_on_a_small_screen() {
-    use scgpt_eval::perturbation::{group_means, rank_genes_groups, simulation_split, CellGroups, ConditionFormat, DeOptions, SimulationOptions};
+    use scgpt_eval::perturbation::{
+        group_means, rank_genes_groups, simulation_split, CellGroups, ConditionFormat, DeOptions, SimulationOptions,
+    };
     use scgpt_eval::CsrMatrix;
     let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/perturbation_de.json");
     let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -156,7 +157,13 @@ fn end_to_end_on_a_small_screen() {
             .zip(&pred)
             .map(|(c, p)| {
                 let d = de.iter().find(|d| &d.condition == c).unwrap();
-                ConditionInput { condition: c, truth: means[idx(c)].as_deref().unwrap(), pred: p.as_deref(), de: &d.top, de_non_dropout: &d.top_non_dropout }
+                ConditionInput {
+                    condition: c,
+                    truth: means[idx(c)].as_deref().unwrap(),
+                    pred: p.as_deref(),
+                    de: &d.top,
+                    de_non_dropout: &d.top_non_dropout,
+                }
             })
             .collect();
         let r = evaluate(&m, &rows, &split.subgroup, &MetricOptions::default()).unwrap();

@@ -46,14 +46,10 @@ fn metrics_match_scgpt_and_gears() {
         let of = |m: &[Vec<f64>]| mean(&cells.iter().zip(m).filter(|(k, _)| *k == c).map(|(_, r)| r).collect::<Vec<_>>());
         data.push((c.clone(), of(&truth), of(&pred), list(&f["de"][c]), list(&f["de_non_dropout"][c])));
     }
-    let inputs: Vec<ConditionInput> = data
-        .iter()
-        .map(|(c, t, p, de, nd)| ConditionInput { condition: c, truth: t, pred: Some(p), de, de_non_dropout: nd })
-        .collect();
-    let subgroup: BTreeMap<String, String> = names
-        .iter()
-        .map(|c| (c.clone(), if c.contains("+ctrl") { "unseen_single" } else { "combo_seen0" }.to_string()))
-        .collect();
+    let inputs: Vec<ConditionInput> =
+        data.iter().map(|(c, t, p, de, nd)| ConditionInput { condition: c, truth: t, pred: Some(p), de, de_non_dropout: nd }).collect();
+    let subgroup: BTreeMap<String, String> =
+        names.iter().map(|c| (c.clone(), if c.contains("+ctrl") { "unseen_single" } else { "combo_seen0" }.to_string())).collect();
     let r = evaluate(&control_mean, &inputs, &subgroup, &MetricOptions::default()).unwrap();
 
     let worst = std::cell::Cell::new(0f64);

@@ -21,7 +21,8 @@ fn count(buf: &[u8], samples: usize, rgb: [u8; 3]) -> usize {
 
 /// 20 genes, 60 cells each, spread around a gene-dependent shift, with a few outliers.
 fn example() -> (Vec<String>, Vec<Vec<f32>>, Vec<f64>, Vec<f64>) {
-    let genes: Vec<String> = (0..20).map(|g| if g == 3 { "AVERYLONGGENESYMBOL-AS1-WITH-MORE".to_string() } else { format!("GENE{g}") }).collect();
+    let genes: Vec<String> =
+        (0..20).map(|g| if g == 3 { "AVERYLONGGENESYMBOL-AS1-WITH-MORE".to_string() } else { format!("GENE{g}") }).collect();
     let truth: Vec<Vec<f32>> = (0..20)
         .map(|g| {
             let shift = (g as f32 - 8.0) * 0.15;
@@ -62,7 +63,8 @@ fn a_second_series_gets_its_markers_and_a_legend() {
     let dir = tempfile::tempdir().unwrap();
     // A folder that does not exist yet is created.
     let path = dir.path().join("plots").join("de.png");
-    let plot = DePlot { condition: "FOSB+ctrl", genes: &genes, truth: &truth, predicted: &predicted, extra: Some(("mean baseline", &baseline)) };
+    let plot =
+        DePlot { condition: "FOSB+ctrl", genes: &genes, truth: &truth, predicted: &predicted, extra: Some(("mean baseline", &baseline)) };
     write_de_plot(&plot, &path).unwrap();
     let (w, h, samples, buf) = decode(&path);
     assert_eq!((w, h), de_plot_size(&plot));

@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use scgpt_eval::perturbation::{
-    no_test_split, simulation_split, ConditionFormat, LegacyRandomState, NoTestOptions, NoTestRule, PerturbationSplit,
-    SimulationOptions,
+    no_test_split, simulation_split, ConditionFormat, LegacyRandomState, NoTestOptions, NoTestRule, PerturbationSplit, SimulationOptions,
 };
 use serde_json::Value;
 

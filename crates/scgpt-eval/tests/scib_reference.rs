@@ -15,7 +15,10 @@ use scgpt_eval::leiden::{leiden, modularity, LeidenOptions};
 use scgpt_eval::lisi::{graph_lisi, median, K0};
 use scgpt_eval::neighbors::{exact_knn, umap_connectivities, Graph};
 use scgpt_eval::pcr::{pc_regression, Features};
-use scgpt_eval::scib::{ari, asw_batch, codes, distance_metrics, graph_connectivity, integration_metrics, nmi, IntegrationInput, IntegrationOptions, PreIntegration};
+use scgpt_eval::scib::{
+    ari, asw_batch, codes, distance_metrics, graph_connectivity, integration_metrics, nmi, IntegrationInput, IntegrationOptions,
+    PreIntegration,
+};
 use scgpt_eval::CsrMatrix;
 use serde_json::Value;
 
@@ -244,7 +247,13 @@ fn the_whole_report_matches_scib_metrics() {
     let x = inputs(&f);
     let want = &f["reference"]["metrics"];
     let csr = CsrMatrix::new(&x.pre_indptr, &x.pre_indices, &x.pre_data, x.pre_cols).unwrap();
-    let input = IntegrationInput { embedding: &x.emb, dim: x.dim, labels: &x.labels, batches: &x.batches, pre: Some(PreIntegration::Matrix(Features::Sparse(csr))) };
+    let input = IntegrationInput {
+        embedding: &x.emb,
+        dim: x.dim,
+        labels: &x.labels,
+        batches: &x.batches,
+        pre: Some(PreIntegration::Matrix(Features::Sparse(csr))),
+    };
     let rep = integration_metrics(&input, &IntegrationOptions::default(), &mut |s| println!("{s}")).unwrap();
     close("ASW_label", rep.asw_label.unwrap(), want["ASW_label"].as_f64().unwrap(), F32_LEVEL);
     close("ASW_label/batch", rep.asw_batch.unwrap(), want["ASW_label/batch"].as_f64().unwrap(), F32_LEVEL);
@@ -283,4 +292,3 @@ fn one_batch_and_nan_inputs() {
     let err = integration_metrics(&input, &opts, &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("NaN") && err.contains("row 5"), "{err}");
 }
-

@@ -38,12 +38,7 @@ impl TransformerModel {
     pub fn attention_scores(&self, input: ModelInput, layer: isize) -> Result<Tensor<4>> {
         let n = self.transformer_encoder.layers.len();
         let index = resolve_layer(layer, n)?;
-        let ModelInput {
-            src,
-            values,
-            src_key_padding_mask,
-            batch_labels,
-        } = input;
+        let ModelInput { src, values, src_key_padding_mask, batch_labels } = input;
         self.check_shapes(&src, Some(&values), Some(&src_key_padding_mask))?;
         let labels = if self.dsbn.is_some() {
             self.check_batch_labels(batch_labels.as_ref(), src.dims()[0])?;
@@ -72,13 +67,7 @@ pub fn resolve_layer(layer: isize, n: usize) -> Result<usize> {
     let n_i = n as isize;
     let index = if layer < 0 { n_i + layer } else { layer };
     if index < 0 || index >= n_i {
-        return Err(ModelError::input(
-            "layer",
-            format!(
-                "{layer} is not a layer of this model: it has {n} (0..={} or -{n}..=-1)",
-                n_i - 1
-            ),
-        ));
+        return Err(ModelError::input("layer", format!("{layer} is not a layer of this model: it has {n} (0..={} or -{n}..=-1)", n_i - 1)));
     }
     Ok(index as usize)
 }
@@ -112,10 +101,7 @@ fn stable_int_ranks(values: &[u32], m: usize, counts: &mut Vec<u32>, rank: &mut 
 
 fn check_dims(scores: &[f32], heads: usize, m: usize) -> Result<()> {
     if heads == 0 || m == 0 || scores.len() != heads * m * m {
-        return Err(ModelError::input(
-            "scores",
-            format!("{} values are not {heads} heads × {m} × {m}", scores.len()),
-        ));
+        return Err(ModelError::input("scores", format!("{} values are not {heads} heads × {m} × {m}", scores.len())));
     }
     Ok(())
 }

@@ -137,7 +137,13 @@ pub trait BlockAttentionOps: Backend {
 /// last two slots.
 type Five<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
-fn generic_backward<B: BlockAttentionOps>(x: Inputs<B>, spec: &BlockSpec, out: FloatTensor<B>, lse: FloatTensor<B>, grad: FloatTensor<B>) -> Five<B> {
+fn generic_backward<B: BlockAttentionOps>(
+    x: Inputs<B>,
+    spec: &BlockSpec,
+    out: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> Five<B> {
     let (ks, vs) = (x.k_self.clone(), x.v_self.clone());
     let g = backward::<B>(&x, spec, &out, &lse, grad);
     (g.q, g.k, g.v, g.k_self.unwrap_or(ks), g.v_self.unwrap_or(vs))
@@ -146,8 +152,7 @@ fn generic_backward<B: BlockAttentionOps>(x: Inputs<B>, spec: &BlockSpec, out: F
 /// Whether the fused Flex kernel takes the call: switched on, f32, and no empty dimension (the
 /// generic path handles those).
 fn fused_ok(ts: &[&FloatTensor<burn::backend::Flex>]) -> bool {
-    crate::block_attention_cpu::fused()
-        && ts.iter().all(|t| t.dtype() == burn::tensor::DType::F32 && t.shape().iter().all(|&n| n > 0))
+    crate::block_attention_cpu::fused() && ts.iter().all(|t| t.dtype() == burn::tensor::DType::F32 && t.shape().iter().all(|&n| n > 0))
 }
 
 impl BlockAttentionOps for burn::backend::Flex {
@@ -248,21 +253,11 @@ pub(crate) struct Grads<B: Backend> {
 }
 
 fn rows4(t: &Shape, rows: &Range<usize>) -> Vec<Slice> {
-    vec![
-        Slice::from(0..t[0]),
-        Slice::from(0..t[1]),
-        Slice::from(rows.clone()),
-        Slice::from(0..t[3]),
-    ]
+    vec![Slice::from(0..t[0]), Slice::from(0..t[1]), Slice::from(rows.clone()), Slice::from(0..t[3])]
 }
 
 fn cols4(t: &Shape, cols: Range<usize>) -> Vec<Slice> {
-    vec![
-        Slice::from(0..t[0]),
-        Slice::from(0..t[1]),
-        Slice::from(0..t[2]),
-        Slice::from(cols),
-    ]
+    vec![Slice::from(0..t[0]), Slice::from(0..t[1]), Slice::from(0..t[2]), Slice::from(cols)]
 }
 
 /// Rows `rows` of a `[B, H|1, L, X]` tensor.
@@ -458,7 +453,13 @@ pub fn keep_threshold(keep: f64) -> u64 {
 /// Rows `rows` of the mask of a `dims` weight tensor by integer tensor operations on `like`'s
 /// device, whatever the backend's own [`BlockAttentionOps::block_keep_mask`] (Flex fills it on
 /// the host): what GPU backends run, testable on the CPU.
-pub fn keep_mask_by_tensor_ops(like: &burn::tensor::Tensor<1>, dims: [usize; 4], rows: Range<usize>, seed: u64, keep: f64) -> burn::tensor::Tensor<4> {
+pub fn keep_mask_by_tensor_ops(
+    like: &burn::tensor::Tensor<1>,
+    dims: [usize; 4],
+    rows: Range<usize>,
+    seed: u64,
+    keep: f64,
+) -> burn::tensor::Tensor<4> {
     use burn::backend::Dispatch;
     let t = like.clone().into_dispatch();
     let device = t.device();
@@ -490,7 +491,8 @@ pub fn keep_mask<B: Backend>(
     let n = rows.len();
     let (s0, s1) = seed_halves(seed);
     let i64s = IntDType::I64;
-    let heads = B::int_mul_scalar(B::int_reshape(B::int_arange(0..(b * h) as i64, device, i64s), Shape::new([b, h, 1, 1])), (lq as i64).into());
+    let heads =
+        B::int_mul_scalar(B::int_reshape(B::int_arange(0..(b * h) as i64, device, i64s), Shape::new([b, h, 1, 1])), (lq as i64).into());
     let within = B::int_reshape(B::int_arange(rows.start as i64..rows.end as i64, device, i64s), Shape::new([1, 1, n, 1]));
     let row = B::int_add(B::int_expand(heads, Shape::new([b, h, n, 1])), B::int_expand(within, Shape::new([b, h, n, 1])));
     let row = B::bitwise_and_scalar(row, MASK32.into());
@@ -533,7 +535,23 @@ mod autodiff {
             let grad = grads.consume::<B>(&ops.node);
             let s = ops.state;
             let (x, p) = (s.inputs, s.spec);
-            let (dq, dk, dv, dks, dvs) = B::block_attention_backward(x.q, x.k, x.v, x.k_self, x.v_self, x.key_bias, x.self_bias, s.out, s.lse, grad, p.scale, p.dropout, p.seed, p.block_rows, p.has_self);
+            let (dq, dk, dv, dks, dvs) = B::block_attention_backward(
+                x.q,
+                x.k,
+                x.v,
+                x.k_self,
+                x.v_self,
+                x.key_bias,
+                x.self_bias,
+                s.out,
+                s.lse,
+                grad,
+                p.scale,
+                p.dropout,
+                p.seed,
+                p.block_rows,
+                p.has_self,
+            );
             let own = |g| p.has_self.then_some(g);
             let [q, k, v, k_self, v_self] = ops.parents;
             for (node, grad) in [(q, Some(dq)), (k, Some(dk)), (v, Some(dv)), (k_self, own(dks)), (v_self, own(dvs))] {
@@ -571,7 +589,20 @@ mod autodiff {
                 self_bias: self_bias.into_primitive(),
             };
             let x = inputs.clone();
-            let (out, lse) = B::block_attention_forward(x.q, x.k, x.v, x.k_self, x.v_self, x.key_bias, x.self_bias, scale, dropout, seed, block_rows, has_self);
+            let (out, lse) = B::block_attention_forward(
+                x.q,
+                x.k,
+                x.v,
+                x.k_self,
+                x.v_self,
+                x.key_bias,
+                x.self_bias,
+                scale,
+                dropout,
+                seed,
+                block_rows,
+                has_self,
+            );
             match <BlockAttentionBackward as Backward<B, 5>>::prepare::<C>(BlockAttentionBackward, guards).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => prep.finish(Saved { inputs, spec, out: out.clone(), lse }, out),
                 OpsKind::UnTracked(prep) => prep.finish(out),

@@ -54,7 +54,15 @@ pub(crate) struct HostInputs {
 
 impl HostInputs {
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(q: FlexTensor, k: FlexTensor, v: FlexTensor, k_self: FlexTensor, v_self: FlexTensor, key_bias: FlexTensor, self_bias: FlexTensor) -> Self {
+    pub(crate) fn new(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        k_self: FlexTensor,
+        v_self: FlexTensor,
+        key_bias: FlexTensor,
+        self_bias: FlexTensor,
+    ) -> Self {
         let (qs, q) = host(q);
         let (ks, k) = host(k);
         Self {
@@ -115,7 +123,27 @@ impl Head<'_> {
         let k = self.k().as_ptr();
         // SAFETY: q holds n rows of dh from r0, k holds lk rows of dh, s holds n rows of cols.
         unsafe {
-            gemm(n, lk, dh, s.as_mut_ptr(), 1, cols as isize, false, q, 1, dh as isize, k, dh as isize, 1, 0.0, self.spec.scale as f32, false, false, false, Parallelism::None);
+            gemm(
+                n,
+                lk,
+                dh,
+                s.as_mut_ptr(),
+                1,
+                cols as isize,
+                false,
+                q,
+                1,
+                dh as isize,
+                k,
+                dh as isize,
+                1,
+                0.0,
+                self.spec.scale as f32,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
         }
         let kb = &self.x.key_bias[self.cell() * lk..(self.cell() + 1) * lk];
         for (i, row) in s.chunks_exact_mut(cols).take(n).enumerate() {
@@ -161,21 +189,33 @@ pub(crate) fn forward(x: &HostInputs, spec: &BlockSpec) -> (FlexTensor, FlexTens
                 head.scores(r0, n, s);
                 for i in 0..n {
                     let row = &mut s[i * cols..(i + 1) * cols];
-                    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for w in row.iter_mut() {
-                        *w = (*w - m).exp();
-                        sum += *w;
-                    }
-                    l[r0 + i] = m + sum.ln();
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|w| *w *= inv);
+                    l[r0 + i] = crate::cpu_attention::softmax_row_lse(row);
                     head.drop_row(r0 + i, row);
                 }
                 // O = P·V over the keys, then the own value.
                 // SAFETY: s holds n rows of cols, v holds lk rows of dh, o holds lq rows of dh.
                 unsafe {
-                    gemm(n, dh, x.lk, o[r0 * dh..].as_mut_ptr(), 1, dh as isize, false, s.as_ptr(), 1, cols as isize, head.v().as_ptr(), 1, dh as isize, 0.0, 1.0, false, false, false, Parallelism::None);
+                    gemm(
+                        n,
+                        dh,
+                        x.lk,
+                        o[r0 * dh..].as_mut_ptr(),
+                        1,
+                        dh as isize,
+                        false,
+                        s.as_ptr(),
+                        1,
+                        cols as isize,
+                        head.v().as_ptr(),
+                        1,
+                        dh as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
                 }
                 if spec.has_self {
                     for i in 0..n {
@@ -208,8 +248,10 @@ pub(crate) fn backward(x: &HostInputs, spec: &BlockSpec, out: FlexTensor, lse: F
     let mut dks = vec![0f32; bhs * own];
     let mut dvs = vec![0f32; bhs * own];
     let own_chunk = own.max(1);
-    let mut dks_chunks: Vec<&mut [f32]> = if own > 0 { dks.chunks_mut(own_chunk).collect() } else { (0..bhs).map(|_| &mut [][..]).collect() };
-    let mut dvs_chunks: Vec<&mut [f32]> = if own > 0 { dvs.chunks_mut(own_chunk).collect() } else { (0..bhs).map(|_| &mut [][..]).collect() };
+    let mut dks_chunks: Vec<&mut [f32]> =
+        if own > 0 { dks.chunks_mut(own_chunk).collect() } else { (0..bhs).map(|_| &mut [][..]).collect() };
+    let mut dvs_chunks: Vec<&mut [f32]> =
+        if own > 0 { dvs.chunks_mut(own_chunk).collect() } else { (0..bhs).map(|_| &mut [][..]).collect() };
     dq.par_chunks_mut(lq * dh)
         .zip(dk.par_chunks_mut(lk * dh))
         .zip(dv.par_chunks_mut(lk * dh))
@@ -229,17 +271,35 @@ pub(crate) fn backward(x: &HostInputs, spec: &BlockSpec, out: FlexTensor, lse: F
                     for i in 0..n {
                         let l = lse[base + r0 + i];
                         let (prow, drow) = (&mut p[i * cols..(i + 1) * cols], &mut dp[i * cols..(i + 1) * cols]);
-                        for (w, d) in prow.iter_mut().zip(drow.iter_mut()) {
-                            *w = (*w - l).exp();
-                            *d = *w;
-                        }
+                        crate::cpu_attention::exp_from_lse(prow, drow, l);
                         head.drop_row(r0 + i, drow);
                     }
                     let g = &grad[(base + r0) * dh..(base + r0 + n) * dh];
-                    // SAFETY (all gemm calls): the buffers hold the rows and strides passed.
+                    // SAFETY: dv holds lk rows of dh, dp n rows of `cols` ≥ lk, g n rows of dh;
+                    // the buffers are this task's own.
                     unsafe {
                         // dV += (P∘M)ᵀ · dO
-                        gemm(lk, dh, n, dv.as_mut_ptr(), 1, dh as isize, true, dp.as_ptr(), cols as isize, 1, g.as_ptr(), 1, dh as isize, 1.0, 1.0, false, false, false, Parallelism::None);
+                        gemm(
+                            lk,
+                            dh,
+                            n,
+                            dv.as_mut_ptr(),
+                            1,
+                            dh as isize,
+                            true,
+                            dp.as_ptr(),
+                            cols as isize,
+                            1,
+                            g.as_ptr(),
+                            1,
+                            dh as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            Parallelism::None,
+                        );
                     }
                     if spec.has_self {
                         for i in 0..n {
@@ -250,8 +310,30 @@ pub(crate) fn backward(x: &HostInputs, spec: &BlockSpec, out: FlexTensor, lse: F
                         }
                     }
                     // d(dropped weights) = dO · Vᵀ (and the own value's column), into dp.
+                    // SAFETY: dp holds n rows of `cols` ≥ lk floats, g n rows of dh, and the
+                    // head's values lk rows of dh; the buffers are this thread's own.
                     unsafe {
-                        gemm(n, lk, dh, dp.as_mut_ptr(), 1, cols as isize, false, g.as_ptr(), 1, dh as isize, head.v().as_ptr(), dh as isize, 1, 0.0, 1.0, false, false, false, Parallelism::None);
+                        gemm(
+                            n,
+                            lk,
+                            dh,
+                            dp.as_mut_ptr(),
+                            1,
+                            cols as isize,
+                            false,
+                            g.as_ptr(),
+                            1,
+                            dh as isize,
+                            head.v().as_ptr(),
+                            dh as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            Parallelism::None,
+                        );
                     }
                     for i in 0..n {
                         let gi = &g[i * dh..(i + 1) * dh];
@@ -269,17 +351,64 @@ pub(crate) fn backward(x: &HostInputs, spec: &BlockSpec, out: FlexTensor, lse: F
                             *w = *w * (d - row_dot) * spec.scale as f32;
                         }
                     }
+                    // SAFETY: p holds n rows of `cols` ≥ lk floats; dq from row r0 and q from
+                    // row r0 hold n rows of dh, dk and k lk rows of dh; this (cell, head)'s
+                    // gradient blocks are written by this task alone.
                     unsafe {
                         // dQ = dS · K ; dK += dSᵀ · Q
-                        gemm(n, dh, lk, dq[r0 * dh..].as_mut_ptr(), 1, dh as isize, false, p.as_ptr(), 1, cols as isize, head.k().as_ptr(), 1, dh as isize, 0.0, 1.0, false, false, false, Parallelism::None);
-                        gemm(lk, dh, n, dk.as_mut_ptr(), 1, dh as isize, true, p.as_ptr(), cols as isize, 1, head.q()[r0 * dh..].as_ptr(), 1, dh as isize, 1.0, 1.0, false, false, false, Parallelism::None);
+                        gemm(
+                            n,
+                            dh,
+                            lk,
+                            dq[r0 * dh..].as_mut_ptr(),
+                            1,
+                            dh as isize,
+                            false,
+                            p.as_ptr(),
+                            1,
+                            cols as isize,
+                            head.k().as_ptr(),
+                            1,
+                            dh as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            Parallelism::None,
+                        );
+                        gemm(
+                            lk,
+                            dh,
+                            n,
+                            dk.as_mut_ptr(),
+                            1,
+                            dh as isize,
+                            true,
+                            p.as_ptr(),
+                            cols as isize,
+                            1,
+                            head.q()[r0 * dh..].as_ptr(),
+                            1,
+                            dh as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            Parallelism::None,
+                        );
                     }
                     if spec.has_self {
                         for i in 0..n {
                             let ds = p[i * cols + lk];
                             let r = head.own_row(r0 + i);
                             let qi = &head.q()[(r0 + i) * dh..(r0 + i + 1) * dh];
-                            for ((dqa, ksb), (dka, qa)) in dq[(r0 + i) * dh..(r0 + i + 1) * dh].iter_mut().zip(&x.k_self[r]).zip(dks[(r0 + i) * dh..(r0 + i + 1) * dh].iter_mut().zip(qi)) {
+                            for ((dqa, ksb), (dka, qa)) in dq[(r0 + i) * dh..(r0 + i + 1) * dh]
+                                .iter_mut()
+                                .zip(&x.k_self[r])
+                                .zip(dks[(r0 + i) * dh..(r0 + i + 1) * dh].iter_mut().zip(qi))
+                            {
                                 *dqa += ds * ksb;
                                 *dka = ds * qa;
                             }

@@ -192,10 +192,7 @@ impl ModelConfig {
     /// tokens the caller appended). The result is validated.
     pub fn from_args_json(path: impl AsRef<Path>, ntoken: usize) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
         let value: Value = serde_json::from_str(&text).map_err(|e| ModelError::Json {
             path: path.to_path_buf(),
             field: "<document>".into(),
@@ -215,13 +212,8 @@ impl ModelConfig {
     /// names the source in errors.
     pub fn from_args_map(map: &Map<String, Value>, ntoken: usize, origin: &str) -> Result<Self> {
         let a = Args { map, origin };
-        let mut c = Self::new(
-            ntoken,
-            a.usize_req(KEYS_D_MODEL)?,
-            a.usize_req(KEYS_NHEAD)?,
-            a.usize_req(KEYS_D_HID)?,
-            a.usize_req(KEYS_NLAYERS)?,
-        );
+        let mut c =
+            Self::new(ntoken, a.usize_req(KEYS_D_MODEL)?, a.usize_req(KEYS_NHEAD)?, a.usize_req(KEYS_D_HID)?, a.usize_req(KEYS_NLAYERS)?);
         if let Some(v) = a.usize_opt(KEYS_NLAYERS_CLS)? {
             c.nlayers_cls = v;
         }
@@ -249,14 +241,7 @@ impl ModelConfig {
                 "continuous" => InputEmbStyle::Continuous,
                 "category" => InputEmbStyle::Category,
                 "scaling" => InputEmbStyle::Scaling,
-                other => {
-                    return Err(a.err(
-                        key,
-                        format!(
-                            "unknown input_emb_style {other:?} (continuous, category, scaling)"
-                        ),
-                    ))
-                }
+                other => return Err(a.err(key, format!("unknown input_emb_style {other:?} (continuous, category, scaling)"))),
             };
         }
         if let Some((key, v)) = a.str_opt_keyed(KEYS_CELL_EMB_STYLE)? {
@@ -264,12 +249,7 @@ impl ModelConfig {
                 "cls" => CellEmbStyle::Cls,
                 "avg-pool" => CellEmbStyle::AvgPool,
                 "w-pool" => CellEmbStyle::WPool,
-                other => {
-                    return Err(a.err(
-                        key,
-                        format!("unknown cell_emb_style {other:?} (cls, avg-pool, w-pool)"),
-                    ))
-                }
+                other => return Err(a.err(key, format!("unknown cell_emb_style {other:?} (cls, avg-pool, w-pool)"))),
             };
         }
         if let Some(v) = a.bool_opt(KEYS_EXPLICIT_ZERO_PROB)? {
@@ -302,27 +282,23 @@ impl ModelConfig {
         }
         c.num_batch_labels = a.usize_opt(KEYS_NUM_BATCH_LABELS)?;
         if let Some((key, v)) = a.get(KEYS_DSBN)? {
-            c.domain_spec_batchnorm =
-                match v {
-                    Value::Bool(true) => BatchNormStyle::Dsbn,
-                    Value::Bool(false) => BatchNormStyle::None,
-                    Value::String(s) if s == "dsbn" => BatchNormStyle::Dsbn,
-                    Value::String(s) if s == "batchnorm" => BatchNormStyle::BatchNorm,
-                    // The original tests `is True or == "dsbn"` first, so "do_affine" builds no
-                    // normalisation at all while still demanding batch labels: refuse rather than
-                    // guess which of the two the user meant.
-                    Value::String(s) if s == "do_affine" => return Err(a.err(
+            c.domain_spec_batchnorm = match v {
+                Value::Bool(true) => BatchNormStyle::Dsbn,
+                Value::Bool(false) => BatchNormStyle::None,
+                Value::String(s) if s == "dsbn" => BatchNormStyle::Dsbn,
+                Value::String(s) if s == "batchnorm" => BatchNormStyle::BatchNorm,
+                // The original tests `is True or == "dsbn"` first, so "do_affine" builds no
+                // normalisation at all while still demanding batch labels: refuse rather than
+                // guess which of the two the user meant.
+                Value::String(s) if s == "do_affine" => {
+                    return Err(a.err(
                         key,
                         "\"do_affine\" builds no batch norm in the original (a bug); use true, \
                          \"dsbn\" or \"batchnorm\"",
-                    )),
-                    other => {
-                        return Err(a.err(
-                            key,
-                            format!("expected true/false, \"dsbn\" or \"batchnorm\", got {other}"),
-                        ))
-                    }
-                };
+                    ))
+                }
+                other => return Err(a.err(key, format!("expected true/false, \"dsbn\" or \"batchnorm\", got {other}"))),
+            };
         }
         if let Some(v) = a.f64_opt(KEYS_ECS)? {
             c.ecs_threshold = v;
@@ -331,18 +307,12 @@ impl ModelConfig {
             c.use_generative_training = v;
         }
         if let Some((key, true)) = a.bool_opt_keyed(KEYS_PRE_NORM)? {
-            return Err(a.err(
-                key,
-                "pre-norm layers are not supported (no checkpoint uses them)",
-            ));
+            return Err(a.err(key, "pre-norm layers are not supported (no checkpoint uses them)"));
         }
         let fast = a.bool_opt(KEYS_FAST)?.unwrap_or(false);
         if let Some((key, backend)) = a.str_opt_keyed(KEYS_FAST_BACKEND)? {
             if fast && backend == "linear" {
-                return Err(a.err(
-                    key,
-                    "the linear-attention backend (fast_transformers) is not supported",
-                ));
+                return Err(a.err(key, "the linear-attention backend (fast_transformers) is not supported"));
             }
         }
         c.validate_as(origin)?;
@@ -367,47 +337,16 @@ impl ModelConfig {
 
     pub(crate) fn validate_as(&self, origin: &str) -> Result<()> {
         let err = |field: &str, msg: String| Err(ModelError::config(origin, field, msg));
-        if self.ntoken == 0 {
-            return err("ntoken", "vocabulary size must be > 0".into());
-        }
-        if let Some(p) = self.pad_token_id {
-            if p >= self.ntoken {
-                return err(
-                    "pad_token_id",
-                    format!("{p} is outside the vocabulary of {}", self.ntoken),
-                );
-            }
-        }
-        if self.d_model == 0 || self.nhead == 0 || self.d_hid == 0 || self.nlayers == 0 {
-            return err(
-                "embsize/nheads/d_hid/nlayers",
-                "dimensions must be > 0".into(),
-            );
-        }
-        if !self.d_model.is_multiple_of(self.nhead) {
-            return err(
-                "nheads",
-                format!(
-                    "embsize {} is not divisible by nheads {}",
-                    self.d_model, self.nhead
-                ),
-            );
-        }
+        check_transformer(origin, self.ntoken, self.pad_token_id, [self.d_model, self.nhead, self.d_hid, self.nlayers], self.dropout)?;
         if self.nlayers_cls == 0 {
             return err("n_layers_cls", "must be >= 1".into());
         }
         if self.n_cls == 0 {
             return err("n_cls", "must be >= 1".into());
         }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return err("dropout", format!("{} is not in [0, 1)", self.dropout));
-        }
         if self.input_emb_style == InputEmbStyle::Category {
             let rows = self.category_rows();
-            if self.pad_value < 0.0
-                || self.pad_value.fract() != 0.0
-                || self.pad_value >= rows as f64
-            {
+            if self.pad_value < 0.0 || self.pad_value.fract() != 0.0 || self.pad_value >= rows as f64 {
                 return err(
                     "pad_value",
                     format!(
@@ -420,14 +359,9 @@ impl ModelConfig {
         }
         // Plain batchnorm demands labels at forward time but never reads them, so it does
         // not need a label count.
-        let needs_batches = self.use_batch_labels
-            || self.do_dab
-            || self.domain_spec_batchnorm == BatchNormStyle::Dsbn;
+        let needs_batches = self.use_batch_labels || self.do_dab || self.domain_spec_batchnorm == BatchNormStyle::Dsbn;
         if needs_batches && self.num_batch_labels.unwrap_or(0) == 0 {
-            return err(
-                "num_batch_labels",
-                "must be >= 1 when use_batch_labels, DSBN or DAB is on".into(),
-            );
+            return err("num_batch_labels", "must be >= 1 when use_batch_labels, DSBN or DAB is on".into());
         }
         Ok(())
     }
@@ -453,10 +387,7 @@ impl<'a> Args<'a> {
                 (None | Some(Value::Null), _) => {}
                 (Some(v), None) => found = Some((k, v)),
                 (Some(v), Some((k0, v0))) if v != v0 => {
-                    return Err(self.err(
-                        k,
-                        format!("conflicts with `{k0}` ({v} vs {v0}); both name the same argument"),
-                    ))
+                    return Err(self.err(k, format!("conflicts with `{k0}` ({v} vs {v0}); both name the same argument")))
                 }
                 _ => {}
             }
@@ -479,21 +410,13 @@ impl<'a> Args<'a> {
     }
 
     fn usize_req(&self, keys: &[&'static str]) -> Result<usize> {
-        self.usize_opt(keys)?.ok_or_else(|| {
-            self.err(
-                keys[0],
-                format!("required, not found (also looked for {keys:?})"),
-            )
-        })
+        self.usize_opt(keys)?.ok_or_else(|| self.err(keys[0], format!("required, not found (also looked for {keys:?})")))
     }
 
     fn f64_opt(&self, keys: &[&'static str]) -> Result<Option<f64>> {
         match self.get(keys)? {
             None => Ok(None),
-            Some((k, v)) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(k, format!("expected a number, got {v}"))),
+            Some((k, v)) => v.as_f64().map(Some).ok_or_else(|| self.err(k, format!("expected a number, got {v}"))),
         }
     }
 
@@ -520,6 +443,32 @@ impl<'a> Args<'a> {
     fn str_opt(&self, keys: &[&'static str]) -> Result<Option<&'a str>> {
         Ok(self.str_opt_keyed(keys)?.map(|(_, s)| s))
     }
+}
+
+/// The checks every transformer here shares: vocabulary, pad token, dimensions
+/// (`[d_model, nhead, d_hid, nlayers]`), heads dividing the width, dropout. `Err` names the
+/// field as the original's `args.json` spells it.
+pub(crate) fn check_transformer(origin: &str, ntoken: usize, pad_token_id: Option<usize>, dims: [usize; 4], dropout: f64) -> Result<()> {
+    let err = |field: &str, msg: String| Err(ModelError::config(origin, field, msg));
+    let [d_model, nhead, d_hid, nlayers] = dims;
+    if ntoken == 0 {
+        return err("ntoken", "vocabulary size must be > 0".into());
+    }
+    if let Some(p) = pad_token_id {
+        if p >= ntoken {
+            return err("pad_token_id", format!("{p} is outside the vocabulary of {ntoken}"));
+        }
+    }
+    if d_model == 0 || nhead == 0 || d_hid == 0 || nlayers == 0 {
+        return err("embsize/nheads/d_hid/nlayers", "dimensions must be > 0".into());
+    }
+    if !d_model.is_multiple_of(nhead) {
+        return err("nheads", format!("embsize {d_model} is not divisible by nheads {nhead}"));
+    }
+    if !(0.0..1.0).contains(&dropout) {
+        return err("dropout", format!("{dropout} is not in [0, 1)"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -573,23 +522,17 @@ mod tests {
     fn errors_name_file_and_field() {
         let mut m = whole_human_args();
         m.insert("nheads".into(), Value::String("8".into()));
-        let e = ModelConfig::from_args_map(&m, 10, "/x/args.json")
-            .unwrap_err()
-            .to_string();
+        let e = ModelConfig::from_args_map(&m, 10, "/x/args.json").unwrap_err().to_string();
         assert!(e.contains("/x/args.json") && e.contains("`nheads`"), "{e}");
 
         let mut m = whole_human_args();
         m.remove("embsize");
-        let e = ModelConfig::from_args_map(&m, 10, "a.json")
-            .unwrap_err()
-            .to_string();
+        let e = ModelConfig::from_args_map(&m, 10, "a.json").unwrap_err().to_string();
         assert!(e.contains("`embsize`") && e.contains("required"), "{e}");
 
         let mut m = whole_human_args();
         m.insert("nheads".into(), Value::from(7));
-        let e = ModelConfig::from_args_map(&m, 10, "a.json")
-            .unwrap_err()
-            .to_string();
+        let e = ModelConfig::from_args_map(&m, 10, "a.json").unwrap_err().to_string();
         assert!(e.contains("divisible"), "{e}");
     }
 
@@ -597,20 +540,13 @@ mod tests {
     fn dsbn_and_aliases() {
         let mut m = whole_human_args();
         m.insert("DSBN".into(), Value::Bool(true));
-        let e = ModelConfig::from_args_map(&m, 10, "a.json")
-            .unwrap_err()
-            .to_string();
+        let e = ModelConfig::from_args_map(&m, 10, "a.json").unwrap_err().to_string();
         assert!(e.contains("num_batch_labels"), "{e}");
         m.insert("num_batch_labels".into(), Value::from(2));
         let c = ModelConfig::from_args_map(&m, 10, "a.json").unwrap();
         assert_eq!(c.domain_spec_batchnorm, BatchNormStyle::Dsbn);
-        m.insert(
-            "domain_spec_batchnorm".into(),
-            Value::String("batchnorm".into()),
-        );
-        let e = ModelConfig::from_args_map(&m, 10, "a.json")
-            .unwrap_err()
-            .to_string();
+        m.insert("domain_spec_batchnorm".into(), Value::String("batchnorm".into()));
+        let e = ModelConfig::from_args_map(&m, 10, "a.json").unwrap_err().to_string();
         assert!(e.contains("conflicts"), "{e}");
     }
 
@@ -618,9 +554,7 @@ mod tests {
     fn category_pad_value_checked() {
         let mut m = whole_human_args();
         m.insert("input_emb_style".into(), Value::String("category".into()));
-        let e = ModelConfig::from_args_map(&m, 10, "a.json")
-            .unwrap_err()
-            .to_string();
+        let e = ModelConfig::from_args_map(&m, 10, "a.json").unwrap_err().to_string();
         assert!(e.contains("pad_value"), "{e}");
         m.insert("pad_value".into(), Value::from(51));
         let c = ModelConfig::from_args_map(&m, 10, "a.json").unwrap();

@@ -16,20 +16,12 @@ pub enum ModelError {
 
     /// args.json is not valid JSON, or a field has the wrong JSON type.
     #[error("{path}: field `{field}`: {message}")]
-    Json {
-        path: PathBuf,
-        field: String,
-        message: String,
-    },
+    Json { path: PathBuf, field: String, message: String },
 
     /// A configuration value is missing or outside what the model supports. `origin` is the
     /// file it came from, or `<code>` for a config built in Rust.
     #[error("{origin}: field `{field}`: {message}")]
-    Config {
-        origin: String,
-        field: String,
-        message: String,
-    },
+    Config { origin: String, field: String, message: String },
 
     /// The checkpoint is not a readable PyTorch file (truncated, not a zip/pickle, no tensors).
     #[error("checkpoint {path}: {message}")]
@@ -54,23 +46,12 @@ pub enum ModelError {
 }
 
 impl ModelError {
-    pub(crate) fn config(
-        origin: impl Into<String>,
-        field: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
-        Self::Config {
-            origin: origin.into(),
-            field: field.into(),
-            message: message.into(),
-        }
+    pub(crate) fn config(origin: impl Into<String>, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Config { origin: origin.into(), field: field.into(), message: message.into() }
     }
 
     pub(crate) fn input(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Input {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self::Input { field: field.into(), message: message.into() }
     }
 }
 

@@ -51,22 +51,13 @@ impl TransformerModel {
     /// The `dev-temp` `generative_forward`. Requires a model built with
     /// `use_generative_training` (it owns `flag_encoder`). `flags.cce` is ignored, as in the
     /// original.
-    pub fn generative_forward(
-        &self,
-        input: GenerativeInput,
-        flags: ForwardFlags,
-    ) -> Result<GenerativeOutput> {
-        let flag_encoder = self.flag_encoder.as_ref().ok_or_else(|| {
-            ModelError::input(
-                "generative_forward",
-                "the model was built without use_generative_training",
-            )
-        })?;
+    pub fn generative_forward(&self, input: GenerativeInput, flags: ForwardFlags) -> Result<GenerativeOutput> {
+        let flag_encoder = self
+            .flag_encoder
+            .as_ref()
+            .ok_or_else(|| ModelError::input("generative_forward", "the model was built without use_generative_training"))?;
         if self.config.input_emb_style == InputEmbStyle::Scaling {
-            return Err(ModelError::input(
-                "generative_forward",
-                "the original asserts input_emb_style != scaling",
-            ));
+            return Err(ModelError::input("generative_forward", "the original asserts input_emb_style != scaling"));
         }
         if self.config.domain_spec_batchnorm == BatchNormStyle::BatchNorm {
             return Err(ModelError::input(
@@ -83,33 +74,20 @@ impl TransformerModel {
             batch_labels,
             input_cell_emb,
         } = input;
-        self.check_shapes(
-            &pcpt_genes,
-            Some(&pcpt_values),
-            Some(&pcpt_key_padding_mask),
-        )?;
+        self.check_shapes(&pcpt_genes, Some(&pcpt_values), Some(&pcpt_key_padding_mask))?;
         let [b, p] = pcpt_genes.dims();
         let d = self.config.d_model;
         if let Some(g) = &gen_genes {
             if g.dims()[0] != b {
-                return Err(ModelError::input(
-                    "gen_genes",
-                    format!("batch {} differs from pcpt batch {b}", g.dims()[0]),
-                ));
+                return Err(ModelError::input("gen_genes", format!("batch {} differs from pcpt batch {b}", g.dims()[0])));
             }
             self.check_shapes(g, None, gen_key_padding_mask.as_ref())?;
         } else if gen_key_padding_mask.is_some() {
-            return Err(ModelError::input(
-                "gen_key_padding_mask",
-                "given without gen_genes",
-            ));
+            return Err(ModelError::input("gen_key_padding_mask", "given without gen_genes"));
         }
         if let Some(c) = &input_cell_emb {
             if c.dims() != [b, d] {
-                return Err(ModelError::input(
-                    "input_cell_emb",
-                    format!("shape {:?}, expected [{b}, {d}]", c.dims()),
-                ));
+                return Err(ModelError::input("input_cell_emb", format!("shape {:?}, expected [{b}, {d}]", c.dims())));
             }
         }
         let labels = batch_labels.as_ref();
@@ -128,48 +106,19 @@ impl TransformerModel {
                 let g = gen_genes.dims()[1];
                 let gen_embs = self.encoder.forward(gen_genes);
                 // flag_encoder row 1 marks "to be generated"; row 0 is never used.
-                let flag = flag_encoder
-                    .weight
-                    .val()
-                    .slice([1..2, 0..d])
-                    .reshape([1, 1, d]);
+                let flag = flag_encoder.weight.val().slice([1..2, 0..d]).reshape([1, 1, d]);
                 let gen_total = self.batch_norm(gen_embs.clone() + flag, labels)?;
                 // Without padding the masks only cost time (mask_fill over [B, H, L, L]).
-                let pcpt_mask = pcpt_key_padding_mask
-                    .clone()
-                    .any()
-                    .into_scalar::<bool>()
-                    .then_some(pcpt_key_padding_mask);
-                let (po, go) = self.transformer_encoder.forward_generative(
-                    pcpt_total,
-                    gen_total,
-                    pcpt_mask,
-                    gen_key_padding_mask,
-                );
-                (
-                    Tensor::cat(vec![po, go], 1),
-                    Tensor::cat(vec![pcpt_embs, gen_embs], 1),
-                    g,
-                )
+                let pcpt_mask = pcpt_key_padding_mask.clone().any().into_scalar::<bool>().then_some(pcpt_key_padding_mask);
+                let (po, go) = self.transformer_encoder.forward_generative(pcpt_total, gen_total, pcpt_mask, gen_key_padding_mask);
+                (Tensor::cat(vec![po, go], 1), Tensor::cat(vec![pcpt_embs, gen_embs], 1), g)
             }
-            None => (
-                self.transformer_encoder
-                    .forward(pcpt_total, Some(pcpt_key_padding_mask)),
-                pcpt_embs,
-                0,
-            ),
+            None => (self.transformer_encoder.forward(pcpt_total, Some(pcpt_key_padding_mask)), pcpt_embs, 0),
         };
 
-        let batch_emb = if self.config.use_batch_labels {
-            self.batch_emb(labels)
-        } else {
-            None
-        };
+        let batch_emb = if self.config.use_batch_labels { self.batch_emb(labels) } else { None };
         let (pred, zero_probs) = self.decode_expr(out.clone(), batch_emb.as_ref());
-        let pred = match (
-            &zero_probs,
-            self.config.explicit_zero_prob && flags.do_sample,
-        ) {
+        let pred = match (&zero_probs, self.config.explicit_zero_prob && flags.do_sample) {
             (Some(z), true) => bernoulli(z.clone()) * pred,
             _ => pred,
         };

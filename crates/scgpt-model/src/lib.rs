@@ -7,29 +7,24 @@ pub mod attention_grn;
 pub mod block_attention;
 pub mod block_attention_cpu;
 pub mod cast;
-pub mod checkpoint;
 pub mod config;
 mod cpu_attention;
 pub mod error;
 pub mod generative;
+pub mod io;
 pub mod layers;
-pub mod load;
 pub mod loss;
 pub mod model;
 pub mod perturbation;
-pub mod perturbation_checkpoint;
-pub mod torch_zip;
 
 pub use burn;
-pub use checkpoint::{export_original, load_native, save_native, ExportReport, NativeCheckpoint};
 pub use config::{BatchNormStyle, CellEmbStyle, InputEmbStyle, ModelConfig, MvcDecoderStyle};
 pub use error::{ModelError, Result};
 pub use generative::{GenerativeInput, GenerativeOutput};
-pub use load::{
-    load_pretrained, load_pretrained_prefixes, model_param_shapes, normalize_key, original_key, LoadReport, SkippedKey,
-};
+pub use io::checkpoint::{export_original, load_native, save_native, ExportReport, NativeCheckpoint};
+pub use io::load::{load_pretrained, load_pretrained_prefixes, model_param_shapes, normalize_key, original_key, LoadReport, SkippedKey};
 pub use model::{Embedded, ForwardFlags, ModelInput, ModelOutput, TransformerModel};
 pub use perturbation::{
-    DecoderActivation, IncludeZeroGene, PerturbationConfig, PerturbationInput, PerturbationOutput,
-    TransformerGenerator, TUTORIAL_LOAD_PREFIXES,
+    DecoderActivation, IncludeZeroGene, PerturbationConfig, PerturbationInput, PerturbationOutput, TransformerGenerator,
+    TUTORIAL_LOAD_PREFIXES,
 };

@@ -9,9 +9,8 @@ use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
 use crate::config::{BatchNormStyle, CellEmbStyle, InputEmbStyle, ModelConfig, MvcDecoderStyle};
 use crate::error::{ModelError, Result};
 use crate::layers::{
-    AdversarialDiscriminator, BatchNorm1d, ClsDecoder, ContinuousValueEncoder,
-    DomainSpecificBatchNorm, EmbeddingNorm, ExprDecoder, GeneEncoder, MvcDecoder,
-    TransformerEncoder, ValueEncoder,
+    AdversarialDiscriminator, BatchNorm1d, ClsDecoder, ContinuousValueEncoder, DomainSpecificBatchNorm, EmbeddingNorm, ExprDecoder,
+    GeneEncoder, MvcDecoder, TransformerEncoder, ValueEncoder,
 };
 
 /// One minibatch, in the original's conventions.
@@ -101,55 +100,28 @@ impl ModelConfig {
         let d = self.d_model;
         let p = self.dropout;
         let value_encoder = match self.input_emb_style {
-            InputEmbStyle::Continuous => Some(ValueEncoder::Continuous(
-                ContinuousValueEncoder::new(d, p, device),
-            )),
-            InputEmbStyle::Category => Some(ValueEncoder::Category(EmbeddingNorm::new(
-                self.category_rows(),
-                d,
-                Some(self.pad_value as usize),
-                device,
-            ))),
+            InputEmbStyle::Continuous => Some(ValueEncoder::Continuous(ContinuousValueEncoder::new(d, p, device))),
+            InputEmbStyle::Category => {
+                Some(ValueEncoder::Category(EmbeddingNorm::new(self.category_rows(), d, Some(self.pad_value as usize), device)))
+            }
             InputEmbStyle::Scaling => None,
         };
         let n_batch = self.num_batch_labels.unwrap_or(0);
         let d_in = if self.use_batch_labels { 2 * d } else { d };
         Ok(TransformerModel {
             encoder: GeneEncoder::new(self.ntoken, d, self.pad_token_id, device),
-            flag_encoder: self
-                .use_generative_training
-                .then(|| EmbeddingConfig::new(2, d).init(device)),
+            flag_encoder: self.use_generative_training.then(|| EmbeddingConfig::new(2, d).init(device)),
             value_encoder,
-            batch_encoder: self
-                .use_batch_labels
-                .then(|| EmbeddingNorm::new(n_batch, d, None, device)),
-            dsbn: (self.domain_spec_batchnorm == BatchNormStyle::Dsbn)
-                .then(|| DomainSpecificBatchNorm::new(d, n_batch, device)),
-            bn: (self.domain_spec_batchnorm == BatchNormStyle::BatchNorm)
-                .then(|| BatchNorm1d::new(d, true, device)),
-            transformer_encoder: TransformerEncoder::new(
-                d,
-                self.nhead,
-                self.d_hid,
-                p,
-                self.nlayers,
-                self.identical_layer_init,
-                device,
-            ),
+            batch_encoder: self.use_batch_labels.then(|| EmbeddingNorm::new(n_batch, d, None, device)),
+            dsbn: (self.domain_spec_batchnorm == BatchNormStyle::Dsbn).then(|| DomainSpecificBatchNorm::new(d, n_batch, device)),
+            bn: (self.domain_spec_batchnorm == BatchNormStyle::BatchNorm).then(|| BatchNorm1d::new(d, true, device)),
+            transformer_encoder: TransformerEncoder::new(d, self.nhead, self.d_hid, p, self.nlayers, self.identical_layer_init, device),
             decoder: ExprDecoder::new(d, d_in, self.explicit_zero_prob, device),
             cls_decoder: ClsDecoder::new(d, self.n_cls, self.nlayers_cls, device),
             mvc_decoder: self.do_mvc.then(|| {
-                MvcDecoder::new(
-                    d,
-                    d_in,
-                    self.explicit_zero_prob,
-                    self.mvc_decoder_style == MvcDecoderStyle::InnerProductDetach,
-                    device,
-                )
+                MvcDecoder::new(d, d_in, self.explicit_zero_prob, self.mvc_decoder_style == MvcDecoderStyle::InnerProductDetach, device)
             }),
-            grad_reverse_discriminator: self
-                .do_dab
-                .then(|| AdversarialDiscriminator::new(d, n_batch, 3, true, device)),
+            grad_reverse_discriminator: self.do_dab.then(|| AdversarialDiscriminator::new(d, n_batch, 3, true, device)),
             config: self.clone(),
         })
     }
@@ -157,11 +129,7 @@ impl ModelConfig {
 
 /// Reads a small integer tensor to the host (batch labels, value ranges).
 pub(crate) fn host_ints<const D: usize>(t: &Tensor<D, Int>) -> Vec<i64> {
-    t.clone()
-        .into_data()
-        .convert::<i64>()
-        .try_into_vec::<i64>()
-        .expect("converted to i64 above")
+    t.clone().into_data().convert::<i64>().try_into_vec::<i64>().expect("converted to i64 above")
 }
 
 impl TransformerModel {
@@ -175,27 +143,16 @@ impl TransformerModel {
         self.encoder.embedding.weight.lazy_device()
     }
 
-    pub(crate) fn check_shapes(
-        &self,
-        src: &Tensor<2, Int>,
-        values: Option<&Tensor<2>>,
-        mask: Option<&Tensor<2, Bool>>,
-    ) -> Result<()> {
+    pub(crate) fn check_shapes(&self, src: &Tensor<2, Int>, values: Option<&Tensor<2>>, mask: Option<&Tensor<2, Bool>>) -> Result<()> {
         let dims = src.dims();
         if let Some(v) = values {
             if v.dims() != dims {
-                return Err(ModelError::input(
-                    "values",
-                    format!("shape {:?} differs from src {:?}", v.dims(), dims),
-                ));
+                return Err(ModelError::input("values", format!("shape {:?} differs from src {:?}", v.dims(), dims)));
             }
         }
         if let Some(m) = mask {
             if m.dims() != dims {
-                return Err(ModelError::input(
-                    "src_key_padding_mask",
-                    format!("shape {:?} differs from src {:?}", m.dims(), dims),
-                ));
+                return Err(ModelError::input("src_key_padding_mask", format!("shape {:?} differs from src {:?}", m.dims(), dims)));
             }
         }
         if dims[0] == 0 || dims[1] == 0 {
@@ -206,35 +163,21 @@ impl TransformerModel {
 
     /// The original's `_check_batch_labels`, plus range checks PyTorch would only report as
     /// an opaque index error.
-    pub(crate) fn check_batch_labels(
-        &self,
-        batch_labels: Option<&Tensor<1, Int>>,
-        batch: usize,
-    ) -> Result<()> {
+    pub(crate) fn check_batch_labels(&self, batch_labels: Option<&Tensor<1, Int>>, batch: usize) -> Result<()> {
         let c = &self.config;
         let needed = c.use_batch_labels || c.domain_spec_batchnorm != BatchNormStyle::None;
         match (needed, batch_labels) {
-            (true, None) => Err(ModelError::input(
-                "batch_labels",
-                "required when use_batch_labels or domain_spec_batchnorm is on",
-            )),
-            (false, Some(_)) => Err(ModelError::input(
-                "batch_labels",
-                "should only be provided when use_batch_labels or domain_spec_batchnorm is on",
-            )),
+            (true, None) => Err(ModelError::input("batch_labels", "required when use_batch_labels or domain_spec_batchnorm is on")),
+            (false, Some(_)) => {
+                Err(ModelError::input("batch_labels", "should only be provided when use_batch_labels or domain_spec_batchnorm is on"))
+            }
             (_, Some(b)) => {
                 if b.dims() != [batch] {
-                    return Err(ModelError::input(
-                        "batch_labels",
-                        format!("shape {:?}, expected [{batch}]", b.dims()),
-                    ));
+                    return Err(ModelError::input("batch_labels", format!("shape {:?}, expected [{batch}]", b.dims())));
                 }
                 let n = c.num_batch_labels.map(|n| n as i64).unwrap_or(i64::MAX);
                 if let Some(bad) = host_ints(b).into_iter().find(|&x| x < 0 || x >= n) {
-                    return Err(ModelError::input(
-                        "batch_labels",
-                        format!("label {bad} outside 0..{n}"),
-                    ));
+                    return Err(ModelError::input("batch_labels", format!("label {bad} outside 0..{n}")));
                 }
                 Ok(())
             }
@@ -244,22 +187,14 @@ impl TransformerModel {
 
     /// Gene + value embedding, then the optional batch norm (`_encode` up to the transformer).
     /// `values = None` embeds genes only (the original's `generate` without values).
-    pub fn embed(
-        &self,
-        src: Tensor<2, Int>,
-        values: Option<Tensor<2>>,
-        batch_labels: Option<&Tensor<1, Int>>,
-    ) -> Result<Embedded> {
+    pub fn embed(&self, src: Tensor<2, Int>, values: Option<Tensor<2>>, batch_labels: Option<&Tensor<1, Int>>) -> Result<Embedded> {
         let gene_embs = self.encoder.forward(src);
         let total = match values {
             None => gene_embs.clone(),
             Some(values) => self.add_values(gene_embs.clone(), values)?,
         };
         let total = self.batch_norm(total, batch_labels)?;
-        Ok(Embedded {
-            total_embs: total,
-            gene_embs,
-        })
+        Ok(Embedded { total_embs: total, gene_embs })
     }
 
     /// Gene embedding ⊕ value embedding by `input_emb_style`: + ContinuousValueEncoder,
@@ -275,12 +210,7 @@ impl TransformerModel {
                 let lo = host_ints(&ids.clone().min())[0];
                 let hi = host_ints(&ids.clone().max())[0];
                 if lo < 0 || hi >= rows {
-                    return Err(ModelError::input(
-                        "values",
-                        format!(
-                            "category input needs integer values in 0..{rows}, got {lo}..={hi}"
-                        ),
-                    ));
+                    return Err(ModelError::input("values", format!("category input needs integer values in 0..{rows}, got {lo}..={hi}")));
                 }
                 gene_embs + enc.forward(ids)
             }
@@ -290,21 +220,14 @@ impl TransformerModel {
 
     /// DSBN (domain = first label of the minibatch, the sampler guarantees one domain per
     /// batch) or plain BatchNorm over `[B, L, d]`, if the model has one.
-    pub(crate) fn batch_norm(
-        &self,
-        total: Tensor<3>,
-        batch_labels: Option<&Tensor<1, Int>>,
-    ) -> Result<Tensor<3>> {
+    pub(crate) fn batch_norm(&self, total: Tensor<3>, batch_labels: Option<&Tensor<1, Int>>) -> Result<Tensor<3>> {
         Ok(if let Some(dsbn) = &self.dsbn {
-            let labels = batch_labels
-                .ok_or_else(|| ModelError::input("batch_labels", "required by DSBN"))?;
+            let labels = batch_labels.ok_or_else(|| ModelError::input("batch_labels", "required by DSBN"))?;
             let domain = host_ints(&labels.clone().slice(0..1))[0] as usize;
-            let bn = dsbn.bns.get(domain).ok_or_else(|| {
-                ModelError::input(
-                    "batch_labels",
-                    format!("domain {domain} >= number of domains {}", dsbn.bns.len()),
-                )
-            })?;
+            let bn = dsbn
+                .bns
+                .get(domain)
+                .ok_or_else(|| ModelError::input("batch_labels", format!("domain {domain} >= number of domains {}", dsbn.bns.len())))?;
             bn.forward(total.swap_dims(1, 2)).swap_dims(1, 2)
         } else if let Some(bn) = &self.bn {
             bn.forward(total.swap_dims(1, 2)).swap_dims(1, 2)
@@ -321,9 +244,7 @@ impl TransformerModel {
         src_key_padding_mask: Tensor<2, Bool>,
         batch_labels: Option<&Tensor<1, Int>>,
     ) -> Result<Tensor<3>> {
-        Ok(self
-            .encode_with_embs(src, values, src_key_padding_mask, batch_labels)?
-            .0)
+        Ok(self.encode_with_embs(src, values, src_key_padding_mask, batch_labels)?.0)
     }
 
     fn encode_with_embs(
@@ -336,18 +257,12 @@ impl TransformerModel {
         self.check_shapes(&src, Some(&values), Some(&src_key_padding_mask))?;
         self.check_batch_labels(batch_labels, src.dims()[0])?;
         let emb = self.embed(src, Some(values), batch_labels)?;
-        let out = self
-            .transformer_encoder
-            .forward(emb.total_embs, Some(src_key_padding_mask));
+        let out = self.transformer_encoder.forward(emb.total_embs, Some(src_key_padding_mask));
         Ok((out, emb.gene_embs))
     }
 
     /// `_get_cell_emb_from_layer`. `weights` (the raw input values) is needed for w-pool.
-    pub fn cell_emb_from_layer(
-        &self,
-        out: Tensor<3>,
-        weights: Option<Tensor<2>>,
-    ) -> Result<Tensor<2>> {
+    pub fn cell_emb_from_layer(&self, out: Tensor<3>, weights: Option<Tensor<2>>) -> Result<Tensor<2>> {
         cell_emb_from_layer(self.config.cell_emb_style, out, weights)
     }
 
@@ -361,11 +276,7 @@ impl TransformerModel {
 
     /// The expression decoder on the transformer output, with the batch embedding
     /// concatenated onto every position when `use_batch_labels`.
-    pub(crate) fn decode_expr(
-        &self,
-        out: Tensor<3>,
-        batch_emb: Option<&Tensor<2>>,
-    ) -> (Tensor<2>, Option<Tensor<2>>) {
+    pub(crate) fn decode_expr(&self, out: Tensor<3>, batch_emb: Option<&Tensor<2>>) -> (Tensor<2>, Option<Tensor<2>>) {
         let x = match batch_emb {
             Some(be) => {
                 let [b, l, d] = out.dims();
@@ -379,24 +290,10 @@ impl TransformerModel {
 
     /// The original's `forward`.
     pub fn forward(&self, input: ModelInput, flags: ForwardFlags) -> Result<ModelOutput> {
-        let ModelInput {
-            src,
-            values,
-            src_key_padding_mask,
-            batch_labels,
-        } = input;
+        let ModelInput { src, values, src_key_padding_mask, batch_labels } = input;
         let labels = batch_labels.as_ref();
-        let (out, gene_embs) = self.encode_with_embs(
-            src.clone(),
-            values.clone(),
-            src_key_padding_mask.clone(),
-            labels,
-        )?;
-        let batch_emb = if self.config.use_batch_labels {
-            self.batch_emb(labels)
-        } else {
-            None
-        };
+        let (out, gene_embs) = self.encode_with_embs(src.clone(), values.clone(), src_key_padding_mask.clone(), labels)?;
+        let batch_emb = if self.config.use_batch_labels { self.batch_emb(labels) } else { None };
 
         let (pred, zero_probs) = self.decode_expr(out.clone(), batch_emb.as_ref());
         let explicit = self.config.explicit_zero_prob;
@@ -442,13 +339,9 @@ impl TransformerModel {
         batch_emb: Option<&Tensor<2>>,
         flags: ForwardFlags,
     ) -> Result<Heads> {
-        let cls_output = flags
-            .cls
-            .then(|| self.cls_decoder.forward(cell_emb.clone()));
+        let cls_output = flags.cls.then(|| self.cls_decoder.forward(cell_emb.clone()));
         let (mvc_output, mvc_zero_probs) = if flags.mvc {
-            let dec = self.mvc_decoder.as_ref().ok_or_else(|| {
-                ModelError::input("flags.mvc", "the model was built without do_mvc")
-            })?;
+            let dec = self.mvc_decoder.as_ref().ok_or_else(|| ModelError::input("flags.mvc", "the model was built without do_mvc"))?;
             let c = match batch_emb {
                 Some(be) => Tensor::cat(vec![cell_emb.clone(), be.clone()], 1),
                 None => cell_emb.clone(),
@@ -462,21 +355,10 @@ impl TransformerModel {
         } else {
             (None, None)
         };
-        let loss_ecs = flags
-            .ecs
-            .then(|| elastic_cell_similarity(cell_emb.clone(), self.config.ecs_threshold));
+        let loss_ecs = flags.ecs.then(|| elastic_cell_similarity(cell_emb.clone(), self.config.ecs_threshold));
         // The original runs the discriminator whenever it exists, without a flag.
-        let dab_output = self
-            .grad_reverse_discriminator
-            .as_ref()
-            .map(|d| d.forward(cell_emb.clone()));
-        Ok(Heads {
-            cls_output,
-            mvc_output,
-            mvc_zero_probs,
-            loss_ecs,
-            dab_output,
-        })
+        let dab_output = self.grad_reverse_discriminator.as_ref().map(|d| d.forward(cell_emb.clone()));
+        Ok(Heads { cls_output, mvc_output, mvc_zero_probs, loss_ecs, dab_output })
     }
 
     /// The original's `generate`: embed `src` (+ `values`), overwrite position 0 with
@@ -494,9 +376,7 @@ impl TransformerModel {
         let [b, l] = src.dims();
         // The original substitutes zeros (with a warning) when labels are required but absent.
         let batch_labels = match batch_labels {
-            None if self.config.use_batch_labels
-                || self.config.domain_spec_batchnorm != BatchNormStyle::None =>
-            {
+            None if self.config.use_batch_labels || self.config.domain_spec_batchnorm != BatchNormStyle::None => {
                 Some(Tensor::<1, Int>::zeros([b], &self.device()))
             }
             other => other,
@@ -504,21 +384,11 @@ impl TransformerModel {
         let labels = batch_labels.as_ref();
         let emb = self.embed(src, values, labels)?;
         let d = self.config.d_model;
-        let total = emb
-            .total_embs
-            .slice_assign([0..b, 0..1, 0..d], cell_emb.reshape([b, 1, d]));
-        let mask = src_key_padding_mask.unwrap_or_else(|| {
-            Tensor::<2, Bool>::from_data(
-                TensorData::new(vec![false; b * l], [b, l]),
-                &self.device(),
-            )
-        });
+        let total = emb.total_embs.slice_assign([0..b, 0..1, 0..d], cell_emb.reshape([b, 1, d]));
+        let mask = src_key_padding_mask
+            .unwrap_or_else(|| Tensor::<2, Bool>::from_data(TensorData::new(vec![false; b * l], [b, l]), &self.device()));
         let out = self.transformer_encoder.forward(total, Some(mask));
-        let batch_emb = if self.config.use_batch_labels {
-            self.batch_emb(labels)
-        } else {
-            None
-        };
+        let batch_emb = if self.config.use_batch_labels { self.batch_emb(labels) } else { None };
         Ok(self.decode_expr(out, batch_emb.as_ref()).0)
     }
 
@@ -531,25 +401,15 @@ impl TransformerModel {
 
     /// The original's `encode_batch(..., time_step=t)`: position `t` of every output, `[N, d]`
     /// (`t = 0` is the `<cls>` cell embedding the zero-shot pipeline L2-normalises).
-    pub fn encode_batch_at(
-        &self,
-        input: &ModelInput,
-        batch_size: usize,
-        time_step: usize,
-    ) -> Result<Tensor<2>> {
+    pub fn encode_batch_at(&self, input: &ModelInput, batch_size: usize, time_step: usize) -> Result<Tensor<2>> {
         let [_, l] = input.src.dims();
         if time_step >= l {
-            return Err(ModelError::input(
-                "time_step",
-                format!("{time_step} >= sequence length {l}"),
-            ));
+            return Err(ModelError::input("time_step", format!("{time_step} >= sequence length {l}")));
         }
         let d = self.config.d_model;
         let chunks = self.encode_chunks(input, batch_size, |out| {
             let b = out.dims()[0];
-            Ok(out
-                .slice([0..b, time_step..time_step + 1, 0..d])
-                .reshape([b, d]))
+            Ok(out.slice([0..b, time_step..time_step + 1, 0..d]).reshape([b, d]))
         })?;
         Ok(Tensor::cat(chunks, 0))
     }
@@ -567,10 +427,7 @@ impl TransformerModel {
         let mut chunks = Vec::new();
         for start in (0..n).step_by(batch_size) {
             let end = (start + batch_size).min(n);
-            let labels = input
-                .batch_labels
-                .as_ref()
-                .map(|b| b.clone().slice(start..end));
+            let labels = input.batch_labels.as_ref().map(|b| b.clone().slice(start..end));
             let out = self.encode(
                 input.src.clone().slice([start..end, 0..l]),
                 input.values.clone().slice([start..end, 0..l]),
@@ -584,20 +441,14 @@ impl TransformerModel {
 }
 
 /// `_get_cell_emb_from_layer` (shared by `TransformerModel` and `TransformerGenerator`).
-pub(crate) fn cell_emb_from_layer(
-    style: CellEmbStyle,
-    out: Tensor<3>,
-    weights: Option<Tensor<2>>,
-) -> Result<Tensor<2>> {
+pub(crate) fn cell_emb_from_layer(style: CellEmbStyle, out: Tensor<3>, weights: Option<Tensor<2>>) -> Result<Tensor<2>> {
     let [b, _, d] = out.dims();
     Ok(match style {
         CellEmbStyle::Cls => out.slice([0..b, 0..1, 0..d]).reshape([b, d]),
         // Over all L positions: the original does not exclude padding.
         CellEmbStyle::AvgPool => out.mean_dim(1).reshape([b, d]),
         CellEmbStyle::WPool => {
-            let w = weights.ok_or_else(|| {
-                ModelError::input("values", "w-pool needs the input values as weights")
-            })?;
+            let w = weights.ok_or_else(|| ModelError::input("values", "w-pool needs the input values as weights"))?;
             let s = (out * w.unsqueeze_dim::<3>(2)).sum_dim(1).reshape([b, d]);
             l2_normalize(s)
         }

@@ -38,14 +38,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{CellEmbStyle, ModelConfig, MvcDecoderStyle};
 use crate::error::{ModelError, Result};
+use crate::io::load::{float_dtype_of, load_module, LoadReport};
 use crate::layers::{
-    block_padding_grad, ClsDecoder, ContinuousValueEncoder, ExprDecoder, GeneEncoder, MvcDecoder,
-    TransformerEncoder, LEAKY_SLOPE,
+    block_padding_grad, ClsDecoder, ContinuousValueEncoder, ExprDecoder, GeneEncoder, MvcDecoder, TransformerEncoder, LEAKY_SLOPE,
 };
-use crate::load::{float_dtype_of, load_module, LoadReport};
-use crate::model::{
-    bernoulli, cell_emb_from_layer, elastic_cell_similarity, host_ints, ForwardFlags,
-};
+use crate::model::{bernoulli, cell_emb_from_layer, elastic_cell_similarity, host_ints, ForwardFlags};
 
 /// `AffineExprDecoder(activation=...)`: an `nn.<Name>()` applied to both coefficient and bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,13 +157,7 @@ impl PerturbationConfig {
     /// the pretrained model's args.json/vocab, and the tutorial's own settings: dropout 0,
     /// `pad_value` 0, `pert_pad_id` 0, `n_cls` 1, no MVC, no explicit zero probabilities.
     pub fn tutorial(pretrained: &ModelConfig) -> Self {
-        let mut c = Self::new(
-            pretrained.ntoken,
-            pretrained.d_model,
-            pretrained.nhead,
-            pretrained.d_hid,
-            pretrained.nlayers,
-        );
+        let mut c = Self::new(pretrained.ntoken, pretrained.d_model, pretrained.nhead, pretrained.d_hid, pretrained.nlayers);
         c.pad_token_id = pretrained.pad_token_id;
         c.pad_token = pretrained.pad_token.clone();
         c.nlayers_cls = pretrained.nlayers_cls;
@@ -183,48 +174,20 @@ impl PerturbationConfig {
 
     /// Checks the combination of fields; `Err` names the offending field.
     pub fn validate(&self) -> Result<()> {
-        let err =
-            |field: &str, msg: String| Err(ModelError::config("<perturbation config>", field, msg));
-        if self.ntoken == 0 {
-            return err("ntoken", "vocabulary size must be > 0".into());
-        }
-        if let Some(p) = self.pad_token_id {
-            if p >= self.ntoken {
-                return err(
-                    "pad_token_id",
-                    format!("{p} is outside the vocabulary of {}", self.ntoken),
-                );
-            }
-        }
-        if self.d_model == 0 || self.nhead == 0 || self.d_hid == 0 || self.nlayers == 0 {
-            return err(
-                "embsize/nheads/d_hid/nlayers",
-                "dimensions must be > 0".into(),
-            );
-        }
-        if !self.d_model.is_multiple_of(self.nhead) {
-            return err(
-                "nheads",
-                format!(
-                    "embsize {} is not divisible by nheads {}",
-                    self.d_model, self.nhead
-                ),
-            );
-        }
+        const ORIGIN: &str = "<perturbation config>";
+        let err = |field: &str, msg: String| Err(ModelError::config(ORIGIN, field, msg));
+        crate::config::check_transformer(
+            ORIGIN,
+            self.ntoken,
+            self.pad_token_id,
+            [self.d_model, self.nhead, self.d_hid, self.nlayers],
+            self.dropout,
+        )?;
         if self.nlayers_cls == 0 || self.n_cls == 0 {
             return err("n_layers_cls/n_cls", "must be >= 1".into());
         }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return err("dropout", format!("{} is not in [0, 1)", self.dropout));
-        }
         if self.pert_pad_id >= 3 {
-            return err(
-                "pert_pad_id",
-                format!(
-                    "{} is not a row of the 3-row perturbation embedding",
-                    self.pert_pad_id
-                ),
-            );
+            return err("pert_pad_id", format!("{} is not a row of the 3-row perturbation embedding", self.pert_pad_id));
         }
         Ok(())
     }
@@ -237,10 +200,7 @@ impl PerturbationConfig {
         let p = self.dropout;
         let mut pert_encoder = EmbeddingConfig::new(3, d).init(device);
         let pp = self.pert_pad_id;
-        let w = pert_encoder
-            .weight
-            .val()
-            .slice_assign([pp..pp + 1, 0..d], Tensor::zeros([1, d], device));
+        let w = pert_encoder.weight.val().slice_assign([pp..pp + 1, 0..d], Tensor::zeros([1, d], device));
         // Detached: on an autodiff device `slice_assign` yields a non-leaf tensor, which cannot
         // become a parameter.
         pert_encoder.weight = Param::from_tensor(w.detach());
@@ -248,15 +208,7 @@ impl PerturbationConfig {
             encoder: GeneEncoder::new(self.ntoken, d, self.pad_token_id, device),
             value_encoder: ContinuousValueEncoder::new(d, p, device),
             pert_encoder,
-            transformer_encoder: TransformerEncoder::new(
-                d,
-                self.nhead,
-                self.d_hid,
-                p,
-                self.nlayers,
-                self.identical_layer_init,
-                device,
-            ),
+            transformer_encoder: TransformerEncoder::new(d, self.nhead, self.d_hid, p, self.nlayers, self.identical_layer_init, device),
             decoder: AffineExprDecoder {
                 coeff_decoder: ExprDecoder::new(d, d, self.explicit_zero_prob, device),
                 bias_decoder: ExprDecoder::new(d, d, self.explicit_zero_prob, device),
@@ -265,13 +217,7 @@ impl PerturbationConfig {
             },
             cls_decoder: ClsDecoder::new(d, self.n_cls, self.nlayers_cls, device),
             mvc_decoder: self.do_mvc.then(|| {
-                MvcDecoder::new(
-                    d,
-                    d,
-                    self.explicit_zero_prob,
-                    self.mvc_decoder_style == MvcDecoderStyle::InnerProductDetach,
-                    device,
-                )
+                MvcDecoder::new(d, d, self.explicit_zero_prob, self.mvc_decoder_style == MvcDecoderStyle::InnerProductDetach, device)
             }),
             config: self.clone(),
         })
@@ -389,10 +335,7 @@ impl TransformerGenerator {
             ("src_key_padding_mask", input.src_key_padding_mask.dims()),
         ] {
             if d != dims {
-                return Err(ModelError::input(
-                    field,
-                    format!("shape {d:?} differs from src {dims:?}"),
-                ));
+                return Err(ModelError::input(field, format!("shape {d:?} differs from src {dims:?}")));
             }
         }
         if dims[0] == 0 || dims[1] == 0 {
@@ -400,18 +343,12 @@ impl TransformerGenerator {
         }
         let flags = host_ints(&input.input_pert_flags);
         if let Some(bad) = flags.iter().find(|&&f| !(0..3).contains(&f)) {
-            return Err(ModelError::input(
-                "input_pert_flags",
-                format!("flag {bad} outside 0..3"),
-            ));
+            return Err(ModelError::input("input_pert_flags", format!("flag {bad} outside 0..3")));
         }
         let ids = host_ints(&input.src);
         let n = self.config.ntoken as i64;
         if let Some(bad) = ids.iter().find(|&&t| t < 0 || t >= n) {
-            return Err(ModelError::input(
-                "src",
-                format!("token {bad} outside 0..{n}"),
-            ));
+            return Err(ModelError::input("src", format!("token {bad} outside 0..{n}")));
         }
         Ok(())
     }
@@ -423,24 +360,14 @@ impl TransformerGenerator {
         let genes = self.encoder.forward(input.src.clone());
         let vals = self.value_encoder.forward(input.values.clone());
         let flags = input.input_pert_flags.clone();
-        let perts = block_padding_grad(
-            self.pert_encoder.forward(flags.clone()),
-            &flags,
-            Some(self.config.pert_pad_id),
-        );
+        let perts = block_padding_grad(self.pert_encoder.forward(flags.clone()), &flags, Some(self.config.pert_pad_id));
         let total = genes.clone() + vals + perts;
-        let out = self
-            .transformer_encoder
-            .forward(total, Some(input.src_key_padding_mask.clone()));
+        let out = self.transformer_encoder.forward(total, Some(input.src_key_padding_mask.clone()));
         Ok((out, genes))
     }
 
     /// The original's `forward`. `flags.cce` is ignored (the original computes no CCE here).
-    pub fn forward(
-        &self,
-        input: PerturbationInput,
-        flags: ForwardFlags,
-    ) -> Result<PerturbationOutput> {
+    pub fn forward(&self, input: PerturbationInput, flags: ForwardFlags) -> Result<PerturbationOutput> {
         let explicit = self.config.explicit_zero_prob;
         // "Auto set do_sample to True when model is in eval mode."
         let do_sample = flags.do_sample || (explicit && !self.is_training());
@@ -452,13 +379,9 @@ impl TransformerGenerator {
             _ => pred.clone(),
         };
         let cell_emb = cell_emb_from_layer(self.config.cell_emb_style, out.clone(), Some(values))?;
-        let cls_output = flags
-            .cls
-            .then(|| self.cls_decoder.forward(cell_emb.clone()));
+        let cls_output = flags.cls.then(|| self.cls_decoder.forward(cell_emb.clone()));
         let (mvc_output, mvc_pred, mvc_zero_probs) = if flags.mvc {
-            let dec = self.mvc_decoder.as_ref().ok_or_else(|| {
-                ModelError::input("flags.mvc", "the model was built without do_mvc")
-            })?;
+            let dec = self.mvc_decoder.as_ref().ok_or_else(|| ModelError::input("flags.mvc", "the model was built without do_mvc"))?;
             let (p, z) = dec.forward(cell_emb.clone(), gene_embs);
             let sampled = match (&z, explicit && do_sample) {
                 (Some(z), true) => bernoulli(z.clone()) * p.clone(),
@@ -468,9 +391,7 @@ impl TransformerGenerator {
         } else {
             (None, None, None)
         };
-        let loss_ecs = flags
-            .ecs
-            .then(|| elastic_cell_similarity(cell_emb.clone(), self.config.ecs_threshold));
+        let loss_ecs = flags.ecs.then(|| elastic_cell_similarity(cell_emb.clone(), self.config.ecs_threshold));
         Ok(PerturbationOutput {
             transformer_output: out,
             mlm_output,
@@ -499,68 +420,37 @@ impl TransformerGenerator {
     ) -> Result<Tensor<2>> {
         let [b, g] = ori_gene_values.dims();
         if pert_flags.dims() != [b, g] {
-            return Err(ModelError::input(
-                "pert_flags",
-                format!("shape {:?}, expected [{b}, {g}]", pert_flags.dims()),
-            ));
+            return Err(ModelError::input("pert_flags", format!("shape {:?}, expected [{b}, {g}]", pert_flags.dims())));
         }
         if gene_ids.len() != g {
-            return Err(ModelError::input(
-                "gene_ids",
-                format!("{} ids for {g} genes", gene_ids.len()),
-            ));
+            return Err(ModelError::input("gene_ids", format!("{} ids for {g} genes", gene_ids.len())));
         }
         let device = ori_gene_values.device();
         let cols: Vec<usize> = match include_zero_gene {
             IncludeZeroGene::All => (0..g).collect(),
             IncludeZeroGene::BatchWise => {
-                let any = ori_gene_values
-                    .clone()
-                    .not_equal_elem(0.0)
-                    .int()
-                    .sum_dim(0)
-                    .reshape([g]);
-                host_ints(&any)
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, &n)| n > 0)
-                    .map(|(i, _)| i)
-                    .collect()
+                let any = ori_gene_values.clone().not_equal_elem(0.0).int().sum_dim(0).reshape([g]);
+                host_ints(&any).iter().enumerate().filter(|(_, &n)| n > 0).map(|(i, _)| i).collect()
             }
         };
         if cols.is_empty() {
-            return Err(ModelError::input(
-                "ori_gene_values",
-                "batch-wise mode needs at least one nonzero gene in the batch",
-            ));
+            return Err(ModelError::input("ori_gene_values", "batch-wise mode needs at least one nonzero gene in the batch"));
         }
         let l = cols.len();
-        let idx = Tensor::<1, Int>::from_data(
-            TensorData::new(cols.iter().map(|&c| c as i64).collect::<Vec<_>>(), [l]),
-            &device,
-        );
-        let ids: Vec<i64> = (0..b)
-            .flat_map(|_| cols.iter().map(|&c| gene_ids[c]))
-            .collect();
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(cols.iter().map(|&c| c as i64).collect::<Vec<_>>(), [l]), &device);
+        let ids: Vec<i64> = (0..b).flat_map(|_| cols.iter().map(|&c| gene_ids[c])).collect();
         let input = PerturbationInput {
             src: Tensor::from_data(TensorData::new(ids, [b, l]), &device),
             values: ori_gene_values.clone().select(1, idx.clone()),
             input_pert_flags: pert_flags.select(1, idx),
             src_key_padding_mask: Tensor::<2, Int>::zeros([b, l], &device).bool(),
         };
-        let flags = ForwardFlags {
-            do_sample: true,
-            ..Default::default()
-        };
+        let flags = ForwardFlags { do_sample: true, ..Default::default() };
         let out = self.forward(input, flags)?.mlm_output;
         if l == g {
             return Ok(out);
         }
-        let vals: Vec<f32> = out
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec()
-            .expect("f32");
+        let vals: Vec<f32> = out.into_data().convert::<f32>().try_into_vec().expect("f32");
         let mut full = vec![0f32; b * g];
         for r in 0..b {
             for (j, &c) in cols.iter().enumerate() {
@@ -575,21 +465,11 @@ impl TransformerGenerator {
     /// [`TUTORIAL_LOAD_PREFIXES`]); every model parameter under those prefixes must load, the
     /// rest keep their values. Unlike the tutorial's plain `load_state_dict`, flash
     /// (`Wqkv`), 0.2.5 (`_impl.`) and PyTorch (`in_proj_`) attention names all work.
-    pub fn load_pretrained_prefixes(
-        &mut self,
-        path: impl AsRef<Path>,
-        prefixes: &[&str],
-    ) -> Result<LoadReport> {
+    pub fn load_pretrained_prefixes(&mut self, path: impl AsRef<Path>, prefixes: &[&str]) -> Result<LoadReport> {
         let dtype = float_dtype_of(&self.device());
         let list = format!("{prefixes:?}");
         let selected = |name: &str| prefixes.iter().any(|p| name.starts_with(p));
-        load_module(
-            self,
-            path.as_ref(),
-            dtype,
-            &|name| (!selected(name)).then(|| format!("not under the load prefixes {list}")),
-            &selected,
-        )
+        load_module(self, path.as_ref(), dtype, &|name| (!selected(name)).then(|| format!("not under the load prefixes {list}")), &selected)
     }
 
     /// Loads a saved `TransformerGenerator` state_dict (all keys, by name and shape). The
@@ -597,15 +477,7 @@ impl TransformerGenerator {
     pub fn load_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<LoadReport> {
         let dtype = float_dtype_of(&self.device());
         load_module(self, path.as_ref(), dtype, &|_| None, &|name| {
-            [
-                "encoder.",
-                "value_encoder.",
-                "pert_encoder.",
-                "transformer_encoder.",
-                "decoder.",
-            ]
-            .iter()
-            .any(|p| name.starts_with(p))
+            ["encoder.", "value_encoder.", "pert_encoder.", "transformer_encoder.", "decoder."].iter().any(|p| name.starts_with(p))
         })
     }
 }

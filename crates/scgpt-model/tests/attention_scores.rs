@@ -18,9 +18,7 @@ fn model_on(device: &Device) -> TransformerModel {
     let json = fixture_json("attention_grn");
     let ntoken = json["ntoken"].as_u64().unwrap() as usize;
     let pad = json["pad_token_id"].as_u64().unwrap() as usize;
-    let config = ModelConfig::from_args_json(data("attention_grn.args.json"), ntoken)
-        .unwrap()
-        .with_pad_token_id(pad);
+    let config = ModelConfig::from_args_json(data("attention_grn.args.json"), ntoken).unwrap().with_pad_token_id(pad);
     assert_eq!(config.domain_spec_batchnorm, BatchNormStyle::BatchNorm);
     let mut model = config.init(device).unwrap();
     let report = load_pretrained(&mut model, data("attention_grn.pt")).unwrap();

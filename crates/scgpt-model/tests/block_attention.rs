@@ -4,8 +4,8 @@
 
 use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
 use scgpt_model::block_attention::{keep_mask_by_tensor_ops, keep_threshold, mask_draw};
-use scgpt_model::layers::{AttentionMode, SelfAttention};
 use scgpt_model::burn;
+use scgpt_model::layers::{AttentionMode, SelfAttention};
 
 const D: usize = 16;
 const HEADS: usize = 4;
@@ -132,7 +132,12 @@ fn generative_attention_matches_the_explicit_path() {
         for p in [0.0, 0.3] {
             for fused in [true, false] {
                 let what = format!("pcpt pads {pp:?} gen pads {gp:?} dropout {p} fused {fused}");
-                assert_same(&what, generative(BLOCKWISE, fused, p, pp, gp, 9, 5), generative(AttentionMode::Explicit, true, p, pp, gp, 9, 5), 1e-5);
+                assert_same(
+                    &what,
+                    generative(BLOCKWISE, fused, p, pp, gp, 9, 5),
+                    generative(AttentionMode::Explicit, true, p, pp, gp, 9, 5),
+                    1e-5,
+                );
             }
         }
     }
@@ -169,7 +174,8 @@ fn keep_mask_is_the_host_hash_and_keeps_the_right_share() {
     let [b, h, lq, lk] = dims;
     let rows = 13..37;
     let block = values(keep_mask_by_tensor_ops(&one, dims, rows.clone(), seed, keep));
-    let want_block: Vec<f32> = (0..b * h).flat_map(|bh| rows.clone().flat_map(move |i| (0..lk).map(move |j| (bh * lq + i) * lk + j))).map(|at| got[at]).collect();
+    let want_block: Vec<f32> =
+        (0..b * h).flat_map(|bh| rows.clone().flat_map(move |i| (0..lk).map(move |j| (bh * lq + i) * lk + j))).map(|at| got[at]).collect();
     assert_eq!(block, want_block, "a block of rows is the whole mask's rows");
     let mut want = Vec::new();
     for row in 0..(b * h * lq) as u64 {

@@ -8,21 +8,13 @@ use std::path::Path;
 
 use common::*;
 use scgpt_model::burn::tensor::{Device, Distribution, Tensor};
-use scgpt_model::checkpoint::{NATIVE_CONFIG, NATIVE_WEIGHTS, VOCAB_FILE};
-use scgpt_model::{
-    load_native, load_pretrained, save_native, BatchNormStyle, ModelConfig, ModelError, ModelInput,
-};
+use scgpt_model::io::checkpoint::{NATIVE_CONFIG, NATIVE_WEIGHTS, VOCAB_FILE};
+use scgpt_model::{load_native, load_pretrained, save_native, BatchNormStyle, ModelConfig, ModelError, ModelInput};
 
 #[test]
 fn native_round_trip_is_bit_exact_for_every_fixture() {
     let vocab = fixture_vocab();
-    for name in [
-        "continuous",
-        "category_cls",
-        "dsbn_batch",
-        "scaling_bn",
-        "generative",
-    ] {
+    for name in ["continuous", "category_cls", "dsbn_batch", "scaling_bn", "generative"] {
         let device = Device::flex();
         let mut config = fixture_config(name);
         if name == "generative" {
@@ -38,24 +30,12 @@ fn native_round_trip_is_bit_exact_for_every_fixture() {
         let back = load_native(&dir, &device).unwrap();
         assert_eq!(back.model.config, model.config, "{name}");
         assert_eq!(back.vocab_json, vocab);
-        assert_eq!(
-            all_tensors(&back.model),
-            all_tensors(&model),
-            "{name}: tensors"
-        );
+        assert_eq!(all_tensors(&back.model), all_tensors(&model), "{name}: tensors");
         // Same tensors → same outputs; checked anyway, bit for bit, padding included.
-        let json = fixture_json(if name == "generative" {
-            "continuous"
-        } else {
-            name
-        });
+        let json = fixture_json(if name == "generative" { "continuous" } else { name });
         let input = fixture_input(&json, &device);
         let flags = fixture_flags(&json);
-        assert_eq!(
-            all_outputs(&back.model, &input, flags),
-            all_outputs(&model, &input, flags),
-            "{name}: outputs"
-        );
+        assert_eq!(all_outputs(&back.model, &input, flags), all_outputs(&model, &input, flags), "{name}: outputs");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
@@ -73,17 +53,14 @@ fn native_save_after_a_training_step_keeps_updated_running_stats() {
     let model = config.init(&device).unwrap();
     let before = all_tensors(&model)["dsbn.bns.1.running_mean"].clone();
     let (b, l) = (3, 5);
-    let src = Tensor::<1, scgpt_model::burn::tensor::Int>::arange(0..(b * l) as i64, &device)
-        .reshape([b, l]);
+    let src = Tensor::<1, scgpt_model::burn::tensor::Int>::arange(0..(b * l) as i64, &device).reshape([b, l]);
     let input = ModelInput {
         src,
         values: Tensor::<2>::random([b, l], Distribution::Uniform(0.0, 50.0), &device),
         src_key_padding_mask: Tensor::<2>::zeros([b, l], &device).bool(),
         batch_labels: Some(Tensor::from_data([1i64, 1, 1], &device)),
     };
-    let out = model
-        .forward(input, scgpt_model::ForwardFlags::default())
-        .unwrap();
+    let out = model.forward(input, scgpt_model::ForwardFlags::default()).unwrap();
     let _ = out.mlm_output.sum().backward();
 
     // Save straight after the step: nothing has synced the running state yet.
@@ -91,23 +68,10 @@ fn native_save_after_a_training_step_keeps_updated_running_stats() {
     save_native(&model, &fixture_vocab(), &dir).unwrap();
     let back = load_native(&dir, &Device::flex()).unwrap();
 
-    let want = model.dsbn.as_ref().unwrap().bns[1]
-        .running_mean
-        .value_sync();
+    let want = model.dsbn.as_ref().unwrap().bns[1].running_mean.value_sync();
     let want = values(want.inner()).1;
-    assert_ne!(
-        before.2,
-        want.iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect::<Vec<u8>>(),
-        "the step should have moved the running mean"
-    );
-    let got = values(
-        back.model.dsbn.as_ref().unwrap().bns[1]
-            .running_mean
-            .value(),
-    )
-    .1;
+    assert_ne!(before.2, want.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(), "the step should have moved the running mean");
+    let got = values(back.model.dsbn.as_ref().unwrap().bns[1].running_mean.value()).1;
     assert_eq!(got, want);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -139,10 +103,7 @@ fn native_save_replaces_only_a_checkpoint_directory() {
     // A directory holding anything else is not replaced.
     std::fs::write(dir.join("notes.txt"), "keep me").unwrap();
     let err = save_native(&a, &vocab, &dir).unwrap_err().to_string();
-    assert!(
-        err.contains("notes.txt") && err.contains("refusing"),
-        "{err}"
-    );
+    assert!(err.contains("notes.txt") && err.contains("refusing"), "{err}");
     assert!(dir.join("notes.txt").is_file());
     // Nor a file.
     let file = scratch("a-file");
@@ -151,9 +112,7 @@ fn native_save_replaces_only_a_checkpoint_directory() {
     std::fs::remove_file(&file).unwrap();
     // A vocabulary that contradicts the model is refused before anything is written.
     let bad = scratch("bad-vocab");
-    let err = save_native(&a, r#"{"<pad>": 3}"#, &bad)
-        .unwrap_err()
-        .to_string();
+    let err = save_native(&a, r#"{"<pad>": 3}"#, &bad).unwrap_err().to_string();
     assert!(err.contains("pad_token_id"), "{err}");
     assert!(!bad.exists());
     std::fs::remove_dir_all(&parent).unwrap();
@@ -184,13 +143,7 @@ fn damaged_native_checkpoints_are_clear_errors() {
     for cut in cuts {
         std::fs::write(&weights, &good[..cut]).unwrap();
         let msg = expect_error_naming(&dir, NATIVE_WEIGHTS, &device);
-        assert!(
-            matches!(
-                load_native(&dir, &device).unwrap_err(),
-                ModelError::Checkpoint { .. }
-            ),
-            "cut {cut}: {msg}"
-        );
+        assert!(matches!(load_native(&dir, &device).unwrap_err(), ModelError::Checkpoint { .. }), "cut {cut}: {msg}");
     }
     let mut garbage = good.clone();
     for b in garbage.iter_mut().skip(8).take(64) {

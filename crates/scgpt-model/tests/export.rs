@@ -13,18 +13,12 @@ use std::collections::BTreeSet;
 use common::*;
 use scgpt_model::burn::store::{ModuleStore, PytorchStore};
 use scgpt_model::burn::tensor::Device;
-use scgpt_model::checkpoint::{ORIGINAL_ARGS, ORIGINAL_WEIGHTS, VOCAB_FILE};
-use scgpt_model::torch_zip::crc32;
+use scgpt_model::io::checkpoint::{ORIGINAL_ARGS, ORIGINAL_WEIGHTS, VOCAB_FILE};
+use scgpt_model::io::torch_zip::crc32;
 use scgpt_model::{export_original, load_pretrained, ModelConfig, ModelError, TransformerModel};
 use serde_json::{json, Value};
 
-const VARIANTS: [&str; 5] = [
-    "continuous",
-    "category_cls",
-    "dsbn_batch",
-    "scaling_bn",
-    "generative",
-];
+const VARIANTS: [&str; 5] = ["continuous", "category_cls", "dsbn_batch", "scaling_bn", "generative"];
 
 /// The fixture whose inputs/flags a variant runs on.
 fn inputs_of(variant: &str) -> &str {
@@ -42,27 +36,14 @@ fn export_and_reload(model: &TransformerModel, dir: &std::path::Path) -> Transfo
     for f in [ORIGINAL_WEIGHTS, ORIGINAL_ARGS, VOCAB_FILE] {
         assert!(dir.join(f).is_file(), "{f}");
     }
-    assert_eq!(
-        std::fs::read_to_string(dir.join(VOCAB_FILE)).unwrap(),
-        fixture_vocab()
-    );
-    let config = ModelConfig::from_args_json(dir.join(ORIGINAL_ARGS), NTOKEN)
-        .unwrap()
-        .with_pad_token_id(PAD_ID);
-    assert_eq!(
-        config, model.config,
-        "args.json must read back to the same config"
-    );
+    assert_eq!(std::fs::read_to_string(dir.join(VOCAB_FILE)).unwrap(), fixture_vocab());
+    let config = ModelConfig::from_args_json(dir.join(ORIGINAL_ARGS), NTOKEN).unwrap().with_pad_token_id(PAD_ID);
+    assert_eq!(config, model.config, "args.json must read back to the same config");
     let mut back = config.init(&device_of(model)).unwrap();
     let load = load_pretrained(&mut back, dir.join(ORIGINAL_WEIGHTS)).unwrap();
     assert!(load.missing.is_empty(), "{load}");
     // Only PyTorch's BatchNorm counters have no slot here.
-    assert!(
-        load.skipped
-            .iter()
-            .all(|s| s.key.ends_with(".num_batches_tracked")),
-        "{load}"
-    );
+    assert!(load.skipped.iter().all(|s| s.key.ends_with(".num_batches_tracked")), "{load}");
     assert_eq!(load.loaded.len() + load.skipped.len(), report.tensors.len());
     assert_eq!(all_tensors(&back), all_tensors(model), "tensors differ");
     back
@@ -79,11 +60,7 @@ fn exported_fixtures_reload_bit_exact() {
         let json = fixture_json(inputs_of(name));
         let input = fixture_input(&json, &device);
         let flags = fixture_flags(&json);
-        assert_eq!(
-            all_outputs(&back, &input, flags),
-            all_outputs(&model, &input, flags),
-            "{name}: outputs"
-        );
+        assert_eq!(all_outputs(&back, &input, flags), all_outputs(&model, &input, flags), "{name}: outputs");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
@@ -122,18 +99,8 @@ fn exported_keys_use_the_original_names() {
     }
     assert_eq!(exported, want);
     // PyTorch layouts: Wqkv [3d, d], value_encoder.linear1 [d, 1].
-    let shape = |k: &str| {
-        report
-            .tensors
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, s)| s.clone())
-            .unwrap()
-    };
-    assert_eq!(
-        shape("transformer_encoder.layers.0.self_attn.Wqkv.weight"),
-        [96, 32]
-    );
+    let shape = |k: &str| report.tensors.iter().find(|(n, _)| n == k).map(|(_, s)| s.clone()).unwrap();
+    assert_eq!(shape("transformer_encoder.layers.0.self_attn.Wqkv.weight"), [96, 32]);
     assert_eq!(shape("value_encoder.linear1.weight"), [32, 1]);
     assert_eq!(shape("decoder.fc.4.weight"), [1, 32]);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -143,18 +110,8 @@ fn exported_keys_use_the_original_names() {
     let dir = scratch("keys-dsbn");
     let report = export_original(&model, &model.config, &fixture_vocab(), &dir).unwrap();
     let names: Vec<&str> = report.tensors.iter().map(|(k, _)| k.as_str()).collect();
-    let i = names
-        .iter()
-        .position(|k| *k == "dsbn.bns.1.running_mean")
-        .unwrap();
-    assert_eq!(
-        &names[i..i + 3],
-        [
-            "dsbn.bns.1.running_mean",
-            "dsbn.bns.1.running_var",
-            "dsbn.bns.1.num_batches_tracked"
-        ]
-    );
+    let i = names.iter().position(|k| *k == "dsbn.bns.1.running_mean").unwrap();
+    assert_eq!(&names[i..i + 3], ["dsbn.bns.1.running_mean", "dsbn.bns.1.running_var", "dsbn.bns.1.num_batches_tracked"]);
     assert!(names.contains(&"grad_reverse_discriminator._decoder.5.bias"));
     assert!(names.contains(&"decoder.zero_logit.4.weight"));
     std::fs::remove_dir_all(&dir).unwrap();
@@ -193,24 +150,13 @@ fn exported_archive_has_torch_layout() {
         i = end + 16;
     }
     let n = report.tensors.len();
-    let mut want: Vec<String> = [
-        "data.pkl",
-        ".format_version",
-        ".storage_alignment",
-        "byteorder",
-    ]
-    .iter()
-    .map(|s| format!("best_model/{s}"))
-    .collect();
+    let mut want: Vec<String> =
+        ["data.pkl", ".format_version", ".storage_alignment", "byteorder"].iter().map(|s| format!("best_model/{s}")).collect();
     want.extend((0..n).map(|k| format!("best_model/data/{k}")));
     want.push("best_model/version".into());
     want.push("best_model/.data/serialization_id".into());
     assert_eq!(names, want);
-    assert_eq!(
-        u32_at(bytes.len() - 22),
-        0x0605_4b50,
-        "end of central directory"
-    );
+    assert_eq!(u32_at(bytes.len() - 22), 0x0605_4b50, "end of central directory");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -231,8 +177,7 @@ fn export_refuses_inconsistent_inputs() {
     let mut tweaked = model.config.clone();
     tweaked.dropout = 0.0;
     export_original(&model, &tweaked, &fixture_vocab(), &dir).unwrap();
-    let args: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(ORIGINAL_ARGS)).unwrap()).unwrap();
+    let args: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(ORIGINAL_ARGS)).unwrap()).unwrap();
     assert_eq!(args["dropout"], json!(0.0));
     assert_eq!(args["embsize"], json!(32));
     assert_eq!(args["pad_value"], json!(-2));
@@ -277,11 +222,7 @@ fn export_for_the_torch_check() {
                         .map(|(k, (s, v))| (k.clone(), tensor_json(s, v)))
                         .collect::<serde_json::Map<String, Value>>(),
                 });
-                std::fs::write(
-                    d.join(format!("{name}.expected.json")),
-                    serde_json::to_string(&expected).unwrap(),
-                )
-                .unwrap();
+                std::fs::write(d.join(format!("{name}.expected.json")), serde_json::to_string(&expected).unwrap()).unwrap();
             }
             None => std::fs::remove_dir_all(&dir).unwrap(),
         }

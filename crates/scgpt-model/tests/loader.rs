@@ -7,15 +7,11 @@ use scgpt_model::burn::tensor::Device;
 use scgpt_model::{load_pretrained, ModelConfig, ModelError, TransformerModel};
 
 fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data/model")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/model").join(name)
 }
 
 fn config(name: &str) -> ModelConfig {
-    ModelConfig::from_args_json(data(&format!("{name}.args.json")), 100)
-        .unwrap()
-        .with_pad_token_id(97)
+    ModelConfig::from_args_json(data(&format!("{name}.args.json")), 100).unwrap().with_pad_token_id(97)
 }
 
 fn model(c: &ModelConfig) -> TransformerModel {
@@ -23,14 +19,7 @@ fn model(c: &ModelConfig) -> TransformerModel {
 }
 
 fn embedding_values(m: &TransformerModel) -> Vec<f32> {
-    m.encoder
-        .embedding
-        .weight
-        .val()
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec()
-        .unwrap()
+    m.encoder.embedding.weight.val().into_data().convert::<f32>().try_into_vec().unwrap()
 }
 
 fn tmp_file(name: &str, bytes: &[u8]) -> PathBuf {
@@ -44,23 +33,10 @@ fn tmp_file(name: &str, bytes: &[u8]) -> PathBuf {
 fn expect_checkpoint_error(path: &Path, m: &mut TransformerModel) -> String {
     let before = embedding_values(m);
     let err = load_pretrained(m, path).expect_err("loading must fail");
-    assert!(
-        matches!(
-            err,
-            ModelError::Checkpoint { .. } | ModelError::RequiredKeys { .. }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, ModelError::Checkpoint { .. } | ModelError::RequiredKeys { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(
-        msg.contains(&path.display().to_string()),
-        "error does not name the file: {msg}"
-    );
-    assert_eq!(
-        before,
-        embedding_values(m),
-        "a failed load changed the model"
-    );
+    assert!(msg.contains(&path.display().to_string()), "error does not name the file: {msg}");
+    assert_eq!(before, embedding_values(m), "a failed load changed the model");
     msg
 }
 
@@ -73,19 +49,7 @@ fn truncated_checkpoints_are_errors() {
         let c = config(name.trim_end_matches(".pt"));
         let mut m = model(&c);
         let n = bytes.len();
-        let mut cuts: Vec<usize> = vec![
-            0,
-            1,
-            8,
-            64,
-            512,
-            n / 3,
-            n / 2,
-            n - 4096,
-            n - 100,
-            n - 22,
-            n - 1,
-        ];
+        let mut cuts: Vec<usize> = vec![0, 1, 8, 64, 512, n / 3, n / 2, n - 4096, n - 100, n - 22, n - 1];
         cuts.extend((1..40).map(|i| i * n / 40));
         for cut in cuts {
             let p = tmp_file(&format!("trunc-{cut}-{name}"), &bytes[..cut]);
@@ -100,9 +64,7 @@ fn truncated_checkpoints_are_errors() {
 fn garbage_and_non_checkpoint_files_are_errors() {
     let c = config("continuous");
     let mut m = model(&c);
-    let junk: Vec<u8> = (0..5000u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let junk: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     let p = tmp_file("junk.pt", &junk);
     expect_checkpoint_error(&p, &mut m);
     // A JSON file is not a checkpoint either.
@@ -128,12 +90,7 @@ fn wrong_dimensions_fail_on_required_keys() {
     c.d_model = 64;
     let mut m = model(&c);
     let msg = expect_checkpoint_error(&data("continuous.pt"), &mut m);
-    assert!(
-        msg.contains(
-            "transformer_encoder.layers.0.self_attn.Wqkv.weight (shape [96, 32] in the file"
-        ),
-        "{msg}"
-    );
+    assert!(msg.contains("transformer_encoder.layers.0.self_attn.Wqkv.weight (shape [96, 32] in the file"), "{msg}");
 }
 
 #[test]
@@ -142,10 +99,7 @@ fn a_layer_absent_from_the_file_is_an_error() {
     c.nlayers = 3;
     let mut m = model(&c);
     let msg = expect_checkpoint_error(&data("continuous.pt"), &mut m);
-    assert!(
-        msg.contains("transformer_encoder.layers.2.linear1.weight (absent)"),
-        "{msg}"
-    );
+    assert!(msg.contains("transformer_encoder.layers.2.linear1.weight (absent)"), "{msg}");
     assert!(!msg.contains("layers.1."), "{msg}");
 }
 
@@ -155,10 +109,7 @@ fn generative_model_takes_the_flag_encoder() {
     c.use_generative_training = true;
     let mut m = model(&c);
     let report = load_pretrained(&mut m, data("continuous.pt")).unwrap();
-    assert!(
-        report.loaded.iter().any(|k| k == "flag_encoder.weight"),
-        "{report}"
-    );
+    assert!(report.loaded.iter().any(|k| k == "flag_encoder.weight"), "{report}");
     assert!(report.skipped.is_empty(), "{report}");
 }
 
@@ -171,19 +122,7 @@ fn head_shape_changes_are_skipped_not_fatal() {
     let mut m = model(&c);
     let report = load_pretrained(&mut m, data("category_cls.pt")).unwrap();
     let skipped: Vec<&str> = report.skipped.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(
-        skipped,
-        ["cls_decoder.out_layer.bias", "cls_decoder.out_layer.weight"],
-        "{report}"
-    );
-    assert_eq!(
-        report.missing,
-        ["cls_decoder.out_layer.bias", "cls_decoder.out_layer.weight"]
-    );
-    assert!(
-        report
-            .to_string()
-            .contains("shape [7] in the file, the model has [4]"),
-        "{report}"
-    );
+    assert_eq!(skipped, ["cls_decoder.out_layer.bias", "cls_decoder.out_layer.weight"], "{report}");
+    assert_eq!(report.missing, ["cls_decoder.out_layer.bias", "cls_decoder.out_layer.weight"]);
+    assert!(report.to_string().contains("shape [7] in the file, the model has [4]"), "{report}");
 }

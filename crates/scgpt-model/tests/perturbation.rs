@@ -7,8 +7,8 @@ use common::*;
 use scgpt_model::burn::module::Module;
 use scgpt_model::burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use scgpt_model::{
-    CellEmbStyle, DecoderActivation, ForwardFlags, IncludeZeroGene, PerturbationConfig,
-    PerturbationInput, TransformerGenerator, TUTORIAL_LOAD_PREFIXES,
+    CellEmbStyle, DecoderActivation, ForwardFlags, IncludeZeroGene, PerturbationConfig, PerturbationInput, TransformerGenerator,
+    TUTORIAL_LOAD_PREFIXES,
 };
 use serde_json::Value;
 
@@ -18,14 +18,8 @@ const TOL: f32 = 1e-4;
 fn config_from_ctor(json: &Value) -> PerturbationConfig {
     let c = &json["ctor"];
     let u = |k: &str| c[k].as_u64().unwrap() as usize;
-    let mut cfg = PerturbationConfig::new(
-        json["ntoken"].as_u64().unwrap() as usize,
-        u("d_model"),
-        u("nhead"),
-        u("d_hid"),
-        u("nlayers"),
-    )
-    .with_pad_token_id(json["pad_token_id"].as_u64().unwrap() as usize);
+    let mut cfg = PerturbationConfig::new(json["ntoken"].as_u64().unwrap() as usize, u("d_model"), u("nhead"), u("d_hid"), u("nlayers"))
+        .with_pad_token_id(json["pad_token_id"].as_u64().unwrap() as usize);
     cfg.nlayers_cls = u("nlayers_cls");
     cfg.n_cls = u("n_cls");
     cfg.dropout = c["dropout"].as_f64().unwrap();
@@ -64,14 +58,8 @@ fn input(json: &Value, device: &Device) -> PerturbationInput {
     PerturbationInput {
         src: Tensor::<2, Int>::from_data(TensorData::new(ints(&inp["src"]), [b, l]), device),
         values: Tensor::<2>::from_data(TensorData::new(floats(&inp["values"]), [b, l]), device),
-        input_pert_flags: Tensor::<2, Int>::from_data(
-            TensorData::new(ints(&inp["input_pert_flags"]), [b, l]),
-            device,
-        ),
-        src_key_padding_mask: Tensor::<2, Bool>::from_data(
-            TensorData::new(bools(&inp["src_key_padding_mask"]), [b, l]),
-            device,
-        ),
+        input_pert_flags: Tensor::<2, Int>::from_data(TensorData::new(ints(&inp["input_pert_flags"]), [b, l]), device),
+        src_key_padding_mask: Tensor::<2, Bool>::from_data(TensorData::new(bools(&inp["src_key_padding_mask"]), [b, l]), device),
     }
 }
 
@@ -87,12 +75,7 @@ fn flags(json: &Value) -> ForwardFlags {
 }
 
 /// Compares with the fixture; `skip_rows` (one flag per (b, l)) leaves out padded positions.
-fn assert_close<const D: usize>(
-    what: &str,
-    got: Tensor<D>,
-    want: &Value,
-    skip_rows: Option<&[bool]>,
-) {
+fn assert_close<const D: usize>(what: &str, got: Tensor<D>, want: &Value, skip_rows: Option<&[bool]>) {
     let (shape, got) = values(got);
     assert_eq!(shape, shape_of(want), "{what}: shape");
     let want = floats(want);
@@ -112,14 +95,7 @@ fn assert_close<const D: usize>(
     }
     assert!(n > 0, "{what}: nothing compared");
     eprintln!("{what}: compared {n}, worst rel err {:.2e}", worst.0);
-    assert!(
-        worst.0 <= TOL,
-        "{what}: element {} got {} want {} (rel err {:.3e})",
-        worst.1,
-        got[worst.1],
-        want[worst.1],
-        worst.0
-    );
+    assert!(worst.0 <= TOL, "{what}: element {} got {} want {} (rel err {:.3e})", worst.1, got[worst.1], want[worst.1], worst.0);
 }
 
 fn load(name: &str) -> (Value, TransformerGenerator, Device) {
@@ -129,10 +105,7 @@ fn load(name: &str) -> (Value, TransformerGenerator, Device) {
     let report = model.load_checkpoint(data(&format!("{name}.pt"))).unwrap();
     assert!(report.missing.is_empty(), "{report}");
     assert!(report.skipped.is_empty(), "{report}");
-    assert_eq!(
-        report.loaded.len(),
-        json["checkpoint"]["keys"].as_u64().unwrap() as usize
-    );
+    assert_eq!(report.loaded.len(), json["checkpoint"]["keys"].as_u64().unwrap() as usize);
     (json, model, device)
 }
 
@@ -142,12 +115,7 @@ fn parity_perturbation_tutorial_settings() {
     let o = &json["outputs"];
     let out = model.forward(input(&json, &device), flags(&json)).unwrap();
     // No padding in the tutorial setup: every position is compared.
-    assert_close(
-        "transformer_output",
-        out.transformer_output,
-        &o["transformer_output"],
-        None,
-    );
+    assert_close("transformer_output", out.transformer_output, &o["transformer_output"], None);
     assert_close("mlm_output", out.mlm_output.clone(), &o["mlm_output"], None);
     assert_close("mlm_pred", out.mlm_pred, &o["mlm_output"], None);
     assert_close("cell_emb", out.cell_emb, &o["cell_emb"], None);
@@ -155,32 +123,15 @@ fn parity_perturbation_tutorial_settings() {
 
     // pred_perturb over the dataset's genes (3 of them missing from the vocabulary).
     let inp = input(&json, &device);
-    let gene_ids: Vec<i64> = json["inputs"]["gene_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect();
-    for (mode, key) in [
-        (IncludeZeroGene::All, "pred_perturb_all"),
-        (IncludeZeroGene::BatchWise, "pred_perturb_batch_wise"),
-    ] {
-        let got = model
-            .pred_perturb(
-                inp.values.clone(),
-                inp.input_pert_flags.clone(),
-                &gene_ids,
-                mode,
-            )
-            .unwrap();
+    let gene_ids: Vec<i64> = json["inputs"]["gene_ids"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+    for (mode, key) in [(IncludeZeroGene::All, "pred_perturb_all"), (IncludeZeroGene::BatchWise, "pred_perturb_batch_wise")] {
+        let got = model.pred_perturb(inp.values.clone(), inp.input_pert_flags.clone(), &gene_ids, mode).unwrap();
         assert_close(key, got, &o[key], None);
     }
 
     // The tutorial's pretrained load on top: only encoder / value_encoder / transformer_encoder
     // from the whole-human-layout TransformerModel checkpoint.
-    let report = model
-        .load_pretrained_prefixes(data("continuous.pt"), &TUTORIAL_LOAD_PREFIXES)
-        .unwrap();
+    let report = model.load_pretrained_prefixes(data("continuous.pt"), &TUTORIAL_LOAD_PREFIXES).unwrap();
     let want_loaded: Vec<String> = json["pretrained"]["loaded"]
         .as_array()
         .unwrap()
@@ -190,31 +141,15 @@ fn parity_perturbation_tutorial_settings() {
     let mut want_loaded = want_loaded;
     want_loaded.sort();
     assert_eq!(report.loaded, want_loaded, "{report}");
-    assert!(report.missing.iter().all(|m| !m.starts_with("encoder.")
-        && !m.starts_with("value_encoder.")
-        && !m.starts_with("transformer_encoder.")));
-    assert!(
-        report
-            .skipped
-            .iter()
-            .all(|s| s.reason.contains("not under the load prefixes")),
-        "{report}"
-    );
     assert!(report
-        .skipped
+        .missing
         .iter()
-        .any(|s| s.key == "flag_encoder.weight"));
-    assert!(report
-        .skipped
-        .iter()
-        .any(|s| s.key == "decoder.fc.0.weight"));
+        .all(|m| !m.starts_with("encoder.") && !m.starts_with("value_encoder.") && !m.starts_with("transformer_encoder.")));
+    assert!(report.skipped.iter().all(|s| s.reason.contains("not under the load prefixes")), "{report}");
+    assert!(report.skipped.iter().any(|s| s.key == "flag_encoder.weight"));
+    assert!(report.skipped.iter().any(|s| s.key == "decoder.fc.0.weight"));
     let out = model.forward(input(&json, &device), flags(&json)).unwrap();
-    assert_close(
-        "pretrained_mlm_output",
-        out.mlm_output,
-        &o["pretrained_mlm_output"],
-        None,
-    );
+    assert_close("pretrained_mlm_output", out.mlm_output, &o["pretrained_mlm_output"], None);
 }
 
 #[test]
@@ -223,54 +158,21 @@ fn parity_perturbation_zero_probs_mvc_adaptive_bias() {
     let o = &json["outputs"];
     let pads = bools(&json["inputs"]["src_key_padding_mask"]);
     let out = model.forward(input(&json, &device), flags(&json)).unwrap();
-    assert_close(
-        "transformer_output",
-        out.transformer_output,
-        &o["transformer_output"],
-        Some(&pads),
-    );
-    assert_close(
-        "mlm_pred",
-        out.mlm_pred.clone(),
-        &o["mlm_pred"],
-        Some(&pads),
-    );
-    assert_close(
-        "mlm_zero_probs",
-        out.mlm_zero_probs.unwrap(),
-        &o["mlm_zero_probs"],
-        Some(&pads),
-    );
+    assert_close("transformer_output", out.transformer_output, &o["transformer_output"], Some(&pads));
+    assert_close("mlm_pred", out.mlm_pred.clone(), &o["mlm_pred"], Some(&pads));
+    assert_close("mlm_zero_probs", out.mlm_zero_probs.unwrap(), &o["mlm_zero_probs"], Some(&pads));
     // w-pool over all positions, padding included (defined there: values are 0 at padding).
     assert_close("cell_emb", out.cell_emb, &o["cell_emb"], None);
-    assert_close(
-        "cls_output",
-        out.cls_output.unwrap(),
-        &o["cls_output"],
-        None,
-    );
-    assert_close(
-        "mvc_pred",
-        out.mvc_pred.clone().unwrap(),
-        &o["mvc_pred"],
-        None,
-    );
-    assert_close(
-        "mvc_zero_probs",
-        out.mvc_zero_probs.unwrap(),
-        &o["mvc_zero_probs"],
-        None,
-    );
+    assert_close("cls_output", out.cls_output.unwrap(), &o["cls_output"], None);
+    assert_close("mvc_pred", out.mvc_pred.clone().unwrap(), &o["mvc_pred"], None);
+    assert_close("mvc_zero_probs", out.mvc_zero_probs.unwrap(), &o["mvc_zero_probs"], None);
     let ecs = out.loss_ecs.unwrap().into_scalar::<f32>();
     let want = o["loss_ecs"].as_f64().unwrap() as f32;
     assert!((ecs - want).abs() <= TOL, "loss_ecs {ecs} vs {want}");
 
     // In eval mode with explicit_zero_prob the original samples: every output element is
     // either 0 or the prediction.
-    for (sampled, pred) in [
-        (out.mlm_output, out.mlm_pred),
-        (out.mvc_output.unwrap(), out.mvc_pred.unwrap()),
-    ] {
+    for (sampled, pred) in [(out.mlm_output, out.mlm_pred), (out.mvc_output.unwrap(), out.mvc_pred.unwrap())] {
         let (_, s) = values(sampled);
         let (_, p) = values(pred);
         assert!(s.iter().zip(&p).all(|(s, p)| *s == 0.0 || s == p));
@@ -289,32 +191,15 @@ fn perturbation_inputs_are_checked() {
         input_pert_flags: Tensor::from_data([[0i64, 1, 0]], &device),
         src_key_padding_mask: Tensor::<2, Int>::zeros([1, 3], &device).bool(),
     };
-    model
-        .forward(good.clone(), ForwardFlags::default())
-        .unwrap();
+    model.forward(good.clone(), ForwardFlags::default()).unwrap();
     let mut bad = good.clone();
     bad.input_pert_flags = Tensor::from_data([[0i64, 3, 0]], &device);
-    let e = model
-        .forward(bad, ForwardFlags::default())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("input_pert_flags") && e.contains("outside"),
-        "{e}"
-    );
+    let e = model.forward(bad, ForwardFlags::default()).unwrap_err().to_string();
+    assert!(e.contains("input_pert_flags") && e.contains("outside"), "{e}");
     let mut bad = good.clone();
     bad.values = Tensor::from_data([[0.5f32, 0.0]], &device);
     assert!(model.forward(bad, ForwardFlags::default()).is_err());
-    let e = model
-        .forward(
-            good.clone(),
-            ForwardFlags {
-                mvc: true,
-                ..Default::default()
-            },
-        )
-        .unwrap_err()
-        .to_string();
+    let e = model.forward(good.clone(), ForwardFlags { mvc: true, ..Default::default() }).unwrap_err().to_string();
     assert!(e.contains("do_mvc"), "{e}");
 
     // The pert_pad_id row starts at zero (nn.Embedding's padding_idx).

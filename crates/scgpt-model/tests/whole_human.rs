@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use scgpt_model::burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use scgpt_model::{
-    load_pretrained, model_param_shapes, normalize_key, ForwardFlags, ModelConfig, ModelInput,
-};
+use scgpt_model::{load_pretrained, model_param_shapes, normalize_key, ForwardFlags, ModelConfig, ModelInput};
 use serde_json::Value;
 
 mod common;
@@ -65,9 +63,7 @@ fn whole_human_config() -> ModelConfig {
         Value::Object(m) => m,
         _ => unreachable!(),
     };
-    ModelConfig::from_args_map(&map, 60697, "whole-human args.json")
-        .unwrap()
-        .with_pad_token_id(60694)
+    ModelConfig::from_args_map(&map, 60697, "whole-human args.json").unwrap().with_pad_token_id(60694)
 }
 
 #[test]
@@ -80,19 +76,12 @@ fn whole_human_checkpoint_maps_one_to_one() {
     let model = whole_human_config().init(&Device::flex()).unwrap();
     let mut shapes = model_param_shapes(&model);
     // 0.2.4 always builds cls_decoder; the checkpoint has none (it reports missing on load).
-    let cls: Vec<String> = shapes
-        .keys()
-        .filter(|k| k.starts_with("cls_decoder."))
-        .cloned()
-        .collect();
+    let cls: Vec<String> = shapes.keys().filter(|k| k.starts_with("cls_decoder.")).cloned().collect();
     assert_eq!(cls.len(), 10);
     for k in cls {
         shapes.remove(&k);
     }
-    let mapped: BTreeMap<String, Vec<usize>> = table
-        .iter()
-        .map(|(k, s)| (normalize_key(k), s.clone()))
-        .collect();
+    let mapped: BTreeMap<String, Vec<usize>> = table.iter().map(|(k, s)| (normalize_key(k), s.clone())).collect();
     assert_eq!(mapped, shapes);
     // And with the 0.2.5 `_impl.` names and PyTorch's in_proj names.
     for k in table.keys() {
@@ -109,13 +98,9 @@ fn whole_human_checkpoint_maps_one_to_one() {
 #[test]
 #[ignore = "needs a 205 MB checkpoint: run tests/gen/model/gen_whole_human_random.py"]
 fn whole_human_size_load_and_forward() {
-    let dir = PathBuf::from(
-        std::env::var("SCGPT_WHOLE_HUMAN_DIR").unwrap_or("/tmp/scgpt-whole-human-random".into()),
-    );
+    let dir = PathBuf::from(std::env::var("SCGPT_WHOLE_HUMAN_DIR").unwrap_or("/tmp/scgpt-whole-human-random".into()));
     let device = Device::flex();
-    let config = ModelConfig::from_args_json(dir.join("args.json"), 60697)
-        .unwrap()
-        .with_pad_token_id(60694);
+    let config = ModelConfig::from_args_json(dir.join("args.json"), 60697).unwrap().with_pad_token_id(60694);
     let t = Instant::now();
     let mut model = config.init(&device).unwrap();
     eprintln!("init: {:.2?}", t.elapsed());
@@ -132,46 +117,18 @@ fn whole_human_size_load_and_forward() {
     };
     let r: Value = serde_json::from_str(&text).unwrap();
     let inp = &r["inputs"];
-    let [b, l] = shape_of(&inp["src"])[..] else {
-        panic!()
-    };
-    let src: Vec<i64> = inp["src"]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect();
-    let pads: Vec<bool> = inp["src_key_padding_mask"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_bool().unwrap())
-        .collect();
+    let [b, l] = shape_of(&inp["src"])[..] else { panic!() };
+    let src: Vec<i64> = inp["src"]["data"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+    let pads: Vec<bool> = inp["src_key_padding_mask"].as_array().unwrap().iter().map(|x| x.as_bool().unwrap()).collect();
     let input = ModelInput {
         src: Tensor::<2, Int>::from_data(TensorData::new(src, [b, l]), &device),
         values: Tensor::<2>::from_data(TensorData::new(floats(&inp["values"]), [b, l]), &device),
-        src_key_padding_mask: Tensor::<2, Bool>::from_data(
-            TensorData::new(pads.clone(), [b, l]),
-            &device,
-        ),
+        src_key_padding_mask: Tensor::<2, Bool>::from_data(TensorData::new(pads.clone(), [b, l]), &device),
         batch_labels: None,
     };
     let t = Instant::now();
-    let out = model
-        .forward(
-            input,
-            ForwardFlags {
-                mvc: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    let cell: Vec<f32> = out
-        .cell_emb
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec()
-        .unwrap();
+    let out = model.forward(input, ForwardFlags { mvc: true, ..Default::default() }).unwrap();
+    let cell: Vec<f32> = out.cell_emb.into_data().convert::<f32>().try_into_vec().unwrap();
     eprintln!("forward [{b}, {l}]: {:.2?}", t.elapsed());
     let o = &r["outputs"];
     let check = |what: &str, got: Vec<f32>, want: Vec<f32>, rows: Option<&[bool]>| {
@@ -187,32 +144,11 @@ fn whole_human_size_load_and_forward() {
         assert!(worst <= 1e-4, "{what}: {worst}");
     };
     check("cell_emb", cell, floats(&o["cell_emb"]), None);
-    let enc: Vec<f32> = out
-        .transformer_output
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec()
-        .unwrap();
-    check(
-        "transformer_output",
-        enc,
-        floats(&o["transformer_output"]),
-        Some(&pads),
-    );
-    let mlm: Vec<f32> = out
-        .mlm_output
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec()
-        .unwrap();
+    let enc: Vec<f32> = out.transformer_output.into_data().convert::<f32>().try_into_vec().unwrap();
+    check("transformer_output", enc, floats(&o["transformer_output"]), Some(&pads));
+    let mlm: Vec<f32> = out.mlm_output.into_data().convert::<f32>().try_into_vec().unwrap();
     check("mlm_output", mlm, floats(&o["mlm_output"]), Some(&pads));
-    let mvc: Vec<f32> = out
-        .mvc_output
-        .unwrap()
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec()
-        .unwrap();
+    let mvc: Vec<f32> = out.mvc_output.unwrap().into_data().convert::<f32>().try_into_vec().unwrap();
     check("mvc_output", mvc, floats(&o["mvc_output"]), None);
 }
 
@@ -239,12 +175,7 @@ fn whole_human_size_export_round_trip() {
     let dir = std::env::temp_dir().join(format!("scgpt-whole-human-export-{}", std::process::id()));
     let t = Instant::now();
     let report = scgpt_model::export_original(&model, &config, &vocab, &dir).unwrap();
-    eprintln!(
-        "export: {:.2?}, {} tensors, {} bytes",
-        t.elapsed(),
-        report.tensors.len(),
-        report.weights_bytes
-    );
+    eprintln!("export: {:.2?}, {} tensors, {} bytes", t.elapsed(), report.tensors.len(), report.weights_bytes);
     // 163 whole-human tensors + the cls_decoder 0.2.4 always builds.
     assert_eq!(report.tensors.len(), 173);
     let mut back = config.init(&device).unwrap();
@@ -253,14 +184,8 @@ fn whole_human_size_export_round_trip() {
     eprintln!("reload: {:.2?}", t.elapsed());
     assert!(load.missing.is_empty() && load.skipped.is_empty(), "{load}");
     let bytes = |m: &scgpt_model::TransformerModel| -> Vec<(String, Vec<u8>)> {
-        m.collect(None, None, false)
-            .into_iter()
-            .map(|t| (t.name.clone(), t.into_bytes().unwrap().to_vec()))
-            .collect()
+        m.collect(None, None, false).into_iter().map(|t| (t.name.clone(), t.into_bytes().unwrap().to_vec())).collect()
     };
-    assert!(
-        bytes(&back) == bytes(&model),
-        "tensors differ after the round trip"
-    );
+    assert!(bytes(&back) == bytes(&model), "tensors differ after the round trip");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -12,7 +12,11 @@ use scgpt_engine::config::TaskKind;
 use scgpt_engine::{RunEnd, Trainer};
 
 #[derive(Debug, Parser)]
-#[command(name = "scgpt-train", version, about = "scGPT training: pretraining (generative or masked-value) and fine-tuning (annotation, integration, perturbation) from one TOML")]
+#[command(
+    name = "scgpt-train",
+    version,
+    about = "scGPT training: pretraining (generative or masked-value) and fine-tuning (annotation, integration, perturbation) from one TOML"
+)]
 struct Cli {
     /// Experiment TOML (configs/); the embedded default is configs/pretrain_tiny.toml.
     #[arg(long)]

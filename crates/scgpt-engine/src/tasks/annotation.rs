@@ -66,7 +66,12 @@ impl Annotation {
 
     fn logits_with(model: &TransformerModel, b: &ClassifyBatch, batch_ids: &Option<Vec<i64>>, d: &Device) -> anyhow::Result<Tensor<2>> {
         let (n, l) = (b.batch, b.len);
-        let input = ModelInput { src: ints(&b.genes, n, l, d), values: floats(&b.values, n, l, d), src_key_padding_mask: bools(&b.pad, n, l, d), batch_labels: batch_labels(batch_ids, d) };
+        let input = ModelInput {
+            src: ints(&b.genes, n, l, d),
+            values: floats(&b.values, n, l, d),
+            src_key_padding_mask: bools(&b.pad, n, l, d),
+            batch_labels: batch_labels(batch_ids, d),
+        };
         let out = model.forward(input, ForwardFlags { cls: true, ..Default::default() })?;
         Ok(out.cls_output.expect("cls flag set"))
     }
@@ -130,7 +135,15 @@ impl Task for Annotation {
         3 + 3 * self.classes.len()
     }
 
-    fn eval_batch(&self, model: &TransformerModel, batch: &Batch, _index: u64, opt: &CollateOptions, d: &Device, sums: &mut [f64]) -> anyhow::Result<()> {
+    fn eval_batch(
+        &self,
+        model: &TransformerModel,
+        batch: &Batch,
+        _index: u64,
+        opt: &CollateOptions,
+        d: &Device,
+        sums: &mut [f64],
+    ) -> anyhow::Result<()> {
         let b = self.collate(batch, opt)?;
         let logits = Self::logits_with(model, &b, &batch.batch_ids.map(<[i64]>::to_vec), d)?;
         sums[0] += scalar(&cross_entropy_sum(logits.clone(), &b.labels, None, d));

@@ -36,7 +36,12 @@ impl MaskedBatch {
         let c = &model.config;
         let reads = c.use_batch_labels || c.domain_spec_batchnorm != scgpt_model::BatchNormStyle::None;
         let ids = if reads { ids.clone() } else { None };
-        ModelInput { src: ints(&b.genes, n, l, d), values: floats(&b.values, n, l, d), src_key_padding_mask: bools(&b.pad, n, l, d), batch_labels: batch_labels(&ids, d) }
+        ModelInput {
+            src: ints(&b.genes, n, l, d),
+            values: floats(&b.values, n, l, d),
+            src_key_padding_mask: bools(&b.pad, n, l, d),
+            batch_labels: batch_labels(&ids, d),
+        }
     }
 }
 

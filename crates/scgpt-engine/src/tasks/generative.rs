@@ -87,7 +87,11 @@ impl Task for Generative {
     fn prepare(&self, batch: &Batch, step: u64, opt: &CollateOptions) -> anyhow::Result<Box<dyn MicroBatch>> {
         // The gen share is one per optimiser step: the same on every rank and micro-batch.
         let ratio = gen_ratio_for(self.seed, step, &self.gen_ratios);
-        Ok(Box::new(Prepared { batch: collate_generative(batch.cells, ratio, opt), cell_prompt_pass: self.cell_prompt_pass, batch_ids: batch.batch_ids.map(<[i64]>::to_vec) }))
+        Ok(Box::new(Prepared {
+            batch: collate_generative(batch.cells, ratio, opt),
+            cell_prompt_pass: self.cell_prompt_pass,
+            batch_ids: batch.batch_ids.map(<[i64]>::to_vec),
+        }))
     }
 
     fn loss(&self, model: &TransformerModel, batch: &dyn MicroBatch, ctx: &mut LossContext) -> anyhow::Result<Loss> {
@@ -122,7 +126,15 @@ impl Task for Generative {
         2
     }
 
-    fn eval_batch(&self, model: &TransformerModel, batch: &Batch, index: u64, opt: &CollateOptions, d: &Device, sums: &mut [f64]) -> anyhow::Result<()> {
+    fn eval_batch(
+        &self,
+        model: &TransformerModel,
+        batch: &Batch,
+        index: u64,
+        opt: &CollateOptions,
+        d: &Device,
+        sums: &mut [f64],
+    ) -> anyhow::Result<()> {
         let ratio = gen_ratio_for(opt.draw_seed, index, &self.gen_ratios);
         let b = collate_generative(batch.cells, ratio, opt);
         let (n, g) = (b.batch, b.gen_len);

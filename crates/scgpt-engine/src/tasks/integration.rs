@@ -48,7 +48,8 @@ impl Integration {
     fn collate(&self, batch: &Batch, opt: &CollateOptions) -> anyhow::Result<MaskedBatch> {
         let ids = batch.batch_ids.map(<[i64]>::to_vec);
         anyhow::ensure!(ids.is_some(), "the integration task reads batch labels: set data.batch_col");
-        let tokens = FinetuneTokens { cls_value: CLS_VALUE, all_genes: self.include_zero_gene.then_some(batch.genes), mask_ratio: self.mask_ratio };
+        let tokens =
+            FinetuneTokens { cls_value: CLS_VALUE, all_genes: self.include_zero_gene.then_some(batch.genes), mask_ratio: self.mask_ratio };
         Ok(MaskedBatch(collate_finetune(batch.cells, &tokens, opt), ids))
     }
 }
@@ -83,7 +84,8 @@ impl Task for Integration {
 
     fn loss(&self, model: &TransformerModel, batch: &dyn MicroBatch, ctx: &mut LossContext) -> anyhow::Result<Loss> {
         let b = batch.as_any().downcast_ref::<MaskedBatch>().expect("an integration batch");
-        let mut out = model.forward(b.input(model, ctx.device), ForwardFlags { mvc: model.config.do_mvc, ecs: self.ecs, ..Default::default() })?;
+        let mut out =
+            model.forward(b.input(model, ctx.device), ForwardFlags { mvc: model.config.do_mvc, ecs: self.ecs, ..Default::default() })?;
         let (total, terms) = expression_loss(&mut out, b, &self.terms, ctx);
         Ok(Loss { total, terms })
     }
@@ -93,7 +95,15 @@ impl Task for Integration {
         4
     }
 
-    fn eval_batch(&self, model: &TransformerModel, batch: &Batch, _index: u64, opt: &CollateOptions, d: &Device, sums: &mut [f64]) -> anyhow::Result<()> {
+    fn eval_batch(
+        &self,
+        model: &TransformerModel,
+        batch: &Batch,
+        _index: u64,
+        opt: &CollateOptions,
+        d: &Device,
+        sums: &mut [f64],
+    ) -> anyhow::Result<()> {
         let b = self.collate(batch, opt)?;
         let (n, l) = (b.0.batch, b.0.len);
         let out = model.forward(b.input(model, d), ForwardFlags::default())?;

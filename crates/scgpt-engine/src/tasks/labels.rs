@@ -51,7 +51,8 @@ impl Classes {
         let path = path.to_path_buf();
         match std::fs::read_to_string(&path) {
             Ok(text) => {
-                let names: Vec<String> = serde_json::from_str(&text).with_context(|| format!("{}: not a JSON list of labels", path.display()))?;
+                let names: Vec<String> =
+                    serde_json::from_str(&text).with_context(|| format!("{}: not a JSON list of labels", path.display()))?;
                 Ok(Some(Self::from_names(names)))
             }
             Err(_) => Ok(None),
@@ -83,7 +84,10 @@ impl Classes {
             .iter()
             .map(|l| {
                 self.index.get(l).copied().with_context(|| {
-                    format!("{key}: label {l:?} is not one of the run's {} classes (classes.json); a resumed run must see the same label set", self.names.len())
+                    format!(
+                        "{key}: label {l:?} is not one of the run's {} classes (classes.json); a resumed run must see the same label set",
+                        self.names.len()
+                    )
                 })
             })
             .collect()
@@ -144,7 +148,18 @@ mod tests {
 
     #[test]
     fn stratified_split_holds_out_each_class_in_proportion() {
-        let shard: Vec<String> = (0..100).map(|i| if i < 80 { "a" } else if i < 99 { "b" } else { "c" }.to_string()).collect();
+        let shard: Vec<String> = (0..100)
+            .map(|i| {
+                if i < 80 {
+                    "a"
+                } else if i < 99 {
+                    "b"
+                } else {
+                    "c"
+                }
+                .to_string()
+            })
+            .collect();
         let (mask, notes) = stratified_split(&[vec![shard.clone()]], 0.1, 3);
         let held = |c: &str| shard.iter().zip(&mask[0][0]).filter(|(l, m)| l.as_str() == c && **m).count();
         assert_eq!((held("a"), held("b"), held("c")), (8, 2, 0));

@@ -42,7 +42,6 @@ impl Mlm {
         terms.push(Term { name: "cls", weight: t.cls_weight, norm: Norm::Batch });
         Ok(Mlm { mask_ratio: t.mask_ratio, ecs: t.ecs, cce: t.cce, cls, terms })
     }
-
 }
 
 /// CCE over every rank's cells: the other ranks' two views arrive as constants, this rank's
@@ -114,7 +113,10 @@ impl Task for Mlm {
         let mb = batch.as_any().downcast_ref::<MaskedBatch>().expect("an mlm batch");
         let b = &mb.0;
         let cls = self.cls.is_some() && !b.labels.is_empty();
-        let mut out = model.forward(mb.input(model, ctx.device), ForwardFlags { mvc: model.config.do_mvc, ecs: self.ecs, cce: self.cce, cls, ..Default::default() })?;
+        let mut out = model.forward(
+            mb.input(model, ctx.device),
+            ForwardFlags { mvc: model.config.do_mvc, ecs: self.ecs, cce: self.cce, cls, ..Default::default() },
+        )?;
         let (mut total, mut terms) = expression_loss(&mut out, mb, &self.terms, ctx);
         terms.extend([None, None]);
         if let Some(local) = out.loss_cce {
@@ -140,7 +142,15 @@ impl Task for Mlm {
         4
     }
 
-    fn eval_batch(&self, model: &TransformerModel, batch: &Batch, _index: u64, opt: &CollateOptions, d: &Device, sums: &mut [f64]) -> anyhow::Result<()> {
+    fn eval_batch(
+        &self,
+        model: &TransformerModel,
+        batch: &Batch,
+        _index: u64,
+        opt: &CollateOptions,
+        d: &Device,
+        sums: &mut [f64],
+    ) -> anyhow::Result<()> {
         let mut b = collate_mlm(batch.cells, self.mask_ratio, opt);
         if let (Some((classes, col)), Some(labels)) = (&self.cls, batch.obs.first()) {
             b.labels = classes.ids(labels, &format!("task.label_col = {col:?}"))?;

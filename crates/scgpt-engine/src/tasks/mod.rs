@@ -198,7 +198,15 @@ pub trait Task<M = TransformerModel>: Send {
     /// Length of the per-batch validation sums.
     fn eval_width(&self) -> usize;
     /// Scores validation batch `index` (fixed draws in `opt`) into `sums`.
-    fn eval_batch(&self, model: &M, batch: &Batch, index: u64, opt: &CollateOptions, device: &Device, sums: &mut [f64]) -> anyhow::Result<()>;
+    fn eval_batch(
+        &self,
+        model: &M,
+        batch: &Batch,
+        index: u64,
+        opt: &CollateOptions,
+        device: &Device,
+        sums: &mut [f64],
+    ) -> anyhow::Result<()>;
     /// Turns the sums over all ranks into scalars and the criterion.
     fn eval_finish(&self, sums: &[f64]) -> Evaluation;
 }

@@ -21,9 +21,9 @@ use anyhow::{bail, Context};
 use scgpt_data::loader::ShardSet;
 use scgpt_data::seed::{hash_str, mix64, rng_for};
 use scgpt_data::vocab::GeneVocab;
+use scgpt_eval::perturbation::{ConditionFormat, PerturbationSplit};
 use scgpt_model::burn::tensor::Device;
 use scgpt_model::{ForwardFlags, PerturbationInput, TransformerGenerator};
-use scgpt_eval::perturbation::{ConditionFormat, PerturbationSplit};
 
 use super::tensors::{bools, floats, ints};
 use super::{full_attention_flops, Batch, Evaluation, Loss, LossContext, MicroBatch, ModelShape, Norm, Task, Term};
@@ -54,7 +54,11 @@ pub struct Perturbation {
 
 /// The task the perturbation trainer builds (`Trainer::<TransformerGenerator>::with_tasks`).
 pub fn build(cfg: &TrainConfig, sets: &[ShardSet], run_dir: &Path, _resuming: bool) -> anyhow::Result<Box<dyn Task<TransformerGenerator>>> {
-    anyhow::ensure!(cfg.task.kind == TaskKind::Perturbation, "task.kind = {:?}: the perturbation trainer runs task.kind = \"perturbation\"", cfg.task.kind.as_str());
+    anyhow::ensure!(
+        cfg.task.kind == TaskKind::Perturbation,
+        "task.kind = {:?}: the perturbation trainer runs task.kind = \"perturbation\"",
+        cfg.task.kind.as_str()
+    );
     Ok(Box::new(Perturbation::new(cfg, sets, run_dir)?))
 }
 
@@ -66,13 +70,21 @@ impl Perturbation {
         let column: HashMap<&str, u32> = spec.genes.iter().enumerate().map(|(i, g)| (g.as_str(), i as u32)).collect();
         let column_of: Vec<Option<u32>> = vocab.tokens().iter().map(|t| column.get(t.as_str()).copied()).collect();
         for s in &sets[1..] {
-            anyhow::ensure!(s.vocab.tokens().starts_with(vocab.tokens()) || vocab.tokens().starts_with(s.vocab.tokens()), "{}: its vocabulary differs from the training cells'; delete {} and rerun", s.dir.display(), run_dir.join("data").display());
+            anyhow::ensure!(
+                s.vocab.tokens().starts_with(vocab.tokens()) || vocab.tokens().starts_with(s.vocab.tokens()),
+                "{}: its vocabulary differs from the training cells'; delete {} and rerun",
+                s.dir.display(),
+                run_dir.join("data").display()
+            );
         }
         let control_label = &spec.options.control;
         let mut control = Vec::new();
         for (path, _) in &sets[0].shards {
             let (names, cols) = scgpt_data::shard::read_shard(path)?;
-            let k = names.iter().position(|n| *n == spec.options.condition_col).with_context(|| format!("{}: no obs column {:?}", path.display(), spec.options.condition_col))?;
+            let k = names
+                .iter()
+                .position(|n| *n == spec.options.condition_col)
+                .with_context(|| format!("{}: no obs column {:?}", path.display(), spec.options.condition_col))?;
             for i in 0..cols.offsets.len() - 1 {
                 if cols.obs[k][i] == *control_label {
                     let (genes, values, _) = cols.cell(i);
@@ -87,7 +99,11 @@ impl Perturbation {
             }
         }
         if control.is_empty() {
-            bail!("{}: no control cells ({} = {control_label:?}) among the training cells", sets[0].dir.display(), spec.options.condition_col);
+            bail!(
+                "{}: no control cells ({} = {control_label:?}) among the training cells",
+                sets[0].dir.display(),
+                spec.options.condition_col
+            );
         }
         let mut control_mean = vec![0f64; spec.genes.len()];
         for row in &control {
@@ -102,7 +118,16 @@ impl Perturbation {
         let skipped: std::collections::HashSet<&str> = spec.skipped.iter().map(|(c, _)| c.as_str()).collect();
         for name in split.train.iter().chain(&split.val).chain(&split.test).filter(|c| !skipped.contains(c.as_str())) {
             let cond = format.parse(name)?;
-            let cols = cond.genes().into_iter().map(|g| column.get(g).map(|&c| c as usize).with_context(|| format!("condition {name}: gene {g} is not among the screen's genes"))).collect::<anyhow::Result<Vec<_>>>()?;
+            let cols = cond
+                .genes()
+                .into_iter()
+                .map(|g| {
+                    column
+                        .get(g)
+                        .map(|&c| c as usize)
+                        .with_context(|| format!("condition {name}: gene {g} is not among the screen's genes"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             perturbed.insert(name.clone(), cols);
         }
         let val = crate::perturbation_data::without(&split.val, &spec.skipped);
@@ -136,7 +161,9 @@ impl Perturbation {
     }
 
     fn perturbed_of(&self, condition: &str) -> anyhow::Result<&[usize]> {
-        self.perturbed.get(condition).map(Vec::as_slice).with_context(|| format!("a cell of condition {condition:?}, which the split does not list; delete the run's data/ and split.json and rerun"))
+        self.perturbed.get(condition).map(Vec::as_slice).with_context(|| {
+            format!("a cell of condition {condition:?}, which the split does not list; delete the run's data/ and split.json and rerun")
+        })
     }
 
     /// The tensors of cells paired with controls, over `columns` (all genes when `None`).
@@ -151,7 +178,15 @@ impl Perturbation {
             }
         };
         let (b, l) = (batch.cells.len(), cols.len());
-        let mut p = PerturbBatch { b, l, ids: Vec::with_capacity(b * l), values: Vec::with_capacity(b * l), target: Vec::with_capacity(b * l), flags: Vec::with_capacity(b * l), conditions: Vec::with_capacity(b) };
+        let mut p = PerturbBatch {
+            b,
+            l,
+            ids: Vec::with_capacity(b * l),
+            values: Vec::with_capacity(b * l),
+            target: Vec::with_capacity(b * l),
+            flags: Vec::with_capacity(b * l),
+            conditions: Vec::with_capacity(b),
+        };
         let mut flag = vec![0i64; self.genes()];
         for (cell, condition) in batch.cells.iter().zip(&batch.obs[0]) {
             let y = self.dense(cell);
@@ -310,7 +345,10 @@ impl Task<TransformerGenerator> for Perturbation {
         )])
     }
     fn run_files(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-        Ok(vec![(SCREEN_FILE.to_string(), serde_json::to_vec_pretty(&self.spec)?), (SPLIT_FILE.to_string(), serde_json::to_vec_pretty(&self.split)?)])
+        Ok(vec![
+            (SCREEN_FILE.to_string(), serde_json::to_vec_pretty(&self.spec)?),
+            (SPLIT_FILE.to_string(), serde_json::to_vec_pretty(&self.split)?),
+        ])
     }
 
     fn prepare(&self, batch: &Batch, step: u64, opt: &CollateOptions) -> anyhow::Result<Box<dyn MicroBatch>> {
@@ -328,7 +366,15 @@ impl Task<TransformerGenerator> for Perturbation {
         self.val.len() * (1 + 2 * self.genes())
     }
 
-    fn eval_batch(&self, model: &TransformerGenerator, batch: &Batch, _index: u64, opt: &CollateOptions, d: &Device, sums: &mut [f64]) -> anyhow::Result<()> {
+    fn eval_batch(
+        &self,
+        model: &TransformerGenerator,
+        batch: &Batch,
+        _index: u64,
+        opt: &CollateOptions,
+        d: &Device,
+        sums: &mut [f64],
+    ) -> anyhow::Result<()> {
         let g = self.genes();
         let b = self.collate(batch, None, opt)?;
         let out = model.forward(b.input(d), ForwardFlags::default())?;

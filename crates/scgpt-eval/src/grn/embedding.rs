@@ -34,7 +34,11 @@ impl GeneEmbeddings {
             bail!("gene embeddings: {} genes of dimension {dim} need {} values, got {}", genes.len(), genes.len() * dim, vectors.len());
         }
         if let Some(p) = vectors.iter().position(|v| !v.is_finite()) {
-            bail!("gene embeddings: the vector of {} holds a NaN or infinite value (column {}); drop or fix that gene", genes[p / dim], p % dim);
+            bail!(
+                "gene embeddings: the vector of {} holds a NaN or infinite value (column {}); drop or fix that gene",
+                genes[p / dim],
+                p % dim
+            );
         }
         let mut index = HashMap::with_capacity(genes.len());
         for (i, g) in genes.iter().enumerate() {
@@ -146,7 +150,11 @@ pub fn top_k_edges(emb: &GeneEmbeddings, k: usize) -> Result<Vec<Edge>> {
                     order.truncate(k);
                 }
                 order.sort_by(cmp);
-                edges.extend(order.into_iter().map(|j| Edge { source: emb.genes[i].clone(), target: emb.genes[j].clone(), cosine: row[j] }));
+                edges.extend(order.into_iter().map(|j| Edge {
+                    source: emb.genes[i].clone(),
+                    target: emb.genes[j].clone(),
+                    cosine: row[j],
+                }));
             }
             edges
         })

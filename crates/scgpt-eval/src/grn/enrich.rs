@@ -24,7 +24,9 @@ fn ln_factorial(n: u64) -> f64 {
     }
     let x = n as f64 + 1.0;
     let (x2, lx) = (x * x, x.ln());
-    (x - 0.5) * lx - x + 0.5 * (2.0 * std::f64::consts::PI).ln() + (1.0 / 12.0 - (1.0 / 360.0 - (1.0 / 1260.0 - 1.0 / (1680.0 * x2)) / x2) / x2) / x
+    (x - 0.5) * lx - x
+        + 0.5 * (2.0 * std::f64::consts::PI).ln()
+        + (1.0 / 12.0 - (1.0 / 360.0 - (1.0 / 1260.0 - 1.0 / (1680.0 * x2)) / x2) / x2) / x
 }
 
 fn ln_choose(n: u64, k: u64) -> f64 {
@@ -131,14 +133,27 @@ pub fn enrichment(gene_list: &[String], sets: &[GeneSet], universe: &[String]) -
         let members: HashSet<&str> = s.genes.iter().map(String::as_str).collect();
         let overlap_genes: Vec<String> = in_list.iter().filter(|g| members.contains(*g)).map(|g| g.to_string()).collect();
         let p = hypergeom_sf(overlap_genes.len() as u64, m, set_size as u64, list_set.len() as u64);
-        rows.push(EnrichmentRow { set: s.name.clone(), description: s.description.clone(), set_size, overlap_genes, p_value: p, adjusted_p: 0.0 });
+        rows.push(EnrichmentRow {
+            set: s.name.clone(),
+            description: s.description.clone(),
+            set_size,
+            overlap_genes,
+            p_value: p,
+            adjusted_p: 0.0,
+        });
     }
     let adj = benjamini_hochberg(&rows.iter().map(|r| r.p_value).collect::<Vec<_>>());
     for (r, a) in rows.iter_mut().zip(adj) {
         r.adjusted_p = a;
     }
     rows.sort_by(|a, b| a.p_value.total_cmp(&b.p_value));
-    Ok(Enrichment { universe_size: universe.len(), list_size: in_list.len(), list_outside_universe: list.len() - in_list.len(), sets_skipped: skipped, rows })
+    Ok(Enrichment {
+        universe_size: universe.len(),
+        list_size: in_list.len(),
+        list_outside_universe: list.len() - in_list.len(),
+        sets_skipped: skipped,
+        rows,
+    })
 }
 
 impl Enrichment {

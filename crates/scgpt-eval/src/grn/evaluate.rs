@@ -219,7 +219,9 @@ impl Candidates {
             }
         }
         let (regs, tgts) = (reference.regulators(), reference.targets());
-        let genes: Vec<usize> = (0..predicted_genes.len()).filter(|&i| regs.contains(predicted_genes[i].as_str()) || tgts.contains(predicted_genes[i].as_str())).collect();
+        let genes: Vec<usize> = (0..predicted_genes.len())
+            .filter(|&i| regs.contains(predicted_genes[i].as_str()) || tgts.contains(predicted_genes[i].as_str()))
+            .collect();
         if genes.is_empty() {
             bail!(
                 "{}: none of its {} regulators and {} targets is among the {} predicted genes; do both use the same gene symbols?",
@@ -242,8 +244,19 @@ impl Candidates {
         }
         let edges: HashSet<(usize, usize)> =
             reference.edges.iter().filter_map(|e| Some((*index.get(e.regulator.as_str())?, *index.get(e.target.as_str())?))).collect();
-        let labels = regulators.iter().flat_map(|&r| genes.iter().filter(move |&&t| t != r).map(move |&t| (r, t))).map(|p| edges.contains(&p)).collect();
-        Ok(Candidates { genes, regulators, labels, n_reference_edges: reference.edges.len(), n_reference_regulators: regs.len(), n_reference_targets: tgts.len() })
+        let labels = regulators
+            .iter()
+            .flat_map(|&r| genes.iter().filter(move |&&t| t != r).map(move |&t| (r, t)))
+            .map(|p| edges.contains(&p))
+            .collect();
+        Ok(Candidates {
+            genes,
+            regulators,
+            labels,
+            n_reference_edges: reference.edges.len(),
+            n_reference_regulators: regs.len(),
+            n_reference_targets: tgts.len(),
+        })
     }
 
     /// The scorer's scores of the candidates, in `labels` order; NaN is an error.

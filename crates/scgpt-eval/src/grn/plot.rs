@@ -55,7 +55,14 @@ fn mako(v: f64) -> RGBColor {
 /// Writes `dir/name`: the genes `genes` (indices into `emb`) on a circle, labelled, with an edge
 /// for every pair whose cosine similarity exceeds `threshold` (darker and wider when higher).
 /// A pair of distinct genes with identical vectors is an edge like any other.
-pub fn write_program_network_png(dir: &Path, name: &str, emb: &GeneEmbeddings, genes: &[usize], threshold: f64, title: &str) -> Result<PathBuf> {
+pub fn write_program_network_png(
+    dir: &Path,
+    name: &str,
+    emb: &GeneEmbeddings,
+    genes: &[usize],
+    threshold: f64,
+    title: &str,
+) -> Result<PathBuf> {
     if genes.is_empty() {
         bail!("program network picture: no gene to draw");
     }
@@ -85,7 +92,13 @@ pub fn write_program_network_png(dir: &Path, name: &str, emb: &GeneEmbeddings, g
     edges.sort_by(|x, y| x.2.total_cmp(&y.2)); // strongest drawn last, on top
     let labels: Vec<&str> = genes.iter().map(|&g| emb.genes()[g].as_str()).collect();
     write_png(dir, name, |path| {
-        let font = if n <= 40 { 14.0 } else if n <= 120 { 11.0 } else { 8.0 };
+        let font = if n <= 40 {
+            14.0
+        } else if n <= 120 {
+            11.0
+        } else {
+            8.0
+        };
         let label_w = labels.iter().map(|l| text_width(l, font)).max().unwrap_or(0).min(220) as i32;
         let radius = 320i32;
         let side = 2 * (radius + label_w + 36);
@@ -109,8 +122,20 @@ pub fn write_program_network_png(dir: &Path, name: &str, emb: &GeneEmbeddings, g
         for (a, l) in labels.iter().enumerate() {
             root.draw(&Circle::new(at(a, radius as f64), 6, RGBColor(214, 39, 40).filled())).map_err(draw_err)?;
             let (dx, dy) = (angle(a).cos(), angle(a).sin());
-            let h = if dx > 0.3 { HPos::Left } else if dx < -0.3 { HPos::Right } else { HPos::Center };
-            let v = if dy > 0.3 { VPos::Top } else if dy < -0.3 { VPos::Bottom } else { VPos::Center };
+            let h = if dx > 0.3 {
+                HPos::Left
+            } else if dx < -0.3 {
+                HPos::Right
+            } else {
+                HPos::Center
+            };
+            let v = if dy > 0.3 {
+                VPos::Top
+            } else if dy < -0.3 {
+                VPos::Bottom
+            } else {
+                VPos::Center
+            };
             let style = TextStyle::from((FONT, font).into_font()).pos(Pos::new(h, v));
             root.draw_text(l, &style, at(a, radius as f64 + 12.0)).map_err(draw_err)?;
         }
@@ -141,7 +166,17 @@ pub fn write_activity_heatmap_png(dir: &Path, name: &str, table: &ActivityTable,
         .iter()
         .map(|row| {
             let (lo, hi) = row.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
-            row.iter().map(|&v| if !scale_rows { Some(v) } else if hi > lo { Some((v - lo) / (hi - lo)) } else { None }).collect()
+            row.iter()
+                .map(|&v| {
+                    if !scale_rows {
+                        Some(v)
+                    } else if hi > lo {
+                        Some((v - lo) / (hi - lo))
+                    } else {
+                        None
+                    }
+                })
+                .collect()
         })
         .collect();
     let (vmin, vmax) = values.iter().flatten().flatten().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
@@ -162,7 +197,8 @@ pub fn write_activity_heatmap_png(dir: &Path, name: &str, table: &ActivityTable,
         let title_style = TextStyle::from((FONT, 18).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
         root.draw_text(title, &title_style, (width / 2, 14)).map_err(draw_err)?;
         let row_style = TextStyle::from((FONT, size).into_font()).pos(Pos::new(HPos::Right, VPos::Center));
-        let col_style = TextStyle::from((FONT, size).into_font()).transform(FontTransform::Rotate90).pos(Pos::new(HPos::Left, VPos::Center));
+        let col_style =
+            TextStyle::from((FONT, size).into_font()).transform(FontTransform::Rotate90).pos(Pos::new(HPos::Left, VPos::Center));
         for (r, row) in values.iter().enumerate() {
             let y = top + r as i32 * cell_h;
             if cell_h >= 10 {

@@ -66,7 +66,11 @@ impl ReferenceNetwork {
                 continue;
             }
             if !(2..=3).contains(&fields.len()) {
-                bail!("{source}, line {}: {} fields; a reference edge is `regulator<TAB>target[<TAB>sign or weight]`", no + 1, fields.len());
+                bail!(
+                    "{source}, line {}: {} fields; a reference edge is `regulator<TAB>target[<TAB>sign or weight]`",
+                    no + 1,
+                    fields.len()
+                );
             }
             if fields[0].is_empty() || fields[1].is_empty() {
                 bail!("{source}, line {}: an empty regulator or target name", no + 1);
@@ -74,7 +78,10 @@ impl ReferenceNetwork {
             let w = match fields.get(2) {
                 None => None,
                 Some(f) => sign_or_weight(f).map_err(|()| {
-                    anyhow::anyhow!("{source}, line {}: the third column `{f}` is neither a number nor a sign (+, -, activation, repression, unknown)", no + 1)
+                    anyhow::anyhow!(
+                        "{source}, line {}: the third column `{f}` is neither a number nor a sign (+, -, activation, repression, unknown)",
+                        no + 1
+                    )
                 })?,
             };
             if !seen.insert((fields[0].to_string(), fields[1].to_string())) {

@@ -198,7 +198,11 @@ impl LinearDeltaModel {
         let x_scale: Vec<f64> = (0..d)
             .map(|k| {
                 let var = x.iter().map(|r| (r[k] as f64 - x_mean[k]).powi(2)).sum::<f64>() / nf;
-                if var > 0.0 { var.sqrt() } else { 1.0 }
+                if var > 0.0 {
+                    var.sqrt()
+                } else {
+                    1.0
+                }
             })
             .collect();
         let z: Vec<f64> = x.iter().flat_map(|r| (0..d).map(|k| (r[k] as f64 - x_mean[k]) / x_scale[k]).collect::<Vec<_>>()).collect();
@@ -278,7 +282,10 @@ fn cholesky_solve(a: &mut [f64], k: usize, b: &mut [f64], g: usize) -> Result<()
         for p in 0..j {
             diag -= a[j * k + p] * a[j * k + p];
         }
-        ensure!(diag > 0.0 && diag.is_finite(), "linear baseline: the ridge system is not positive definite (non-finite embeddings or deltas?)");
+        ensure!(
+            diag > 0.0 && diag.is_finite(),
+            "linear baseline: the ridge system is not positive definite (non-finite embeddings or deltas?)"
+        );
         let l = diag.sqrt();
         a[j * k + j] = l;
         for i in j + 1..k {

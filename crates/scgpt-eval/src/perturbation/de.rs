@@ -68,12 +68,7 @@ struct GroupSums {
 }
 
 fn group_sums(x: &CsrMatrix, cell_group: &[usize], names: &[String]) -> Result<GroupSums> {
-    ensure!(
-        cell_group.len() == x.n_rows(),
-        "{} cells have a group but the matrix has {} rows",
-        cell_group.len(),
-        x.n_rows()
-    );
+    ensure!(cell_group.len() == x.n_rows(), "{} cells have a group but the matrix has {} rows", cell_group.len(), x.n_rows());
     let g = x.n_cols();
     let mut s = GroupSums { n: vec![0; names.len()], sum: vec![Vec::new(); names.len()], sumsq: vec![Vec::new(); names.len()] };
     for (i, &k) in cell_group.iter().enumerate() {
@@ -131,10 +126,7 @@ pub fn rank_genes_groups(
     let s = group_sums(x, cell_group, group_names)?;
     let ctrl_name = &group_names[control];
     if s.n[control] < 2 {
-        bail!(
-            "the control group {ctrl_name:?} has {} cell(s); the t-test needs at least 2 control cells",
-            s.n[control]
-        );
+        bail!("the control group {ctrl_name:?} has {} cell(s); the t-test needs at least 2 control cells", s.n[control]);
     }
     if let Some(k) = (0..group_names.len()).find(|&k| s.n[k] == 1) {
         bail!(
@@ -150,9 +142,7 @@ pub fn rank_genes_groups(
             continue;
         }
         let (mean, var) = mean_var(s.n[k], &s.sum[k], &s.sumsq[k]);
-        let scores: Vec<f64> = (0..x.n_cols())
-            .map(|j| welch_t(mean[j], var[j], s.n[k], c_mean[j], c_var[j], s.n[control]))
-            .collect();
+        let scores: Vec<f64> = (0..x.n_cols()).map(|j| welch_t(mean[j], var[j], s.n[k], c_mean[j], c_var[j], s.n[control])).collect();
         let mut order: Vec<usize> = (0..x.n_cols()).collect();
         // Stable: exact ties keep the lower gene index first.
         order.sort_by(|&a, &b| scores[b].abs().total_cmp(&scores[a].abs()));

@@ -193,10 +193,8 @@ pub fn evaluate(
         });
     }
     let names: HashSet<&String> = per_condition.iter().filter_map(|r| r.subgroup.as_ref()).collect();
-    let subgroups = names
-        .into_iter()
-        .map(|s| (s.clone(), summarise(per_condition.iter().filter(|r| r.subgroup.as_ref() == Some(s)))))
-        .collect();
+    let subgroups =
+        names.into_iter().map(|s| (s.clone(), summarise(per_condition.iter().filter(|r| r.subgroup.as_ref() == Some(s))))).collect();
     Ok(PerturbationMetrics { overall: summarise(per_condition.iter()), subgroups, per_condition })
 }
 
@@ -301,10 +299,8 @@ mod tests {
             ConditionInput { condition: "C+ctrl", truth: &t1, pred: Some(&m), de: &de, de_non_dropout: &de },
             ConditionInput { condition: "D+ctrl", truth: &t1, pred: None, de: &de, de_non_dropout: &de },
         ];
-        let sub: BTreeMap<String, String> = [("A+ctrl", "unseen_single"), ("C+ctrl", "unseen_single")]
-            .into_iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect();
+        let sub: BTreeMap<String, String> =
+            [("A+ctrl", "unseen_single"), ("C+ctrl", "unseen_single")].into_iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         let r = evaluate(&m, &conds, &sub, &MetricOptions::default()).unwrap();
         assert_eq!(r.overall.n_conditions, 4);
         assert!(r.overall.values.iter().all(|v| (v.unwrap() - 1.0).abs() < 1e-15), "{:?}", r.overall.values);

@@ -135,8 +135,7 @@ fn simulation_once(
     combo_frac: f64,
     seed: u64,
 ) -> Result<(BTreeSet<usize>, HashMap<usize, &'static str>)> {
-    let genes: Vec<&str> =
-        members.iter().flat_map(|&i| p.conds[i].genes()).collect::<BTreeSet<_>>().into_iter().collect();
+    let genes: Vec<&str> = members.iter().flat_map(|&i| p.conds[i].genes()).collect::<BTreeSet<_>>().into_iter().collect();
     let mut rng = LegacyRandomState::new(seed)?;
     let drawn = rng.choice_without_replacement(genes.len(), take(genes.len(), gene_frac))?;
     let seen: HashSet<&str> = drawn.iter().map(|&i| genes[i]).collect();
@@ -186,11 +185,9 @@ pub fn simulation_split(conditions: &[impl AsRef<str>], opts: &SimulationOptions
     check_fraction("val_combo_seen2_train_frac", opts.val_combo_seen2_train_frac)?;
     let p = Perts::new(conditions, &opts.format)?;
     let all: Vec<usize> = (0..p.names.len()).collect();
-    let (outer_train, test_group) =
-        simulation_once(&p, &all, opts.train_gene_set_size, opts.combo_seen2_train_frac, opts.seed)?;
+    let (outer_train, test_group) = simulation_once(&p, &all, opts.train_gene_set_size, opts.combo_seen2_train_frac, opts.seed)?;
     let outer_train: Vec<usize> = outer_train.into_iter().collect();
-    let (train, val_group) =
-        simulation_once(&p, &outer_train, opts.val_gene_set_size, opts.val_combo_seen2_train_frac, opts.seed)?;
+    let (train, val_group) = simulation_once(&p, &outer_train, opts.val_gene_set_size, opts.val_combo_seen2_train_frac, opts.seed)?;
 
     let mut split = PerturbationSplit {
         split: "simulation".into(),
@@ -309,13 +306,13 @@ impl PerturbationSplit {
         }
         if !missing.is_empty() {
             let shown: Vec<&str> = missing.iter().take(5).copied().collect();
-            bail!(
-                "{origin}: {} condition(s) of the screen are in none of train/val/test, e.g. {shown:?} ({fix})",
-                missing.len()
-            );
+            bail!("{origin}: {} condition(s) of the screen are in none of train/val/test, e.g. {shown:?} ({fix})", missing.len());
         }
         if self.test.is_empty() && self.split != "no_test" {
-            bail!("{origin}: the test list is empty (split {:?}); only a \"no_test\" split may have no test conditions ({fix})", self.split);
+            bail!(
+                "{origin}: the test list is empty (split {:?}); only a \"no_test\" split may have no test conditions ({fix})",
+                self.split
+            );
         }
         if let Some(k) = self.subgroup.keys().find(|k| !placed.contains_key(k.as_str())) {
             bail!("{origin}: subgroup names {k:?}, which is in none of train/val/test ({fix})");

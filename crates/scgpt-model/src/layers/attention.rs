@@ -1,11 +1,11 @@
 //! The attention block of an encoder layer: the classic stream and the generative streams.
 
+use burn::backend::Dispatch;
 use burn::module::Module;
 use burn::nn::{Dropout, Linear};
 use burn::tensor::activation::softmax;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::backend::Dispatch;
 use burn::tensor::{Bool, DType, Device, Distribution, Tensor};
 
 use super::*;
@@ -72,13 +72,7 @@ fn score_bias(mask: Option<Tensor<2, Bool>>, b: usize, l: usize, like: &Tensor<4
 
 impl SelfAttention {
     pub fn new(d: usize, nhead: usize, p: f64, device: &Device) -> Self {
-        Self {
-            Wqkv: linear(d, 3 * d, true, device),
-            out_proj: linear(d, d, true, device),
-            dropout: dropout(p),
-            nhead,
-            block_rows: 0,
-        }
+        Self { Wqkv: linear(d, 3 * d, true, device), out_proj: linear(d, d, true, device), dropout: dropout(p), nhead, block_rows: 0 }
     }
 
     /// The same block computing training steps with `mode`.
@@ -153,15 +147,8 @@ impl SelfAttention {
         let [b, l, d3] = qkv.dims();
         let d = d3 / 3;
         let h = self.nhead;
-        let mut parts = qkv
-            .chunk(3, 2)
-            .into_iter()
-            .map(|t| t.reshape([b, l, h, d / h]).swap_dims(1, 2));
-        [
-            parts.next().unwrap(),
-            parts.next().unwrap(),
-            parts.next().unwrap(),
-        ]
+        let mut parts = qkv.chunk(3, 2).into_iter().map(|t| t.reshape([b, l, h, d / h]).swap_dims(1, 2));
+        [parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap()]
     }
 
     /// `[B, H, L, dh]` → `[B, L, H·dh]`.
@@ -172,13 +159,7 @@ impl SelfAttention {
 
     /// Scaled dot-product attention with a boolean mask (`true` = may not attend), broadcast
     /// to `[B, H, Lq, Lk]`, and dropout on the weights when training.
-    pub fn attend(
-        &self,
-        q: Tensor<4>,
-        k: Tensor<4>,
-        v: Tensor<4>,
-        mask: Option<Tensor<4, Bool>>,
-    ) -> Tensor<4> {
+    pub fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Option<Tensor<4, Bool>>) -> Tensor<4> {
         let [b, h, lq, dh] = q.dims();
         let lk = k.dims()[2];
         if !dropout_active(&self.dropout, &q) {
@@ -199,17 +180,8 @@ impl SelfAttention {
 
     /// The unfused path: softmax(QKᵀ/√dh) with masking, then dropout on the weights, as
     /// PyTorch's MHA and flash-attn do in training.
-    pub(crate) fn attend_explicit(
-        &self,
-        q: Tensor<4>,
-        k: Tensor<4>,
-        v: Tensor<4>,
-        mask: Option<Tensor<4, Bool>>,
-        dh: usize,
-    ) -> Tensor<4> {
-        let mut scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (dh as f64).sqrt());
+    pub(crate) fn attend_explicit(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Option<Tensor<4, Bool>>, dh: usize) -> Tensor<4> {
+        let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (dh as f64).sqrt());
         if let Some(m) = mask {
             scores = scores.mask_fill(m, MASKED_SCORE);
         }
@@ -230,8 +202,7 @@ impl SelfAttention {
             return self.out_proj.forward(Self::merge_heads(self.attend_blockwise(q, k, v, key_padding_mask, None)));
         }
         let mask = key_padding_mask.map(|m| m.unsqueeze_dims::<4>(&[1, 2]));
-        self.out_proj
-            .forward(Self::merge_heads(self.attend(q, k, v, mask)))
+        self.out_proj.forward(Self::merge_heads(self.attend(q, k, v, mask)))
     }
 }
 
@@ -260,12 +231,7 @@ impl SelfAttention {
             return (pcpt_ctx, Self::merge_heads(gen_ctx));
         }
         let pcpt_self_mask = pcpt_mask.clone().map(|m| m.unsqueeze_dims::<4>(&[1, 2]));
-        let pcpt_ctx = self.out_proj.forward(Self::merge_heads(self.attend(
-            pq,
-            pk.clone(),
-            pv.clone(),
-            pcpt_self_mask,
-        )));
+        let pcpt_ctx = self.out_proj.forward(Self::merge_heads(self.attend(pq, pk.clone(), pv.clone(), pcpt_self_mask)));
 
         let [gq, gk, gv] = self.split_heads(self.Wqkv.forward(gen));
         let [b, h, g, dh] = gq.dims();

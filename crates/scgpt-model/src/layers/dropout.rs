@@ -33,7 +33,7 @@ pub(crate) fn apply_dropout<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor
     let keep = 1.0 - d.prob;
     let draws = Tensor::<1>::random([2], Distribution::Uniform(0.0, 16_777_216.0), &plain);
     let draws: Vec<f32> = draws.into_data().try_to_vec().expect("f32 draws");
-    let key = mix64(((draws[0] as u64) << 24) ^ draws[1] as u64 ^ 0xD209_0E7A);
+    let key = splitmix_finalizer(((draws[0] as u64) << 24) ^ draws[1] as u64 ^ 0xD209_0E7A);
     let shape = x.shape();
     let mask = dropout_mask(key, shape.num_elements(), keep);
     x * Tensor::from_data(TensorData::new(mask, shape), &device)
@@ -51,7 +51,7 @@ pub(crate) fn dropout_mask(key: u64, n: usize, keep: f64) -> Vec<f32> {
     mask.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, chunk)| {
         let base = (ci * CHUNK / 2) as u64;
         for (j, pair) in chunk.chunks_mut(2).enumerate() {
-            let h = mix64(key ^ (base + j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let h = splitmix_finalizer(key ^ (base + j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let u = [h & 0xFFFF_FFFF, h >> 32];
             for (m, u) in pair.iter_mut().zip(u) {
                 *m = if u < threshold { scale } else { 0.0 };
@@ -61,8 +61,9 @@ pub(crate) fn dropout_mask(key: u64, n: usize, keep: f64) -> Vec<f32> {
     mask
 }
 
-/// SplitMix64's finaliser: a bijective 64-bit mix.
-pub(super) fn mix64(mut z: u64) -> u64 {
+/// SplitMix64's finaliser alone, a bijective 64-bit mix (`scgpt_data::seed::mix64` is the
+/// whole SplitMix64 step, increment included; the model crate does not depend on scgpt-data).
+pub(super) fn splitmix_finalizer(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)

@@ -21,42 +21,24 @@ impl GeneEncoder {
     pub fn new(ntoken: usize, d: usize, padding_idx: Option<usize>, device: &Device) -> Self {
         // The original's init_weights overwrites the whole table (pad row included) with
         // U(-0.1, 0.1); padding_idx then only blocks the pad row's gradient.
-        let embedding = EmbeddingConfig::new(ntoken, d)
-            .with_initializer(Initializer::Uniform {
-                min: -0.1,
-                max: 0.1,
-            })
-            .init(device);
-        Self {
-            embedding,
-            enc_norm: layer_norm(d, device),
-            padding_idx,
-        }
+        let embedding = EmbeddingConfig::new(ntoken, d).with_initializer(Initializer::Uniform { min: -0.1, max: 0.1 }).init(device);
+        Self { embedding, enc_norm: layer_norm(d, device), padding_idx }
     }
 
     /// `[B, L]` token ids → `[B, L, d]` normalised gene embeddings.
     pub fn forward(&self, src: Tensor<2, Int>) -> Tensor<3> {
         let x = self.embedding.forward(src.clone());
-        self.enc_norm
-            .forward(block_padding_grad(x, &src, self.padding_idx))
+        self.enc_norm.forward(block_padding_grad(x, &src, self.padding_idx))
     }
 }
 
 /// `padding_idx` semantics of `nn.Embedding`: the looked-up rows of `pad` carry no gradient
 /// back into the table. Detaching those positions leaves the forward value untouched.
-pub(crate) fn block_padding_grad(
-    x: Tensor<3>,
-    ids: &Tensor<2, Int>,
-    pad: Option<usize>,
-) -> Tensor<3> {
+pub(crate) fn block_padding_grad(x: Tensor<3>, ids: &Tensor<2, Int>, pad: Option<usize>) -> Tensor<3> {
     match pad {
         Some(pad) if x.device().is_autodiff() => {
             let [b, l, d] = x.dims();
-            let is_pad = ids
-                .clone()
-                .equal_elem(pad as i64)
-                .unsqueeze_dim::<3>(2)
-                .expand([b, l, d]);
+            let is_pad = ids.clone().equal_elem(pad as i64).unsqueeze_dim::<3>(2).expand([b, l, d]);
             x.clone().mask_where(is_pad, x.detach())
         }
         _ => x,
@@ -74,12 +56,7 @@ pub struct ContinuousValueEncoder {
 
 impl ContinuousValueEncoder {
     pub fn new(d: usize, p: f64, device: &Device) -> Self {
-        Self {
-            linear1: linear(1, d, true, device),
-            linear2: linear(d, d, true, device),
-            norm: layer_norm(d, device),
-            dropout: dropout(p),
-        }
+        Self { linear1: linear(1, d, true, device), linear2: linear(d, d, true, device), norm: layer_norm(d, device), dropout: dropout(p) }
     }
 
     pub fn forward(&self, values: Tensor<2>) -> Tensor<3> {
@@ -107,25 +84,17 @@ impl EmbeddingNorm {
         if let Some(p) = padding_idx.filter(|&p| p < n) {
             // nn.Embedding zeroes the padding row at construction (and, unlike the gene
             // encoder, nothing re-initialises it afterwards).
-            let w = embedding
-                .weight
-                .val()
-                .slice_assign([p..p + 1, 0..d], Tensor::zeros([1, d], device));
+            let w = embedding.weight.val().slice_assign([p..p + 1, 0..d], Tensor::zeros([1, d], device));
             // Detached: on an autodiff device `slice_assign` yields a non-leaf tensor, which
             // cannot become a parameter.
             embedding.weight = Param::from_tensor(w.detach());
         }
-        Self {
-            embedding,
-            enc_norm: layer_norm(d, device),
-            padding_idx,
-        }
+        Self { embedding, enc_norm: layer_norm(d, device), padding_idx }
     }
 
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         let x = self.embedding.forward(ids.clone());
-        self.enc_norm
-            .forward(block_padding_grad(x, &ids, self.padding_idx))
+        self.enc_norm.forward(block_padding_grad(x, &ids, self.padding_idx))
     }
 
     pub fn num_embeddings(&self) -> usize {
@@ -160,10 +129,7 @@ pub struct BatchNorm1d {
 impl BatchNorm1d {
     pub fn new(c: usize, affine: bool, device: &Device) -> Self {
         let (weight, bias) = if affine {
-            (
-                Some(Param::from_tensor(Tensor::ones([c], device))),
-                Some(Param::from_tensor(Tensor::zeros([c], device))),
-            )
+            (Some(Param::from_tensor(Tensor::ones([c], device))), Some(Param::from_tensor(Tensor::zeros([c], device))))
         } else {
             (None, None)
         };
@@ -192,25 +158,13 @@ impl BatchNorm1d {
             let m = self.momentum;
             let rm = self.running_mean.value_sync().to_device(&device);
             let rv = self.running_var.value_sync().to_device(&device);
-            self.running_mean.update(
-                (rm.mul_scalar(1.0 - m) + mean.clone().detach().reshape([c]).mul_scalar(m))
-                    .detach(),
-            );
-            self.running_var
-                .update((rv.mul_scalar(1.0 - m) + unbiased.reshape([c]).mul_scalar(m)).detach());
+            self.running_mean.update((rm.mul_scalar(1.0 - m) + mean.clone().detach().reshape([c]).mul_scalar(m)).detach());
+            self.running_var.update((rv.mul_scalar(1.0 - m) + unbiased.reshape([c]).mul_scalar(m)).detach());
             (mean, var)
         } else {
             // `value_sync`: a value read without syncing can be one training step stale.
-            let mean = self
-                .running_mean
-                .value_sync()
-                .to_device(&device)
-                .reshape([1, c, 1]);
-            let var = self
-                .running_var
-                .value_sync()
-                .to_device(&device)
-                .reshape([1, c, 1]);
+            let mean = self.running_mean.value_sync().to_device(&device).reshape([1, c, 1]);
+            let var = self.running_var.value_sync().to_device(&device).reshape([1, c, 1]);
             (mean, var)
         };
         let mut y = (x - mean) / var.add_scalar(self.eps).sqrt();
@@ -232,10 +186,6 @@ pub struct DomainSpecificBatchNorm {
 
 impl DomainSpecificBatchNorm {
     pub fn new(c: usize, domains: usize, device: &Device) -> Self {
-        Self {
-            bns: (0..domains)
-                .map(|_| BatchNorm1d::new(c, false, device))
-                .collect(),
-        }
+        Self { bns: (0..domains).map(|_| BatchNorm1d::new(c, false, device)).collect() }
     }
 }

@@ -39,9 +39,7 @@ impl EncoderLayer {
     /// and the generative forward, which differ only in how attention is computed).
     pub fn post_attention(&self, x: Tensor<3>, attn: Tensor<3>) -> Tensor<3> {
         let h = self.norm1.forward(x + apply_dropout(&self.dropout1, attn));
-        let ff = self
-            .linear2
-            .forward(apply_dropout(&self.dropout, relu(self.linear1.forward(h.clone()))));
+        let ff = self.linear2.forward(apply_dropout(&self.dropout, relu(self.linear1.forward(h.clone()))));
         self.norm2.forward(h + apply_dropout(&self.dropout2, ff))
     }
 
@@ -61,18 +59,8 @@ impl TransformerEncoder {
     /// `nlayers` post-norm layers. With `identical` (the original's behaviour) every layer
     /// starts with layer 0's values — `nn.TransformerEncoder` deep-copies one layer — while
     /// keeping its own parameters (distinct ids, trained independently).
-    pub fn new(
-        d: usize,
-        nhead: usize,
-        d_hid: usize,
-        p: f64,
-        nlayers: usize,
-        identical: bool,
-        device: &Device,
-    ) -> Self {
-        let mut layers: Vec<EncoderLayer> = (0..nlayers)
-            .map(|_| EncoderLayer::new(d, nhead, d_hid, p, device))
-            .collect();
+    pub fn new(d: usize, nhead: usize, d_hid: usize, p: f64, nlayers: usize, identical: bool, device: &Device) -> Self {
+        let mut layers: Vec<EncoderLayer> = (0..nlayers).map(|_| EncoderLayer::new(d, nhead, d_hid, p, device)).collect();
         if identical && nlayers > 1 {
             use burn::store::ModuleSnapshot;
             // Without the parameter ids: applying them would make every layer share
@@ -87,10 +75,7 @@ impl TransformerEncoder {
                 .collect();
             for layer in &mut layers[1..] {
                 let result = layer.apply(first.clone(), None, None, false);
-                assert!(
-                    result.errors.is_empty() && result.missing.is_empty(),
-                    "copying layer 0 into an identical layer failed: {result}"
-                );
+                assert!(result.errors.is_empty() && result.missing.is_empty(), "copying layer 0 into an identical layer failed: {result}");
             }
         }
         Self { layers }
@@ -119,23 +104,14 @@ impl TransformerEncoder {
         gen_mask: Option<Tensor<2, Bool>>,
     ) -> (Tensor<3>, Tensor<3>) {
         for layer in &self.layers {
-            let (pa, ga) = layer.self_attn.forward_generative(
-                pcpt.clone(),
-                gen.clone(),
-                pcpt_mask.clone(),
-                gen_mask.clone(),
-            );
+            let (pa, ga) = layer.self_attn.forward_generative(pcpt.clone(), gen.clone(), pcpt_mask.clone(), gen_mask.clone());
             pcpt = layer.post_attention(pcpt, pa);
             gen = layer.post_attention(gen, ga);
         }
         (pcpt, gen)
     }
 
-    pub fn forward(
-        &self,
-        mut x: Tensor<3>,
-        key_padding_mask: Option<Tensor<2, Bool>>,
-    ) -> Tensor<3> {
+    pub fn forward(&self, mut x: Tensor<3>, key_padding_mask: Option<Tensor<2, Bool>>) -> Tensor<3> {
         for layer in &self.layers {
             x = layer.forward(x, key_padding_mask.clone());
         }

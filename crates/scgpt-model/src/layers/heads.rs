@@ -31,26 +31,14 @@ fn leaky_mlp(layers: &[Linear], x: Tensor<3>) -> Tensor<3> {
 
 impl ExprDecoder {
     pub fn new(d: usize, d_in: usize, explicit_zero_prob: bool, device: &Device) -> Self {
-        let stack = || {
-            vec![
-                linear(d_in, d, true, device),
-                linear(d, d, true, device),
-                linear(d, 1, true, device),
-            ]
-        };
-        Self {
-            fc: stack(),
-            zero_logit: explicit_zero_prob.then(stack),
-        }
+        let stack = || vec![linear(d_in, d, true, device), linear(d, d, true, device), linear(d, 1, true, device)];
+        Self { fc: stack(), zero_logit: explicit_zero_prob.then(stack) }
     }
 
     /// `x`: `[B, L, d_in]` → (`pred` `[B, L]`, `zero_probs` `[B, L]` if explicit_zero_prob).
     pub fn forward(&self, x: Tensor<3>) -> (Tensor<2>, Option<Tensor<2>>) {
         let pred = leaky_mlp(&self.fc, x.clone()).squeeze_dim::<2>(2);
-        let zero = self
-            .zero_logit
-            .as_ref()
-            .map(|z| sigmoid(leaky_mlp(z, x).squeeze_dim::<2>(2)));
+        let zero = self.zero_logit.as_ref().map(|z| sigmoid(leaky_mlp(z, x).squeeze_dim::<2>(2)));
         (pred, zero)
     }
 }
@@ -73,12 +61,7 @@ pub enum HeadActivation {
 
 fn head_layers(d: usize, nlayers: usize, device: &Device) -> Vec<HeadLayer> {
     (0..nlayers.saturating_sub(1))
-        .flat_map(|_| {
-            [
-                HeadLayer::Linear(linear(d, d, true, device)),
-                HeadLayer::Norm(layer_norm(d, device)),
-            ]
-        })
+        .flat_map(|_| [HeadLayer::Linear(linear(d, d, true, device)), HeadLayer::Norm(layer_norm(d, device))])
         .collect()
 }
 
@@ -105,16 +88,12 @@ pub struct ClsDecoder {
 
 impl ClsDecoder {
     pub fn new(d: usize, n_cls: usize, nlayers: usize, device: &Device) -> Self {
-        Self {
-            _decoder: head_layers(d, nlayers, device),
-            out_layer: linear(d, n_cls, true, device),
-        }
+        Self { _decoder: head_layers(d, nlayers, device), out_layer: linear(d, n_cls, true, device) }
     }
 
     /// `[B, d]` → `[B, n_cls]` logits.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        self.out_layer
-            .forward(head_forward(&self._decoder, HeadActivation::Relu, x))
+        self.out_layer.forward(head_forward(&self._decoder, HeadActivation::Relu, x))
     }
 }
 
@@ -135,28 +114,13 @@ pub struct AdversarialDiscriminator {
 }
 
 impl AdversarialDiscriminator {
-    pub fn new(
-        d: usize,
-        n_cls: usize,
-        nlayers: usize,
-        reverse_grad: bool,
-        device: &Device,
-    ) -> Self {
-        Self {
-            _decoder: head_layers(d, nlayers, device),
-            out_layer: linear(d, n_cls, true, device),
-            reverse_grad,
-        }
+    pub fn new(d: usize, n_cls: usize, nlayers: usize, reverse_grad: bool, device: &Device) -> Self {
+        Self { _decoder: head_layers(d, nlayers, device), out_layer: linear(d, n_cls, true, device), reverse_grad }
     }
 
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let x = if self.reverse_grad {
-            grad_reverse(x)
-        } else {
-            x
-        };
-        self.out_layer
-            .forward(head_forward(&self._decoder, HeadActivation::LeakyRelu, x))
+        let x = if self.reverse_grad { grad_reverse(x) } else { x };
+        self.out_layer.forward(head_forward(&self._decoder, HeadActivation::LeakyRelu, x))
     }
 }
 
@@ -173,13 +137,7 @@ pub struct MvcDecoder {
 }
 
 impl MvcDecoder {
-    pub fn new(
-        d: usize,
-        d_in: usize,
-        explicit_zero_prob: bool,
-        detach: bool,
-        device: &Device,
-    ) -> Self {
+    pub fn new(d: usize, d_in: usize, explicit_zero_prob: bool, detach: bool, device: &Device) -> Self {
         Self {
             gene2query: linear(d, d, true, device),
             W: linear(d, d_in, false, device),
@@ -189,27 +147,12 @@ impl MvcDecoder {
     }
 
     /// `cell_emb`: `[B, d_in]`; `gene_embs`: `[B, L, d]` → (`pred` `[B, L]`, `zero_probs`).
-    pub fn forward(
-        &self,
-        cell_emb: Tensor<2>,
-        gene_embs: Tensor<3>,
-    ) -> (Tensor<2>, Option<Tensor<2>>) {
-        let gene_embs = if self.detach_genes {
-            gene_embs.detach()
-        } else {
-            gene_embs
-        };
+    pub fn forward(&self, cell_emb: Tensor<2>, gene_embs: Tensor<3>) -> (Tensor<2>, Option<Tensor<2>>) {
+        let gene_embs = if self.detach_genes { gene_embs.detach() } else { gene_embs };
         let q = sigmoid(self.gene2query.forward(gene_embs));
         let c = cell_emb.unsqueeze_dim::<3>(2); // [B, d_in, 1]
-        let pred = self
-            .W
-            .forward(q.clone())
-            .matmul(c.clone())
-            .squeeze_dim::<2>(2);
-        let zero = self
-            .W_zero_logit
-            .as_ref()
-            .map(|w| sigmoid(w.forward(q).matmul(c).squeeze_dim::<2>(2)));
+        let pred = self.W.forward(q.clone()).matmul(c.clone()).squeeze_dim::<2>(2);
+        let zero = self.W_zero_logit.as_ref().map(|w| sigmoid(w.forward(q).matmul(c).squeeze_dim::<2>(2)));
         (pred, zero)
     }
 }

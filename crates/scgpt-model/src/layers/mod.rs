@@ -23,9 +23,7 @@ pub const LEAKY_SLOPE: f64 = 0.01;
 pub const VALUE_CLAMP_MAX: f64 = 512.0;
 
 pub(crate) fn layer_norm(d: usize, device: &Device) -> LayerNorm {
-    LayerNormConfig::new(d)
-        .with_epsilon(LAYER_NORM_EPS)
-        .init(device)
+    LayerNormConfig::new(d).with_epsilon(LAYER_NORM_EPS).init(device)
 }
 
 /// `nn.Linear` with PyTorch's default init (kaiming-uniform a=√5 for the weight, which is
@@ -41,10 +39,10 @@ mod encoder;
 mod heads;
 
 pub use attention::{AttentionMode, SelfAttention};
-pub(crate) use dropout::{apply_dropout, dropout_active};
 use dropout::dropout;
-pub use embeddings::{BatchNorm1d, ContinuousValueEncoder, DomainSpecificBatchNorm, EmbeddingNorm, GeneEncoder, ValueEncoder};
+pub(crate) use dropout::{apply_dropout, dropout_active};
 pub(crate) use embeddings::block_padding_grad;
+pub use embeddings::{BatchNorm1d, ContinuousValueEncoder, DomainSpecificBatchNorm, EmbeddingNorm, GeneEncoder, ValueEncoder};
 pub use encoder::{EncoderLayer, TransformerEncoder};
 pub use heads::{grad_reverse, AdversarialDiscriminator, ClsDecoder, ExprDecoder, HeadActivation, HeadLayer, MvcDecoder};
 
@@ -57,13 +55,7 @@ mod tests {
     use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
 
     fn pad_mask(device: &Device) -> Tensor<2, Bool> {
-        Tensor::from_data(
-            TensorData::new(
-                vec![false, false, false, true, false, false, true, true],
-                [2, 4],
-            ),
-            device,
-        )
+        Tensor::from_data(TensorData::new(vec![false, false, false, true, false, false, true, true], [2, 4]), device)
     }
 
     #[test]
@@ -74,11 +66,7 @@ mod tests {
         let att = SelfAttention::new(16, 4, 0.0, &device);
         let x = Tensor::<3>::random([2, 4, 16], Distribution::Normal(0.0, 1.0), &device);
         let [q, k, v] = att.split_heads(att.Wqkv.forward(x));
-        let mask = Some(
-            pad_mask(&device)
-                .unsqueeze_dims::<4>(&[1, 2])
-                .expand([2, 4, 4, 4]),
-        );
+        let mask = Some(pad_mask(&device).unsqueeze_dims::<4>(&[1, 2]).expand([2, 4, 4, 4]));
         let fused = att.attend(q.clone(), k.clone(), v.clone(), mask.clone());
         let explicit = att.attend_explicit(q, k, v, mask, 4);
         let diff = (fused - explicit).abs().max().into_scalar::<f32>();
@@ -89,14 +77,10 @@ mod tests {
     fn dropout_is_active_only_when_training() {
         let device = Device::flex().autodiff();
         let layer = EncoderLayer::new(16, 4, 24, 0.5, &device);
-        let x =
-            Tensor::<3>::random([2, 4, 16], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let x = Tensor::<3>::random([2, 4, 16], Distribution::Normal(0.0, 1.0), &device).require_grad();
         let a = layer.forward(x.clone(), Some(pad_mask(&device)));
         let b = layer.forward(x.clone(), Some(pad_mask(&device)));
-        assert!(
-            (a.clone() - b).abs().max().into_scalar::<f32>() > 1e-3,
-            "no dropout in training"
-        );
+        assert!((a.clone() - b).abs().max().into_scalar::<f32>() > 1e-3, "no dropout in training");
         let grads = a.sum().backward();
         assert!(x.grad(&grads).is_some());
         // `valid()` switches every dropout (including the attention-weight one) off.
@@ -156,42 +140,25 @@ mod tests {
         use burn::store::ModuleSnapshot;
         let device = Device::flex();
         let tensors = |l: &EncoderLayer| -> Vec<(String, Vec<u8>)> {
-            l.collect(None, None, false)
-                .into_iter()
-                .map(|t| (t.name.clone(), t.into_bytes().unwrap().to_vec()))
-                .collect()
+            l.collect(None, None, false).into_iter().map(|t| (t.name.clone(), t.into_bytes().unwrap().to_vec())).collect()
         };
         let mut config = crate::ModelConfig::new(10, 8, 2, 12, 3);
-        assert!(
-            config.identical_layer_init,
-            "the original's behaviour is the default"
-        );
+        assert!(config.identical_layer_init, "the original's behaviour is the default");
         let model = config.init(&device).unwrap();
         let layers = &model.transformer_encoder.layers;
         assert_eq!(tensors(&layers[1]), tensors(&layers[0]));
         assert_eq!(tensors(&layers[2]), tensors(&layers[0]));
         // Separate parameters (what the deep copy gives), not one shared layer.
         assert_ne!(layers[0].linear1.weight.id, layers[1].linear1.weight.id);
-        assert_ne!(
-            layers[1].self_attn.Wqkv.weight.id,
-            layers[2].self_attn.Wqkv.weight.id
-        );
+        assert_ne!(layers[1].self_attn.Wqkv.weight.id, layers[2].self_attn.Wqkv.weight.id);
         // Training moves them apart: a gradient step on one layer leaves the others alone.
         let ad = Device::flex().autodiff();
         let m = config.init(&ad).unwrap();
         let x = Tensor::<3>::random([1, 4, 8], Distribution::Normal(0.0, 1.0), &ad);
         let y = m.transformer_encoder.layers[0].forward(x, None);
         let grads = (y.clone() * y).sum().backward();
-        assert!(m.transformer_encoder.layers[0]
-            .linear1
-            .weight
-            .grad(&grads)
-            .is_some());
-        assert!(m.transformer_encoder.layers[1]
-            .linear1
-            .weight
-            .grad(&grads)
-            .is_none());
+        assert!(m.transformer_encoder.layers[0].linear1.weight.grad(&grads).is_some());
+        assert!(m.transformer_encoder.layers[1].linear1.weight.grad(&grads).is_none());
 
         config.identical_layer_init = false;
         let model = config.init(&device).unwrap();
@@ -207,16 +174,11 @@ mod tests {
         let enc = EmbeddingNorm::new(5, 4, Some(3), &device);
         let ids = Tensor::<2, Int>::from_data([[3i64, 1]], &device);
         // A weighted sum: a plain sum of LayerNorm outputs has zero gradient.
-        let w = Tensor::<1, Int>::arange(0..8, &device)
-            .float()
-            .reshape([1, 2, 4]);
+        let w = Tensor::<1, Int>::arange(0..8, &device).float().reshape([1, 2, 4]);
         let grads = (enc.forward(ids) * w.square()).sum().backward();
         let g = enc.embedding.weight.grad(&grads).unwrap();
         let g: Vec<f32> = g.into_data().convert::<f32>().try_into_vec().unwrap();
-        assert!(
-            g[12..16].iter().all(|&x| x == 0.0),
-            "pad row got a gradient"
-        );
+        assert!(g[12..16].iter().all(|&x| x == 0.0), "pad row got a gradient");
         assert!(g[4..8].iter().any(|&x| x != 0.0));
     }
 
@@ -225,18 +187,8 @@ mod tests {
         let device = Device::flex().autodiff();
         let x = Tensor::<2>::random([3, 5], Distribution::Normal(0.0, 3.0), &device).require_grad();
         let y = grad_reverse(x.clone());
-        let xs: Vec<f32> = x
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec()
-            .unwrap();
-        let ys: Vec<f32> = y
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec()
-            .unwrap();
+        let xs: Vec<f32> = x.clone().into_data().convert::<f32>().try_into_vec().unwrap();
+        let ys: Vec<f32> = y.clone().into_data().convert::<f32>().try_into_vec().unwrap();
         assert_eq!(xs, ys, "forward must be bit-exact");
         let w = Tensor::<2>::random([3, 5], Distribution::Normal(0.0, 1.0), &device);
         let grads = (y * w.clone()).sum().backward();
@@ -245,4 +197,3 @@ mod tests {
         assert_eq!(diff, 0.0);
     }
 }
-

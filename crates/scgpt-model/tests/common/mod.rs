@@ -32,9 +32,7 @@ pub fn fixture_json(name: &str) -> Value {
 }
 
 pub fn fixture_config(name: &str) -> ModelConfig {
-    ModelConfig::from_args_json(data(&format!("{name}.args.json")), NTOKEN)
-        .unwrap()
-        .with_pad_token_id(PAD_ID)
+    ModelConfig::from_args_json(data(&format!("{name}.args.json")), NTOKEN).unwrap().with_pad_token_id(PAD_ID)
 }
 
 /// The fixtures' vocabulary: 97 genes, then `<pad>` 97, `<cls>` 98, `<eoc>` 99.
@@ -50,38 +48,19 @@ pub fn fixture_vocab() -> String {
 }
 
 pub fn shape_of(v: &Value) -> Vec<usize> {
-    v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect()
+    v["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
 }
 
 pub fn floats(v: &Value) -> Vec<f32> {
-    v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
+    v["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
 }
 
 pub fn ints(v: &Value) -> Vec<i64> {
-    v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
+    v["data"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
 }
 
 pub fn bools(v: &Value) -> Vec<bool> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_bool().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_bool().unwrap()).collect()
 }
 
 /// The fixture's `inputs` as a `ModelInput`.
@@ -96,10 +75,7 @@ pub fn fixture_input(json: &Value, device: &Device) -> ModelInput {
     ModelInput {
         src: Tensor::<2, Int>::from_data(TensorData::new(ints(&inp["src"]), [b, l]), device),
         values: Tensor::<2>::from_data(TensorData::new(floats(&inp["values"]), [b, l]), device),
-        src_key_padding_mask: Tensor::<2, Bool>::from_data(
-            TensorData::new(bools(&inp["src_key_padding_mask"]), [b, l]),
-            device,
-        ),
+        src_key_padding_mask: Tensor::<2, Bool>::from_data(TensorData::new(bools(&inp["src_key_padding_mask"]), [b, l]), device),
         batch_labels: labels,
     }
 }
@@ -117,18 +93,11 @@ pub fn fixture_flags(json: &Value) -> ForwardFlags {
 
 pub fn values<const D: usize>(t: Tensor<D>) -> (Vec<usize>, Vec<f32>) {
     let shape = t.dims().to_vec();
-    (
-        shape,
-        t.into_data().convert::<f32>().try_into_vec().unwrap(),
-    )
+    (shape, t.into_data().convert::<f32>().try_into_vec().unwrap())
 }
 
 /// Every output of `forward` (plus `generate` from its cell embedding), by name.
-pub fn all_outputs(
-    model: &TransformerModel,
-    input: &ModelInput,
-    flags: ForwardFlags,
-) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+pub fn all_outputs(model: &TransformerModel, input: &ModelInput, flags: ForwardFlags) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let out = model.forward(input.clone(), flags).unwrap();
     let generated = model
         .generate(
@@ -182,11 +151,7 @@ pub fn scratch(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
     let base = std::env::temp_dir().join("scgpt-model-tests");
     std::fs::create_dir_all(&base).unwrap();
-    base.join(format!(
-        "{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ))
+    base.join(format!("{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
 }
 
 /// Deterministic pseudo-random numbers in [0, 1) (SplitMix64).

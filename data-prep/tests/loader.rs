@@ -4,8 +4,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use scgpt_data::loader::{DataPosition, Loader, LoaderConfig, ShardSet};
-use scgpt_data::shard::{write_shard, CellColumns};
+use scgpt_data::shard::CellColumns;
 use scgpt_data::vocab::GeneVocab;
+use scgpt_prep::io::shard_writer::write_shard;
 
 /// A shard set of `n` cells in two shards; cell i has gene ids [i % 50] and cell id "<tag>-i".
 fn make_set(dir: &Path, tag: &str, n: usize) {
@@ -27,7 +28,18 @@ fn make_set(dir: &Path, tag: &str, n: usize) {
 }
 
 fn cfg(batch: usize) -> LoaderConfig {
-    LoaderConfig { seed: 7, batch_size: batch, valid_fraction: 0.1, shuffle_window: 2, rank: 0, world: 1, prefetch: 2, obs_cols: Vec::new(), valid_rows: None, group_by_obs: None }
+    LoaderConfig {
+        seed: 7,
+        batch_size: batch,
+        valid_fraction: 0.1,
+        shuffle_window: 2,
+        rank: 0,
+        world: 1,
+        prefetch: 2,
+        obs_cols: Vec::new(),
+        valid_rows: None,
+        group_by_obs: None,
+    }
 }
 
 fn ids(loader: &Loader, start: DataPosition) -> Vec<String> {
@@ -47,7 +59,11 @@ fn an_epoch_covers_every_training_cell_once_and_the_split_is_disjoint() {
     assert_eq!(ts.len() + vs.len(), 10_000);
     assert!((800..1200).contains(&vs.len()), "about 10% held out: {}", vs.len());
     // Shuffled: not in storage order.
-    let sorted = { let mut s = train.clone(); s.sort_by_key(|x| x[2..].parse::<usize>().unwrap()); s };
+    let sorted = {
+        let mut s = train.clone();
+        s.sort_by_key(|x| x[2..].parse::<usize>().unwrap());
+        s
+    };
     assert_ne!(train, sorted);
 }
 

@@ -40,6 +40,7 @@ pub struct PageCacheMap {
 
 // SAFETY: the mapping is only passed to `mincore` and `munmap`, never read through.
 unsafe impl Send for PageCacheMap {}
+// SAFETY: as for Send: `mincore` only reads the kernel's page table for the mapping.
 unsafe impl Sync for PageCacheMap {}
 
 impl PageCacheMap {
@@ -248,6 +249,7 @@ impl DiskWriter {
         let fd = self.file.as_raw_fd();
         // SAFETY: plain fcntl calls on a descriptor this struct owns.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        // SAFETY: as above.
         if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -284,6 +286,6 @@ mod tests {
         let mut w = HashedFileWriter::create_with(&path, true).unwrap();
         w.write_all(b"abc").unwrap();
         let (_, _, hash) = w.finish(false).unwrap();
-        assert_eq!(crate::vocab::hex(&hash), "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85");
+        assert_eq!(scgpt_data::vocab::hex(&hash), "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85");
     }
 }

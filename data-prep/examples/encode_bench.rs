@@ -39,7 +39,7 @@ fn main() -> anyhow::Result<()> {
             ("dict+zstd1", Encoding::PLAIN, true, zstd),
         ];
         {
-            // This project's encoders (scgpt_data::list_pages), as the shard writer uses them.
+            // This project's encoders (scgpt_prep::io::list_pages), as the shard writer uses them.
             let pschema = parquet::arrow::ArrowSchemaConverter::new().convert(&schema)?;
             let descr = pschema.column(0);
             let mut best = f64::INFINITY;
@@ -53,21 +53,40 @@ fn main() -> anyhow::Result<()> {
                     let offsets: Vec<i32> = list.value_offsets().iter().map(|o| o - list.value_offsets()[0]).collect();
                     let v = list.values();
                     let chunk = match v.data_type() {
-                        arrow_schema::DataType::Int32 => scgpt_data::list_pages::encode_delta_i32(descr.clone(), &offsets, &v.as_primitive::<arrow_array::types::Int32Type>().values()[..].into()),
-                        arrow_schema::DataType::UInt8 => scgpt_data::list_pages::encode_identity_dictionary_u8(descr.clone(), &offsets, &v.as_primitive::<arrow_array::types::UInt8Type>().values()[..].into()),
-                        _ => scgpt_data::list_pages::encode_f32(descr.clone(), &offsets, &v.as_primitive::<arrow_array::types::Float32Type>().values()[..].into()),
+                        arrow_schema::DataType::Int32 => scgpt_prep::io::list_pages::encode_delta_i32(
+                            descr.clone(),
+                            &offsets,
+                            &v.as_primitive::<arrow_array::types::Int32Type>().values()[..].into(),
+                        ),
+                        arrow_schema::DataType::UInt8 => scgpt_prep::io::list_pages::encode_identity_dictionary_u8(
+                            descr.clone(),
+                            &offsets,
+                            &v.as_primitive::<arrow_array::types::UInt8Type>().values()[..].into(),
+                        ),
+                        _ => scgpt_prep::io::list_pages::encode_f32(
+                            descr.clone(),
+                            &offsets,
+                            &v.as_primitive::<arrow_array::types::Float32Type>().values()[..].into(),
+                        ),
                     }?;
                     bytes += chunk.bytes.len();
                 }
                 best = best.min(t.elapsed().as_secs_f64());
             }
-            println!("{col:12} {:12} {:6.2} ns/value {:5.3} B/value  list_pages", "ours", best * 1e9 / values as f64, bytes as f64 / values as f64);
+            println!(
+                "{col:12} {:12} {:6.2} ns/value {:5.3} B/value  list_pages",
+                "ours",
+                best * 1e9 / values as f64,
+                bytes as f64 / values as f64
+            );
         }
         for (name, enc, dict, comp) in settings {
             if ours_only {
                 break;
             }
-            if (enc == Encoding::DELTA_BINARY_PACKED && col == "expressions") || (enc == Encoding::BYTE_STREAM_SPLIT && col != "expressions") {
+            if (enc == Encoding::DELTA_BINARY_PACKED && col == "expressions")
+                || (enc == Encoding::BYTE_STREAM_SPLIT && col != "expressions")
+            {
                 continue;
             }
             let mut b = WriterProperties::builder()
@@ -93,7 +112,11 @@ fn main() -> anyhow::Result<()> {
             }
             println!("{col:12} {name:12} {:6.2} ns/value {:5.3} B/value  arrow", best * 1e9 / values as f64, bytes as f64 / values as f64);
             let (t, n) = low_level(&schema, &parts, props.clone())?;
-            println!("{col:12} {name:12} {:6.2} ns/value {:5.3} B/value  levels by hand", t * 1e9 / values as f64, n as f64 / values as f64);
+            println!(
+                "{col:12} {name:12} {:6.2} ns/value {:5.3} B/value  levels by hand",
+                t * 1e9 / values as f64,
+                n as f64 / values as f64
+            );
         }
     }
     Ok(())
@@ -127,14 +150,22 @@ fn low_level(schema: &Arc<Schema>, parts: &[ArrayRef], props: WriterProperties) 
             let v = list.values();
             match v.data_type() {
                 arrow_schema::DataType::Int32 => {
-                    col.typed::<Int32Type>().write_batch(v.as_primitive::<arrow_array::types::Int32Type>().values(), Some(&def), Some(&rep))?;
+                    col.typed::<Int32Type>().write_batch(
+                        v.as_primitive::<arrow_array::types::Int32Type>().values(),
+                        Some(&def),
+                        Some(&rep),
+                    )?;
                 }
                 arrow_schema::DataType::UInt8 => {
                     let x: Vec<i32> = v.as_primitive::<arrow_array::types::UInt8Type>().values().iter().map(|&b| b as i32).collect();
                     col.typed::<Int32Type>().write_batch(&x, Some(&def), Some(&rep))?;
                 }
                 _ => {
-                    col.typed::<FloatType>().write_batch(v.as_primitive::<arrow_array::types::Float32Type>().values(), Some(&def), Some(&rep))?;
+                    col.typed::<FloatType>().write_batch(
+                        v.as_primitive::<arrow_array::types::Float32Type>().values(),
+                        Some(&def),
+                        Some(&rep),
+                    )?;
                 }
             }
             col.close()?;

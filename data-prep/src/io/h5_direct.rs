@@ -12,7 +12,7 @@
 //! corpus file is rarely still cached by its second pass; through the cache, a cold 1M-cell
 //! file (16.6 GB) cost 73 s of kernel time on the benchmark VM, directly 3 s
 //! (docs/benchmarks.md). Stretches the page cache does hold are copied from it, not reread
-//! from the disk ([`crate::direct_io::PageCacheMap`]).
+//! from the disk ([`super::direct_io::PageCacheMap`]).
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use hdf5::types::{FloatSize, IntSize, TypeDescriptor};
 use hdf5::Dataset;
 
-use crate::words::take_buffer;
-pub use crate::words::OffsetVec;
+use scgpt_data::words::take_buffer;
+pub use scgpt_data::words::OffsetVec;
 
 /// The element types read directly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +40,7 @@ pub struct DirectDataset {
     /// The same file opened with `O_DIRECT`, when asked for.
     unbuffered: Option<File>,
     /// Which of the file's pages the page cache holds: those are read from it instead.
-    cache: Option<crate::direct_io::PageCacheMap>,
+    cache: Option<super::direct_io::PageCacheMap>,
     /// Cleared when the file system refuses an `O_DIRECT` read (alignment it does not accept).
     unbuffered_ok: AtomicBool,
     pub elem: Elem,
@@ -95,7 +95,16 @@ impl DirectDataset {
         if end > file_len {
             return None;
         }
-        Some(DirectDataset { file, unbuffered: None, cache: None, unbuffered_ok: AtomicBool::new(true), elem, len, chunk_offsets, chunk_elems })
+        Some(DirectDataset {
+            file,
+            unbuffered: None,
+            cache: None,
+            unbuffered_ok: AtomicBool::new(true),
+            elem,
+            len,
+            chunk_offsets,
+            chunk_elems,
+        })
     }
 
     /// Reads this dataset with `O_DIRECT` from now on, if the file system allows it (tmpfs may
@@ -104,8 +113,8 @@ impl DirectDataset {
         if self.chunk_offsets.iter().any(|o| o % ELEM_BYTES as u64 != 0) {
             return false;
         }
-        self.unbuffered = crate::direct_io::open_read(path);
-        self.cache = self.unbuffered.as_ref().and_then(|_| crate::direct_io::PageCacheMap::new(&self.file));
+        self.unbuffered = super::direct_io::open_read(path);
+        self.cache = self.unbuffered.as_ref().and_then(|_| super::direct_io::PageCacheMap::new(&self.file));
         self.unbuffered.is_some()
     }
 
@@ -123,7 +132,10 @@ impl DirectDataset {
             return Ok(OffsetVec::default());
         }
         if b > self.len {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("range {a}..{b} past the dataset's {} elements", self.len)));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("range {a}..{b} past the dataset's {} elements", self.len),
+            ));
         }
         let runs = self.file_runs(a, b);
         if let Some(f) = self.unbuffered.as_ref().filter(|_| self.unbuffered_ok.load(Ordering::Relaxed)) {
@@ -168,7 +180,7 @@ impl DirectDataset {
 struct Unbuffered<'a> {
     direct: &'a File,
     buffered: &'a File,
-    cache: Option<&'a crate::direct_io::PageCacheMap>,
+    cache: Option<&'a super::direct_io::PageCacheMap>,
 }
 
 /// The runs read with `O_DIRECT`; the first lands in place, any later one is copied after it.
@@ -192,7 +204,7 @@ const MAX_CACHE_STRETCHES: usize = 32;
 /// words of room are left after them. Stretches of pages the page cache holds are copied from
 /// it with ordinary reads instead.
 fn read_unbuffered(how: &Unbuffered, at: u64, n: usize, extra: usize) -> std::io::Result<OffsetVec<u32>> {
-    use crate::direct_io::ALIGN;
+    use super::direct_io::ALIGN;
     let file_start = at & !(ALIGN as u64 - 1);
     let lead = (at - file_start) as usize; // bytes before the first word, a multiple of 4
     let bytes = (lead + n * ELEM_BYTES).div_ceil(ALIGN) * ALIGN;
@@ -234,13 +246,13 @@ fn page_stretches(resident: &[bool]) -> Vec<(bool, usize, usize)> {
     out
 }
 
-/// `len` bytes at `offset` (a multiple of [`crate::direct_io::ALIGN`]) through an `O_DIRECT`
+/// `len` bytes at `offset` (a multiple of [`super::direct_io::ALIGN`]) through an `O_DIRECT`
 /// descriptor into aligned `dst`.
 ///
 /// # Safety
 /// `dst` must be aligned and valid for writes of `len` rounded up to the alignment.
 unsafe fn read_direct(fd: i32, dst: *mut u8, len: usize, offset: u64) -> std::io::Result<()> {
-    use crate::direct_io::ALIGN;
+    use super::direct_io::ALIGN;
     // A large read goes as two requests at once: the disk serves two in flight faster
     // than one (3.3 GB in 3.3 s with four 8 MB streams, 3.9 s with one or two).
     let split = if len >= SPLIT_BYTES { len / 2 / ALIGN * ALIGN } else { len };
@@ -271,7 +283,10 @@ unsafe fn pread_into(fd: i32, dst: *mut u8, len: usize, offset: u64, block: usiz
             return Err(e);
         }
         if r == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("file ends {} bytes short of the dataset", len - done)));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("file ends {} bytes short of the dataset", len - done),
+            ));
         }
         done += r as usize;
     }
@@ -287,18 +302,22 @@ fn from_le(mut w: OffsetVec<u32>) -> OffsetVec<u32> {
 
 /// The file address of the chunk starting at element `start`, if it is allocated and whole.
 /// The offsets of the `n` chunks of `chunk` elements, from one walk of the chunk index
-/// ([`crate::h5_chunks`]), if it is one the walker reads and every chunk is stored whole and
+/// ([`super::h5_chunks`]), if it is one the walker reads and every chunk is stored whole and
 /// unfiltered. The first and last are checked against HDF5's own lookup.
 fn walked_chunk_offsets(file: &File, ds: &Dataset, n: usize, chunk: usize) -> Option<Vec<u64>> {
     let mut info = hdf5_sys::h5o::H5O_info1_t::default();
     #[allow(deprecated)] // H5Oget_info1 is the call every supported HDF5 version has
+    // SAFETY: a valid dataset id and a pointer to a live info struct, under HDF5's lock.
     let status = hdf5::sync::sync(|| unsafe { hdf5_sys::h5o::H5Oget_info1(ds.id(), &mut info) });
     if status < 0 {
         return None;
     }
-    let entries = crate::h5_chunks::chunk_entries(file, info.addr)?;
+    let entries = super::h5_chunks::chunk_entries(file, info.addr)?;
     let whole = entries.len() == n
-        && entries.iter().enumerate().all(|(k, e)| e.start == (k * chunk) as u64 && e.size as usize == chunk * ELEM_BYTES && e.filter_mask == 0);
+        && entries
+            .iter()
+            .enumerate()
+            .all(|(k, e)| e.start == (k * chunk) as u64 && e.size as usize == chunk * ELEM_BYTES && e.filter_mask == 0);
     if !whole || n == 0 {
         return None;
     }
@@ -312,6 +331,8 @@ fn chunk_address(ds: &Dataset, start: u64, chunk: usize) -> Option<u64> {
     let coord = [start];
     let (mut mask, mut addr, mut size) = (0u32, 0u64, 0u64);
     // By coordinate: a B-tree lookup (H5Dget_chunk_info by index walks every chunk before it).
+    // SAFETY: a valid dataset id, a coordinate array of the dataset's rank (1) and pointers to
+    // live locals, under HDF5's lock.
     let status = hdf5::sync::sync(|| unsafe { H5Dget_chunk_info_by_coord(ds.id(), coord.as_ptr(), &mut mask, &mut addr, &mut size) });
     let undefined = addr == u64::MAX;
     (status >= 0 && !undefined && mask == 0 && size as usize == chunk * ELEM_BYTES).then_some(addr)
@@ -357,7 +378,8 @@ mod tests {
         // 700 chunks: a B-tree of several levels (64 entries per node by default).
         let (n, chunk) = (700 * 64 + 5, 64usize);
         let ints: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
-        let formats = [("earliest", LibraryVersion::Earliest, true), ("v18", LibraryVersion::V18, true), ("latest", LibraryVersion::latest(), false)];
+        let formats =
+            [("earliest", LibraryVersion::Earliest, true), ("v18", LibraryVersion::V18, true), ("latest", LibraryVersion::latest(), false)];
         for (name, low, walkable) in formats {
             let path = dir.path().join(format!("{name}.h5"));
             {
@@ -407,12 +429,12 @@ mod tests {
             assert_eq!(&w[..], &ints[a..b], "range {a}..{b}");
         }
         assert!(!direct || ds.unbuffered_ok.load(Ordering::Relaxed), "no read fell back to the page cache");
-        assert!(file_len % 4096 != 0 || ds.chunk_offsets[0] % 4096 != 0, "the test needs an unaligned layout");
+        assert!(!file_len.is_multiple_of(4096) || !ds.chunk_offsets[0].is_multiple_of(4096), "the test needs an unaligned layout");
     }
 
     #[test]
     fn reads_take_cached_pages_from_the_cache_and_the_rest_past_it() {
-        use crate::direct_io::{PageCacheMap, ALIGN};
+        use crate::io::direct_io::{PageCacheMap, ALIGN};
         assert_eq!(page_stretches(&[true, true, false, true]), vec![(true, 0, 2), (false, 2, 1), (true, 3, 1)]);
         assert_eq!(page_stretches(&[]), vec![]);
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap(); // a disk, not tmpfs
@@ -440,6 +462,7 @@ mod tests {
         let stretch = 64 * ALIGN;
         let mut page = vec![0u8; stretch];
         for at in (0..len).step_by(2 * stretch) {
+            // SAFETY: pread into `page`, which has room for `stretch` bytes, on our own descriptor.
             unsafe { libc::pread(file.as_raw_fd(), page.as_mut_ptr().cast(), stretch, at as libc::off_t) };
         }
         let resident = map.resident(0, len);

@@ -28,7 +28,13 @@ use parquet::file::metadata::ColumnChunkMetaData;
 use parquet::file::writer::{SerializedPageWriter, TrackedWrite};
 use parquet::schema::types::ColumnDescPtr;
 
-use crate::small_int;
+use scgpt_data::small_int;
+
+mod bit_pack;
+mod small_ints;
+
+use bit_pack::*;
+use small_ints::*;
 
 /// Values per data page, at most (pages end at the first cell boundary past it).
 const PAGE_VALUES: usize = 1 << 18;
@@ -344,119 +350,11 @@ fn plain_f32(dict: &[f32]) -> Vec<u8> {
     dict.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-/// Values below this that are integers (UMI counts) get the table path.
-const SMALL_INTS: usize = 1 << 12;
-
-/// When every value is an integer in `0..SMALL_INTS`: the distinct values ascending and a
-/// value → index table. Branch-free passes instead of a lookup-and-insert per value.
-fn small_integer_dictionary(values: &Segments<f32>) -> Option<(Vec<f32>, Box<[u16; SMALL_INTS]>)> {
-    // Fixed-size tables indexed through a mask: no bounds checks in the per-value loops.
-    let mut present = Box::new([false; SMALL_INTS]);
-    // Part by part: through a flattening iterator, its end-of-part test per value was half
-    // this function's time.
-    if !values.parts().iter().all(|p| mark_small_ints(p, &mut present)) {
-        return None;
-    }
-    let mut rank = Box::new([0u16; SMALL_INTS]);
-    let mut dict = Vec::new();
-    for (v, _) in present.iter().enumerate().filter(|(_, p)| **p) {
-        rank[v] = dict.len() as u16;
-        dict.push(v as f32);
-    }
-    if dict.is_empty() {
-        dict.push(0.0);
-    }
-    Some((dict, rank))
-}
-
-/// Marks each of `values` in `present` if every one is a plain integer below [`SMALL_INTS`]
-/// (-0.0 and NaN fall to the general path, which keeps bit patterns apart); false otherwise,
-/// with `present` then meaningless.
-fn mark_small_ints(values: &[f32], present: &mut [bool; SMALL_INTS]) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the feature is present.
-        return unsafe { mark_small_ints_avx512(values, present) };
-    }
-    mark_small_ints_scalar(values, present)
-}
-
-fn mark_small_ints_scalar(values: &[f32], present: &mut [bool; SMALL_INTS]) -> bool {
-    // No early exit, so the check vectorises; the mask bounds the marks of values that fail it.
-    let ok = values.iter().fold(true, |ok, &v| ok & small_int::is_plain_int_below(v, SMALL_INTS as f32));
-    for &v in values {
-        present[small_int::value(v) as usize & (SMALL_INTS - 1)] = true;
-    }
-    ok
-}
-
-/// [`mark_small_ints`] sixteen values at a time: the check and the integer conversion in
-/// registers, in one pass instead of two (the scalar conversion was most of the marking).
-///
-/// # Safety
-/// AVX-512F is available.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn mark_small_ints_avx512(values: &[f32], present: &mut [bool; SMALL_INTS]) -> bool {
-    use std::arch::x86_64::*;
-    let low12 = _mm512_set1_epi32(SMALL_INTS as i32 - 1);
-    let mut bad: __mmask16 = 0;
-    let mut index = [0u32; 16];
-    let mut groups = values.chunks_exact(16);
-    for g in &mut groups {
-        // SAFETY: a group is 16 values; `index` holds 16 words.
-        unsafe {
-            let v = _mm512_loadu_ps(g.as_ptr());
-            let shifted = small_int::lanes::shifted(v);
-            bad |= !small_int::lanes::is_plain_int_below(v, shifted, SMALL_INTS as f32);
-            _mm512_storeu_si512(index.as_mut_ptr().cast(), _mm512_and_si512(small_int::lanes::value(shifted), low12));
-        }
-        for &i in &index {
-            present[i as usize & (SMALL_INTS - 1)] = true;
-        }
-    }
-    mark_small_ints_scalar(groups.remainder(), present) && bad == 0
-}
-
-#[cfg(test)]
-/// [`dictionary_indices`] of small integer values through their `rank`.
-fn small_int_indices(values: &[f32], rank: &[u16; SMALL_INTS], width: u8, buf: &mut Vec<u8>) {
-    indices_header(values.len(), width, buf);
-    small_int_pack(values, rank, width, buf);
-}
-
-/// [`pack_indices`] of small integer values through their `rank`, each group of eight looked
-/// up and packed in one step (staging the indices first, with a bounds check per lookup, was
-/// half the expressions' encoding time). Every value is an integer below [`SMALL_INTS`]
-/// (checked by [`small_integer_dictionary`]; the mask bounds the lookups).
-fn small_int_pack(values: &[f32], rank: &[u16; SMALL_INTS], width: u8, buf: &mut Vec<u8>) {
-    let index = |v: f32| rank[small_int::value(v) as usize & (SMALL_INTS - 1)] as u32;
-    // Dictionaries here have at most SMALL_INTS entries: 12 bits.
-    if width == 0 || width > 12 {
-        return pack_indices(values.iter().map(|&v| index(v)), values.len(), width, buf);
-    }
-    let whole = values.len() / 8 * 8;
-    // The last group, if short, is padded with index 0.
-    let mut tail = [0u32; 8];
-    tail.iter_mut().zip(&values[whole..]).for_each(|(t, &v)| *t = index(v));
-    macro_rules! widths {
-        ($($w:literal)*) => {
-            match width {
-                $($w => {
-                    pack_width_map::<$w, f32>(&values[..whole], index, buf);
-                    pack_width::<$w>(&tail[..values.len().div_ceil(8) * 8 - whole], buf);
-                })*
-                _ => unreachable!("width checked above"),
-            }
-        };
-    }
-    widths!(1 2 3 4 5 6 7 8 9 10 11 12);
-}
-
 fn encode_byte_stream_split_zstd(descr: ColumnDescPtr, offsets: &[i32], values: &Segments<f32>) -> parquet::errors::Result<ListChunk> {
     let level = ZstdLevel::try_new(1)?;
     let mut chunk = ChunkBuilder::new(descr, Compression::ZSTD(level))?;
-    let mut zstd = zstd::bulk::Compressor::new(level.compression_level()).map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
+    let mut zstd =
+        zstd::bulk::Compressor::new(level.compression_level()).map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
     let mut scratch = Vec::new();
     for (a, b) in page_ranges(offsets) {
         let (va, vb) = (offsets[a] as usize, offsets[b] as usize);
@@ -585,7 +483,8 @@ impl ChunkBuilder {
 
     fn dictionary_page(&mut self, plain: Vec<u8>, entries: usize) -> parquet::errors::Result<()> {
         let len = plain.len();
-        let page = Page::DictionaryPage { buf: Bytes::from(plain), num_values: entries as u32, encoding: Encoding::PLAIN, is_sorted: false };
+        let page =
+            Page::DictionaryPage { buf: Bytes::from(plain), num_values: entries as u32, encoding: Encoding::PLAIN, is_sorted: false };
         self.encodings.push(Encoding::PLAIN);
         let spec = self.write(CompressedPage::new(page, len))?;
         self.dict_offset = Some(spec.offset as i64);
@@ -597,7 +496,13 @@ impl ChunkBuilder {
         self.data_page_compressed(buf, len, encoding, offsets)
     }
 
-    fn data_page_compressed(&mut self, buf: Vec<u8>, uncompressed: usize, encoding: Encoding, offsets: &[i32]) -> parquet::errors::Result<()> {
+    fn data_page_compressed(
+        &mut self,
+        buf: Vec<u8>,
+        uncompressed: usize,
+        encoding: Encoding,
+        offsets: &[i32],
+    ) -> parquet::errors::Result<()> {
         let num_values = Self::level_count(offsets);
         let page = Page::DataPage {
             buf: Bytes::from(buf),
@@ -637,7 +542,7 @@ impl ChunkBuilder {
             .build()?;
         let bytes = self.sink.into_inner()?.finish();
         let close = ColumnCloseResult {
-            bytes_written: bytes.len() as u64,
+            bytes_written: bytes.len(),
             rows_written: self.rows,
             metadata,
             bloom_filter: None,
@@ -683,301 +588,8 @@ impl RunWriter {
 }
 
 #[cfg(test)]
-/// Dictionary indices of a data page: one byte of bit width, then a single bit-packed run.
-fn dictionary_indices(indices: impl Iterator<Item = u32>, n: usize, width: u8, buf: &mut Vec<u8>) {
-    indices_header(n, width, buf);
-    pack_indices(indices, n, width, buf);
-}
-
-/// The start of a data page's `n` dictionary indices: the bit width, then the header of one
-/// bit-packed run of `n` rounded up to groups of 8 (none for no values).
-fn indices_header(n: usize, width: u8, buf: &mut Vec<u8>) {
-    buf.push(width);
-    if n > 0 {
-        uleb128(((n.div_ceil(8) as u64) << 1) | 1, buf);
-    }
-}
-
-/// `n` indices bit-packed at `width`, the last group padded with zeros to 8: the body of the
-/// run [`indices_header`] announces, or a stretch of it that ends on a group.
-fn pack_indices(mut indices: impl Iterator<Item = u32>, n: usize, width: u8, buf: &mut Vec<u8>) {
-    if n == 0 {
-        return;
-    }
-    buf.reserve(n.div_ceil(8) * width as usize + PACK_SLACK);
-    // Staged a stretch at a time, so the packer sees whole groups of 8 in a slice.
-    let mut stage = [0u32; 1024];
-    let mut left = n;
-    while left > 0 {
-        let take = left.min(stage.len());
-        for (slot, v) in stage[..take].iter_mut().zip(indices.by_ref()) {
-            *slot = v;
-        }
-        // The run is whole groups of 8 values: the last one is padded with zeros.
-        let padded = take.div_ceil(8) * 8;
-        stage[take..padded].fill(0);
-        pack(&stage[..padded], width, buf);
-        left -= take;
-    }
-}
-
-#[cfg(test)]
-/// [`dictionary_indices`] for byte values that are their own indices (the bins).
-fn byte_indices(values: &[u8], width: u8, buf: &mut Vec<u8>) {
-    indices_header(values.len(), width, buf);
-    byte_pack(values, width, buf);
-}
-
-/// [`pack_indices`] for byte values that are their own indices, `width` at most 8: eight
-/// values at a time in one 64-bit word, halved into place in three steps of masks and shifts
-/// instead of a shift and an or per value (the bins' packing was 5% of a prep run).
-fn byte_pack(values: &[u8], width: u8, buf: &mut Vec<u8>) {
-    macro_rules! widths {
-        ($($w:literal)*) => {
-            match width {
-                0 => {}
-                $($w => byte_pack_width::<$w>(values, buf),)*
-                _ => pack_indices(values.iter().map(|&v| v as u32), values.len(), width, buf),
-            }
-        };
-    }
-    widths!(1 2 3 4 5 6 7 8);
-}
-
-fn byte_pack_width<const W: u32>(values: &[u8], buf: &mut Vec<u8>) {
-    if values.is_empty() {
-        return;
-    }
-    let groups = values.len().div_ceil(8);
-    let start = buf.len();
-    let len = groups * W as usize;
-    buf.resize(start + len + 8, 0);
-    let dst = &mut buf[start..];
-    // Eight values below 2^W in the bytes of x, packed into the low 8W bits.
-    let pack = |x: u64| {
-        let x = (x & 0x00FF_00FF_00FF_00FF) | ((x & 0xFF00_FF00_FF00_FF00) >> (8 - W));
-        let x = (x & 0x0000_FFFF_0000_FFFF) | ((x & 0xFFFF_0000_FFFF_0000) >> (16 - 2 * W));
-        (x & 0xFFFF_FFFF) | ((x >> 32) << (4 * W))
-    };
-    let mut groups_in = values.chunks_exact(8);
-    let mut at = 0;
-    for g in &mut groups_in {
-        let x = u64::from_le_bytes(g.try_into().expect("8 bytes"));
-        dst[at..at + 8].copy_from_slice(&pack(x).to_le_bytes());
-        at += W as usize;
-    }
-    let rest = groups_in.remainder();
-    if !rest.is_empty() {
-        // The run is whole groups of 8: the last one is padded with zeros.
-        let mut last = [0u8; 8];
-        last[..rest.len()].copy_from_slice(rest);
-        dst[at..at + 8].copy_from_slice(&pack(u64::from_le_bytes(last)).to_le_bytes());
-    }
-    buf.truncate(start + len);
-}
-
-/// Values per block of `DELTA_BINARY_PACKED`, in [`DELTA_MINIS`] miniblocks of 32.
-const DELTA_BLOCK: usize = 128;
-const DELTA_MINIS: usize = 4;
-
-/// `DELTA_BINARY_PACKED` with blocks of 128 values in 4 miniblocks of 32, deltas in wrapping
-/// 32-bit arithmetic as the format's INT32 type, a run at a time: the header, then the values
-/// after the first in runs of whole blocks (but for the last run).
-struct DeltaPacker {
-    prev: i32,
-}
-
-impl DeltaPacker {
-    /// The header of `n` values starting with `first`.
-    fn start(first: Option<i32>, n: usize, buf: &mut Vec<u8>) -> Self {
-        uleb128(DELTA_BLOCK as u64, buf);
-        uleb128(DELTA_MINIS as u64, buf);
-        uleb128(n as u64, buf);
-        uleb128(zigzag(first.unwrap_or(0) as i64), buf);
-        DeltaPacker { prev: first.unwrap_or(0) }
-    }
-
-    fn blocks(&mut self, values: &[i32], buf: &mut Vec<u8>) {
-        const MINI: usize = DELTA_BLOCK / DELTA_MINIS;
-        // A reservation, not a limit: gene-id deltas (vocabularies below 2^16) fit in 2 bytes.
-        buf.reserve(values.len() * 2 + PACK_SLACK);
-        let mut deltas = [0i32; DELTA_BLOCK];
-        let mut packed = [0u32; DELTA_BLOCK];
-        let mut prev = self.prev;
-        for block in values.chunks(DELTA_BLOCK) {
-            let mut min = i32::MAX;
-            for (d, &v) in deltas.iter_mut().zip(block) {
-                *d = v.wrapping_sub(prev);
-                prev = v;
-                min = min.min(*d);
-            }
-            // The last block is padded with deltas equal to min (they pack to zero bits).
-            deltas[block.len()..].fill(min);
-            for (p, &d) in packed.iter_mut().zip(&deltas) {
-                *p = d.wrapping_sub(min) as u32;
-            }
-            let mut widths = [0u8; DELTA_MINIS];
-            let minis = block.len().div_ceil(MINI);
-            for (m, w) in widths.iter_mut().enumerate().take(minis) {
-                *w = bit_width(packed[m * MINI..(m + 1) * MINI].iter().fold(0, |a, &p| a | p) as u64);
-            }
-            // Miniblocks are 32 values, so the block header and every miniblock start on a byte.
-            uleb128(zigzag(min as i64), buf);
-            buf.extend_from_slice(&widths);
-            for (m, &w) in widths.iter().enumerate().take(minis) {
-                pack(&packed[m * MINI..(m + 1) * MINI], w, buf);
-            }
-        }
-        self.prev = prev;
-    }
-}
-
-/// Spare bytes the packer may write past its output (whole 32-byte words, then truncated).
-const PACK_SLACK: usize = 32;
-
-/// Appends `values` (each below 2^width, width <= 32, a multiple of 8 of them) bit-packed least
-/// significant bit first, Parquet's layout: exactly `values.len() / 8 * width` bytes.
-fn pack(values: &[u32], width: u8, out: &mut Vec<u8>) {
-    debug_assert!(values.len() % 8 == 0 && width <= 32);
-    macro_rules! widths {
-        ($($w:literal)*) => {
-            match width {
-                0 => {}
-                $($w => pack_width::<$w>(values, out),)*
-                _ => unreachable!("bit width {width} above 32"),
-            }
-        };
-    }
-    widths!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32);
-}
-
-/// [`pack`] at a width known at compile time: each group of 8 values is W bytes whose bit
-/// positions are constants, so a group is a few shifts and ors with no data-dependent
-/// branches (a running bit count made every value wait on the one before).
-fn pack_width<const W: usize>(values: &[u32], out: &mut Vec<u8>) {
-    pack_width_map::<W, u32>(values, |v| v, out)
-}
-
-/// [`pack_width`] of `map` of each value (`values.len()` a multiple of 8).
-#[inline(always)]
-fn pack_width_map<const W: usize, T: Copy>(values: &[T], map: impl Fn(T) -> u32, out: &mut Vec<u8>) {
-    let start = out.len();
-    let len = values.len() / 8 * W;
-    out.resize(start + len + PACK_SLACK, 0);
-    let dst = &mut out[start..];
-    for (g, group) in values.chunks_exact(8).enumerate() {
-        let mut words = [0u64; 4];
-        for (i, &v) in group.iter().enumerate() {
-            let v = map(v);
-            let (word, shift) = (i * W / 64, i * W % 64);
-            words[word] |= (v as u64) << shift;
-            if shift + W > 64 {
-                words[word + 1] |= (v as u64) >> (64 - shift);
-            }
-        }
-        let at = g * W;
-        for (k, w) in words.iter().enumerate().take(W.div_ceil(8)) {
-            dst[at + 8 * k..at + 8 * k + 8].copy_from_slice(&w.to_le_bytes());
-        }
-    }
-    out.truncate(start + len);
-}
-
-fn bit_width(max: u64) -> u8 {
-    (64 - max.leading_zeros()) as u8
-}
-
-fn zigzag(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-fn uleb128(mut v: u64, out: &mut Vec<u8>) {
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bit_packing_matches_the_format_examples() {
-        // Parquet's Encodings.md: 0..=7 at width 3 packs to 10001000 11000110 11111010.
-        let mut out = vec![0xAA];
-        pack(&[0, 1, 2, 3, 4, 5, 6, 7], 3, &mut out);
-        assert_eq!(out, vec![0xAA, 0b1000_1000, 0b1100_0110, 0b1111_1010]);
-        // Every width, values crossing word boundaries, read back by a plain bit reader.
-        for w in 0..=32u8 {
-            let vals: Vec<u32> = (0..104u64).map(|i| ((i * 2_654_435_761) & ((1u64 << w) - 1)) as u32).collect();
-            let mut out = vec![7u8];
-            pack(&vals, w, &mut out);
-            assert_eq!(out.len(), 1 + 104 * w as usize / 8);
-            let bit = |k: usize| (out[1 + k / 8] >> (k % 8)) & 1;
-            for (i, &v) in vals.iter().enumerate() {
-                let back = (0..w as usize).fold(0u32, |acc, b| acc | (bit(i * w as usize + b) as u32) << b);
-                assert_eq!(back, v, "width {w}, value {i}");
-            }
-        }
-    }
-
-    #[test]
-    fn byte_indices_pack_as_the_general_path() {
-        for width in 0..=8u8 {
-            for n in [0usize, 1, 7, 8, 9, 16, 23, 1000] {
-                let vals: Vec<u8> = (0..n as u64).map(|i| ((i * 2_654_435_761 >> 7) & ((1u64 << width) - 1)) as u8).collect();
-                let (mut fast, mut general) = (vec![3u8], vec![3u8]);
-                byte_indices(&vals, width, &mut fast);
-                dictionary_indices(vals.iter().map(|&v| v as u32), n, width, &mut general);
-                assert_eq!(fast, general, "width {width}, {n} values");
-            }
-        }
-    }
-
-    #[test]
-    fn small_int_marks_and_indices_agree_with_a_plain_reading() {
-        let odd = [-0.0f32, f32::NAN, 0.5, -1.0, 4095.0, 4096.0, 1e9, f32::INFINITY, 0.0];
-        let mut x = 7u64;
-        for n in [0usize, 1, 15, 16, 17, 40, 1000] {
-            for mix in 0..=odd.len() {
-                let mut next = || {
-                    x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-                    (x >> 33) as usize
-                };
-                let mut vals: Vec<f32> = (0..n).map(|_| (next() % 300) as f32).collect();
-                if mix < odd.len() && n > 0 {
-                    let at = next() % n;
-                    vals[at] = odd[mix];
-                }
-                let plain = vals.iter().all(|&v| v >= 0.0 && v < 4096.0 && v.fract() == 0.0 && v.to_bits() >> 31 == 0);
-                let mut want = [false; SMALL_INTS];
-                vals.iter().for_each(|&v| want[v as usize % SMALL_INTS] = true);
-                for vector in [true, false] {
-                    let mut got = Box::new([false; SMALL_INTS]);
-                    let ok = if vector { mark_small_ints(&vals, &mut got) } else { mark_small_ints_scalar(&vals, &mut got) };
-                    assert_eq!(ok, plain, "{n} values, mix {mix}, vector {vector}");
-                    if plain {
-                        assert!(got.iter().eq(want.iter()), "{n} values, mix {mix}, vector {vector}");
-                    }
-                }
-                // Indices through the rank table pack as the general path packs them.
-                if plain {
-                    let (dict, rank) = small_integer_dictionary(&Segments::from(&vals[..])).expect("plain integers");
-                    let width = bit_width(dict.len() as u64 - 1);
-                    let (mut fast, mut general) = (vec![5u8], vec![5u8]);
-                    small_int_indices(&vals, &rank, width, &mut fast);
-                    dictionary_indices(vals.iter().map(|v| dict.iter().position(|d| d == v).unwrap() as u32), n, width, &mut general);
-                    assert_eq!(fast, general, "{n} values, width {width}");
-                }
-            }
-        }
-    }
 
     #[test]
     fn segments_read_as_one_sequence() {
@@ -997,7 +609,17 @@ mod tests {
         // Runs: the same sequence, in whole units but for the last run.
         let (sizes, total) = ([5usize, 0, 1, 17, 3, 8, 30, 2], 66);
         let mut next = 0u32;
-        let owned: Vec<Vec<u32>> = sizes.iter().map(|&n| (0..n).map(|_| { next += 1; next - 1 }).collect()).collect();
+        let owned: Vec<Vec<u32>> = sizes
+            .iter()
+            .map(|&n| {
+                (0..n)
+                    .map(|_| {
+                        next += 1;
+                        next - 1
+                    })
+                    .collect()
+            })
+            .collect();
         let seg = Segments::new(owned.iter().map(|p| &p[..]));
         for unit in [1usize, 3, 8] {
             for a in 0..=total {
@@ -1057,24 +679,33 @@ mod tests {
         }
         let split = Segments::new(parts.iter().copied());
         let whole = Segments::from(&values[..]);
-        let descr = || parquet::arrow::ArrowSchemaConverter::new()
-            .convert(&arrow_schema::Schema::new(vec![arrow_schema::Field::new("g", arrow_schema::DataType::List(std::sync::Arc::new(arrow_schema::Field::new("item", arrow_schema::DataType::Int32, false))), false)]))
-            .unwrap()
-            .column(0);
+        let descr = || {
+            parquet::arrow::ArrowSchemaConverter::new()
+                .convert(&arrow_schema::Schema::new(vec![arrow_schema::Field::new(
+                    "g",
+                    arrow_schema::DataType::List(std::sync::Arc::new(arrow_schema::Field::new(
+                        "item",
+                        arrow_schema::DataType::Int32,
+                        false,
+                    ))),
+                    false,
+                )]))
+                .unwrap()
+                .column(0)
+        };
         let bytes = |s: &Segments<i32>| encode_delta_i32(descr(), &offsets, s).unwrap().bytes.to_vec();
         assert_eq!(bytes(&split), bytes(&whole));
         let small: Vec<u8> = values.iter().map(|&v| (v.unsigned_abs() % 51) as u8).collect();
-        let small_parts: Vec<&[u8]> = parts.iter().scan(0, |at, p| { let r = &small[*at..*at + p.len()]; *at += p.len(); Some(r) }).collect();
+        let small_parts: Vec<&[u8]> = parts
+            .iter()
+            .scan(0, |at, p| {
+                let r = &small[*at..*at + p.len()];
+                *at += p.len();
+                Some(r)
+            })
+            .collect();
         let bins = |s: &Segments<u8>| encode_identity_dictionary_u8(descr(), &offsets, s).unwrap().bytes.to_vec();
         assert_eq!(bins(&Segments::new(small_parts.iter().copied())), bins(&Segments::from(&small[..])));
-    }
-
-    #[test]
-    fn uleb128_and_zigzag() {
-        let mut out = Vec::new();
-        uleb128(624_485, &mut out);
-        assert_eq!(out, vec![0xE5, 0x8E, 0x26]);
-        assert_eq!([zigzag(0), zigzag(-1), zigzag(1), zigzag(-2)], [0, 1, 2, 3]);
     }
 
     #[test]

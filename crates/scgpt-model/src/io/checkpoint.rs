@@ -31,19 +31,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use burn::module::Module;
 use burn::store::burn_pack::Tensor as PackTensor;
-use burn::store::{
-    BurnToPyTorchAdapter, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, ModuleStore,
-    SafetensorsStore,
-};
+use burn::store::{BurnToPyTorchAdapter, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, ModuleStore, SafetensorsStore};
 use burn::tensor::{DType, Device};
 use serde_json::{json, Map, Value};
 
 use crate::config::{BatchNormStyle, CellEmbStyle, InputEmbStyle, ModelConfig, MvcDecoderStyle};
 use crate::error::{ModelError, Result};
+use crate::io::load::original_key;
+use crate::io::torch_zip::{self, PtData, PtTensor};
 use crate::layers::BatchNorm1d;
-use crate::load::original_key;
 use crate::model::TransformerModel;
-use crate::torch_zip::{self, PtData, PtTensor};
 
 pub const NATIVE_WEIGHTS: &str = "model.safetensors";
 pub const NATIVE_CONFIG: &str = "config.json";
@@ -74,17 +71,11 @@ pub struct ExportReport {
 }
 
 pub(crate) fn write_err(path: &Path, message: impl Into<String>) -> ModelError {
-    ModelError::Write {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
+    ModelError::Write { path: path.to_path_buf(), message: message.into() }
 }
 
 pub(crate) fn ckpt_err(path: &Path, message: impl Into<String>) -> ModelError {
-    ModelError::Checkpoint {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
+    ModelError::Checkpoint { path: path.to_path_buf(), message: message.into() }
 }
 
 /// The model's BatchNorm layers (DSBN domains and plain BN).
@@ -113,10 +104,7 @@ pub fn sync_running_stats(bns: &[&BatchNorm1d]) {
 
 /// Parses a vocab.json (`{token: id}`) and checks it against the model: integer ids, unique,
 /// below `ntoken`; `<pad>` at the model's `pad_token_id` when both are known.
-pub(crate) fn check_vocab(
-    vocab_json: &str,
-    config: &ModelConfig,
-) -> std::result::Result<(), (String, String)> {
+pub(crate) fn check_vocab(vocab_json: &str, config: &ModelConfig) -> std::result::Result<(), (String, String)> {
     check_vocab_for(vocab_json, config.ntoken, config.pad_token_id, &config.pad_token)
 }
 
@@ -127,44 +115,25 @@ pub(crate) fn check_vocab_for(
     pad_token_id: Option<usize>,
     pad_token: &str,
 ) -> std::result::Result<(), (String, String)> {
-    let v: Value =
-        serde_json::from_str(vocab_json).map_err(|e| ("<document>".to_string(), e.to_string()))?;
+    let v: Value = serde_json::from_str(vocab_json).map_err(|e| ("<document>".to_string(), e.to_string()))?;
     let Value::Object(map) = v else {
-        return Err((
-            "<document>".into(),
-            "expected a JSON object {token: id}".into(),
-        ));
+        return Err(("<document>".into(), "expected a JSON object {token: id}".into()));
     };
     let mut seen: HashSet<u64> = HashSet::with_capacity(map.len());
     for (tok, id) in &map {
         let Some(id) = id.as_u64() else {
-            return Err((
-                tok.clone(),
-                format!("id {id} is not a non-negative integer"),
-            ));
+            return Err((tok.clone(), format!("id {id} is not a non-negative integer")));
         };
         if id as usize >= ntoken {
-            return Err((
-                tok.clone(),
-                format!(
-                    "id {id} is outside the model's vocabulary of {}",
-                    ntoken
-                ),
-            ));
+            return Err((tok.clone(), format!("id {id} is outside the model's vocabulary of {}", ntoken)));
         }
         if !seen.insert(id) {
             return Err((tok.clone(), format!("id {id} is used twice")));
         }
     }
-    if let (Some(p), Some(id)) = (
-        pad_token_id,
-        map.get(pad_token).and_then(Value::as_u64),
-    ) {
+    if let (Some(p), Some(id)) = (pad_token_id, map.get(pad_token).and_then(Value::as_u64)) {
         if id as usize != p {
-            return Err((
-                pad_token.to_string(),
-                format!("id {id}, but the model's pad_token_id is {p}"),
-            ));
+            return Err((pad_token.to_string(), format!("id {id}, but the model's pad_token_id is {p}")));
         }
     }
     Ok(())
@@ -178,26 +147,15 @@ pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 fn unique_suffix() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{}-{nanos}", std::process::id())
 }
 
 /// Creates `dir` atomically: `fill` writes the files into a fresh sibling temp directory, which
 /// is then renamed onto `dir`. An existing `dir` is replaced only if it contains nothing but
 /// `allowed` files.
-pub(crate) fn write_dir_atomically(
-    dir: &Path,
-    allowed: &[&str],
-    fill: impl FnOnce(&Path) -> Result<()>,
-) -> Result<()> {
-    let name = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| write_err(dir, "not a directory name"))?
-        .to_string();
+pub(crate) fn write_dir_atomically(dir: &Path, allowed: &[&str], fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = dir.file_name().and_then(|n| n.to_str()).ok_or_else(|| write_err(dir, "not a directory name"))?.to_string();
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -229,11 +187,7 @@ pub(crate) fn write_dir_atomically(
     let suffix = unique_suffix();
     let tmp = parent.join(format!(".{name}.tmp-{suffix}"));
     std::fs::create_dir(&tmp).map_err(|e| write_err(&tmp, e.to_string()))?;
-    let filled = fill(&tmp).and_then(|()| {
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| write_err(&tmp, e.to_string()))
-    });
+    let filled = fill(&tmp).and_then(|()| std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| write_err(&tmp, e.to_string())));
     if let Err(e) = filled {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -242,10 +196,7 @@ pub(crate) fn write_dir_atomically(
         let old = parent.join(format!(".{name}.old-{suffix}"));
         if let Err(e) = std::fs::rename(dir, &old) {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(write_err(
-                dir,
-                format!("cannot move the old directory: {e}"),
-            ));
+            return Err(write_err(dir, format!("cannot move the old directory: {e}")));
         }
         if let Err(e) = std::fs::rename(&tmp, dir) {
             let _ = std::fs::rename(&old, dir);
@@ -265,15 +216,9 @@ pub(crate) fn write_dir_atomically(
 
 /// Saves `model` (parameters, BatchNorm buffers, its `ModelConfig`) and `vocab_json` as a
 /// native checkpoint directory. See the module docs for the layout.
-pub fn save_native(
-    model: &TransformerModel,
-    vocab_json: &str,
-    dir: impl AsRef<Path>,
-) -> Result<()> {
+pub fn save_native(model: &TransformerModel, vocab_json: &str, dir: impl AsRef<Path>) -> Result<()> {
     let dir = dir.as_ref();
-    check_vocab(vocab_json, &model.config).map_err(|(field, message)| {
-        ModelError::input("vocab_json", format!("`{field}`: {message}"))
-    })?;
+    check_vocab(vocab_json, &model.config).map_err(|(field, message)| ModelError::input("vocab_json", format!("`{field}`: {message}")))?;
     sync_running_stats(&batch_norms(model));
     let config_json = serde_json::to_string_pretty(&json!({
         "format": NATIVE_FORMAT,
@@ -285,28 +230,20 @@ pub fn save_native(
         let final_weights = dir.join(NATIVE_WEIGHTS);
         let mut store = SafetensorsStore::from_file(tmp.join(NATIVE_WEIGHTS))
             .overwrite(true)
-            .metadata(
-                "scgpt_rs_format",
-                format!("{NATIVE_FORMAT}-{NATIVE_VERSION}"),
-            );
+            .metadata("scgpt_rs_format", format!("{NATIVE_FORMAT}-{NATIVE_VERSION}"));
         match catch_unwind(AssertUnwindSafe(|| model.save_into(&mut store))) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(write_err(&final_weights, e.to_string())),
             Err(_) => return Err(write_err(&final_weights, "the safetensors writer panicked")),
         }
-        write_file(&tmp.join(NATIVE_CONFIG), config_json.as_bytes())
-            .map_err(|e| write_err(&dir.join(NATIVE_CONFIG), e.to_string()))?;
-        write_file(&tmp.join(VOCAB_FILE), vocab_json.as_bytes())
-            .map_err(|e| write_err(&dir.join(VOCAB_FILE), e.to_string()))?;
+        write_file(&tmp.join(NATIVE_CONFIG), config_json.as_bytes()).map_err(|e| write_err(&dir.join(NATIVE_CONFIG), e.to_string()))?;
+        write_file(&tmp.join(VOCAB_FILE), vocab_json.as_bytes()).map_err(|e| write_err(&dir.join(VOCAB_FILE), e.to_string()))?;
         Ok(())
     })
 }
 
 pub(crate) fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
 }
 
 /// Reads a native checkpoint directory written by [`save_native`] onto `device`. Strict: the
@@ -314,22 +251,12 @@ pub(crate) fn read_text(path: &Path) -> Result<String> {
 pub fn load_native(dir: impl AsRef<Path>, device: &Device) -> Result<NativeCheckpoint> {
     let dir = dir.as_ref();
     let config_path = dir.join(NATIVE_CONFIG);
-    let json_err = |path: &Path, field: &str, message: String| ModelError::Json {
-        path: path.to_path_buf(),
-        field: field.to_string(),
-        message,
-    };
-    let doc: Value = serde_json::from_str(&read_text(&config_path)?)
-        .map_err(|e| json_err(&config_path, "<document>", e.to_string()))?;
+    let json_err =
+        |path: &Path, field: &str, message: String| ModelError::Json { path: path.to_path_buf(), field: field.to_string(), message };
+    let doc: Value = serde_json::from_str(&read_text(&config_path)?).map_err(|e| json_err(&config_path, "<document>", e.to_string()))?;
     match doc.get("format").and_then(Value::as_str) {
         Some(NATIVE_FORMAT) => {}
-        other => {
-            return Err(json_err(
-                &config_path,
-                "format",
-                format!("expected \"{NATIVE_FORMAT}\", found {other:?}"),
-            ))
-        }
+        other => return Err(json_err(&config_path, "format", format!("expected \"{NATIVE_FORMAT}\", found {other:?}"))),
     }
     match doc.get("version").and_then(Value::as_u64) {
         Some(NATIVE_VERSION) => {}
@@ -341,14 +268,12 @@ pub fn load_native(dir: impl AsRef<Path>, device: &Device) -> Result<NativeCheck
             ))
         }
     }
-    let config: ModelConfig = serde_json::from_value(doc["config"].clone())
-        .map_err(|e| json_err(&config_path, "config", e.to_string()))?;
+    let config: ModelConfig = serde_json::from_value(doc["config"].clone()).map_err(|e| json_err(&config_path, "config", e.to_string()))?;
     config.validate_as(&config_path.display().to_string())?;
 
     let vocab_path = dir.join(VOCAB_FILE);
     let vocab_json = read_text(&vocab_path)?;
-    check_vocab(&vocab_json, &config)
-        .map_err(|(field, message)| json_err(&vocab_path, &field, message))?;
+    check_vocab(&vocab_json, &config).map_err(|(field, message)| json_err(&vocab_path, &field, message))?;
 
     // Loaded into f32 parameters whatever the device's default float type: the file holds f32,
     // and a bf16 default (mixed precision) would round a resumed run's fp32 masters.
@@ -361,96 +286,48 @@ pub fn load_native(dir: impl AsRef<Path>, device: &Device) -> Result<NativeCheck
 /// Loads every tensor of `path` into `model` by burn name; anything missing, extra, misshapen
 /// or unreadable is an error naming the file.
 pub(crate) fn load_safetensors_strict<M: ModuleSnapshot>(model: &mut M, path: &Path) -> Result<()> {
-    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
     if !meta.is_file() {
         return Err(ckpt_err(path, "not a regular file"));
     }
     let read = catch_unwind(AssertUnwindSafe(|| {
         let mut store = SafetensorsStore::from_file(path);
-        store
-            .get_all_tensors()
-            .map(|m| m.values().cloned().collect::<Vec<_>>())
-            .map_err(|e| e.to_string())
+        store.get_all_tensors().map(|m| m.values().cloned().collect::<Vec<_>>()).map_err(|e| e.to_string())
     }));
     let tensors = match read {
         Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            return Err(ckpt_err(
-                path,
-                format!("not a readable safetensors file (truncated or corrupt?): {e}"),
-            ))
-        }
-        Err(_) => {
-            return Err(ckpt_err(
-                path,
-                "the safetensors reader failed on malformed data (truncated or corrupt file?)",
-            ))
-        }
+        Ok(Err(e)) => return Err(ckpt_err(path, format!("not a readable safetensors file (truncated or corrupt?): {e}"))),
+        Err(_) => return Err(ckpt_err(path, "the safetensors reader failed on malformed data (truncated or corrupt file?)")),
     };
 
-    let want: BTreeMap<String, Vec<usize>> = model
-        .collect(None, None, false)
-        .into_iter()
-        .map(|t| (t.name.clone(), t.shape.to_vec()))
-        .collect();
+    let want: BTreeMap<String, Vec<usize>> =
+        model.collect(None, None, false).into_iter().map(|t| (t.name.clone(), t.shape.to_vec())).collect();
     let have: BTreeSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
-    let missing: Vec<&str> = want
-        .keys()
-        .map(String::as_str)
-        .filter(|n| !have.contains(n))
-        .collect();
-    let extra: Vec<&str> = have
-        .iter()
-        .copied()
-        .filter(|n| !want.contains_key(*n))
-        .collect();
+    let missing: Vec<&str> = want.keys().map(String::as_str).filter(|n| !have.contains(n)).collect();
+    let extra: Vec<&str> = have.iter().copied().filter(|n| !want.contains_key(*n)).collect();
     if !missing.is_empty() || !extra.is_empty() {
         return Err(ckpt_err(
             path,
-            format!(
-                "does not match the model in config.json: missing [{}], unexpected [{}]",
-                missing.join(", "),
-                extra.join(", ")
-            ),
+            format!("does not match the model in config.json: missing [{}], unexpected [{}]", missing.join(", "), extra.join(", ")),
         ));
     }
     let mut to_apply = Vec::with_capacity(tensors.len());
     for t in tensors {
         let shape = t.shape.to_vec();
         if want[&t.name] != shape {
-            return Err(ckpt_err(
-                path,
-                format!(
-                    "`{}` has shape {:?}, the model {:?}",
-                    t.name, shape, want[&t.name]
-                ),
-            ));
+            return Err(ckpt_err(path, format!("`{}` has shape {:?}, the model {:?}", t.name, shape, want[&t.name])));
         }
         if !t.dtype.is_float() {
-            return Err(ckpt_err(
-                path,
-                format!("`{}` holds {:?} data", t.name, t.dtype),
-            ));
+            return Err(ckpt_err(path, format!("`{}` holds {:?} data", t.name, t.dtype)));
         }
         let name = t.name.clone();
         let parts = match catch_unwind(AssertUnwindSafe(|| t.into_parts())) {
             Ok(Ok(p)) => p,
-            _ => {
-                return Err(ckpt_err(
-                    path,
-                    format!("cannot read the data of `{name}` (truncated or corrupt file?)"),
-                ))
-            }
+            _ => return Err(ckpt_err(path, format!("cannot read the data of `{name}` (truncated or corrupt file?)"))),
         };
         let (n, dt, shape, id, bytes) = parts;
         if bytes.len() != shape.num_elements() * dt.size() {
-            return Err(ckpt_err(
-                path,
-                format!("`{name}`: data has the wrong length"),
-            ));
+            return Err(ckpt_err(path, format!("`{name}`: data has the wrong length")));
         }
         to_apply.push(PackTensor::new(n, dt, shape, id, bytes));
     }
@@ -462,18 +339,8 @@ pub(crate) fn load_safetensors_strict<M: ModuleSnapshot>(model: &mut M, path: &P
             path,
             format!(
                 "could not load: errors [{}], missing [{}], unused [{}]",
-                result
-                    .errors
-                    .iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-                result
-                    .missing
-                    .iter()
-                    .map(|(a, _)| a.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                result.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "),
+                result.missing.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>().join(", "),
                 result.unused.join(", ")
             ),
         ));
@@ -573,10 +440,7 @@ pub fn original_args_json(config: &ModelConfig) -> Map<String, Value> {
         BatchNormStyle::BatchNorm => put("domain_spec_batchnorm", "batchnorm".into()),
     }
     put("ecs_thres", config.ecs_threshold.into());
-    put(
-        "USE_GENERATIVE_TRAINING",
-        config.use_generative_training.into(),
-    );
+    put("USE_GENERATIVE_TRAINING", config.use_generative_training.into());
     // The weights use flash-attn naming (`self_attn.Wqkv.*`), as the released models do.
     put("fast_transformer", true.into());
     put("fast_transformer_backend", "flash".into());
@@ -586,10 +450,7 @@ pub fn original_args_json(config: &ModelConfig) -> Map<String, Value> {
 
 /// Fields that decide the parameter set and shapes; `export_original` refuses a config that
 /// disagrees with the model on any of them.
-fn architecture_mismatch(
-    model: &ModelConfig,
-    config: &ModelConfig,
-) -> Option<(&'static str, String)> {
+fn architecture_mismatch(model: &ModelConfig, config: &ModelConfig) -> Option<(&'static str, String)> {
     macro_rules! same {
         ($($f:ident),*) => {$(
             if model.$f != config.$f {
@@ -617,10 +478,7 @@ fn architecture_mismatch(
     if model.input_emb_style == InputEmbStyle::Category
         && (model.category_rows() != config.category_rows() || model.pad_value != config.pad_value)
     {
-        return Some((
-            "n_input_bins/pad_value",
-            "the category value encoder differs".into(),
-        ));
+        return Some(("n_input_bins/pad_value", "the category value encoder differs".into()));
     }
     None
 }
@@ -634,12 +492,7 @@ pub(crate) fn state_dict<M: ModuleSnapshot>(model: &M, file: &Path) -> Result<Ve
         let name = original_key(&t.name);
         let is_running_var = name.ends_with(".running_var");
         let stem = name.trim_end_matches("running_var").to_string();
-        tensors.push(PtTensor {
-            name,
-            dtype: t.dtype,
-            shape: t.shape.to_vec(),
-            data: PtData::Pack(t),
-        });
+        tensors.push(PtTensor { name, dtype: t.dtype, shape: t.shape.to_vec(), data: PtData::Pack(t) });
         if is_running_var {
             // PyTorch's BatchNorm buffer; only consulted when momentum is None (never here).
             tensors.push(PtTensor {
@@ -663,54 +516,32 @@ pub(crate) fn state_dict<M: ModuleSnapshot>(model: &M, file: &Path) -> Result<Ve
 /// `use_fast_transformer=False` it renames `Wqkv.` → `in_proj_` itself); a model built with
 /// `use_generative_training` also writes `flag_encoder.weight`, which the original's 0.2.4
 /// model has no slot for (the released whole-human checkpoint has the same extra key).
-pub fn export_original(
-    model: &TransformerModel,
-    config: &ModelConfig,
-    vocab_json: &str,
-    dir: &Path,
-) -> Result<ExportReport> {
+pub fn export_original(model: &TransformerModel, config: &ModelConfig, vocab_json: &str, dir: &Path) -> Result<ExportReport> {
     config.validate_as("export_original config")?;
     if let Some((field, message)) = architecture_mismatch(&model.config, config) {
         return Err(ModelError::config("export_original config", field, message));
     }
-    check_vocab(vocab_json, config).map_err(|(field, message)| {
-        ModelError::input("vocab_json", format!("`{field}`: {message}"))
-    })?;
+    check_vocab(vocab_json, config).map_err(|(field, message)| ModelError::input("vocab_json", format!("`{field}`: {message}")))?;
     sync_running_stats(&batch_norms(model));
 
     let tensors = state_dict(model, &dir.join(ORIGINAL_WEIGHTS))?;
-    let listing: Vec<(String, Vec<usize>)> = tensors
-        .iter()
-        .map(|t| (t.name.clone(), t.shape.clone()))
-        .collect();
-    let args = serde_json::to_string_pretty(&Value::Object(original_args_json(config)))
-        .expect("args serialise")
-        + "\n";
+    let listing: Vec<(String, Vec<usize>)> = tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+    let args = serde_json::to_string_pretty(&Value::Object(original_args_json(config))).expect("args serialise") + "\n";
 
     write_dir_atomically(dir, &[ORIGINAL_WEIGHTS, ORIGINAL_ARGS, VOCAB_FILE], |tmp| {
         let final_weights = dir.join(ORIGINAL_WEIGHTS);
-        let written = catch_unwind(AssertUnwindSafe(|| {
-            torch_zip::write_state_dict(&tmp.join(ORIGINAL_WEIGHTS), tensors)
-        }));
+        let written = catch_unwind(AssertUnwindSafe(|| torch_zip::write_state_dict(&tmp.join(ORIGINAL_WEIGHTS), tensors)));
         match written {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(write_err(&final_weights, e.to_string())),
             Err(_) => return Err(write_err(&final_weights, "reading a tensor panicked")),
         }
-        write_file(&tmp.join(ORIGINAL_ARGS), args.as_bytes())
-            .map_err(|e| write_err(&dir.join(ORIGINAL_ARGS), e.to_string()))?;
-        write_file(&tmp.join(VOCAB_FILE), vocab_json.as_bytes())
-            .map_err(|e| write_err(&dir.join(VOCAB_FILE), e.to_string()))?;
+        write_file(&tmp.join(ORIGINAL_ARGS), args.as_bytes()).map_err(|e| write_err(&dir.join(ORIGINAL_ARGS), e.to_string()))?;
+        write_file(&tmp.join(VOCAB_FILE), vocab_json.as_bytes()).map_err(|e| write_err(&dir.join(VOCAB_FILE), e.to_string()))?;
         Ok(())
     })?;
-    let weights_bytes = std::fs::metadata(dir.join(ORIGINAL_WEIGHTS))
-        .map(|m| m.len())
-        .unwrap_or(0);
-    Ok(ExportReport {
-        dir: dir.to_path_buf(),
-        tensors: listing,
-        weights_bytes,
-    })
+    let weights_bytes = std::fs::metadata(dir.join(ORIGINAL_WEIGHTS)).map(|m| m.len()).unwrap_or(0);
+    Ok(ExportReport { dir: dir.to_path_buf(), tensors: listing, weights_bytes })
 }
 
 #[cfg(test)]
@@ -735,9 +566,7 @@ mod tests {
             c.n_input_bins = (style == InputEmbStyle::Category).then_some(53);
             c.dropout = 0.2;
             let m = original_args_json(&c);
-            let back = ModelConfig::from_args_map(&m, 100, "args.json")
-                .unwrap()
-                .with_pad_token_id(97);
+            let back = ModelConfig::from_args_map(&m, 100, "args.json").unwrap().with_pad_token_id(97);
             assert_eq!(back, c);
         }
         let m = original_args_json(&ModelConfig::new(10, 8, 2, 8, 1));
@@ -749,18 +578,9 @@ mod tests {
     fn vocab_checks() {
         let c = ModelConfig::new(4, 8, 2, 8, 1).with_pad_token_id(2);
         assert!(check_vocab(r#"{"a": 0, "b": 1, "<pad>": 2}"#, &c).is_ok());
-        assert!(check_vocab(r#"{"a": 0, "b": 0}"#, &c)
-            .unwrap_err()
-            .1
-            .contains("twice"));
-        assert!(check_vocab(r#"{"a": 4}"#, &c)
-            .unwrap_err()
-            .1
-            .contains("outside"));
-        assert!(check_vocab(r#"{"<pad>": 1}"#, &c)
-            .unwrap_err()
-            .1
-            .contains("pad_token_id"));
+        assert!(check_vocab(r#"{"a": 0, "b": 0}"#, &c).unwrap_err().1.contains("twice"));
+        assert!(check_vocab(r#"{"a": 4}"#, &c).unwrap_err().1.contains("outside"));
+        assert!(check_vocab(r#"{"<pad>": 1}"#, &c).unwrap_err().1.contains("pad_token_id"));
         assert!(check_vocab(r#"["a"]"#, &c).is_err());
         assert!(check_vocab(r#"{"a": 0"#, &c).is_err());
     }

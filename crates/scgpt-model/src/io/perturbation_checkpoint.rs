@@ -11,14 +11,14 @@ use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::Device;
 use serde_json::{json, Value};
 
-use crate::checkpoint::{
-    check_vocab_for, ckpt_err, load_safetensors_strict, read_text, state_dict, write_dir_atomically,
-    original_args_json, write_err, write_file, NATIVE_CONFIG, NATIVE_WEIGHTS, ORIGINAL_ARGS, ORIGINAL_WEIGHTS, VOCAB_FILE,
-};
-use crate::error::{ModelError, Result};
 use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::io::checkpoint::{
+    check_vocab_for, ckpt_err, load_safetensors_strict, original_args_json, read_text, state_dict, write_dir_atomically, write_err,
+    write_file, NATIVE_CONFIG, NATIVE_WEIGHTS, ORIGINAL_ARGS, ORIGINAL_WEIGHTS, VOCAB_FILE,
+};
+use crate::io::torch_zip;
 use crate::perturbation::{PerturbationConfig, TransformerGenerator};
-use crate::torch_zip;
 
 const FORMAT: &str = "scgpt-rs-native";
 const VERSION: u64 = 1;
@@ -39,10 +39,13 @@ fn check(vocab_json: &str, c: &PerturbationConfig, what: &Path) -> Result<()> {
 pub fn save_native_perturbation(model: &TransformerGenerator, vocab_json: &str, dir: impl AsRef<Path>) -> Result<()> {
     let dir = dir.as_ref();
     check(vocab_json, &model.config, &dir.join(VOCAB_FILE))?;
-    let config_json = serde_json::to_string_pretty(&json!({"format": FORMAT, "version": VERSION, "model": KIND, "config": model.config})).expect("config serialises");
+    let config_json = serde_json::to_string_pretty(&json!({"format": FORMAT, "version": VERSION, "model": KIND, "config": model.config}))
+        .expect("config serialises");
     write_dir_atomically(dir, &[NATIVE_WEIGHTS, NATIVE_CONFIG, VOCAB_FILE], |tmp| {
         let weights = dir.join(NATIVE_WEIGHTS);
-        let mut store = SafetensorsStore::from_file(tmp.join(NATIVE_WEIGHTS)).overwrite(true).metadata("scgpt_rs_format", format!("{FORMAT}-{VERSION}-{KIND}"));
+        let mut store = SafetensorsStore::from_file(tmp.join(NATIVE_WEIGHTS))
+            .overwrite(true)
+            .metadata("scgpt_rs_format", format!("{FORMAT}-{VERSION}-{KIND}"));
         match catch_unwind(AssertUnwindSafe(|| model.save_into(&mut store))) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(write_err(&weights, e.to_string())),
@@ -56,7 +59,10 @@ pub fn save_native_perturbation(model: &TransformerGenerator, vocab_json: &str, 
 
 /// Whether a native checkpoint directory holds a generator.
 pub fn is_native_perturbation(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join(NATIVE_CONFIG)).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok()).is_some_and(|v| v["model"] == KIND)
+    std::fs::read_to_string(dir.join(NATIVE_CONFIG))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .is_some_and(|v| v["model"] == KIND)
 }
 
 /// Reads a directory written by [`save_native_perturbation`]; strict about every tensor.
@@ -85,8 +91,11 @@ pub fn load_native_perturbation(dir: impl AsRef<Path>, device: &Device) -> Resul
 pub fn load_exported_perturbation(dir: impl AsRef<Path>, device: &Device) -> Result<(TransformerGenerator, String)> {
     let dir = dir.as_ref();
     let config_path = dir.join(PERTURBATION_ARGS);
-    let config: PerturbationConfig = serde_json::from_str(&read_text(&config_path)?)
-        .map_err(|e| ModelError::Json { path: config_path.clone(), field: "<document>".into(), message: e.to_string() })?;
+    let config: PerturbationConfig = serde_json::from_str(&read_text(&config_path)?).map_err(|e| ModelError::Json {
+        path: config_path.clone(),
+        field: "<document>".into(),
+        message: e.to_string(),
+    })?;
     let vocab_json = read_text(&dir.join(VOCAB_FILE))?;
     check(&vocab_json, &config, &dir.join(VOCAB_FILE))?;
     let mut model = config.init(device)?;
@@ -137,6 +146,9 @@ fn encoder_args_json(c: &PerturbationConfig) -> Value {
     m.cell_emb_style = c.cell_emb_style;
     m.explicit_zero_prob = c.explicit_zero_prob;
     let mut args = original_args_json(&m);
-    args.insert("perturbation_model".into(), "TransformerGenerator (perturbation_config.json); pert_encoder.* is not part of the TransformerModel".into());
+    args.insert(
+        "perturbation_model".into(),
+        "TransformerGenerator (perturbation_config.json); pert_encoder.* is not part of the TransformerModel".into(),
+    );
     Value::Object(args)
 }

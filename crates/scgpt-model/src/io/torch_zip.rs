@@ -57,10 +57,9 @@ impl PtTensor {
         let name = self.name;
         match self.data {
             PtData::Bytes(b) => Ok(b),
-            PtData::Pack(t) => t
-                .into_bytes()
-                .map(|b| b.to_vec())
-                .map_err(|e| io::Error::other(format!("cannot read tensor `{name}`: {e}"))),
+            PtData::Pack(t) => {
+                t.into_bytes().map(|b| b.to_vec()).map_err(|e| io::Error::other(format!("cannot read tensor `{name}`: {e}")))
+            }
         }
     }
 }
@@ -126,11 +125,7 @@ struct Pickler {
 
 impl Pickler {
     fn new() -> Self {
-        Self {
-            out: vec![op::PROTO, 2],
-            next_memo: 0,
-            memo: HashMap::new(),
-        }
+        Self { out: vec![op::PROTO, 2], next_memo: 0, memo: HashMap::new() }
     }
 
     fn put(&mut self) -> u32 {
@@ -224,8 +219,7 @@ impl Pickler {
                 for &x in v {
                     self.int(x as u64);
                 }
-                self.out
-                    .push([op::TUPLE1, op::TUPLE2, op::TUPLE3][v.len() - 1]);
+                self.out.push([op::TUPLE1, op::TUPLE2, op::TUPLE3][v.len() - 1]);
             }
             _ => {
                 self.out.push(op::MARK);
@@ -283,11 +277,7 @@ pub fn state_dict_pickle(entries: &[(&str, &str, usize, &[usize])]) -> Vec<u8> {
             p.str(name);
             p.tensor(storage, b * 1000 + i, *numel, shape);
         }
-        p.out.push(if batch.len() > 1 {
-            op::SETITEMS
-        } else {
-            op::SETITEM
-        });
+        p.out.push(if batch.len() > 1 { op::SETITEMS } else { op::SETITEM });
     }
     p.out.push(op::STOP);
     p.out
@@ -300,11 +290,7 @@ const fn crc32_table() -> [u32; 256] {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
+            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
             k += 1;
         }
         t[i] = c;
@@ -381,12 +367,7 @@ impl<W: Write> ZipWriter<W> {
         d.extend((data.len() as u32).to_le_bytes());
         d.extend((data.len() as u32).to_le_bytes());
         self.write_all(&d)?;
-        self.entries.push(CentralEntry {
-            name: name.to_string(),
-            crc,
-            size: data.len() as u32,
-            offset: offset as u32,
-        });
+        self.entries.push(CentralEntry { name: name.to_string(), crc, size: data.len() as u32, offset: offset as u32 });
         Ok(())
     }
 
@@ -455,28 +436,16 @@ impl<W: Write> ZipWriter<W> {
 /// Writes `tensors` as a `torch.save`d OrderedDict state_dict to `path` (not atomically: the
 /// caller writes to a temporary path and renames). The archive folder is the file stem.
 pub fn write_state_dict(path: &Path, tensors: Vec<PtTensor>) -> io::Result<()> {
-    let stem = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .filter(|s| !s.is_empty() && s.is_ascii() && !s.contains('/'))
-        .unwrap_or("archive");
+    let stem = path.file_stem().and_then(|s| s.to_str()).filter(|s| !s.is_empty() && s.is_ascii() && !s.contains('/')).unwrap_or("archive");
     let mut entries: Vec<(&str, &'static str, usize, &[usize])> = Vec::new();
     for t in &tensors {
-        let class = storage_class(t.dtype).ok_or_else(|| {
-            io::Error::other(format!(
-                "tensor `{}`: dtype {:?} has no torch storage",
-                t.name, t.dtype
-            ))
-        })?;
+        let class = storage_class(t.dtype)
+            .ok_or_else(|| io::Error::other(format!("tensor `{}`: dtype {:?} has no torch storage", t.name, t.dtype)))?;
         entries.push((&t.name, class, t.numel(), &t.shape));
     }
     let pickle = state_dict_pickle(&entries);
     let file = File::create(path)?;
-    let mut z = ZipWriter {
-        w: BufWriter::with_capacity(1 << 20, file),
-        pos: 0,
-        entries: Vec::new(),
-    };
+    let mut z = ZipWriter { w: BufWriter::with_capacity(1 << 20, file), pos: 0, entries: Vec::new() };
     z.entry(&format!("{stem}/data.pkl"), &pickle)?;
     z.entry(&format!("{stem}/.format_version"), b"1")?;
     z.entry(&format!("{stem}/.storage_alignment"), b"64")?;
@@ -488,20 +457,13 @@ pub fn write_state_dict(path: &Path, tensors: Vec<PtTensor>) -> io::Result<()> {
         let bytes = t.take_bytes()?;
         let want = numel * dtype.size();
         if bytes.len() != want {
-            return Err(io::Error::other(format!(
-                "tensor `{name}`: {} bytes of data, expected {want}",
-                bytes.len()
-            )));
+            return Err(io::Error::other(format!("tensor `{name}`: {} bytes of data, expected {want}", bytes.len())));
         }
         id_src = id_src.rotate_left(7) ^ crc32(&bytes) as u64;
         z.entry(&format!("{stem}/data/{i}"), &bytes)?;
     }
     z.entry(&format!("{stem}/version"), b"3\n")?;
-    let id = format!(
-        "{:020}{:020}",
-        id_src % 10u64.pow(19),
-        id_src.wrapping_mul(0x9E37_79B9_7F4A_7C15) % 10u64.pow(19)
-    );
+    let id = format!("{:020}{:020}", id_src % 10u64.pow(19), id_src.wrapping_mul(0x9E37_79B9_7F4A_7C15) % 10u64.pow(19));
     z.entry(&format!("{stem}/.data/serialization_id"), id.as_bytes())?;
     let mut w = z.finish()?;
     w.flush()?;

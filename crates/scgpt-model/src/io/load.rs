@@ -24,10 +24,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use burn::store::burn_pack::Tensor as PackTensor;
-use burn::store::{
-    BurnToPyTorchAdapter, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, ModuleStore,
-    PyTorchToBurnAdapter, PytorchStore,
-};
+use burn::store::{BurnToPyTorchAdapter, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter, PytorchStore};
 use burn::tensor::DType;
 
 use crate::error::{ModelError, Result};
@@ -97,10 +94,7 @@ pub fn normalize_key(key: &str) -> String {
         break;
     }
     let mut k = k.replace("self_attn._impl.", "self_attn.");
-    for (from, to) in [
-        ("self_attn.in_proj_weight", "self_attn.Wqkv.weight"),
-        ("self_attn.in_proj_bias", "self_attn.Wqkv.bias"),
-    ] {
+    for (from, to) in [("self_attn.in_proj_weight", "self_attn.Wqkv.weight"), ("self_attn.in_proj_bias", "self_attn.Wqkv.bias")] {
         if let Some(stem) = k.strip_suffix(from) {
             k = format!("{stem}{to}");
         }
@@ -173,11 +167,7 @@ pub fn model_param_shapes(model: &TransformerModel) -> BTreeMap<String, Vec<usiz
 
 /// [`model_param_shapes`] for any module (the perturbation model, a single layer).
 pub fn module_param_shapes<M: ModuleSnapshot>(model: &M) -> BTreeMap<String, Vec<usize>> {
-    model
-        .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
-        .into_iter()
-        .map(|t| (t.name.clone(), t.shape.to_vec()))
-        .collect()
+    model.collect(None, Some(Box::new(BurnToPyTorchAdapter)), true).into_iter().map(|t| (t.name.clone(), t.shape.to_vec())).collect()
 }
 
 /// The parameters a usable model cannot do without.
@@ -186,19 +176,13 @@ fn is_required(name: &str) -> bool {
 }
 
 fn checkpoint_err(path: &Path, message: impl Into<String>) -> ModelError {
-    ModelError::Checkpoint {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
+    ModelError::Checkpoint { path: path.to_path_buf(), message: message.into() }
 }
 
 /// Reads every tensor of a PyTorch `.pt` (zip or legacy format) lazily. Any failure, including
 /// a panic inside the reader on malformed input, becomes an error naming the file.
 fn read_checkpoint(path: &Path) -> Result<Vec<PackTensor>> {
-    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
     if !meta.is_file() {
         return Err(checkpoint_err(path, "not a regular file"));
     }
@@ -206,25 +190,12 @@ fn read_checkpoint(path: &Path) -> Result<Vec<PackTensor>> {
         // Index renumbering is ours (rule 4): burn's blanket renumbering would also close gaps
         // in e.g. `transformer_encoder.layers`, hiding a checkpoint that lacks a layer.
         let mut store = PytorchStore::from_file(path).map_indices_contiguous(false);
-        store
-            .get_all_tensors()
-            .map(|m| m.values().cloned().collect::<Vec<_>>())
-            .map_err(|e| e.to_string())
+        store.get_all_tensors().map(|m| m.values().cloned().collect::<Vec<_>>()).map_err(|e| e.to_string())
     }));
     let tensors = match read {
         Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            return Err(checkpoint_err(
-                path,
-                format!("not a readable PyTorch checkpoint (truncated or corrupt?): {e}"),
-            ))
-        }
-        Err(_) => {
-            return Err(checkpoint_err(
-                path,
-                "the PyTorch reader failed on malformed data (truncated or corrupt file?)",
-            ))
-        }
+        Ok(Err(e)) => return Err(checkpoint_err(path, format!("not a readable PyTorch checkpoint (truncated or corrupt?): {e}"))),
+        Err(_) => return Err(checkpoint_err(path, "the PyTorch reader failed on malformed data (truncated or corrupt file?)")),
     };
     if tensors.is_empty() {
         return Err(checkpoint_err(path, "contains no tensors"));
@@ -273,44 +244,27 @@ pub(crate) fn load_module<M: ModuleSnapshot>(
     let tensors = read_checkpoint(path)?;
     let shapes = module_param_shapes(model);
 
-    let mut report = LoadReport {
-        path: path.to_path_buf(),
-        ..Default::default()
-    };
+    let mut report = LoadReport { path: path.to_path_buf(), ..Default::default() };
     let mut chosen: HashMap<String, (String, PackTensor)> = HashMap::new();
     let mut keys: Vec<PackTensor> = tensors;
     keys.sort_by(|a, b| a.name.cmp(&b.name));
     for mut t in keys {
         let key = t.name.clone();
         let name = normalize_key(&key);
-        let skip = |reason: String| SkippedKey {
-            key: key.clone(),
-            name: name.clone(),
-            reason,
-        };
+        let skip = |reason: String| SkippedKey { key: key.clone(), name: name.clone(), reason };
         if let Some(reason) = exclude(&name) {
             report.skipped.push(skip(reason));
             continue;
         }
         match shapes.get(&name) {
-            None => report
-                .skipped
-                .push(skip("not a parameter of this model".into())),
-            Some(want) if *want != t.shape.to_vec() => report.skipped.push(skip(format!(
-                "shape {:?} in the file, the model has {:?}",
-                t.shape.to_vec(),
-                want
-            ))),
-            Some(_) if !t.dtype.is_float() => report.skipped.push(skip(format!(
-                "{:?} data where the model holds floats",
-                t.dtype
-            ))),
+            None => report.skipped.push(skip("not a parameter of this model".into())),
+            Some(want) if *want != t.shape.to_vec() => {
+                report.skipped.push(skip(format!("shape {:?} in the file, the model has {:?}", t.shape.to_vec(), want)))
+            }
+            Some(_) if !t.dtype.is_float() => report.skipped.push(skip(format!("{:?} data where the model holds floats", t.dtype))),
             Some(_) => {
                 if let Some((other, _)) = chosen.get(&name) {
-                    return Err(checkpoint_err(
-                        path,
-                        format!("keys `{other}` and `{key}` both map to `{name}`"),
-                    ));
+                    return Err(checkpoint_err(path, format!("keys `{other}` and `{key}` both map to `{name}`")));
                 }
                 t.name = name.clone();
                 chosen.insert(name, (key, t));
@@ -327,15 +281,11 @@ pub(crate) fn load_module<M: ModuleSnapshot>(
         })
         .collect();
     if !required_gaps.is_empty() {
-        return Err(ModelError::RequiredKeys {
-            path: path.to_path_buf(),
-            keys: required_gaps,
-        });
+        return Err(ModelError::RequiredKeys { path: path.to_path_buf(), keys: required_gaps });
     }
 
     // Load into the model's own float dtype whatever the file stores (fp16/fp64 checkpoints).
-    let adapter: Box<dyn ModuleAdapter> =
-        Box::new(PyTorchToBurnAdapter.chain(FloatCastAdapter::to(dtype)));
+    let adapter: Box<dyn ModuleAdapter> = Box::new(PyTorchToBurnAdapter.chain(FloatCastAdapter::to(dtype)));
     let mut names: BTreeSet<String> = BTreeSet::new();
     let mut to_apply = Vec::with_capacity(chosen.len());
     for (name, (key, t)) in chosen {
@@ -343,18 +293,8 @@ pub(crate) fn load_module<M: ModuleSnapshot>(
         let read = catch_unwind(AssertUnwindSafe(|| t.into_parts()));
         let (n, dt, shape, id, bytes) = match read {
             Ok(Ok(parts)) => parts,
-            Ok(Err(e)) => {
-                return Err(checkpoint_err(
-                    path,
-                    format!("cannot read the data of `{key}`: {e}"),
-                ))
-            }
-            Err(_) => {
-                return Err(checkpoint_err(
-                    path,
-                    format!("reading the data of `{key}` failed (truncated or corrupt file?)"),
-                ))
-            }
+            Ok(Err(e)) => return Err(checkpoint_err(path, format!("cannot read the data of `{key}`: {e}"))),
+            Err(_) => return Err(checkpoint_err(path, format!("reading the data of `{key}` failed (truncated or corrupt file?)"))),
         };
         to_apply.push(PackTensor::new(n, dt, shape, id, bytes));
         if key != name {
@@ -368,18 +308,11 @@ pub(crate) fn load_module<M: ModuleSnapshot>(
     if !result.errors.is_empty() {
         // Unreachable in practice: names, shapes and dtype kinds were all checked above.
         let msgs: Vec<String> = result.errors.iter().map(|e| e.to_string()).collect();
-        return Err(checkpoint_err(
-            path,
-            format!("could not load: {}", msgs.join("; ")),
-        ));
+        return Err(checkpoint_err(path, format!("could not load: {}", msgs.join("; "))));
     }
 
     report.loaded = names.iter().cloned().collect();
-    report.missing = shapes
-        .keys()
-        .filter(|n| !names.contains(*n))
-        .cloned()
-        .collect();
+    report.missing = shapes.keys().filter(|n| !names.contains(*n)).cloned().collect();
     report.skipped.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(report)
 }
@@ -392,49 +325,19 @@ mod tests {
     fn key_normalisation() {
         let cases = [
             ("encoder.embedding.weight", "encoder.embedding.weight"),
-            (
-                "module.encoder.embedding.weight",
-                "encoder.embedding.weight",
-            ),
+            ("module.encoder.embedding.weight", "encoder.embedding.weight"),
             ("state_dict.module.decoder.fc.4.bias", "decoder.fc.2.bias"),
-            (
-                "model.transformer_encoder.layers.3.self_attn.in_proj_weight",
-                "transformer_encoder.layers.3.self_attn.Wqkv.weight",
-            ),
-            (
-                "transformer_encoder.layers.0.self_attn._impl.Wqkv.bias",
-                "transformer_encoder.layers.0.self_attn.Wqkv.bias",
-            ),
-            (
-                "transformer_encoder.layers.0.self_attn._impl.out_proj.weight",
-                "transformer_encoder.layers.0.self_attn.out_proj.weight",
-            ),
-            (
-                "transformer_encoder.layers.11.self_attn.in_proj_bias",
-                "transformer_encoder.layers.11.self_attn.Wqkv.bias",
-            ),
+            ("model.transformer_encoder.layers.3.self_attn.in_proj_weight", "transformer_encoder.layers.3.self_attn.Wqkv.weight"),
+            ("transformer_encoder.layers.0.self_attn._impl.Wqkv.bias", "transformer_encoder.layers.0.self_attn.Wqkv.bias"),
+            ("transformer_encoder.layers.0.self_attn._impl.out_proj.weight", "transformer_encoder.layers.0.self_attn.out_proj.weight"),
+            ("transformer_encoder.layers.11.self_attn.in_proj_bias", "transformer_encoder.layers.11.self_attn.Wqkv.bias"),
             ("decoder.zero_logit.2.weight", "decoder.zero_logit.1.weight"),
-            (
-                "cls_decoder._decoder.0.weight",
-                "cls_decoder._decoder.0.weight",
-            ),
+            ("cls_decoder._decoder.0.weight", "cls_decoder._decoder.0.weight"),
             ("cls_decoder._decoder.2.bias", "cls_decoder._decoder.1.bias"),
-            (
-                "cls_decoder._decoder.3.weight",
-                "cls_decoder._decoder.2.weight",
-            ),
-            (
-                "cls_decoder._decoder.5.weight",
-                "cls_decoder._decoder.3.weight",
-            ),
-            (
-                "grad_reverse_discriminator._decoder.5.bias",
-                "grad_reverse_discriminator._decoder.3.bias",
-            ),
-            (
-                "cls_decoder.out_layer.weight",
-                "cls_decoder.out_layer.weight",
-            ),
+            ("cls_decoder._decoder.3.weight", "cls_decoder._decoder.2.weight"),
+            ("cls_decoder._decoder.5.weight", "cls_decoder._decoder.3.weight"),
+            ("grad_reverse_discriminator._decoder.5.bias", "grad_reverse_discriminator._decoder.3.bias"),
+            ("cls_decoder.out_layer.weight", "cls_decoder.out_layer.weight"),
             ("dsbn.bns.3.running_mean", "dsbn.bns.3.running_mean"),
             ("flag_encoder.weight", "flag_encoder.weight"),
         ];
