@@ -142,6 +142,25 @@ pub trait Collective: Send {
     fn backend(&self) -> &'static str {
         "custom"
     }
+    /// The same group's collectives on accelerator memory, where the backend has them (NCCL):
+    /// the trainer then reduces gradient buckets where they are instead of through the host.
+    fn device(&mut self) -> Option<&mut dyn DeviceCollective> {
+        None
+    }
+}
+
+/// Collectives on buffers in the accelerator's memory, addressed by raw device pointers, so a
+/// tensor library's buffers are reduced in place without a host copy. Every rank must make the
+/// same calls in the same order, as with [`Collective`].
+pub trait DeviceCollective {
+    /// In-place mean over ranks of `len` f32 at device address `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` must address at least `len` f32 of memory on the GPU this collective was built
+    /// on, and nothing may read or write that memory until the call returns: the work that
+    /// produced it must be complete (the caller synchronises its own streams first). The call
+    /// returns once the reduced values are in place.
+    unsafe fn all_reduce_mean_device(&mut self, ptr: u64, len: usize) -> Result<(), DistError>;
 }
 
 /// One process, world size 1: every collective is the identity.

@@ -1,6 +1,8 @@
-//! The NCCL backend: GPU collectives on host-staged buffers, bootstrapped through the TCP
-//! rendezvous (which also keeps carrying the barrier and the f64 metric sums, so those keep
-//! the TCP backend's timeouts and rank-naming errors).
+//! The NCCL backend: GPU collectives bootstrapped through the TCP rendezvous (which also keeps
+//! carrying the barrier and the f64 metric sums, so those keep the TCP backend's timeouts and
+//! rank-naming errors). Gradients are reduced in place in the training framework's own device
+//! buffers ([`DeviceCollective`]); the host-slice [`Collective`] calls (initial parameters,
+//! gathers, and gradients on a device NCCL cannot address) stage through device buffers.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,7 +12,7 @@ use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 
 use crate::env::RankInfo;
 use crate::tcp::{Tcp, TcpOptions};
-use crate::{Collective, CommStats, DistError};
+use crate::{Collective, CommStats, DeviceCollective, DistError};
 
 /// `ncclComm_t` is a raw pointer, so cudarc's `Comm` is not `Send`. NCCL allows a
 /// communicator to be driven from any thread as long as calls on it are not concurrent, and
@@ -203,5 +205,37 @@ impl Collective for Nccl {
     }
     fn backend(&self) -> &'static str {
         "nccl"
+    }
+    fn device(&mut self) -> Option<&mut dyn DeviceCollective> {
+        Some(self)
+    }
+}
+
+impl DeviceCollective for Nccl {
+    unsafe fn all_reduce_mean_device(&mut self, ptr: u64, len: usize) -> Result<(), DistError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        self.ctx.bind_to_thread().map_err(|e| cuda_err("binding the context", e))?;
+        // SAFETY: the caller guarantees `ptr` addresses `len` f32 on this GPU that nothing else
+        // touches during the call; the slice is leaked below, so cudarc never frees memory it
+        // does not own.
+        let mut view = unsafe { self.stream.upgrade_device_ptr::<f32>(ptr, len) };
+        let reduced = self
+            .comm
+            .0
+            .all_reduce_in_place(&mut view, &ReduceOp::Avg)
+            .map(|_| ())
+            .map_err(|e| nccl_err("all_reduce (avg, device buffer)", e));
+        // Give the memory back to its owner: leaking only forgets the pointer (after waiting for
+        // the slice's pending work), it frees nothing.
+        let _ = view.leak();
+        reduced?;
+        self.stream.synchronize().map_err(|e| cuda_err("all_reduce synchronize", e))?;
+        self.calls += 1;
+        self.bytes += (len * std::mem::size_of::<f32>()) as u64;
+        self.seconds += t0.elapsed().as_secs_f64();
+        Ok(())
     }
 }

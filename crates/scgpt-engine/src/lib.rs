@@ -14,7 +14,8 @@
 //! - [`data`]: shard sets, or h5ad inputs prepared into the run directory; [`preprocess`]: the
 //!   `[preprocess]` gene selection on them; [`screen`] and [`perturbation_data`]: a
 //!   perturbation screen read whole, split by condition and prepared.
-//! - [`device`]: the compute devices of the build.
+//! - [`device`]: the compute devices of the build; [`grad_sync`]: the data-parallel gradient
+//!   all-reduce in device-side buckets (in place in GPU memory under NCCL).
 //! - [`metrics`]: kNN accuracy and ASW of cell embeddings.
 //! - [`tensorboard`]: TensorBoard event files.
 
@@ -23,6 +24,7 @@ pub mod collate;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod grad_sync;
 pub mod init;
 pub mod logging;
 pub mod metrics;

@@ -101,7 +101,7 @@ pub fn grad_sq_norm(grads: &GradientsParams, params: &[ParamEntry]) -> f64 {
 }
 
 /// A parameter's gradient as a 1-D tensor, whatever its rank.
-fn get_flat(grads: &GradientsParams, p: &ParamEntry) -> Option<Tensor<1>> {
+pub(crate) fn get_flat(grads: &GradientsParams, p: &ParamEntry) -> Option<Tensor<1>> {
     let n = p.numel();
     match p.shape.len() {
         1 => grads.get::<1>(p.id),
@@ -112,7 +112,8 @@ fn get_flat(grads: &GradientsParams, p: &ParamEntry) -> Option<Tensor<1>> {
     }
 }
 
-fn register_flat(grads: &mut GradientsParams, p: &ParamEntry, flat: Tensor<1>) {
+/// Registers a 1-D gradient under `p`, reshaped to the parameter's shape.
+pub(crate) fn register_flat(grads: &mut GradientsParams, p: &ParamEntry, flat: Tensor<1>) {
     let s = &p.shape;
     match s.len() {
         1 => grads.register::<1>(p.id, flat),
@@ -120,34 +121,6 @@ fn register_flat(grads: &mut GradientsParams, p: &ParamEntry, flat: Tensor<1>) {
         3 => grads.register::<3>(p.id, flat.reshape([s[0], s[1], s[2]])),
         4 => grads.register::<4>(p.id, flat.reshape([s[0], s[1], s[2], s[3]])),
         _ => {}
-    }
-}
-
-/// All gradients in one host buffer in `params` order (missing gradients as zeros), for the
-/// data-parallel all-reduce.
-pub fn flatten_grads(grads: &GradientsParams, params: &[ParamEntry]) -> Vec<f32> {
-    let total: usize = params.iter().map(ParamEntry::numel).sum();
-    let mut out = Vec::with_capacity(total);
-    for p in params {
-        match get_flat(grads, p) {
-            Some(g) => out.extend_from_slice(&to_vec_f32(g)),
-            None => out.resize(out.len() + p.numel(), 0.0),
-        }
-    }
-    out
-}
-
-/// Replaces the gradients with the contents of `flat` (the layout of [`flatten_grads`]).
-pub fn unflatten_grads(grads: &mut GradientsParams, params: &[ParamEntry], flat: &[f32], device: &scgpt_model::burn::tensor::Device) {
-    let mut off = 0;
-    for p in params {
-        let n = p.numel();
-        // The reduced values come back in the gradient's own dtype (fp32 under mixed bf16,
-        // whatever the device's default).
-        let (dev, dtype) = get_flat(grads, p).map(|g| (g.device(), g.dtype())).unwrap_or_else(|| (device.clone(), DType::F32));
-        let t = Tensor::<1>::from_data(TensorData::new(flat[off..off + n].to_vec(), [n]), (&dev, dtype));
-        register_flat(grads, p, t);
-        off += n;
     }
 }
 

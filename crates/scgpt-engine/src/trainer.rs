@@ -29,7 +29,7 @@ pub use crate::checkpoint::{latest_checkpoint, TrainState};
 use crate::collate::{Cell, CollateOptions};
 use crate::config::{OptimizerKind, Schedule, TrainConfig};
 use crate::logging::{rss_bytes, Interval, MetricLog, StepLosses};
-use crate::optim::{clip_coefficient, flatten_grads, grad_sq_norm, list_params, lr_at, unflatten_grads, Adam, AdamConfig, ParamEntry};
+use crate::optim::{clip_coefficient, grad_sq_norm, list_params, lr_at, Adam, AdamConfig, ParamEntry};
 use crate::tasks::labels::{Classes, BATCH_LABELS_FILE};
 use crate::tasks::{Batch, LossContext, MicroBatch, Task};
 use crate::validation::{load_labelled, LabelledSet};
@@ -788,9 +788,7 @@ impl<M: EngineModel> Trainer<M> {
         let mut comm_s = 0.0;
         if self.comm.world() > 1 {
             let c = Instant::now();
-            let mut flat = flatten_grads(&grads, &self.params);
-            self.comm.all_reduce_mean(&mut flat)?;
-            unflatten_grads(&mut grads, &self.params, &flat, &self.device.clone().inner());
+            crate::grad_sync::all_reduce_mean(&mut grads, &self.params, self.comm.as_mut(), &self.device.clone().inner())?;
             crate::optim::drop_grads(&mut grads, &self.frozen);
             let present: Vec<f64> = losses.present.iter().map(|p| if *p { 1.0 } else { 0.0 }).collect();
             let mut l: Vec<f64> = losses.sums.iter().copied().chain(present).chain([losses.units, losses.batches]).collect();
