@@ -24,15 +24,18 @@ const PER_TOKEN_HEADS_D: f64 = 6.0;
 /// dropout mask, dropped weights; 2 without dropout) ...
 const SCORE_TENSORS_DROPOUT: f64 = 4.0;
 const SCORE_TENSORS_NO_DROPOUT: f64 = 2.0;
-/// ... and, at one layer at a time, the transients of the dropout mask's hash (`i64`) and of the
-/// backward.
+/// ... and, at one layer at a time, the transients of the dropout mask's hash (`i64` tensor ops)
+/// and of the backward on GPU backends, unmeasured there. Flex fills the mask on the host, and
+/// the CPU measurements show no such transient: counting it overstated a 2-layer model's peak by
+/// 22% (docs/benchmarks.md, "Memory plan against measured peak").
 const SCORE_TENSORS_TRANSIENT: f64 = 4.0;
 /// fp32 bytes per parameter outside the activations: the parameter (4), the backward's and the
 /// accumulator's gradients (8), Adam's moments (8) and the update's temporaries (about 9).
 /// Measured with negligible activations: 29 bytes per parameter (+ 60 MB) at 8M and 52M
 /// parameters.
 const STATIC_BYTES_PER_PARAM_FP32: f64 = 29.0;
-/// `[B, H, rows, Lk]` tensors alive while the blockwise path computes one block.
+/// `[B, H, rows, Lk]` tensors alive while the blockwise path's tensor-op form (GPU backends)
+/// computes one block; the fused CPU kernel keeps only per-thread buffers.
 const BLOCK_TENSORS: f64 = 6.0;
 /// The process without a model: runtime, loader buffers, allocator slack.
 pub const BASELINE_BYTES: f64 = 60e6;
@@ -56,6 +59,10 @@ pub struct PlanInput {
     /// Forward passes whose graphs are alive at once (2 with the cell-prompted pass).
     pub passes: usize,
     pub dropout: bool,
+    /// The CPU device (Flex): the attention dropout mask is filled on the host instead of hashed
+    /// in tensor ops, and the blockwise attention runs fused per (cell, head) in per-thread
+    /// buffers instead of as `[B, H, rows, Lk]` tensors.
+    pub cpu_kernels: bool,
     pub attention: AttentionKind,
     pub block_rows: usize,
     pub precision: Precision,
@@ -79,6 +86,7 @@ impl PlanInput {
             pcpt_share: if generative && min_gen.is_finite() { 1.0 - min_gen } else { 1.0 },
             passes: if generative && cfg.train.cell_prompt_pass { 2 } else { 1 },
             dropout: cfg.model.dropout > 0.0,
+            cpu_kernels: cfg.run.device == "cpu",
             attention: cfg.run.attention,
             block_rows: cfg.run.attention_block_rows,
             precision: cfg.train.precision,
@@ -217,12 +225,15 @@ fn activations_per_cell(i: &PlanInput) -> f64 {
     let attention = match i.attention {
         AttentionKind::Explicit => {
             let kept = if i.dropout { SCORE_TENSORS_DROPOUT } else { SCORE_TENSORS_NO_DROPOUT };
-            heads * scores * (layers * kept + SCORE_TENSORS_TRANSIENT / i.passes as f64)
+            let transient = if i.cpu_kernels { 0.0 } else { SCORE_TENSORS_TRANSIENT };
+            heads * scores * (layers * kept + transient / i.passes as f64)
         }
         // The log-sum-exp per query row and layer, and one block in flight (not per layer or
         // pass: blocks are computed one at a time).
         AttentionKind::Blockwise => {
-            layers * heads * tokens + heads * (i.block_rows as f64).min(p) * (p + 1.0) * BLOCK_TENSORS / i.passes as f64
+            let block =
+                if i.cpu_kernels { 0.0 } else { heads * (i.block_rows as f64).min(p) * (p + 1.0) * BLOCK_TENSORS / i.passes as f64 };
+            layers * heads * tokens + block
         }
     };
     bytes * i.passes as f64 * (tokens * per_token + attention)
@@ -285,6 +296,7 @@ mod tests {
             pcpt_share: 0.75,
             passes: 2,
             dropout: true,
+            cpu_kernels: false,
             attention,
             block_rows: 128,
             precision,
