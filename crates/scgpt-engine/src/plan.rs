@@ -176,8 +176,9 @@ impl Plan {
         let (p, g) = split(i);
         let mut out = vec![
             format!(
-                "plan: {:.1}M parameters; d {}, {} layers, {} heads, d_hid {}; {} tokens per cell ({:.0} pcpt + {:.0} gen at the largest pcpt share), {} pass(es); attention {}, precision {}",
-                i.params as f64 / 1e6, i.d, i.layers, i.heads, i.d_hid, i.len, p, g, i.passes, i.attention.as_str(), i.precision.as_str()
+                "plan: {:.1}M parameters; d {}, {} layers, {} heads, d_hid {}; {} tokens per cell ({:.0} pcpt + {:.0} gen at the largest pcpt share), {} pass(es); attention {}, precision {}, {} kernels",
+                i.params as f64 / 1e6, i.d, i.layers, i.heads, i.d_hid, i.len, p, g, i.passes, i.attention.as_str(), i.precision.as_str(),
+                if i.cpu_kernels { "CPU" } else { "GPU" }
             ),
             format!(
                 "plan: parameters {}, gradients {}, optimiser state {}; activations {} per micro-batch of {} cells ({} per cell); peak ≈ {} per rank",

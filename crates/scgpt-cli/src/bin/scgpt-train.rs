@@ -74,7 +74,11 @@ fn run(cli: &Cli) -> anyhow::Result<RunEnd> {
         let gpu_mem = cli.gpu_mem.as_deref().map(parse_mem).transpose()?;
         let (vocab, source) = plan_vocab(&cfg)?;
         println!("vocabulary: {source}");
-        let plan = Plan::new(PlanInput::from_config(&cfg, count_params(&cfg, vocab)?));
+        let mut input = PlanInput::from_config(&cfg, count_params(&cfg, vocab)?);
+        // Sized for a GPU's memory, the plan counts what the GPU backends keep, whatever device
+        // the config names.
+        input.cpu_kernels &= gpu_mem.is_none();
+        let plan = Plan::new(input);
         for line in plan.report(gpu_mem) {
             println!("{line}");
         }
