@@ -107,18 +107,20 @@ lavapipe() {
       echo "gpu_selftest: FAIL $t"; fail=1
     fi
   done
-  echo "== tiny generative pretraining on vulkan-cpu, $steps steps"
+  echo "== tiny generative pretraining on vulkan-cpu, $steps steps, explicit and blockwise attention"
   cargo build --release -q -p scgpt-cli -p scgpt-prep --features scgpt-cli/vulkan || exit 1
   mkdir -p "$work"
   [ -f "$work/shards/manifest.json" ] || "$TD/release/scgpt-prep" --input tests/data/wu2020_200.h5ad --out "$work/shards" --quiet
-  rm -rf "$work/run"
-  if "$TD/release/scgpt-train" --config configs/pretrain_tiny.toml --quiet \
-      --set run.device='"vulkan-cpu"' --set run.dir="\"$work/run\"" --set "data.shards=[\"$work/shards\"]" \
-      --set valid.label_set='""' --set train.max_steps="$steps" --set train.log_every=1; then
-    python3 -c 'import json,sys; r=[json.loads(l) for l in open(sys.argv[1]) if "train/loss" in l]; print("gpu_selftest: PASS training: losses", [round(x["train/loss"],3) for x in r])' "$work/run/metrics.jsonl"
-  else
-    echo "gpu_selftest: FAIL training"; fail=1
-  fi
+  for att in explicit blockwise; do
+    rm -rf "$work/run-$att"
+    if "$TD/release/scgpt-train" --config configs/pretrain_tiny.toml --quiet \
+        --set run.device='"vulkan-cpu"' --set run.dir="\"$work/run-$att\"" --set "data.shards=[\"$work/shards\"]" \
+        --set run.attention="\"$att\"" --set valid.label_set='""' --set train.max_steps="$steps" --set train.log_every=1; then
+      python3 -c 'import json,sys; r=[json.loads(l) for l in open(sys.argv[1]) if "train/loss" in l]; print("gpu_selftest: PASS training (" + sys.argv[2] + "): losses", [round(x["train/loss"],3) for x in r])' "$work/run-$att/metrics.jsonl" "$att"
+    else
+      echo "gpu_selftest: FAIL training ($att)"; fail=1
+    fi
+  done
   exit $fail
 }
 
