@@ -112,7 +112,7 @@ mod cuda {
     use cubecl_runtime::runtime::Runtime;
     use scgpt_dist::DeviceCollective;
     use scgpt_model::burn::backend::Cube;
-    use scgpt_model::burn::tensor::Tensor;
+    use scgpt_model::burn::tensor::{DType, Tensor};
 
     type CudaServer = <cubecl_cuda::CudaRuntime as Runtime>::Server;
 
@@ -126,6 +126,11 @@ mod cuda {
         // `flat` stays alive, so resolving this second reference leaves the buffer with it; the
         // resolve first runs whatever fusion still has queued for the tensor (the bucket's cat).
         let tensor = fused.client.clone().resolve_tensor_float::<CubeBackend>(fused);
+        // NCCL reads `len` consecutive floats: a strided view (a bucket of one parameter can be
+        // the gradient itself, reshaped) goes through the host instead.
+        if !tensor.is_contiguous() || tensor.dtype != DType::F32 {
+            return Ok(None);
+        }
         // Everything queued on burn's streams has to finish before NCCL's stream reads the buffer.
         flat.device().sync().map_err(|e| anyhow::anyhow!("synchronising the device before the gradient all-reduce: {e:?}"))?;
         let Ok(resource) = tensor.client.get_resource::<CudaServer>(tensor.handle.clone()) else {
